@@ -1,0 +1,119 @@
+"""One component per pipeline step; all logic is in ``nemoforge.runner``."""
+
+# No `from __future__ import annotations` here: KFP reads the parameter types at definition time.
+
+
+from collections.abc import Callable
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+
+def parent(recipe_json: str, parent_model: Output[Model]):
+    """Convert the parent LlamaForCausalLM once and place it in the artifact store."""
+    import json
+
+    from nemoforge.config import Recipe
+    from nemoforge.runner import prepare_parent_step, user_errors
+
+    with user_errors():
+        ref = prepare_parent_step(Recipe.model_validate_json(recipe_json))
+    parent_model.metadata.update(ref)
+    with open(parent_model.path, "w") as f:
+        json.dump(ref, f)
+
+
+def corpus(recipe_json: str, parent_model: Input[Model], corpus: Output[Dataset]):
+    """Read or sample the text corpus, tokenize, pack and split it."""
+    import json
+
+    from nemoforge.config import Recipe
+    from nemoforge.runner import prepare_corpus_step, user_errors
+
+    with user_errors():
+        ref = prepare_corpus_step(Recipe.model_validate_json(recipe_json), dict(parent_model.metadata))
+    corpus.metadata.update(ref)
+    with open(corpus.path, "w") as f:
+        json.dump(ref, f)
+
+
+def nas(recipe_json: str, run_name: str, parent_model: Input[Model], corpus: Input[Dataset], model: Output[Model]):
+    """Puzzle architecture search: block library, BLD, replace-1-block scores, MIP, child export."""
+    import json
+
+    from nemoforge.config import Recipe
+    from nemoforge.runner import execute_stage, user_errors
+
+    inputs = {"parent": dict(parent_model.metadata), "corpus": dict(corpus.metadata)}
+    with user_errors():
+        _, ref = execute_stage("nas", Recipe.model_validate_json(recipe_json), run_name, inputs)
+    model.metadata.update(ref)
+    with open(model.path, "w") as f:
+        json.dump(ref, f)
+
+
+def distill(
+    recipe_json: str,
+    run_name: str,
+    parent_model: Input[Model],
+    student_model: Input[Model],
+    corpus: Input[Dataset],
+    model: Output[Model],
+):
+    """Global knowledge distillation of the child from the parent (hidden cosine + logits KL)."""
+    import json
+
+    from nemoforge.config import Recipe
+    from nemoforge.runner import execute_stage, user_errors
+
+    inputs = {
+        "parent": dict(parent_model.metadata),
+        "model": dict(student_model.metadata),
+        "corpus": dict(corpus.metadata),
+    }
+    with user_errors():
+        _, ref = execute_stage("distill", Recipe.model_validate_json(recipe_json), run_name, inputs)
+    model.metadata.update(ref)
+    with open(model.path, "w") as f:
+        json.dump(ref, f)
+
+
+def cpt(recipe_json: str, run_name: str, input_model: Input[Model], corpus: Input[Dataset], model: Output[Model]):
+    """Continued pretraining (causal-LM cross-entropy) on the corpus."""
+    import json
+
+    from nemoforge.config import Recipe
+    from nemoforge.runner import execute_stage, user_errors
+
+    inputs = {"model": dict(input_model.metadata), "corpus": dict(corpus.metadata)}
+    with user_errors():
+        _, ref = execute_stage("cpt", Recipe.model_validate_json(recipe_json), run_name, inputs)
+    model.metadata.update(ref)
+    with open(model.path, "w") as f:
+        json.dump(ref, f)
+
+
+def finalize(recipe_json: str, run_name: str, status: dsl.PipelineTaskFinalStatus):
+    """Exit handler: close the MLflow parent run as FINISHED or FAILED."""
+    from nemoforge.config import Recipe
+    from nemoforge.runner import finalize_run
+
+    finalize_run(Recipe.model_validate_json(recipe_json), run_name, status.state == "SUCCEEDED")
+
+
+COMPONENT_FUNCS: dict[str, Callable] = {
+    "parent": parent,
+    "corpus": corpus,
+    "nas": nas,
+    "distill": distill,
+    "cpt": cpt,
+    "finalize": finalize,
+}
+
+
+def make_components(base_image: str) -> dict[str, Callable]:
+    """The components bound to ``base_image`` (which must hold nemoforge; no pip install at run time)."""
+    return {
+        name: dsl.component(func, base_image=base_image, install_kfp_package=False)
+        for name, func in COMPONENT_FUNCS.items()
+    }

@@ -1,0 +1,219 @@
+"""``nemoforge`` command line: run, compile and inspect the recipe pipeline.
+
+    nemoforge run smollm2-135m-demo                     # the whole recipe, locally (kfp.local)
+    nemoforge run my.yaml --set distill.steps=10        # a recipe file, with overrides
+    nemoforge compile smollm2-135m-demo -o pipeline.yaml
+    nemoforge status --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from nemoforge.config import STAGES, Recipe, builtin_recipes, load_recipe
+from nemoforge.errors import NemoforgeError
+
+DEFAULT_WORKDIR = Path("nemoforge-work")
+
+_RECIPE_HELP = (
+    "a built-in recipe name ({names}) or a path to a recipe YAML; sections: name, model, data, nas, "
+    "distill, cpt, resources, tracking, storage"
+)
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help=_RECIPE_HELP.format(names=", ".join(builtin_recipes())))
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe field (value parsed as YAML), e.g. --set data.corpus_uri=corpus.txt; repeatable",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nemoforge",
+        description="Turn a Llama-family parent into an efficient model by the Llama-Nemotron recipe "
+        "(Puzzle NAS -> distill -> cpt), run as a Kubeflow pipeline.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run a recipe end to end, locally (kfp.local, MLflow on SQLite, a local artifact store)",
+        description="Run the recipe's pipeline locally with kfp.local. Embedded default under --workdir: "
+        "mlflow.db (MLflow tracking), artifacts/ (artifact store, laid out like the S3 bucket), kfp/ "
+        "(pipeline root), cache/ (parent conversion, downloads). Finished stages are reused on a re-run "
+        "when their recipe section and inputs are unchanged; an interrupted stage resumes from its checkpoint.",
+    )
+    _add_recipe_args(run)
+    run.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="embedded default's root (%(default)s)")
+    run.add_argument("--quiet", action="store_true", help="hide the per-task logs of kfp.local")
+
+    comp = sub.add_parser(
+        "compile",
+        help="compile a recipe into a KFP v2 pipeline YAML (upload it in the Kubeflow UI)",
+        description="Write the pipeline IR YAML: one task per enabled stage with CPU/memory/GPU requests, "
+        "node selectors and tolerations from the recipe's resources section.",
+    )
+    _add_recipe_args(comp)
+    comp.add_argument("-o", "--output", type=Path, required=True, help="output YAML path")
+
+    status = sub.add_parser(
+        "status",
+        help="show the latest pipeline run: per stage state, wall time, key metrics, artifact URIs",
+    )
+    status.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="embedded default's root (%(default)s)")
+    status.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<workdir>/mlflow.db)")
+    status.add_argument("--experiment", default="nemoforge", help="MLflow experiment (%(default)s)")
+    status.add_argument("--run", dest="run_name", help="pipeline run name (default: the latest)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------- run
+def _local_environment(workdir: Path, debug: bool) -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("NEMOFORGE_CACHE", str(workdir / "cache"))
+    if debug:
+        os.environ["NEMOFORGE_DEBUG"] = "1"
+
+
+def _parent_config(recipe: Recipe) -> dict | None:
+    from nemoforge.runner import cache_dir
+
+    parent = recipe.model.parent
+    if parent.source == "hf-dir":
+        path = Path(parent.path) / "config.json"
+    else:
+        path = cache_dir() / "parent" / "model" / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from nemoforge import lineage
+    from nemoforge.preflight import check_budget, check_inputs, resolve_recipe
+
+    workdir = args.workdir.expanduser().resolve()
+    recipe = resolve_recipe(load_recipe(args.recipe, args.overrides), workdir)
+    _local_environment(workdir, args.debug)
+    check_inputs(recipe)
+    check_budget(recipe, _parent_config(recipe))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    from kfp import local
+
+    from nemoforge_pipelines import build_pipeline
+
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+    if args.quiet:
+        logging.getLogger("kfp").setLevel(logging.WARNING)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(workdir / "kfp"),
+        enable_caching=False,
+        raise_on_error=True,
+    )
+    started = time.time()
+    pipeline = build_pipeline(recipe)
+    try:
+        pipeline(recipe_json=recipe.to_json())
+    except RuntimeError as err:
+        stages = lineage.pipeline_status(recipe.tracking.mlflow_uri, recipe.tracking.experiment)
+        failed = [s for s in stages if s.get("error")]
+        reason = failed[-1]["error"] if failed else str(err).splitlines()[0]
+        where = f"stage {failed[-1]['stage']}: " if failed else ""
+        print(f"nemoforge: error: {where}{reason}", file=sys.stderr)
+        print(
+            f"nemoforge: earlier stages' outputs are kept; fix the problem and re-run `nemoforge run {args.recipe}` "
+            f"to resume (see `nemoforge status --workdir {args.workdir}`)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"\nnemoforge: {recipe.name} finished in {time.time() - started:.0f} s")
+    _print_status(lineage.pipeline_status(recipe.tracking.mlflow_uri, recipe.tracking.experiment))
+    print(f"\nMLflow UI: mlflow ui --backend-store-uri {recipe.tracking.mlflow_uri}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- compile
+def cmd_compile(args: argparse.Namespace) -> int:
+    from nemoforge_pipelines import compile_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    compile_recipe(recipe, args.output)
+    print(f"wrote {args.output} (pipeline nemoforge-{recipe.name}: {', '.join(recipe.enabled_stages())})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- status
+def _print_status(stages: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not stages:
+        print("no pipeline run found")
+        return
+    table = Table(title=f"pipeline run {stages[0].get('pipeline_run', '')}")
+    for column in ("stage", "state", "wall s", "key metrics", "outputs"):
+        table.add_column(column, overflow="fold")
+    for s in stages:
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(s.get("metrics", {}).items())[:8])
+        outputs = "\n".join(f"{k}: {v}" for k, v in s.get("outputs", {}).items())
+        state = s["state"] + (" (reused)" if s.get("reused") else "")
+        if s.get("error"):
+            state += f"\n{s['error']}"
+        wall = s.get("wall_time_s")
+        table.add_row(s["stage"], state, f"{wall:.0f}" if wall is not None else "-", metrics, outputs)
+    Console(width=160).print(table)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from nemoforge import lineage
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    workdir = args.workdir.expanduser().resolve()
+    tracking_uri = args.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+    if not args.tracking_uri and not (workdir / "mlflow.db").is_file():
+        raise NemoforgeError(f"no runs under {workdir}: run `nemoforge run RECIPE --workdir {args.workdir}` first")
+    stages = lineage.pipeline_status(tracking_uri, args.experiment, args.run_name)
+    order = {name: i for i, name in enumerate(STAGES)}
+    stages.sort(key=lambda s: order.get(s["stage"], len(order)))
+    if args.json:
+        print(json.dumps(stages, indent=2, default=str))
+    else:
+        _print_status(stages)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"run": cmd_run, "compile": cmd_compile, "status": cmd_status}
+    try:
+        return commands[args.command](args)
+    except NemoforgeError as err:
+        if args.debug:
+            raise
+        print(f"nemoforge: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nemoforge: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Execute one pipeline step: reuse when its key matches, otherwise run the stage under lineage.
+
+This is the library half of every KFP component (the component only parses and fills outputs), so
+the same code runs under ``kfp.local``, on a cluster, and in plain pytest.
+
+A step's **key** is the sha256 of its recipe section and its input digests. The store keeps an index
+``<root>/index/<step>/<key>.json``: ``running`` with the output URI while the step works (a re-run
+after a failure resumes in the same place, from the stage's checkpoints), ``done`` with the
+:class:`StageResult` afterwards (a re-run reuses it instead of recomputing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from nemoforge.artifacts import ArtifactStore, digest_path, open_store
+from nemoforge.config import Recipe
+from nemoforge.errors import NemoforgeError
+from nemoforge.stages.result import DatasetRef, StageResult
+
+Ref = dict[str, Any]
+"""An artifact reference passed between steps (KFP artifact metadata): ``{"uri", "digest", ...}``."""
+
+
+def store_for(recipe: Recipe) -> ArtifactStore:
+    """The artifact store named by ``recipe.storage`` (resolved: ``artifact_root`` must be set)."""
+    if recipe.storage.artifact_root is None:
+        raise NemoforgeError("storage.artifact_root is not resolved; run through `nemoforge run` or set it")
+    return open_store(
+        recipe.storage.artifact_root,
+        s3_endpoint_url=recipe.storage.s3_endpoint_url,
+        s3_region=recipe.storage.s3_region,
+    )
+
+
+def cache_dir() -> Path:
+    """Local cache for downloads and conversions (``$NEMOFORGE_CACHE``, else ``~/.cache/nemoforge``)."""
+    return Path(os.environ.get("NEMOFORGE_CACHE", Path.home() / ".cache" / "nemoforge"))
+
+
+def step_key(step: str, section: Any, inputs: dict[str, Ref]) -> str:
+    """sha256 of the step name, its resolved recipe section and its inputs' digests."""
+    payload = {
+        "step": step,
+        "section": section.model_dump(mode="json") if hasattr(section, "model_dump") else section,
+        "inputs": {name: ref["digest"] for name, ref in sorted(inputs.items())},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def result_to_json(result: StageResult) -> dict[str, Any]:
+    return dataclasses.asdict(result)
+
+
+def result_from_json(data: dict[str, Any]) -> StageResult:
+    data = dict(data)
+    data["datasets"] = [DatasetRef(**d) for d in data.get("datasets", [])]
+    data["history"] = {k: [tuple(p) for p in v] for k, v in data.get("history", {}).items()}
+    return StageResult(**data)
+
+
+class StepIndex:
+    """The ``index/<step>/<key>.json`` records of one store."""
+
+    def __init__(self, store: ArtifactStore, step: str, key: str):
+        self.store = store
+        self.uri = store.join("index", step, f"{key}.json")
+
+    def read(self) -> dict[str, Any] | None:
+        return self.store.read_json(self.uri) if self.store.exists(self.uri) else None
+
+    def write(self, **entry: Any) -> None:
+        self.store.write_json(self.uri, entry)
+
+
+def _model_ref(result: StageResult, **extra: Any) -> Ref:
+    ref = {"uri": result.outputs["model"], "digest": result.digests["model"]}
+    ref.update({k: v for k, v in result.tags.items() if k in ("block_configs", "params")})
+    ref.update(extra)
+    return ref
+
+
+# ------------------------------------------------------------------------------------ preparation
+def prepare_parent_step(recipe: Recipe) -> Ref:
+    """Convert the parent once and place it in the store; reused by key on later runs."""
+    from nemoforge.models.parent import prepare_parent
+
+    store = store_for(recipe)
+    key = step_key("parent", recipe.model.parent, {})
+    index = StepIndex(store, "parent", key)
+    entry = index.read()
+    if entry and entry.get("state") == "done" and store.exists(entry["ref"]["uri"]):
+        return entry["ref"]
+    local_dir = prepare_parent(recipe.model.parent, cache_dir() / "parent")
+    uri = store.join("models", f"parent-{key[:12]}")
+    store.put(local_dir, uri)
+    ref = {"uri": uri, "digest": digest_path(local_dir), "source": recipe.model.parent.source}
+    index.write(state="done", ref=ref)
+    return ref
+
+
+def prepare_corpus_step(recipe: Recipe, parent: Ref) -> Ref:
+    """Read (or sample from the parent), tokenize, pack and split the corpus; reused by key."""
+    from transformers import AutoTokenizer
+
+    from nemoforge.data.corpus import prepare_corpus
+
+    store = store_for(recipe)
+    inputs = {"parent": parent} if recipe.data.corpus_uri is None else {}
+    key = step_key("corpus", {"data": recipe.data.model_dump(mode="json"), "seed": recipe.seed}, inputs)
+    index = StepIndex(store, "corpus", key)
+    entry = index.read()
+    if entry and entry.get("state") == "done" and store.exists(entry["ref"]["uri"]):
+        return entry["ref"]
+    parent_dir = store.fetch(parent["uri"])
+    tokenizer = AutoTokenizer.from_pretrained(parent_dir)
+    out_dir = cache_dir() / "corpus" / key[:16]
+    splits = prepare_corpus(
+        recipe.data, tokenizer=tokenizer, parent_dir=parent_dir, out_dir=out_dir, seed=recipe.seed, store=store
+    )
+    uri = store.join("corpus", key[:16])
+    store.put(out_dir, uri)
+    ref = {"uri": uri, "digest": splits.digest, "source_uri": splits.source_uri}
+    index.write(state="done", ref=ref)
+    return ref
+
+
+# ------------------------------------------------------------------------------------------ stages
+def _stage_fn(stage: str) -> Callable[..., StageResult]:
+    if stage == "nas":
+        from nemoforge.stages.nas import run
+    elif stage == "distill":
+        from nemoforge.stages.distill import run
+    elif stage == "cpt":
+        from nemoforge.stages.cpt import run
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    return run
+
+
+def execute_stage(stage: str, recipe: Recipe, run_name: str, inputs: dict[str, Ref]) -> tuple[StageResult, Ref]:
+    """Run (or reuse) one stage inside its MLflow run; return its result and its model reference.
+
+    Args:
+        stage: ``nas``, ``distill`` or ``cpt``.
+        recipe: the resolved recipe (tracking URI and artifact root set).
+        run_name: the pipeline run this execution belongs to (the MLflow parent run's name).
+        inputs: upstream references by the stage's argument name without ``_uri``
+            (``parent``, ``model``, ``corpus``).
+
+    Raises:
+        NemoforgeError: a user-fixable problem (bad input URI, store refuses); the stage run ends FAILED.
+    """
+    from nemoforge import lineage
+
+    store = store_for(recipe)
+    key = step_key(stage, getattr(recipe, stage), inputs)
+    index = StepIndex(store, stage, key)
+    entry = index.read()
+    input_uris = {f"{name}_uri": ref["uri"] for name, ref in inputs.items()}
+    with lineage.stage_run(
+        recipe.tracking.mlflow_uri,
+        recipe.tracking.experiment,
+        run_name,
+        stage,
+        recipe,
+        input_uris=input_uris,
+    ) as tracker:
+        if entry and entry.get("state") == "done":
+            result = result_from_json(entry["result"])
+            tracker.set_tags({"nemoforge.reused": "true", "nemoforge.reused_from": entry["output_uri"]})
+        else:
+            output_uri = entry["output_uri"] if entry else store.join(run_name, stage)
+            index.write(state="running", output_uri=output_uri)
+            tracker.set_tags({"nemoforge.output_uri": output_uri, "nemoforge.step_key": key})
+            result = _stage_fn(stage)(recipe, **input_uris, output_uri=output_uri, store=store)
+            store.write_json(store.join(output_uri, "result.json"), result_to_json(result))
+            index.write(state="done", output_uri=output_uri, result=result_to_json(result))
+        tracker.log_result(result)
+    return result, _model_ref(result)
+
+
+def finalize_run(recipe: Recipe, run_name: str, succeeded: bool) -> None:
+    """Close the MLflow parent run of ``run_name`` as FINISHED or FAILED."""
+    from nemoforge import lineage
+
+    lineage.finish_pipeline_run(
+        recipe.tracking.mlflow_uri, recipe.tracking.experiment, run_name, "FINISHED" if succeeded else "FAILED"
+    )
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """In a component: print a NemoforgeError as one line and exit 1 (traceback only with NEMOFORGE_DEBUG=1)."""
+    try:
+        yield
+    except NemoforgeError as err:
+        if os.environ.get("NEMOFORGE_DEBUG") == "1":
+            raise
+        sys.stderr.write(f"nemoforge: error: {err}\n")
+        raise SystemExit(1) from None

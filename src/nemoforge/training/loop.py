@@ -1,0 +1,276 @@
+"""The shared training loop of distill and cpt: AdamW, warmup + cosine LR, clipping, checkpoint/resume.
+
+Shape legend: ``B`` sequences per step (``TrainConfig.batch_size``), ``T`` tokens per sequence.
+
+Steps count from 1: "step N" is the state after N optimizer updates, and ``step-N/`` its checkpoint.
+``batches(i)`` gives the batch of update ``i`` (0-based) as a pure function of ``i``, so a resumed run
+sees exactly the data an uninterrupted run would have seen. A checkpoint holds the model
+(``model.safetensors``), the optimizer, LR scheduler, RNG state, step and metric history (``state.pt``),
+and ``meta.json`` (written last, with the file sizes); it is written into a temporary directory and
+renamed, so ``step-N/`` is complete or absent. On start, :func:`train` resumes from the newest complete
+checkpoint under ``checkpoint_dir``; resuming gives the same parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from tqdm.auto import tqdm
+
+from nemoforge.config import TrainConfig
+from nemoforge.errors import NemoforgeError
+from nemoforge.training.progress import no_progress
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+"""``loss_fn(model, input_ids_BT) -> (scalar loss to minimize, extra metrics to log, e.g. loss parts)``."""
+
+BatchFn = Callable[[int], torch.Tensor]
+"""``batches(i) -> input_ids_BT`` (LongTensor) for 0-based update ``i``; deterministic in ``i``."""
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_FILES = ("model.safetensors", "state.pt")
+
+
+@dataclass
+class TrainState:
+    """Where training ended.
+
+    Attributes:
+        step: optimizer updates done (``cfg.steps`` after a full run).
+        history: logged metrics, ``{name: [(step, value), ...]}``: ``loss``, ``lr``, ``grad_norm``,
+            ``tokens_per_s`` and the loss function's extra metrics.
+        resumed_from_step: the step of the checkpoint resumed from (0: started fresh).
+        checkpoint: the last checkpoint written or resumed from (None if none).
+    """
+
+    step: int
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    resumed_from_step: int = 0
+    checkpoint: Path | None = None
+
+
+def lr_multiplier(i: int, *, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """LR of 0-based update ``i`` as a fraction of the peak: linear warmup, then cosine to ``min_lr_ratio``.
+
+    ``i < W``: ``(i + 1) / W`` (the peak is reached at update ``W - 1``); then with
+    ``progress = (i - W + 1) / (S - W)``: ``r + (1 - r) * (1 + cos(pi * progress)) / 2``, which reaches
+    exactly ``r = min_lr_ratio`` at the last update ``S - 1``.
+    """
+    if i < warmup_steps:
+        return (i + 1) / warmup_steps
+    progress = min(1.0, (i - warmup_steps + 1) / (steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batches: BatchFn,
+    cfg: TrainConfig,
+    *,
+    checkpoint_dir: Path,
+    desc: str,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+) -> TrainState:
+    """Train ``model`` for ``cfg.steps`` updates, resuming from the newest checkpoint in ``checkpoint_dir``.
+
+    AdamW (fused on CUDA; weight decay on matrices only) over the parameters that require grad; LR by
+    :func:`lr_multiplier`; gradients clipped to ``cfg.grad_clip_norm``; bf16 autocast on CUDA (CPU runs in
+    the model's dtype). A checkpoint is written every ``cfg.checkpoint_every_steps`` updates and after the
+    last one; older local checkpoints are removed once a newer one is complete.
+
+    Args:
+        model: trained in place; its device is the training device.
+        loss_fn: see :data:`LossFn`; called under autocast.
+        batches: see :data:`BatchFn`.
+        cfg: the stage's training section (``recipe.distill`` / ``recipe.cpt``).
+        checkpoint_dir: local directory of ``step-N/`` checkpoints (created).
+        desc: progress-bar label.
+        on_log: called as ``on_log(step, metrics)`` every ``cfg.log_every_steps`` updates.
+        on_checkpoint: called with each new complete checkpoint directory (e.g. to upload it).
+
+    Returns:
+        The final :class:`TrainState`.
+
+    Raises:
+        NemoforgeError: the loss became NaN or infinite (names the step; lower the LR).
+    """
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda i: lr_multiplier(i, steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio),
+    )
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    latest = latest_checkpoint(checkpoint_dir)
+    if latest is None:
+        torch.manual_seed(cfg.seed)  # dropout RNG; a resumed run restores the saved RNG state instead
+        state = TrainState(step=0)
+    else:
+        state = _load_checkpoint(latest, model, optimizer, scheduler)
+
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, unit="step", disable=no_progress())
+    try:
+        while state.step < cfg.steps:
+            started = time.perf_counter()
+            input_ids_BT = batches(state.step).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, extra = loss_fn(model, input_ids_BT)
+            if not torch.isfinite(loss):
+                raise NemoforgeError(
+                    f"{desc}: loss is {loss.item()} at step {state.step + 1}: training diverged; lower the lr"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            state.step += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            metrics = {
+                "loss": loss.item(),
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "tokens_per_s": input_ids_BT.numel() / (time.perf_counter() - started),
+                **extra,
+            }
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
+            if state.step % cfg.log_every_steps == 0 or state.step == cfg.steps:
+                for name, value in metrics.items():
+                    state.history.setdefault(name, []).append((state.step, float(value)))
+                if on_log is not None:
+                    on_log(state.step, metrics)
+            if state.step % cfg.checkpoint_every_steps == 0 or state.step == cfg.steps:
+                state.checkpoint = save_checkpoint(checkpoint_dir, state, model, optimizer, scheduler)
+                if on_checkpoint is not None:
+                    on_checkpoint(state.checkpoint)
+    finally:
+        bar.close()
+    return state
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The complete ``step-N`` directory with the largest N under ``checkpoint_dir`` (None if none)."""
+    for _, path in sorted(_step_dirs(checkpoint_dir), reverse=True):
+        if is_complete_checkpoint(path):
+            return path
+    return None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """True when ``path/meta.json`` exists and every file it lists is there with its recorded size."""
+    meta_path = Path(path) / "meta.json"
+    if not meta_path.is_file():
+        return False
+    try:
+        sizes = json.loads(meta_path.read_text())["file_sizes"]
+    except (ValueError, KeyError):
+        return False
+    return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in sizes.items())
+
+
+def checkpoint_step(path: Path) -> int:
+    """N of a ``step-N`` directory."""
+    match = _STEP_DIR.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a step-N checkpoint directory")
+    return int(match.group(1))
+
+
+def save_checkpoint(
+    checkpoint_dir: Path,
+    state: TrainState,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> Path:
+    """Write ``checkpoint_dir/step-<state.step>`` atomically (temp dir + rename); drop older checkpoints.
+
+    Only the newest checkpoint is kept: one is enough to resume, and each holds the model and two AdamW
+    moments (about 12 bytes per parameter in float32).
+    """
+    final = checkpoint_dir / f"step-{state.step}"
+    tmp = checkpoint_dir / f".tmp-step-{state.step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(
+        {
+            "step": state.step,
+            "history": state.history,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+        },
+        tmp / "state.pt",
+    )
+    sizes = {name: (tmp / name).stat().st_size for name in _FILES}
+    (tmp / "meta.json").write_text(json.dumps({"step": state.step, "file_sizes": sizes}) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for step, path in _step_dirs(checkpoint_dir):
+        if step < state.step:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def _load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> TrainState:
+    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+    saved = torch.load(path / "state.pt", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    _restore_rng(saved["rng"])
+    return TrainState(step=saved["step"], history=saved["history"], resumed_from_step=saved["step"], checkpoint=path)
+
+
+def _step_dirs(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    if not Path(checkpoint_dir).is_dir():
+        return []
+    return [
+        (int(m.group(1)), p)
+        for p in Path(checkpoint_dir).iterdir()
+        if p.is_dir() and (m := _STEP_DIR.match(p.name))
+    ]
+
+
+def _rng_state() -> dict[str, object]:
+    rng: dict[str, object] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _restore_rng(rng: dict[str, object]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

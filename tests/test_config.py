@@ -1,0 +1,101 @@
+"""Recipe validation: bad input fails before compute with the field path and the fix in one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from nemoforge.config import Recipe, apply_overrides, builtin_recipes, load_recipe, parse_recipe
+from nemoforge.errors import RecipeError
+from nemoforge.preflight import check_budget, min_latency_ratio
+
+SMOLLM2_CONFIG = {
+    "hidden_size": 576,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "num_hidden_layers": 30,
+    "intermediate_size": 1536,
+    "vocab_size": 49152,
+}
+
+
+def test_builtin_demo_recipe_loads():
+    assert "smollm2-135m-demo" in builtin_recipes()
+    recipe = load_recipe("smollm2-135m-demo")
+    assert recipe.enabled_stages() == ["nas", "distill", "cpt"]
+    assert recipe.nas.ffn_intermediate_sizes == [1024, 512]
+
+
+def test_overrides_apply_and_parse_yaml():
+    recipe = load_recipe("smollm2-135m-demo", ["distill.steps=7", "data.corpus_uri=x.txt", "cpt.enabled=false"])
+    assert recipe.distill.steps == 7
+    assert recipe.data.corpus_uri == "x.txt"
+    assert recipe.enabled_stages() == ["nas", "distill"]
+
+
+def test_unknown_key_names_the_path():
+    with pytest.raises(RecipeError) as err:
+        load_recipe("smollm2-135m-demo", ["distill.stepz=3"])
+    msg = str(err.value)
+    assert "distill.stepz: unknown key" in msg and "\n" not in msg
+
+
+def test_wrong_type_names_the_path_and_value():
+    with pytest.raises(RecipeError, match=r"cpt\.batch_size: .*got 'four'"):
+        load_recipe("smollm2-135m-demo", ["cpt.batch_size=four"])
+
+
+def test_ffn_width_must_be_multiple_of_256():
+    with pytest.raises(RecipeError, match=r"nas: .*ffn_intermediate_sizes\[1\]=500 must be a positive multiple of 256 \(e\.g\. 512\)"):
+        load_recipe("smollm2-135m-demo", ["nas.ffn_intermediate_sizes=[1024, 500]"])
+
+
+def test_warmup_must_be_below_steps():
+    with pytest.raises(RecipeError, match=r"distill: warmup_steps=30 must be below steps=30"):
+        load_recipe("smollm2-135m-demo", ["distill.warmup_steps=30"])
+
+
+def test_hf_dir_parent_needs_a_path():
+    with pytest.raises(RecipeError, match=r"model.parent.path must be set"):
+        parse_recipe({"name": "x", "model": {"parent": {"source": "hf-dir"}}})
+
+
+def test_missing_recipe_lists_builtins():
+    with pytest.raises(RecipeError, match="smollm2-135m-demo"):
+        load_recipe("no-such-recipe")
+
+
+def test_bad_override_syntax():
+    with pytest.raises(RecipeError, match="expected key.path=value"):
+        apply_overrides({}, ["distill.steps"])
+
+
+def test_section_digest_tracks_only_that_section():
+    a = load_recipe("smollm2-135m-demo")
+    b = load_recipe("smollm2-135m-demo", ["cpt.steps=5"])
+    assert a.section_digest("nas") == b.section_digest("nas")
+    assert a.section_digest("cpt") != b.section_digest("cpt")
+
+
+def test_min_latency_ratio_for_smollm2():
+    recipe = load_recipe("smollm2-135m-demo")
+    # cheapest child: lm_head + layer 0 attention, every FFN removed
+    hidden, layers = 576, 30
+    attn = 2 * (2 * hidden * 576 + 2 * hidden * 192)
+    ffn = 6 * hidden * 1536
+    lm_head = 2 * hidden * 49152
+    expected = (lm_head + attn) / (lm_head + layers * (attn + ffn))
+    assert min_latency_ratio(recipe, SMOLLM2_CONFIG) == pytest.approx(expected)
+
+
+def test_impossible_budget_fails_before_compute():
+    recipe = load_recipe(
+        "smollm2-135m-demo", ["nas.latency_budget_ratio=0.3", "nas.ffn_no_op=false", "nas.attention_no_op=false"]
+    )
+    with pytest.raises(RecipeError, match=r"nas.latency_budget_ratio=0.3 is below .* raise it to at least 0\.\d\d"):
+        check_budget(recipe, SMOLLM2_CONFIG)
+    check_budget(load_recipe("smollm2-135m-demo"), SMOLLM2_CONFIG)  # the demo's 0.7 is reachable
+
+
+def test_recipe_is_frozen_and_serializes_whole():
+    recipe = load_recipe("smollm2-135m-demo")
+    assert Recipe.model_validate_json(recipe.to_json()) == recipe
