@@ -13,6 +13,7 @@ checkpoint under ``checkpoint_dir``; resuming gives the same parameters as an un
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -70,6 +71,35 @@ def lr_multiplier(i: int, *, steps: int, warmup_steps: int, min_lr_ratio: float)
         return (i + 1) / warmup_steps
     progress = min(1.0, (i - warmup_steps + 1) / (steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_batches(ids_NT: torch.Tensor, batch_size: int, *, seed: int) -> BatchFn:
+    """A :data:`BatchFn` over the rows of ``ids_NT``: shuffled epochs, a fresh seeded order each epoch.
+
+    Update ``i`` takes rows ``i*B .. i*B + B - 1`` of the endless stream "epoch 0's permutation, then
+    epoch 1's, ...", where epoch ``e``'s permutation is drawn from a generator seeded with ``seed + e``.
+
+    Args:
+        ids_NT: LongTensor rows (``N >= 1``).
+        batch_size: ``B``.
+        seed: base seed of the per-epoch permutations.
+
+    Returns:
+        ``batches(i) -> input_ids_BT``.
+    """
+    num_rows = ids_NT.shape[0]
+    if num_rows < 1:
+        raise ValueError("epoch_batches: no rows")
+
+    @functools.lru_cache(maxsize=4)
+    def order(epoch: int) -> list[int]:
+        return torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+    def batches(i: int) -> torch.Tensor:
+        flat = range(i * batch_size, (i + 1) * batch_size)
+        return ids_NT[[order(k // num_rows)[k % num_rows] for k in flat]]
+
+    return batches
 
 
 def train(

@@ -1,0 +1,644 @@
+"""ArtifactStore: one small interface over string URIs, a local directory or an S3 bucket.
+
+Everything large (parent, corpus, checkpoints, exported models, plots) lives under one store root.
+The embedded default is :class:`LocalStore`, a directory laid out exactly like the bucket; ``s3://``
+roots go through :class:`S3Store` (boto3; the endpoint is configurable for MinIO, Ceph or moto).
+
+URIs are plain strings everywhere: a local path (``/work/artifacts/run-1/nas/model``, ``file://`` is
+accepted) or ``s3://bucket/key``. ``pathlib`` never touches an ``s3://`` string (it would fold the
+``//``). Either store also reads and writes the other kind of URI (a local corpus with an S3 root, an
+``s3://`` corpus with a local root); ``root_uri`` and :meth:`ArtifactStore.join` decide where outputs go.
+
+Uploads are verified: the size, and the sha256 of the content, which an S3 object also carries as
+user metadata (``x-amz-meta-sha256``) so that :meth:`S3Store.fetch` re-verifies what it downloads.
+Large files go up in parts (boto3 ``TransferConfig``); requests are retried with backoff (botocore
+``standard`` retry mode) but a refused or unreachable endpoint fails within seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from nemoforge.errors import InputNotFoundError, StorageError
+
+log = logging.getLogger(__name__)
+
+_CHUNK_BYTES = 8 * 2**20
+_PARTIAL_MARK = ".partial-"
+"""Temp files are ``.<name>.partial-<random>`` beside their destination; listings skip them."""
+
+
+# -------------------------------------------------------------------------------------------- digests
+def _sha256_file(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _tree_files(root: Path) -> list[tuple[str, Path]]:
+    """``(relative posix path, path)`` of every file under ``root``, sorted by relative path."""
+    files = [(p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file()]
+    return sorted(files)
+
+
+def digest_path(path: str | Path) -> str:
+    """sha256 hex of a local file, or of a directory tree.
+
+    A directory's digest is the sha256 of one line ``<relative posix path>\\0<file sha256>\\n`` per
+    file, in sorted path order: it changes when any file's name or content changes, and does not
+    depend on timestamps or on the order the file system lists entries in.
+
+    Args:
+        path: a local file or directory.
+
+    Returns:
+        64 hex characters.
+
+    Raises:
+        InputNotFoundError: ``path`` does not exist.
+    """
+    path = Path(path)
+    if path.is_file():
+        return _sha256_file(path)
+    if not path.is_dir():
+        raise InputNotFoundError(f"{path} does not exist: cannot compute its digest")
+    sha = hashlib.sha256()
+    for rel, file in _tree_files(path):
+        sha.update(f"{rel}\0{_sha256_file(file)}\n".encode())
+    return sha.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ interface
+def _is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def _local_path(uri: str) -> Path:
+    """The local path of a local URI (plain path or ``file://``); any other scheme is refused."""
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(
+            f"{uri}: unsupported URI scheme; artifact URIs are local paths or s3://bucket/key"
+        )
+    return Path(uri.removeprefix("file://")).expanduser()
+
+
+class ArtifactStore(ABC):
+    """Files and directories under a root URI (a local directory or ``s3://bucket/prefix``).
+
+    Every method takes full URIs (build them with :meth:`join`). A "directory" is a prefix: it
+    exists when at least one file lies under it.
+
+    Attributes:
+        root_uri: the store's root, without a trailing ``/``.
+    """
+
+    root_uri: str
+
+    def join(self, *parts: str) -> str:
+        """The URI ``root_uri/part/part...`` (parts are ``/``-joined; their outer slashes dropped)."""
+        tail = "/".join(p.strip("/") for p in parts if p.strip("/"))
+        return f"{self.root_uri}/{tail}" if tail else self.root_uri
+
+    # Public methods route each URI to the backend of its kind: the store itself, or a delegate
+    # for the other kind (see the module docstring).
+    @abstractmethod
+    def _route(self, uri: str) -> ArtifactStore: ...
+
+    def exists(self, uri: str) -> bool:
+        """Whether ``uri`` is a file, or a directory/prefix with at least one file under it.
+
+        Raises:
+            StorageError: the store cannot be reached or refuses (S3: endpoint, credentials, bucket).
+        """
+        return self._route(uri)._exists(uri)
+
+    def list(self, uri: str) -> list[str]:
+        """File URIs under the directory/prefix ``uri`` (recursive), sorted; ``[uri]`` for a file.
+
+        Returns:
+            An empty list when nothing lies under ``uri``.
+
+        Raises:
+            StorageError: the store cannot be reached or refuses.
+        """
+        return self._route(uri)._list(uri)
+
+    def put(self, local_path: str | Path, uri: str) -> str:
+        """Copy a local file to ``uri``, or a local directory's files under ``uri/``; verified.
+
+        Each file is checked after the copy (size and sha256). Files already under ``uri`` that
+        ``local_path`` lacks are left in place; write a fresh prefix when that matters. Putting a
+        path onto itself (a LocalStore path handed out by :meth:`fetch`) only verifies it.
+
+        Args:
+            local_path: a local file or directory.
+            uri: destination URI.
+
+        Returns:
+            ``uri``.
+
+        Raises:
+            InputNotFoundError: ``local_path`` does not exist.
+            StorageError: the copy could not be written or does not verify.
+        """
+        local_path = Path(local_path)
+        if not local_path.exists():
+            raise InputNotFoundError(f"{local_path} does not exist: nothing to put at {uri}")
+        backend = self._route(uri)
+        if local_path.is_file():
+            backend._put_file(local_path, uri)
+        else:
+            for rel, file in _tree_files(local_path):
+                backend._put_file(file, f"{uri.rstrip('/')}/{rel}")
+        return uri
+
+    def fetch(self, uri: str) -> Path:
+        """A local path holding the file or directory at ``uri``.
+
+        A local URI comes back as its own path (no copy); an ``s3://`` URI is downloaded into the
+        local cache (``$NEMOFORGE_CACHE/s3``, else ``~/.cache/nemoforge/s3``), where a file already
+        cached is reused only when it still matches the object's sha256.
+
+        Raises:
+            InputNotFoundError: nothing exists at ``uri``.
+            StorageError: the store cannot be reached, or a download does not verify.
+        """
+        return self._route(uri)._fetch(uri)
+
+    def read_text(self, uri: str) -> str:
+        """The UTF-8 text of the file at ``uri``.
+
+        Raises:
+            InputNotFoundError: the file does not exist.
+            StorageError: the store cannot be reached or refuses.
+        """
+        return self._route(uri)._read_bytes(uri).decode("utf-8")
+
+    def write_text(self, uri: str, text: str) -> str:
+        """Write ``text`` (UTF-8) to the file ``uri``, replacing it whole; verified like :meth:`put`.
+
+        Returns:
+            ``uri``.
+
+        Raises:
+            StorageError: the file could not be written.
+        """
+        self._route(uri)._write_bytes(uri, text.encode("utf-8"))
+        return uri
+
+    def read_json(self, uri: str) -> Any:
+        """The JSON value in the file at ``uri``.
+
+        Raises:
+            InputNotFoundError: the file does not exist.
+            StorageError: the store refuses, or the file is not JSON.
+        """
+        text = self.read_text(uri)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise StorageError(f"{uri} is not valid JSON ({err}): rewrite or remove it") from None
+
+    def write_json(self, uri: str, obj: Any) -> str:
+        """Write ``obj`` as indented, key-sorted JSON to ``uri``.
+
+        Returns:
+            ``uri``.
+        """
+        return self.write_text(uri, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+    @abstractmethod
+    def check(self) -> None:
+        """Check, before any compute, that the root can be reached and written to.
+
+        Raises:
+            StorageError: naming the root (and the S3 endpoint) and the fix.
+        """
+
+    # backend methods: the URI is of the backend's own kind
+    @abstractmethod
+    def _exists(self, uri: str) -> bool: ...
+
+    @abstractmethod
+    def _list(self, uri: str) -> list[str]: ...
+
+    @abstractmethod
+    def _put_file(self, path: Path, uri: str) -> None: ...
+
+    @abstractmethod
+    def _fetch(self, uri: str) -> Path: ...
+
+    @abstractmethod
+    def _read_bytes(self, uri: str) -> bytes: ...
+
+    @abstractmethod
+    def _write_bytes(self, uri: str, data: bytes) -> None: ...
+
+
+def open_store(
+    root_uri: str, *, s3_endpoint_url: str | None = None, s3_region: str = "us-east-1"
+) -> ArtifactStore:
+    """Open the artifact store rooted at ``root_uri``.
+
+    Args:
+        root_uri: a local directory (created on the first write) or ``s3://bucket[/prefix]``.
+        s3_endpoint_url: S3 API endpoint (MinIO, Ceph, moto: ``http://host:port``); None: AWS.
+            Also used by a LocalStore for ``s3://`` inputs.
+        s3_region: S3 region name.
+
+    Returns:
+        A :class:`LocalStore` or an :class:`S3Store`. Nothing is contacted yet: call
+        :meth:`ArtifactStore.check` to fail early.
+
+    Raises:
+        StorageError: an unsupported scheme, or an ``s3://`` URI without a bucket.
+    """
+    if _is_s3(root_uri):
+        return S3Store(root_uri, endpoint_url=s3_endpoint_url, region=s3_region)
+    _local_path(root_uri)  # refuses other schemes
+    return LocalStore(root_uri, s3_endpoint_url=s3_endpoint_url, s3_region=s3_region)
+
+
+# ------------------------------------------------------------------------------------------ local
+def _partial_path(dest: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}{_PARTIAL_MARK}", dir=dest.parent)
+    os.close(fd)
+    return Path(name)
+
+
+class LocalStore(ArtifactStore):
+    """A local directory laid out exactly like the bucket: URI ``<root>/a/b`` is file ``<root>/a/b``.
+
+    Writes go to a temp file beside the destination and are renamed into place, so a reader sees a
+    file whole or not at all. ``s3://`` URIs are served by an :class:`S3Store` with the endpoint
+    and region given here.
+    """
+
+    def __init__(self, root_uri: str, *, s3_endpoint_url: str | None = None, s3_region: str = "us-east-1"):
+        """Args:
+        root_uri: the root directory (a path or ``file://`` URI; made absolute).
+        s3_endpoint_url: endpoint for ``s3://`` URIs read or written through this store.
+        s3_region: region for those URIs.
+        """
+        self.root_uri = str(_local_path(root_uri).resolve())
+        self._s3_endpoint_url = s3_endpoint_url
+        self._s3_region = s3_region
+        self._s3: S3Store | None = None
+
+    def _route(self, uri: str) -> ArtifactStore:
+        if not _is_s3(uri):
+            return self
+        if self._s3 is None:
+            bucket_root = "/".join(uri.split("/")[:3])
+            self._s3 = S3Store(bucket_root, endpoint_url=self._s3_endpoint_url, region=self._s3_region)
+        return self._s3
+
+    def check(self) -> None:
+        root = Path(self.root_uri)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = _partial_path(root / "check")
+            probe.unlink()
+        except OSError as err:
+            raise StorageError(
+                f"artifact root {self.root_uri} is not a writable directory ({err.strerror}): "
+                "fix storage.artifact_root or its permissions"
+            ) from None
+
+    def _exists(self, uri: str) -> bool:
+        path = _local_path(uri)
+        return path.is_file() or (path.is_dir() and bool(self._list(uri)))
+
+    def _list(self, uri: str) -> list[str]:
+        path = _local_path(uri)
+        if path.is_file():
+            return [uri]
+        if not path.is_dir():
+            return []
+        base = uri.rstrip("/")
+        return [f"{base}/{rel}" for rel, file in _tree_files(path) if _PARTIAL_MARK not in file.name]
+
+    def _put_file(self, path: Path, uri: str) -> None:
+        dest = _local_path(uri)
+        if dest.exists() and dest.resolve() == path.resolve():
+            return  # already in place: written straight into the store by its producer
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _partial_path(dest)
+            try:
+                sha = hashlib.sha256()
+                with open(path, "rb") as src, open(tmp, "wb") as dst:
+                    while chunk := src.read(_CHUNK_BYTES):
+                        sha.update(chunk)
+                        dst.write(chunk)
+                size = path.stat().st_size
+                if tmp.stat().st_size != size or _sha256_file(tmp) != sha.hexdigest():
+                    raise StorageError(f"copy of {path} to {uri} does not verify (size or sha256): retry")
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as err:
+            raise StorageError(f"cannot write {uri} ({err.strerror}): check free space and permissions") from None
+
+    def _fetch(self, uri: str) -> Path:
+        path = _local_path(uri)
+        if not path.exists():
+            raise InputNotFoundError(f"{uri} does not exist")
+        return path
+
+    def _read_bytes(self, uri: str) -> bytes:
+        path = _local_path(uri)
+        if not path.is_file():
+            raise InputNotFoundError(f"{uri} does not exist")
+        return path.read_bytes()
+
+    def _write_bytes(self, uri: str, data: bytes) -> None:
+        dest = _local_path(uri)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _partial_path(dest)
+            try:
+                tmp.write_bytes(data)
+                if tmp.read_bytes() != data:
+                    raise StorageError(f"write of {uri} does not verify: retry")
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as err:
+            raise StorageError(f"cannot write {uri} ({err.strerror}): check free space and permissions") from None
+
+
+# --------------------------------------------------------------------------------------------- S3
+def _split_s3(uri: str) -> tuple[str, str]:
+    """``("bucket", "key/with/slashes")`` of ``s3://bucket/key/with/slashes`` (key may be empty)."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise StorageError(f"{uri} has no bucket: write s3://bucket/prefix")
+    return bucket, key.strip("/")
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("NEMOFORGE_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "nemoforge") / "s3"
+
+
+class S3Store(ArtifactStore):
+    """Objects in an S3 bucket (AWS, MinIO, Ceph, moto) under ``s3://bucket/prefix``.
+
+    Credentials come from the environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_PROFILE``, an IAM role), as boto3 resolves them. Each object carries its sha256 as user
+    metadata; uploads are checked against it (and the size) with a HEAD, downloads by hashing.
+    Local-path URIs are served from the local file system.
+    """
+
+    def __init__(
+        self,
+        root_uri: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        multipart_threshold_bytes: int = 64 * 2**20,
+        multipart_chunksize_bytes: int = 64 * 2**20,
+        max_attempts: int = 3,
+        connect_timeout_s: float = 3.0,
+        read_timeout_s: float = 60.0,
+        cache_dir: str | Path | None = None,
+    ):
+        """Args:
+        root_uri: ``s3://bucket[/prefix]``.
+        endpoint_url: S3 API endpoint (``http://127.0.0.1:9000`` for MinIO); None: AWS.
+        region: region name.
+        multipart_threshold_bytes: files at least this large go up in parts (S3's minimum part is 5 MiB).
+        multipart_chunksize_bytes: part size of multipart transfers.
+        max_attempts: attempts per request, the first included (botocore ``standard`` retries with
+            exponential backoff, for throttling, 5xx and connection errors alike).
+        connect_timeout_s: seconds to wait for a TCP connection.
+        read_timeout_s: seconds to wait on a socket read.
+        cache_dir: where :meth:`fetch` downloads to (default ``$NEMOFORGE_CACHE/s3`` or
+            ``~/.cache/nemoforge/s3``).
+
+        Raises:
+            StorageError: ``root_uri`` has no bucket.
+        """
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.bucket, self.prefix = _split_s3(root_uri)
+        self.root_uri = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self.cache_dir = Path(cache_dir) if cache_dir else _default_cache_dir()
+        self._transfer = TransferConfig(
+            multipart_threshold=multipart_threshold_bytes, multipart_chunksize=multipart_chunksize_bytes
+        )
+        session = boto3.session.Session()
+
+        def client(attempts: int):  # noqa: ANN202 (boto3 client type is generated)
+            config = Config(
+                region_name=region,
+                connect_timeout=connect_timeout_s,
+                read_timeout=read_timeout_s,
+                retries={"mode": "standard", "total_max_attempts": attempts},
+                # MinIO and most S3-compatible servers want path-style addressing
+                s3={"addressing_style": "path"} if endpoint_url else {},
+            )
+            return session.client("s3", endpoint_url=endpoint_url, config=config)
+
+        self._client = client(max_attempts)
+        self._check_client = client(1)  # preflight: one attempt, fail fast
+        self._local: LocalStore | None = None
+
+    # ------------------------------------------------------------------------------ errors
+    def _where(self) -> str:
+        return f"S3 endpoint {self.endpoint_url}" if self.endpoint_url else f"AWS S3 (region {self.region})"
+
+    @contextmanager
+    def _errors(self, uri: str) -> Iterator[None]:
+        """Turn boto errors into InputNotFoundError / StorageError that name the URI, endpoint and fix."""
+        from boto3.exceptions import RetriesExceededError, S3UploadFailedError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+
+        try:
+            yield
+        except (S3UploadFailedError, RetriesExceededError, ClientError, BotoCoreError) as raised:
+            err: BaseException = raised
+            if isinstance(err, RetriesExceededError):
+                err = err.last_exception
+            elif isinstance(err, S3UploadFailedError) and err.__cause__ is not None:
+                err = err.__cause__
+            where = self._where()
+            if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+                raise StorageError(
+                    f"no S3 credentials for {uri} at {where}: set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an IAM role)"
+                ) from None
+            if isinstance(err, ConnectionError):
+                raise StorageError(
+                    f"cannot reach {where} for {uri} ({type(err).__name__}): start the S3/MinIO server "
+                    "or fix storage.s3_endpoint_url"
+                ) from None
+            if isinstance(err, ClientError):
+                code = str(err.response.get("Error", {}).get("Code", ""))
+                status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if code in ("404", "NoSuchKey", "NotFound"):
+                    raise InputNotFoundError(f"{uri} does not exist") from None
+                if code == "NoSuchBucket":
+                    bucket = _split_s3(uri)[0]
+                    raise StorageError(
+                        f"bucket {bucket} does not exist at {where}: create it "
+                        f"(aws s3 mb s3://{bucket}) or fix storage.artifact_root"
+                    ) from None
+                if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                    raise StorageError(
+                        f"{where} refused {uri} ({code}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                        "and the bucket's permissions"
+                    ) from None
+                message = err.response.get("Error", {}).get("Message", "")
+                raise StorageError(f"{where} failed on {uri}: {code} {message}".rstrip()) from None
+            raise StorageError(f"{where} failed on {uri}: {err}") from None
+
+    # ------------------------------------------------------------------------------ helpers
+    def _route(self, uri: str) -> ArtifactStore:
+        if _is_s3(uri):
+            return self
+        if self._local is None:
+            self._local = LocalStore(os.getcwd())
+        return self._local
+
+    def _head(self, bucket: str, key: str) -> dict[str, Any] | None:
+        """The object's HEAD response, or None when no object has exactly this key."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._client.head_object(Bucket=bucket, Key=key)
+        except ClientError as err:
+            if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def _keys(self, bucket: str, prefix: str) -> Iterator[str]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                if not obj["Key"].endswith("/"):  # skip "folder" marker objects
+                    yield obj["Key"]
+
+    @staticmethod
+    def _dir_prefix(key: str) -> str:
+        return f"{key}/" if key else ""
+
+    # ------------------------------------------------------------------------------ backend
+    def check(self) -> None:
+        with self._errors(self.root_uri):
+            from botocore.exceptions import ClientError
+
+            try:
+                self._check_client.head_bucket(Bucket=self.bucket)
+            except ClientError as err:
+                # HEAD has no body: a missing bucket comes back as a bare 404
+                if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
+                    raise ClientError({"Error": {"Code": "NoSuchBucket"}}, "HeadBucket") from None
+                raise
+
+    def _exists(self, uri: str) -> bool:
+        bucket, key = _split_s3(uri)
+        with self._errors(uri):
+            if key and self._head(bucket, key) is not None:
+                return True
+            page = self._client.list_objects_v2(Bucket=bucket, Prefix=self._dir_prefix(key), MaxKeys=1)
+            return page.get("KeyCount", 0) > 0
+
+    def _list(self, uri: str) -> list[str]:
+        bucket, key = _split_s3(uri)
+        with self._errors(uri):
+            keys = sorted(self._keys(bucket, self._dir_prefix(key)))
+            if not keys and key and self._head(bucket, key) is not None:
+                keys = [key]
+        return [f"s3://{bucket}/{k}" for k in keys]
+
+    def _put_file(self, path: Path, uri: str) -> None:
+        bucket, key = _split_s3(uri)
+        if not key:
+            raise StorageError(f"{uri} names a bucket, not an object: put under a key")
+        size = path.stat().st_size
+        sha = _sha256_file(path)
+        with self._errors(uri):
+            head = self._head(bucket, key)
+            if head and head["ContentLength"] == size and head.get("Metadata", {}).get("sha256") == sha:
+                return  # identical object already there (a resumed upload)
+            self._client.upload_file(
+                str(path), bucket, key, ExtraArgs={"Metadata": {"sha256": sha}}, Config=self._transfer
+            )
+            head = self._head(bucket, key)
+        if head is None or head["ContentLength"] != size or head.get("Metadata", {}).get("sha256") != sha:
+            got = "nothing" if head is None else f"{head['ContentLength']} bytes"
+            raise StorageError(f"upload of {path} to {uri} does not verify ({size} bytes sent, {got} stored): retry")
+
+    def _fetch(self, uri: str) -> Path:
+        bucket, key = _split_s3(uri)
+        dest = self.cache_dir / bucket / key if key else self.cache_dir / bucket
+        with self._errors(uri):
+            head = self._head(bucket, key) if key else None
+            if head is not None:
+                self._download(bucket, key, head, dest, uri)
+                return dest
+            keys = sorted(self._keys(bucket, self._dir_prefix(key)))
+            if not keys:
+                raise InputNotFoundError(f"{uri} does not exist")
+            wanted = set()
+            for k in keys:
+                rel = k[len(self._dir_prefix(key)) :]
+                wanted.add(rel)
+                self._download(bucket, k, self._client.head_object(Bucket=bucket, Key=k), dest / rel, f"s3://{bucket}/{k}")
+        # the cached directory mirrors the prefix: drop files of an older version of it
+        for rel, file in _tree_files(dest):
+            if rel not in wanted:
+                file.unlink()
+        return dest
+
+    def _download(self, bucket: str, key: str, head: dict[str, Any], dest: Path, uri: str) -> None:
+        """Download one object to ``dest`` unless a verified copy is there; check size and sha256."""
+        size, sha = head["ContentLength"], head.get("Metadata", {}).get("sha256")
+        if dest.is_file() and sha and dest.stat().st_size == size and _sha256_file(dest) == sha:
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _partial_path(dest)
+        try:
+            self._client.download_file(bucket, key, str(tmp), Config=self._transfer)
+            if tmp.stat().st_size != size or (sha and _sha256_file(tmp) != sha):
+                raise StorageError(
+                    f"download of {uri} does not verify against its size/sha256: the object changed "
+                    "during the download or is corrupt; retry"
+                )
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _read_bytes(self, uri: str) -> bytes:
+        bucket, key = _split_s3(uri)
+        with self._errors(uri):
+            return self._client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def _write_bytes(self, uri: str, data: bytes) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "data"
+            src.write_bytes(data)
+            self._put_file(src, uri)

@@ -1,0 +1,257 @@
+"""ArtifactStore against a real directory and a real S3 API server (moto's, on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nemoforge.artifacts import ArtifactStore, LocalStore, S3Store, digest_path, open_store
+from nemoforge.errors import InputNotFoundError, StorageError
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server in this process, with dummy credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.delenv("AWS_PROFILE", raising=False)
+        env.setenv("AWS_CONFIG_FILE", os.devnull)
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+        server.stop()
+
+
+def _new_bucket(endpoint: str) -> str:
+    import boto3
+
+    name = f"nf-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
+    """The same tests run against a LocalStore and an S3Store (fresh root each)."""
+    if request.param == "local":
+        return open_store(str(tmp_path / "artifacts"))
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return S3Store(
+        f"s3://{_new_bucket(endpoint)}/root", endpoint_url=endpoint, cache_dir=tmp_path / "cache"
+    )
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """A small directory tree like an exported checkpoint."""
+    root = tmp_path / "model"
+    (root / "sub").mkdir(parents=True)
+    (root / "config.json").write_text('{"a": 1}')
+    (root / "model.safetensors").write_bytes(os.urandom(3000))
+    (root / "sub" / "tokenizer.json").write_text("{}")
+    return root
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -------------------------------------------------------------------------------------------- digest
+def test_digest_path_of_file_and_tree(tmp_path: Path) -> None:
+    f = tmp_path / "a.txt"
+    f.write_bytes(b"hello")
+    assert digest_path(f) == hashlib.sha256(b"hello").hexdigest()
+
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    (tree / "b.txt").write_bytes(b"B")
+    (tree / "d" / "a.txt").write_bytes(b"A")
+    lines = [f"b.txt\0{hashlib.sha256(b'B').hexdigest()}\n", f"d/a.txt\0{hashlib.sha256(b'A').hexdigest()}\n"]
+    assert digest_path(tree) == hashlib.sha256("".join(lines).encode()).hexdigest()
+
+    (tree / "d" / "a.txt").write_bytes(b"A2")
+    assert digest_path(tree) != hashlib.sha256("".join(lines).encode()).hexdigest()
+    with pytest.raises(InputNotFoundError, match="missing"):
+        digest_path(tmp_path / "missing")
+
+
+def test_open_store_kinds(tmp_path: Path) -> None:
+    assert isinstance(open_store(str(tmp_path)), LocalStore)
+    assert open_store(f"file://{tmp_path}/x/").root_uri == str(tmp_path / "x")
+    s3 = open_store("s3://bucket/pre/fix/", s3_endpoint_url="http://127.0.0.1:1")
+    assert isinstance(s3, S3Store)
+    assert s3.root_uri == "s3://bucket/pre/fix"
+    assert s3.join("run-1", "/nas/", "model") == "s3://bucket/pre/fix/run-1/nas/model"
+    with pytest.raises(StorageError, match="gs://b"):
+        open_store("gs://b/x")
+    with pytest.raises(StorageError, match="no bucket"):
+        open_store("s3:///x")
+
+
+# ---------------------------------------------------------------------------------- both backends
+def test_round_trip_file_and_directory(store: ArtifactStore, model_dir: Path) -> None:
+    file_uri = store.join("run-1", "nas", "config.json")
+    assert store.put(model_dir / "config.json", file_uri) == file_uri
+    assert store.exists(file_uri)
+    assert store.read_text(file_uri) == '{"a": 1}'
+    assert store.read_json(file_uri) == {"a": 1}
+    assert store.list(file_uri) == [file_uri]
+
+    dir_uri = store.join("run-1", "nas", "model")
+    store.put(model_dir, dir_uri)
+    assert store.exists(dir_uri)
+    assert store.exists(store.join("run-1"))  # a non-empty prefix
+    assert store.list(dir_uri) == [
+        f"{dir_uri}/config.json",
+        f"{dir_uri}/model.safetensors",
+        f"{dir_uri}/sub/tokenizer.json",
+    ]
+    fetched = store.fetch(dir_uri)
+    assert fetched.is_dir()
+    assert digest_path(fetched) == digest_path(model_dir)
+    assert store.fetch(f"{dir_uri}/model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
+
+    assert not store.exists(store.join("run-1", "nas", "mod"))  # a key prefix is not a directory
+    assert store.list(store.join("nothing")) == []
+
+
+def test_json_and_text(store: ArtifactStore) -> None:
+    uri = store.join("index", "nas", "k.json")
+    store.write_json(uri, {"state": "running", "n": [1, 2]})
+    assert store.read_json(uri) == {"state": "running", "n": [1, 2]}
+    store.write_text(uri, "replaced")
+    assert store.read_text(uri) == "replaced"
+
+
+def test_missing_uri_raises_input_not_found(store: ArtifactStore) -> None:
+    missing = store.join("run-1", "absent.json")
+    assert not store.exists(missing)
+    for call in (store.fetch, store.read_text, store.read_json):
+        with pytest.raises(InputNotFoundError, match=f"{missing} does not exist"):
+            call(missing)
+    with pytest.raises(InputNotFoundError, match="nothing to put"):
+        store.put("/no/such/local/file", store.join("x"))
+
+
+def test_local_paths_pass_through_either_store(store: ArtifactStore, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text")
+    assert store.exists(str(corpus))
+    assert store.fetch(str(corpus)) == corpus
+    assert store.read_text(str(corpus)) == "some text"
+
+
+# ----------------------------------------------------------------------------------------------- local
+def test_local_store_is_laid_out_like_the_bucket(tmp_path: Path, model_dir: Path) -> None:
+    store = open_store(str(tmp_path / "artifacts"))
+    store.check()
+    uri = store.put(model_dir, store.join("run-1", "nas", "model"))
+    assert Path(uri) == tmp_path / "artifacts" / "run-1" / "nas" / "model"
+    assert store.fetch(uri) == Path(uri)  # no copy
+    assert store.put(Path(uri), uri) == uri  # onto itself: verified, untouched
+    assert digest_path(uri) == digest_path(model_dir)
+    assert not list(Path(uri).rglob(".*partial*"))
+
+
+def test_local_check_refuses_unwritable_root(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match="not a writable directory"):
+        open_store(str(blocker / "artifacts")).check()
+
+
+# -------------------------------------------------------------------------------------------------- S3
+def test_s3_object_carries_sha256_and_fetch_reverifies(s3_endpoint: str, tmp_path: Path) -> None:
+    import boto3
+
+    bucket = _new_bucket(s3_endpoint)
+    store = S3Store(f"s3://{bucket}", endpoint_url=s3_endpoint, cache_dir=tmp_path / "cache")
+    store.check()
+    src = tmp_path / "w.bin"
+    src.write_bytes(b"weights" * 100)
+    uri = store.put(src, store.join("m", "w.bin"))
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    head = client.head_object(Bucket=bucket, Key="m/w.bin")
+    assert head["Metadata"]["sha256"] == digest_path(src)
+    assert store.fetch(uri) == tmp_path / "cache" / bucket / "m" / "w.bin"
+
+    # a cached copy that no longer matches the object's sha256 is downloaded again
+    (tmp_path / "cache" / bucket / "m" / "w.bin").write_bytes(b"tampered" * 100 + b"123456")
+    assert store.fetch(uri).read_bytes() == src.read_bytes()
+
+    # an object whose content does not match its sha256 metadata is refused
+    client.put_object(Bucket=bucket, Key="m/bad.bin", Body=b"x" * 10, Metadata={"sha256": "0" * 64})
+    with pytest.raises(StorageError, match="does not verify"):
+        store.fetch(store.join("m", "bad.bin"))
+
+    # a fetched directory mirrors the prefix (files of an older version are dropped)
+    client.put_object(Bucket=bucket, Key="d/a.txt", Body=b"a")
+    client.put_object(Bucket=bucket, Key="d/b.txt", Body=b"b")
+    assert sorted(p.name for p in store.fetch(store.join("d")).iterdir()) == ["a.txt", "b.txt"]
+    client.delete_object(Bucket=bucket, Key="d/b.txt")
+    assert sorted(p.name for p in store.fetch(store.join("d")).iterdir()) == ["a.txt"]
+
+
+def test_s3_large_file_goes_up_in_parts(s3_endpoint: str, tmp_path: Path) -> None:
+    import boto3
+
+    bucket = _new_bucket(s3_endpoint)
+    mib = 2**20
+    store = S3Store(
+        f"s3://{bucket}/p",
+        endpoint_url=s3_endpoint,
+        multipart_threshold_bytes=5 * mib,
+        multipart_chunksize_bytes=5 * mib,  # S3's smallest part
+        cache_dir=tmp_path / "cache",
+    )
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(11 * mib))
+    uri = store.put(big, store.join("big.bin"))
+    head = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").head_object(Bucket=bucket, Key="p/big.bin")
+    assert head["ETag"].strip('"').endswith("-3")  # 3 parts: 5 + 5 + 1 MiB
+    assert head["ContentLength"] == 11 * mib
+    assert digest_path(store.fetch(uri)) == digest_path(big)
+
+
+def test_s3_missing_bucket_is_named(s3_endpoint: str) -> None:
+    store = S3Store("s3://no-such-bucket-nf/x", endpoint_url=s3_endpoint)
+    with pytest.raises(StorageError, match="bucket no-such-bucket-nf does not exist"):
+        store.check()
+    with pytest.raises(StorageError, match="bucket no-such-bucket-nf does not exist"):
+        store.exists("s3://no-such-bucket-nf/x/a")
+
+
+def test_s3_refused_endpoint_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    store = open_store("s3://bucket/root", s3_endpoint_url=endpoint)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=f"cannot reach S3 endpoint {endpoint}.*storage.s3_endpoint_url"):
+        store.check()
+    with pytest.raises(StorageError, match=f"cannot reach S3 endpoint {endpoint}"):
+        store.read_text("s3://bucket/root/x.json")  # with retries: still seconds, not minutes
+    assert time.monotonic() - started < 10
+
+
+def test_local_store_reads_s3_uris_through_its_endpoint(s3_endpoint: str, tmp_path: Path) -> None:
+    bucket = _new_bucket(s3_endpoint)
+    S3Store(f"s3://{bucket}", endpoint_url=s3_endpoint).write_text(f"s3://{bucket}/c/corpus.txt", "text")
+    local = open_store(str(tmp_path / "artifacts"), s3_endpoint_url=s3_endpoint)
+    assert local.exists(f"s3://{bucket}/c")
+    assert local.read_text(f"s3://{bucket}/c/corpus.txt") == "text"

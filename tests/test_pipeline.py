@@ -1,0 +1,185 @@
+"""The recipe compiles to a KFP v2 pipeline and runs end to end under kfp.local through the CLI."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nemoforge.cli import main
+from nemoforge.config import load_recipe
+from nemoforge_pipelines import compile_recipe
+
+TINY_OVERRIDES = [
+    "data.seq_len_tokens=64",
+    "data.max_sequences=96",
+    "nas.ffn_intermediate_sizes=[512, 256]",
+    "nas.num_solutions=2",
+    "nas.min_diversity_layers=1",
+    "nas.bld={steps: 5, batch_tokens: 128, lr: 1.0e-3, num_calibration_sequences: 8}",
+    "nas.scoring={num_sequences: 2, seq_len_tokens: 32}",
+    "nas.cost={batch_size: 1, prefill_tokens: 16, decode_tokens: 8, repeats: 2}",
+    "distill.steps=4",
+    "distill.batch_size=2",
+    "distill.warmup_steps=1",
+    "distill.checkpoint_every_steps=2",
+    "cpt.steps=3",
+    "cpt.batch_size=2",
+    "cpt.warmup_steps=1",
+    "cpt.checkpoint_every_steps=2",
+]
+
+
+def _tiny_args(tiny_llama_dir: Path, corpus: Path, workdir: Path, *extra: str) -> list[str]:
+    sets = [
+        "model.parent.source=hf-dir",
+        f"model.parent.path={tiny_llama_dir}",
+        f"data.corpus_uri={corpus}",
+        *TINY_OVERRIDES,
+        *extra,
+    ]
+    args = ["run", "smollm2-135m-demo", "--workdir", str(workdir), "--quiet"]
+    for item in sets:
+        args += ["--set", item]
+    return args
+
+
+def _tasks(ir: dict) -> dict:
+    dag = ir["root"]["dag"]["tasks"]
+    inner = dag["exit-handler-1"]["componentRef"]["name"] if "exit-handler-1" in dag else None
+    tasks = dict(dag)
+    if inner:
+        tasks.update(ir["components"][inner]["dag"]["tasks"])
+    return tasks
+
+
+def test_compile_carries_recipe_resources(tmp_path: Path):
+    recipe = load_recipe(
+        "smollm2-135m-demo",
+        [
+            "resources.distill.gpu_count=2",
+            "resources.distill.memory=64Gi",
+            "resources.distill.node_selector={nvidia.com/gpu.product: NVIDIA-H200}",
+            "resources.distill.tolerations=[{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]",
+        ],
+    )
+    out = compile_recipe(recipe, tmp_path / "pipeline.yaml")
+    docs = list(yaml.safe_load_all(out.read_text()))
+    ir, platform = docs[0], docs[1]
+    tasks = _tasks(ir)
+    assert {"parent", "corpus", "nas", "distill", "cpt"} <= set(tasks)
+    assert tasks["distill"]["dependentTasks"] == ["corpus", "nas", "parent"]
+    assert all(not t.get("cachingOptions", {}).get("enableCache", False) for t in tasks.values())
+    executors = ir["deploymentSpec"]["executors"]
+    distill = executors[tasks["distill"]["componentRef"]["name"].replace("comp-", "exec-")]["container"]
+    assert distill["resources"]["accelerator"]["resourceCount"] == "2"
+    assert distill["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert distill["resources"]["memoryLimit"] == pytest.approx(64 * 2**30 / 1e9)
+    assert distill["image"] == recipe.resources.base_image
+    kube = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    spec = kube[tasks["distill"]["componentRef"]["name"].replace("comp-", "exec-")]
+    assert spec["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
+    assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_compile_leaves_out_disabled_stages(tmp_path: Path):
+    recipe = load_recipe("smollm2-135m-demo", ["cpt.enabled=false"])
+    ir = yaml.safe_load_all(compile_recipe(recipe, tmp_path / "p.yaml").read_text()).__next__()
+    assert "cpt" not in _tasks(ir) and "distill" in _tasks(ir)
+
+
+def test_cli_compile_writes_yaml(tmp_path: Path, capsys):
+    assert main(["compile", "smollm2-135m-demo", "-o", str(tmp_path / "p.yaml")]) == 0
+    assert "nemoforge-smollm2-135m-demo" in (tmp_path / "p.yaml").read_text()
+
+
+def test_missing_corpus_fails_before_compute(tmp_path: Path, capsys):
+    rc = main(["run", "smollm2-135m-demo", "--workdir", str(tmp_path), "--set", "data.corpus_uri=/no/such/corpus.txt"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err == (
+        "nemoforge: error: data.corpus_uri /no/such/corpus.txt does not exist: give a .txt/.jsonl file or directory"
+    )
+    assert not (tmp_path / "kfp").exists()
+
+
+def test_refusing_s3_endpoint_fails_before_compute(tmp_path: Path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc = main(
+        [
+            "run",
+            "smollm2-135m-demo",
+            "--workdir",
+            str(tmp_path),
+            "--set",
+            "storage.artifact_root=s3://nemoforge/runs",
+            "--set",
+            f"storage.s3_endpoint_url=http://127.0.0.1:{port}",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert f"127.0.0.1:{port}" in err[0]
+
+
+@pytest.mark.slow
+def test_local_run_end_to_end_then_reuse(tiny_llama_dir: Path, shared_dir: Path, tmp_path: Path, capsys):
+    import mlflow
+    from mlflow import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    corpus = shared_dir / "data" / "corpus" / "tinyshakespeare.txt"
+    workdir = tmp_path / "work"
+    assert main(_tiny_args(tiny_llama_dir, corpus, workdir)) == 0
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("nemoforge")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(stages) == {"nas", "distill", "cpt"}
+    assert all(r.info.status == "FINISHED" for r in stages.values())
+    assert stages["distill"].data.metrics["kl_div_heldout_after"] < stages["distill"].data.metrics["kl_div_heldout_before"]
+    nas_inputs = stages["nas"].inputs.dataset_inputs
+    assert any(d.dataset.digest for d in nas_inputs)
+
+    capsys.readouterr()
+    assert main(["status", "--workdir", str(workdir), "--json"]) == 0
+    status = {s["stage"]: s for s in json.loads(capsys.readouterr().out)}
+    child_uri = status["cpt"]["outputs"]["model"]
+    assert Path(child_uri).is_dir()
+    child = AutoModelForCausalLM.from_pretrained(child_uri, trust_remote_code=True)
+    assert child.config.model_type == "nemotron-nas"
+
+    # the same recipe again: every stage reused by key, a new parent run, nothing recomputed
+    assert main(_tiny_args(tiny_llama_dir, corpus, workdir)) == 0
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+    newest_parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == newest_parent.info.run_id]
+    assert {r.info.run_name for r in children} == {"nas", "distill", "cpt"}
+    assert all(r.data.tags.get("nemoforge.reused") == "true" for r in children)
+    mlflow.set_tracking_uri("")  # leave no global tracking state behind
+
+
+@pytest.mark.slow
+def test_failed_step_keeps_earlier_outputs_and_resumes(tiny_llama_dir: Path, shared_dir: Path, tmp_path: Path, capsys):
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()  # exists, so preflight passes, but holds no text: the corpus step fails
+    workdir = tmp_path / "work"
+    args = _tiny_args(tiny_llama_dir, corpus_dir, workdir, "distill.enabled=false", "cpt.enabled=false")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert str(corpus_dir) in err and "Traceback" not in err
+    parents = list((workdir / "artifacts" / "models").iterdir())
+    assert len(parents) == 1 and (parents[0] / "config.json").is_file()
+    before = (parents[0] / "config.json").stat().st_mtime
+
+    (corpus_dir / "shakespeare.txt").write_text((shared_dir / "data/corpus/tinyshakespeare.txt").read_text()[:200_000])
+    assert main(args) == 0
+    assert (parents[0] / "config.json").stat().st_mtime == before  # the parent was reused, not rewritten
