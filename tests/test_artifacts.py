@@ -49,9 +49,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
     if request.param == "local":
         return open_store(str(tmp_path / "artifacts"))
     endpoint = request.getfixturevalue("s3_endpoint")
-    return S3Store(
-        f"s3://{_new_bucket(endpoint)}/root", endpoint_url=endpoint, cache_dir=tmp_path / "cache"
-    )
+    return S3Store(f"s3://{_new_bucket(endpoint)}/root", endpoint_url=endpoint, cache_dir=tmp_path / "cache")
 
 
 @pytest.fixture
@@ -124,7 +122,10 @@ def test_round_trip_file_and_directory(store: ArtifactStore, model_dir: Path) ->
     fetched = store.fetch(dir_uri)
     assert fetched.is_dir()
     assert digest_path(fetched) == digest_path(model_dir)
-    assert store.fetch(f"{dir_uri}/model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
+    assert (
+        store.fetch(f"{dir_uri}/model.safetensors").read_bytes()
+        == (model_dir / "model.safetensors").read_bytes()
+    )
 
     assert not store.exists(store.join("run-1", "nas", "mod"))  # a key prefix is not a directory
     assert store.list(store.join("nothing")) == []
@@ -222,7 +223,9 @@ def test_s3_large_file_goes_up_in_parts(s3_endpoint: str, tmp_path: Path) -> Non
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(11 * mib))
     uri = store.put(big, store.join("big.bin"))
-    head = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").head_object(Bucket=bucket, Key="p/big.bin")
+    head = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").head_object(
+        Bucket=bucket, Key="p/big.bin"
+    )
     assert head["ETag"].strip('"').endswith("-3")  # 3 parts: 5 + 5 + 1 MiB
     assert head["ContentLength"] == 11 * mib
     assert digest_path(store.fetch(uri)) == digest_path(big)

@@ -14,6 +14,8 @@ from nemoforge.data.corpus import (
     load_corpus,
     prepare_corpus,
     read_documents,
+    sample_teacher_documents,
+    teacher_prompt_ids,
 )
 from nemoforge.data.packing import document_positions, pack_documents, split_rows, token_digest
 from nemoforge.errors import InputNotFoundError, NemoforgeError
@@ -187,13 +189,21 @@ def test_s3_corpus_through_the_store(shakespeare_txt: Path, tmp_path: Path, toke
 
 # ----------------------------------------------------------------------------------- teacher corpus
 def test_teacher_corpus_samples_chat_exchanges_from_the_parent(tiny_llama_dir: Path, tmp_path: Path, tokenizer):
-    teacher = TeacherCorpus(num_sequences=4, new_tokens=16, batch_size=2)
-    cfg = _cfg(None, teacher_corpus=teacher)
-    splits = prepare_corpus(cfg, tokenizer=tokenizer, parent_dir=tiny_llama_dir, out_dir=tmp_path / "a", seed=0)
+    teacher = TeacherCorpus(num_sequences=3, new_tokens=16, batch_size=2)
+    docs = sample_teacher_documents(tiny_llama_dir, tokenizer, teacher, seed=0)
+    prompts = teacher_prompt_ids(tokenizer, 3)
+    assert len(docs) == 3
+    for doc, prompt in zip(docs, prompts, strict=True):
+        assert doc[: len(prompt)] == prompt  # each exchange starts with its chat-template prompt
+        assert len(prompt) < len(doc) <= len(prompt) + 16
+        assert tokenizer.eos_token_id not in doc[len(prompt) :]  # replies end before EOS (packing adds it)
+    assert TEACHER_PROMPTS[1] in tokenizer.decode(docs[1]) and "<|im_start|>assistant" in tokenizer.decode(docs[1])
+
+    splits = prepare_corpus(
+        _cfg(None, teacher_corpus=teacher), tokenizer=tokenizer, parent_dir=tiny_llama_dir, out_dir=tmp_path, seed=0
+    )
     assert splits.source_uri == f"teacher://{tiny_llama_dir.name}"
-    text = tokenizer.decode(torch.cat([splits.train_ids_NT, splits.heldout_ids_NT]).flatten())
-    assert "<|im_start|>user\n" + TEACHER_PROMPTS[0] in text or "<|im_start|>assistant" in text
-    assert splits.train_ids_NT.shape[1] == SEQ_LEN and splits.train_ids_NT.shape[0] >= 4
-    again = prepare_corpus(cfg, tokenizer=tokenizer, parent_dir=tiny_llama_dir, out_dir=tmp_path / "b", seed=0)
-    assert again.digest == splits.digest
-    assert load_corpus(tmp_path / "a").source_uri == splits.source_uri
+    # same seed, same samples: the digest is that of the documents above, packed and split
+    expected_rows = pack_documents(docs, seq_len_tokens=SEQ_LEN, eos_token_id=tokenizer.eos_token_id)
+    assert splits.digest == token_digest(*split_rows(expected_rows, heldout_fraction=0.2, seed=0))
+    assert load_corpus(tmp_path).source_uri == splits.source_uri

@@ -87,9 +87,7 @@ def _is_s3(uri: str) -> bool:
 def _local_path(uri: str) -> Path:
     """The local path of a local URI (plain path or ``file://``); any other scheme is refused."""
     if "://" in uri and not uri.startswith("file://"):
-        raise StorageError(
-            f"{uri}: unsupported URI scheme; artifact URIs are local paths or s3://bucket/key"
-        )
+        raise StorageError(f"{uri}: unsupported URI scheme; artifact URIs are local paths or s3://bucket/key")
     return Path(uri.removeprefix("file://")).expanduser()
 
 
@@ -220,7 +218,10 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def check(self) -> None:
-        """Check, before any compute, that the root can be reached and written to.
+        """Check, before any compute, that the root can be used.
+
+        LocalStore: the root directory can be created and written to. S3Store: the endpoint answers
+        within its connect timeout (one attempt), the bucket exists and the credentials are accepted.
 
         Raises:
             StorageError: naming the root (and the S3 endpoint) and the fix.
@@ -277,20 +278,40 @@ def _partial_path(dest: Path) -> Path:
     return Path(name)
 
 
+@contextmanager
+def _replacing(uri: str) -> Iterator[Path]:
+    """A temp file beside local ``uri`` that replaces it when the block succeeds (else is removed).
+
+    Raises:
+        StorageError: the file system refuses (permissions, no space).
+    """
+    dest = _local_path(uri)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _partial_path(dest)
+        try:
+            yield tmp
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as err:
+        raise StorageError(f"cannot write {uri} ({err.strerror}): check free space and permissions") from None
+
+
 class LocalStore(ArtifactStore):
     """A local directory laid out exactly like the bucket: URI ``<root>/a/b`` is file ``<root>/a/b``.
 
     Writes go to a temp file beside the destination and are renamed into place, so a reader sees a
     file whole or not at all. ``s3://`` URIs are served by an :class:`S3Store` with the endpoint
     and region given here.
+
+    Args:
+        root_uri: the root directory (a path or ``file://`` URI; made absolute, created on first write).
+        s3_endpoint_url: endpoint for ``s3://`` URIs read or written through this store.
+        s3_region: region for those URIs.
     """
 
     def __init__(self, root_uri: str, *, s3_endpoint_url: str | None = None, s3_region: str = "us-east-1"):
-        """Args:
-        root_uri: the root directory (a path or ``file://`` URI; made absolute).
-        s3_endpoint_url: endpoint for ``s3://`` URIs read or written through this store.
-        s3_region: region for those URIs.
-        """
         self.root_uri = str(_local_path(root_uri).resolve())
         self._s3_endpoint_url = s3_endpoint_url
         self._s3_region = s3_region
@@ -333,23 +354,14 @@ class LocalStore(ArtifactStore):
         dest = _local_path(uri)
         if dest.exists() and dest.resolve() == path.resolve():
             return  # already in place: written straight into the store by its producer
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _partial_path(dest)
-            try:
-                sha = hashlib.sha256()
-                with open(path, "rb") as src, open(tmp, "wb") as dst:
-                    while chunk := src.read(_CHUNK_BYTES):
-                        sha.update(chunk)
-                        dst.write(chunk)
-                size = path.stat().st_size
-                if tmp.stat().st_size != size or _sha256_file(tmp) != sha.hexdigest():
-                    raise StorageError(f"copy of {path} to {uri} does not verify (size or sha256): retry")
-                os.replace(tmp, dest)
-            finally:
-                tmp.unlink(missing_ok=True)
-        except OSError as err:
-            raise StorageError(f"cannot write {uri} ({err.strerror}): check free space and permissions") from None
+        with _replacing(uri) as tmp:
+            sha = hashlib.sha256()
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(_CHUNK_BYTES):
+                    sha.update(chunk)
+                    dst.write(chunk)
+            if tmp.stat().st_size != path.stat().st_size or _sha256_file(tmp) != sha.hexdigest():
+                raise StorageError(f"copy of {path} to {uri} does not verify (size or sha256): retry")
 
     def _fetch(self, uri: str) -> Path:
         path = _local_path(uri)
@@ -364,19 +376,10 @@ class LocalStore(ArtifactStore):
         return path.read_bytes()
 
     def _write_bytes(self, uri: str, data: bytes) -> None:
-        dest = _local_path(uri)
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _partial_path(dest)
-            try:
-                tmp.write_bytes(data)
-                if tmp.read_bytes() != data:
-                    raise StorageError(f"write of {uri} does not verify: retry")
-                os.replace(tmp, dest)
-            finally:
-                tmp.unlink(missing_ok=True)
-        except OSError as err:
-            raise StorageError(f"cannot write {uri} ({err.strerror}): check free space and permissions") from None
+        with _replacing(uri) as tmp:
+            tmp.write_bytes(data)
+            if tmp.read_bytes() != data:
+                raise StorageError(f"write of {uri} does not verify: retry")
 
 
 # --------------------------------------------------------------------------------------------- S3
@@ -400,6 +403,22 @@ class S3Store(ArtifactStore):
     ``AWS_PROFILE``, an IAM role), as boto3 resolves them. Each object carries its sha256 as user
     metadata; uploads are checked against it (and the size) with a HEAD, downloads by hashing.
     Local-path URIs are served from the local file system.
+
+    Args:
+        root_uri: ``s3://bucket[/prefix]``.
+        endpoint_url: S3 API endpoint (``http://127.0.0.1:9000`` for MinIO); None: AWS.
+        region: region name.
+        multipart_threshold_bytes: files at least this large go up in parts (S3's minimum part is 5 MiB).
+        multipart_chunksize_bytes: part size of multipart transfers.
+        max_attempts: attempts per request, the first included (botocore ``standard`` retries with
+            exponential backoff, for throttling, 5xx and connection errors alike).
+        connect_timeout_s: seconds to wait for a TCP connection.
+        read_timeout_s: seconds to wait on a socket read.
+        cache_dir: where :meth:`fetch` downloads to (default ``$NEMOFORGE_CACHE/s3``, else
+            ``~/.cache/nemoforge/s3``).
+
+    Raises:
+        StorageError: ``root_uri`` has no bucket.
     """
 
     def __init__(
@@ -415,22 +434,6 @@ class S3Store(ArtifactStore):
         read_timeout_s: float = 60.0,
         cache_dir: str | Path | None = None,
     ):
-        """Args:
-        root_uri: ``s3://bucket[/prefix]``.
-        endpoint_url: S3 API endpoint (``http://127.0.0.1:9000`` for MinIO); None: AWS.
-        region: region name.
-        multipart_threshold_bytes: files at least this large go up in parts (S3's minimum part is 5 MiB).
-        multipart_chunksize_bytes: part size of multipart transfers.
-        max_attempts: attempts per request, the first included (botocore ``standard`` retries with
-            exponential backoff, for throttling, 5xx and connection errors alike).
-        connect_timeout_s: seconds to wait for a TCP connection.
-        read_timeout_s: seconds to wait on a socket read.
-        cache_dir: where :meth:`fetch` downloads to (default ``$NEMOFORGE_CACHE/s3`` or
-            ``~/.cache/nemoforge/s3``).
-
-        Raises:
-            StorageError: ``root_uri`` has no bucket.
-        """
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
@@ -443,21 +446,16 @@ class S3Store(ArtifactStore):
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold_bytes, multipart_chunksize=multipart_chunksize_bytes
         )
-        session = boto3.session.Session()
-
-        def client(attempts: int):  # noqa: ANN202 (boto3 client type is generated)
-            config = Config(
-                region_name=region,
-                connect_timeout=connect_timeout_s,
-                read_timeout=read_timeout_s,
-                retries={"mode": "standard", "total_max_attempts": attempts},
-                # MinIO and most S3-compatible servers want path-style addressing
-                s3={"addressing_style": "path"} if endpoint_url else {},
-            )
-            return session.client("s3", endpoint_url=endpoint_url, config=config)
-
-        self._client = client(max_attempts)
-        self._check_client = client(1)  # preflight: one attempt, fail fast
+        self._session = boto3.session.Session()
+        self._config = Config(
+            region_name=region,
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
+            # MinIO and most S3-compatible servers want path-style addressing
+            s3={"addressing_style": "path"} if endpoint_url else {},
+        )
+        self._client = self._session.client("s3", endpoint_url=endpoint_url, config=self._config)
         self._local: LocalStore | None = None
 
     # ------------------------------------------------------------------------------ errors
@@ -547,11 +545,15 @@ class S3Store(ArtifactStore):
 
     # ------------------------------------------------------------------------------ backend
     def check(self) -> None:
-        with self._errors(self.root_uri):
-            from botocore.exceptions import ClientError
+        from botocore.config import Config
+        from botocore.exceptions import ClientError
 
+        with self._errors(self.root_uri):
+            # one attempt: a preflight should answer within the connect timeout
+            once = self._config.merge(Config(retries={"mode": "standard", "total_max_attempts": 1}))
+            client = self._session.client("s3", endpoint_url=self.endpoint_url, config=once)
             try:
-                self._check_client.head_bucket(Bucket=self.bucket)
+                client.head_bucket(Bucket=self.bucket)
             except ClientError as err:
                 # HEAD has no body: a missing bucket comes back as a bare 404
                 if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
@@ -590,7 +592,9 @@ class S3Store(ArtifactStore):
             head = self._head(bucket, key)
         if head is None or head["ContentLength"] != size or head.get("Metadata", {}).get("sha256") != sha:
             got = "nothing" if head is None else f"{head['ContentLength']} bytes"
-            raise StorageError(f"upload of {path} to {uri} does not verify ({size} bytes sent, {got} stored): retry")
+            raise StorageError(
+                f"upload of {path} to {uri} does not verify ({size} bytes sent, {got} stored): retry"
+            )
 
     def _fetch(self, uri: str) -> Path:
         bucket, key = _split_s3(uri)
@@ -607,11 +611,17 @@ class S3Store(ArtifactStore):
             for k in keys:
                 rel = k[len(self._dir_prefix(key)) :]
                 wanted.add(rel)
-                self._download(bucket, k, self._client.head_object(Bucket=bucket, Key=k), dest / rel, f"s3://{bucket}/{k}")
+                self._download(
+                    bucket,
+                    k,
+                    self._client.head_object(Bucket=bucket, Key=k),
+                    dest / rel,
+                    f"s3://{bucket}/{k}",
+                )
         # the cached directory mirrors the prefix: drop files of an older version of it
         for rel, file in _tree_files(dest):
-            if rel not in wanted:
-                file.unlink()
+            if rel not in wanted and _PARTIAL_MARK not in file.name:  # (not another fetch's temp file)
+                file.unlink(missing_ok=True)
         return dest
 
     def _download(self, bucket: str, key: str, head: dict[str, Any], dest: Path, uri: str) -> None:
@@ -619,18 +629,13 @@ class S3Store(ArtifactStore):
         size, sha = head["ContentLength"], head.get("Metadata", {}).get("sha256")
         if dest.is_file() and sha and dest.stat().st_size == size and _sha256_file(dest) == sha:
             return
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _partial_path(dest)
-        try:
+        with _replacing(str(dest)) as tmp:
             self._client.download_file(bucket, key, str(tmp), Config=self._transfer)
             if tmp.stat().st_size != size or (sha and _sha256_file(tmp) != sha):
                 raise StorageError(
                     f"download of {uri} does not verify against its size/sha256: the object changed "
                     "during the download or is corrupt; retry"
                 )
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def _read_bytes(self, uri: str) -> bytes:
         bucket, key = _split_s3(uri)

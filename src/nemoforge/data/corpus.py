@@ -347,14 +347,15 @@ def sample_teacher_documents(
     Returns:
         One token-id list per sequence, prompt included.
     """
-    from transformers import AutoModelForCausalLM
+    from nemoforge.models.convert import load_causal_lm
+    from nemoforge.models.generate import generate
 
-    model = AutoModelForCausalLM.from_pretrained(Path(parent_dir), dtype=torch.float32).eval()
+    model = load_causal_lm(parent_dir)
     eos_token_id = tokenizer.eos_token_id
     prompt_ids = teacher_prompt_ids(tokenizer, cfg.num_sequences)
+    generator = torch.Generator().manual_seed(seed)
     documents: list[list[int]] = []
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
+    with torch.no_grad():
         for start in tqdm(
             range(0, len(prompt_ids), cfg.batch_size), desc="teacher corpus", unit="batch", disable=no_progress()
         ):
@@ -363,15 +364,15 @@ def sample_teacher_documents(
             # left-pad so every reply starts right after its prompt; the mask hides the padding
             input_ids_BT = torch.tensor([[eos_token_id] * (width - len(p)) + p for p in batch])
             mask_BT = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-            out_BT = model.generate(
-                input_ids=input_ids_BT,
-                attention_mask=mask_BT,
-                do_sample=True,
+            out_BT = generate(
+                model,
+                input_ids_BT,
+                cfg.new_tokens,
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
-                max_new_tokens=cfg.new_tokens,
                 eos_token_id=eos_token_id,
-                pad_token_id=eos_token_id,
+                generator=generator,
+                attention_mask_BT=mask_BT,
             )
             for prompt, reply in zip(batch, out_BT[:, width:].tolist(), strict=True):
                 if eos_token_id in reply:

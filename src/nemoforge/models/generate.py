@@ -1,0 +1,161 @@
+"""A KV-cached decode loop for ``DeciLMForCausalLM``: teacher-corpus sampling and the decode tokens/s benchmark.
+
+Faster than ``model.generate`` at batch 1 because each step does only the forward: the KV cache is preallocated
+once (``StaticKVCache``: one (B, K, S_max, Dh) buffer pair per attention layer, no concatenation), logits are
+computed for the last position only, and no logits processors, stopping criteria or mask rebuilding run per step.
+
+Shape legend: B batch, T prompt tokens, N new tokens, S cached tokens, K KV heads of a layer, Dh head_dim,
+V vocab size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM
+
+
+class StaticKVCache:
+    """Preallocated keys/values for every attention layer of a model, filled left to right.
+
+    Implements the part of the transformers ``Cache`` interface the model uses: ``update(k, v, slot)`` and
+    ``get_seq_length(slot=0)``; slot ``j`` is the model's j-th attention layer (``attn.cache_idx``).
+
+    Args:
+        model: the model whose attention layers get a slot.
+        batch_size: B.
+        max_len: S_max, tokens the cache can hold (prompt + new tokens).
+    """
+
+    def __init__(self, model: DeciLMForCausalLM, batch_size: int, max_len: int) -> None:
+        param = model.get_input_embeddings().weight
+        self.max_len = max_len
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for layer in model.model.layers:
+            if layer.self_attn is None:
+                continue
+            shape = (batch_size, layer.self_attn.num_key_value_heads, max_len, layer.self_attn.head_dim)
+            self.keys.append(torch.empty(shape, dtype=param.dtype, device=param.device))
+            self.values.append(torch.empty(shape, dtype=param.dtype, device=param.device))
+        self.lengths = [0] * len(self.keys)
+
+    def update(self, k_BKTDh: torch.Tensor, v_BKTDh: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append T tokens to slot ``slot``; returns all its keys and values so far, (B, K, S, Dh) views.
+
+        Raises:
+            ValueError: the cache is full.
+        """
+        start = self.lengths[slot]
+        end = start + k_BKTDh.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"StaticKVCache holds {self.max_len} tokens; {end} requested")
+        self.keys[slot][:, :, start:end] = k_BKTDh
+        self.values[slot][:, :, start:end] = v_BKTDh
+        self.lengths[slot] = end
+        return self.keys[slot][:, :, :end], self.values[slot][:, :, :end]
+
+    def get_seq_length(self, slot: int = 0) -> int:
+        """Tokens cached in slot ``slot`` (0 for a model without attention)."""
+        return self.lengths[slot] if self.lengths else 0
+
+
+def _sample(
+    logits_BV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Next token ids (B,): greedy when ``temperature == 0``, else nucleus sampling at ``temperature``."""
+    if temperature == 0.0:
+        return logits_BV.argmax(-1)
+    probs_BV = torch.softmax(logits_BV.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (the top one always stays).
+        drop_BV = (sorted_BV.cumsum(-1) - sorted_BV) >= top_p
+        sorted_BV = sorted_BV.masked_fill(drop_BV, 0.0)
+        choice_B1 = torch.multinomial(sorted_BV, 1, generator=generator)
+        return order_BV.gather(-1, choice_B1).squeeze(-1)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model: DeciLMForCausalLM,
+    input_ids_BT: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    generator: torch.Generator | None = None,
+    attention_mask_BT: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode up to ``max_new_tokens`` tokens after each prompt with a static KV cache.
+
+    Args:
+        model: a ``DeciLMForCausalLM`` (run in eval mode for the call; its mode is restored after).
+        input_ids_BT: prompts (LongTensor, on the model's device); left-padded when lengths differ.
+        max_new_tokens: N.
+        temperature: 0 = greedy (argmax); otherwise sampling temperature.
+        top_p: nucleus threshold in (0, 1] (sampling only).
+        eos_token_id: a sequence that emits one of these ids is finished; afterwards it is filled with the
+            (first) eos id. Decoding stops early once every sequence is finished.
+        generator: torch RNG for sampling (reproducible corpora).
+        attention_mask_BT: 1 = token, 0 = left padding; None = no padding.
+
+    Returns:
+        LongTensor (B, T + n) with n <= N: the prompts followed by the new tokens.
+
+    Raises:
+        ValueError: ``max_new_tokens`` < 1, ``temperature`` < 0 or ``top_p`` outside (0, 1].
+    """
+    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1; got "
+                         f"{max_new_tokens}, {temperature}, {top_p}")
+    B, T = input_ids_BT.shape
+    device = input_ids_BT.device
+    eos_ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    eos_t = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = StaticKVCache(model, B, T + max_new_tokens)
+        if attention_mask_BT is not None and bool(attention_mask_BT.all()):
+            attention_mask_BT = None  # no padding: plain causal attention, no mask per step
+        if attention_mask_BT is None:
+            position_ids_BT = torch.arange(T, device=device)[None]
+        else:
+            attention_mask_BT = attention_mask_BT.long()
+            position_ids_BT = (attention_mask_BT.cumsum(-1) - 1).clamp(min=0)
+        logits_B1V = model(
+            input_ids=input_ids_BT,
+            attention_mask=attention_mask_BT,
+            position_ids=position_ids_BT,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits
+        next_pos_B1 = position_ids_BT[:, -1:] + 1
+        new_tokens: list[torch.Tensor] = []
+        finished_B = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            token_B = _sample(logits_B1V[:, -1], temperature, top_p, generator)
+            if eos_ids:
+                token_B = torch.where(finished_B, eos_t[0], token_B)
+                finished_B = finished_B | torch.isin(token_B, eos_t)
+            new_tokens.append(token_B)
+            if step == max_new_tokens - 1 or (eos_ids and bool(finished_B.all())):
+                break
+            if attention_mask_BT is not None:
+                attention_mask_BT = torch.cat([attention_mask_BT, attention_mask_BT.new_ones(B, 1)], dim=1)
+            logits_B1V = model(
+                input_ids=token_B[:, None],
+                attention_mask=attention_mask_BT,
+                position_ids=next_pos_B1,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits
+            next_pos_B1 = next_pos_B1 + 1
+        return torch.cat([input_ids_BT, torch.stack(new_tokens, dim=1)], dim=1)
+    finally:
+        model.train(was_training)

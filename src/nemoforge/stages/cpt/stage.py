@@ -1,0 +1,47 @@
+"""Continued pretraining: causal-LM cross-entropy on the corpus (Llama-Nemotron §2.2, arXiv 2505.00949).
+
+Shape legend: ``B`` batch, ``T`` tokens. Reported: held-out cross-entropy and perplexity before and after.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nemoforge.artifacts import ArtifactStore
+from nemoforge.config import Recipe
+from nemoforge.stages.result import StageResult
+from nemoforge.training.losses import causal_lm_loss_BT
+from nemoforge.training.stage import run_training_stage
+
+
+def _lm_loss(model: torch.nn.Module, input_ids_BT: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean next-token cross-entropy over the batch (nats/token); packed rows, so no padding to mask."""
+    return causal_lm_loss_BT(model(input_ids_BT, use_cache=False).logits, input_ids_BT).mean(), {}
+
+
+def run(recipe: Recipe, *, model_uri: str, corpus_uri: str, output_uri: str, store: ArtifactStore) -> StageResult:
+    """Continue pretraining the model at ``model_uri`` on the corpus with ``recipe.cpt``.
+
+    Args:
+        recipe: the resolved recipe (``cpt`` section; ``dtype`` of the export).
+        model_uri: the model to train, e.g. the distill stage's export.
+        corpus_uri: the corpus written by the corpus step.
+        output_uri: where the checkpoints, the exported model and the plot go.
+        store: the artifact store.
+
+    Returns:
+        See :func:`~nemoforge.training.stage.run_training_stage`; ``perplexity_heldout_before``/``_after``.
+
+    Raises:
+        InputNotFoundError: an input URI does not exist.
+    """
+    return run_training_stage(
+        "cpt",
+        recipe.cpt,
+        recipe,
+        model_uri=model_uri,
+        corpus_uri=corpus_uri,
+        output_uri=output_uri,
+        store=store,
+        loss_fn=_lm_loss,
+    )

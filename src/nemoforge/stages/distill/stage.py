@@ -1,0 +1,77 @@
+"""Global knowledge distillation (GKD) of the Puzzle child from its parent (Puzzle §4.3, arXiv 2411.19146).
+
+Shape legend: ``B`` batch, ``T`` tokens.
+
+The child (student, trained) learns to match the frozen parent (teacher) on the corpus with
+``cosine_weight * sum_l (1 - cos(h_child^l, h_parent^l)) + kl_weight * KL(p_parent || q_child)``
+(:func:`~nemoforge.training.losses.gkd_loss`; reference/recipe.md §1.4 and §2.7: no LM loss).
+Reported: held-out KL(parent || child) and perplexity before and after.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nemoforge.artifacts import ArtifactStore
+from nemoforge.config import Recipe
+from nemoforge.stages.result import StageResult
+from nemoforge.training.losses import gkd_loss
+from nemoforge.training.stage import load_teacher, recipe_dtype, run_training_stage, training_device
+
+
+def run(
+    recipe: Recipe,
+    *,
+    parent_uri: str,
+    model_uri: str,
+    corpus_uri: str,
+    output_uri: str,
+    store: ArtifactStore,
+) -> StageResult:
+    """Distill the model at ``model_uri`` from the parent at ``parent_uri`` with ``recipe.distill``.
+
+    Args:
+        recipe: the resolved recipe (``distill`` section, ``dtype``: the teacher's and the export's dtype).
+        parent_uri: the parent checkpoint (teacher).
+        model_uri: the child checkpoint (student), e.g. the nas stage's export.
+        corpus_uri: the corpus written by the corpus step.
+        output_uri: where the checkpoints, the exported model and the plot go.
+        store: the artifact store.
+
+    Returns:
+        See :func:`~nemoforge.training.stage.run_training_stage`; ``kl_div_heldout_before``/``_after`` are
+        the mean per-token KL(parent || child) in nats on the held-out rows.
+
+    Raises:
+        InputNotFoundError: an input URI does not exist.
+        ValueError: the child's layer count differs from the parent's.
+    """
+    cfg = recipe.distill
+    parent = load_teacher(store.fetch(parent_uri), dtype=recipe_dtype(recipe), device=training_device())
+
+    def loss_fn(child: torch.nn.Module, input_ids_BT: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():
+            parent_out = parent(input_ids_BT, output_hidden_states=True, use_cache=False)
+        child_out = child(input_ids_BT, output_hidden_states=True, use_cache=False)
+        # hidden_states[0] is the embedding output; [1:] are the L layer outputs (Puzzle sums over layers)
+        return gkd_loss(
+            child_out.logits,
+            parent_out.logits,
+            child_out.hidden_states[1:],
+            parent_out.hidden_states[1:],
+            cosine_weight=cfg.cosine_weight,
+            kl_weight=cfg.kl_weight,
+            temperature=cfg.temperature,
+        )
+
+    return run_training_stage(
+        "distill",
+        cfg,
+        recipe,
+        model_uri=model_uri,
+        corpus_uri=corpus_uri,
+        output_uri=output_uri,
+        store=store,
+        loss_fn=loss_fn,
+        teacher=parent,
+    )

