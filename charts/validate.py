@@ -8,7 +8,7 @@ against the ``openAPIV3Schema`` of their CRD's served version, made strict the w
 strict field validation is (a field not in the schema is an error).
 
     python charts/validate.py -f charts/nemoforge/ci/full-values.yaml
-    python charts/validate.py -f my-values.yaml --namespace kubeflow --kube-version 1.33 --show
+    python charts/validate.py -f my-values.yaml --set serving.enabled=true --namespace kubeflow --show
     python charts/validate.py --manifests infra/karpenter/*.yaml --crd-schema karpenter.k8s.aws/v1/EC2NodeClass=\
 ../shared/schemas/crds/karpenter-v1.14.1/karpenter.k8s.aws_ec2nodeclasses.yaml
 
@@ -53,7 +53,9 @@ def render(
     import helm_python as helm
 
     with helm.Chart.load(str(chart_dir)) as chart:
-        return chart.render(values or {}, name=name, namespace=namespace, is_install=not upgrade, is_upgrade=upgrade)
+        return chart.render(
+            values or {}, name=name, namespace=namespace, is_install=not upgrade, is_upgrade=upgrade
+        )
 
 
 def objects(manifests: dict[str, str] | Iterable[str]) -> list[dict[str, Any]]:
@@ -91,7 +93,8 @@ def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
     walk(schema)
     # metadata is typed `object` in CRDs; the API server checks ObjectMeta itself.
-    schema.get("properties", {}).pop("metadata", None)
+    if "metadata" in schema.get("properties", {}):
+        schema["properties"]["metadata"] = {"type": "object"}
     return schema
 
 
@@ -175,14 +178,24 @@ def default_crd_files(crd_dir: Path = CRD_DIR) -> dict[tuple[str, str], Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-f", "--values", type=Path, action="append", default=[], help="values file (repeatable)")
-    parser.add_argument("--manifests", type=Path, nargs="*", default=[], help="validate these YAML files, no render")
+    parser.add_argument(
+        "-f", "--values", type=Path, action="append", default=[], help="values file (repeatable)"
+    )
+    parser.add_argument(
+        "--manifests", type=Path, nargs="*", default=[], help="validate these YAML files, no render"
+    )
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE as helm --set")
     parser.add_argument("--name", default="nemoforge", help="release name (%(default)s)")
     parser.add_argument("--namespace", default="kubeflow", help="release namespace (%(default)s)")
-    parser.add_argument("--kube-version", action="append", help=f"Kubernetes version(s) (default {KUBE_VERSIONS})")
+    parser.add_argument(
+        "--kube-version", action="append", help=f"Kubernetes version(s) (default {KUBE_VERSIONS})"
+    )
     parser.add_argument("--crd-dir", type=Path, default=CRD_DIR, help="CRD folder (%(default)s)")
     parser.add_argument(
-        "--crd-schema", action="append", default=[], metavar="GROUP/VERSION/KIND=FILE",
+        "--crd-schema",
+        action="append",
+        default=[],
+        metavar="GROUP/VERSION/KIND=FILE",
         help="use this CRD file for a kind (repeatable)",
     )
     parser.add_argument("--show", action="store_true", help="print the rendered manifests")
@@ -198,12 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.manifests:
         docs = objects([path.read_text() for path in args.manifests])
     else:
+        import helm_python as helm
+
         values: dict[str, Any] = {}
         for path in args.values:
             values = _deep_merge(values, yaml.safe_load(path.read_text()) or {})
+        for expression in args.sets:
+            values = _deep_merge(values, helm.parse_set_string(expression))
+
         try:
             manifests = render(values, name=args.name, namespace=args.namespace)
-        except Exception as err:  # HelmValuesError / HelmRenderError carry Helm's own message
+        except helm.HelmError as err:  # schema violations and template failures, in Helm's words
             print(f"render failed: {err}", file=sys.stderr)
             return 1
         if args.show:

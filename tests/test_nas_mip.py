@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from nemoforge.errors import RecipeError
-from nemoforge.stages.nas.mip import GIB, Option, diverse_solutions, evaluate, pareto_front, search, solve
+from nemoforge.stages.nas.mip import GIB, Option, diverse_solutions, evaluate, pareto_front, search
 
 # Per layer: parent (kl 0, 10 ms), variant a (saves 4 ms), variant b (saves 8 ms); KLs differ per layer.
 # Memory in GiB units: parent 3, a 2, b 1.

@@ -143,7 +143,8 @@ def run_training_stage(
     corpus = load_corpus(store.fetch(corpus_uri))
     model_dir = store.fetch(model_uri)
     model = load_causal_lm(model_dir, dtype=torch.float32).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # config given: AutoTokenizer would otherwise read a nemotron-nas export's auto_map and ask [y/N] on stdin
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, config=model.config)
     heldout_NT = corpus.heldout_ids_NT
     before = evaluate_heldout(model, heldout_NT, batch_size=cfg.batch_size, teacher=teacher)
 

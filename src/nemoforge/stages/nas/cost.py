@@ -1,0 +1,272 @@
+"""Per-variant cost: latency measured on this machine, parameter bytes, KV-cache bytes (Puzzle §4.1, App. B).
+
+Puzzle measures each block variant on the target hardware at fixed (batch, sequence) profiles and predicts a
+child's cost as the sum of its blocks' (§4.1; the Llama-8B child's throughput was the sum of block runtimes).
+Here every distinct sub-block shape is timed once (a layer's cost does not depend on its position):
+
+- parent attention (RMSNorm + GQA + residual) and each FFN width (RMSNorm + SwiGLU + residual);
+- prefill: one forward of ``batch_size x prefill_tokens`` tokens;
+- decode: one forward of ``batch_size x 1`` token against a KV cache of ``prefill_tokens`` tokens;
+- the fixed part outside the layers: embedding, RoPE tables, final norm, LM head on the last position.
+
+A request costs ``prefill_ms + decode_tokens * decode_ms``; the predicted model latency is the fixed part plus
+the sum over layers. The whole parent is timed the same way to check that prediction. Timings are wall-clock
+medians of ``repeats`` (``time.perf_counter``) after warm-up, in the model's dtype, on this machine's threads.
+
+Memory per variant: parameter bytes (``weight_bytes`` per parameter) and, for a kept attention, the KV cache of
+``batch_size x (prefill_tokens + decode_tokens)`` tokens: ``tokens * 2 (K and V) * kv_heads * head_dim * kv_bytes``.
+
+Shape legend: B batch_size, P prefill_tokens, D hidden_size, K KV heads, Dh head_dim.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from nemoforge.config import CostConfig
+from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM, DeciLMMLP
+from nemoforge.stages.nas.library import BlockLibrary, Variant
+
+WARMUP_CALLS = 2
+MIN_TIMED_MS = 5.0  # short calls (a decode step of one sub-block) are repeated until one timing lasts this long
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Milliseconds of one prefill (B x P tokens) and of one decode step (B tokens at KV length P)."""
+
+    prefill_ms: float
+    decode_ms: float
+
+    def request_ms(self, decode_tokens: int) -> float:
+        """One request: the prefill, then ``decode_tokens`` decode steps."""
+        return self.prefill_ms + decode_tokens * self.decode_ms
+
+    def __add__(self, other: Latency) -> Latency:
+        return Latency(self.prefill_ms + other.prefill_ms, self.decode_ms + other.decode_ms)
+
+
+ZERO = Latency(0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """Measured and counted costs of a block library.
+
+    Attributes:
+        measurement: the profile: device, threads, batch_size, prefill_tokens, decode_tokens, dtype, repeats.
+        attention: latency of the parent attention sub-block.
+        ffn: latency per FFN width (the parent's included), keyed by width.
+        fixed: latency outside the layers (embedding, final norm, LM head).
+        parent_measured: latency of the whole parent model, timed end to end.
+        attention_param_bytes: parameter bytes of the attention sub-block (its norm included).
+        ffn_param_bytes: parameter bytes per FFN width (its norm included).
+        fixed_param_bytes: embedding, final norm, and the LM head when untied.
+        attention_kv_bytes: KV-cache bytes of one attention layer at the profile's batch and length.
+    """
+
+    measurement: dict
+    attention: Latency
+    ffn: dict[int, Latency]
+    fixed: Latency
+    parent_measured: Latency
+    attention_param_bytes: int
+    ffn_param_bytes: dict[int, int]
+    fixed_param_bytes: int
+    attention_kv_bytes: int
+
+    @property
+    def decode_tokens(self) -> int:
+        return self.measurement["decode_tokens"]
+
+    def latency(self, variant: Variant) -> Latency:
+        attention = ZERO if variant.attention_no_op else self.attention
+        return attention + (self.ffn[variant.ffn_size] if variant.ffn_size else ZERO)
+
+    def param_bytes(self, variant: Variant) -> int:
+        attention = 0 if variant.attention_no_op else self.attention_param_bytes
+        return attention + (self.ffn_param_bytes[variant.ffn_size] if variant.ffn_size else 0)
+
+    def kv_cache_bytes(self, variant: Variant) -> int:
+        return 0 if variant.attention_no_op else self.attention_kv_bytes
+
+    def predicted(self, variants: list[Variant]) -> Latency:
+        """Predicted latency of a model with these per-layer variants: fixed + sum over layers."""
+        total = self.fixed
+        for variant in variants:
+            total = total + self.latency(variant)
+        return total
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["ffn"] = {str(k): asdict(v) for k, v in self.ffn.items()}
+        data["ffn_param_bytes"] = {str(k): v for k, v in self.ffn_param_bytes.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> CostTable:
+        return cls(
+            measurement=data["measurement"],
+            attention=Latency(**data["attention"]),
+            ffn={int(k): Latency(**v) for k, v in data["ffn"].items()},
+            fixed=Latency(**data["fixed"]),
+            parent_measured=Latency(**data["parent_measured"]),
+            attention_param_bytes=data["attention_param_bytes"],
+            ffn_param_bytes={int(k): v for k, v in data["ffn_param_bytes"].items()},
+            fixed_param_bytes=data["fixed_param_bytes"],
+            attention_kv_bytes=data["attention_kv_bytes"],
+        )
+
+
+class FixedLengthKVCache:
+    """A KV cache that always holds ``length`` tokens, so one decode step can be timed again and again.
+
+    Implements the part of the cache interface ``DeciLMAttention`` uses: ``update`` writes the new token at
+    position ``length`` and returns ``length + 1`` keys and values; ``get_seq_length`` is ``length``.
+
+    Args:
+        model: its attention layers get one slot each (by ``self_attn.cache_idx``).
+        batch_size: B.
+        length: cached tokens P.
+    """
+
+    def __init__(self, model: DeciLMForCausalLM, batch_size: int, length: int) -> None:
+        dtype = model.get_input_embeddings().weight.dtype
+        self.length = length
+        self.keys, self.values = [], []
+        for layer in model.model.layers:
+            if layer.self_attn is not None:
+                shape = (batch_size, layer.self_attn.num_key_value_heads, length + 1, layer.self_attn.head_dim)
+                self.keys.append(torch.randn(shape, dtype=dtype))
+                self.values.append(torch.randn(shape, dtype=dtype))
+
+    def update(self, k_BK1Dh: torch.Tensor, v_BK1Dh: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[slot][:, :, self.length :] = k_BK1Dh
+        self.values[slot][:, :, self.length :] = v_BK1Dh
+        return self.keys[slot], self.values[slot]
+
+    def get_seq_length(self, slot: int = 0) -> int:
+        return self.length
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn()`` in ms over ``repeats`` timings, after ``WARMUP_CALLS`` untimed calls.
+
+    A call shorter than ``MIN_TIMED_MS`` is run several times per timing (and the time divided), so that
+    timer resolution and scheduling noise do not dominate.
+    """
+    for _ in range(WARMUP_CALLS):
+        fn()
+    started = time.perf_counter()
+    fn()
+    once_ms = (time.perf_counter() - started) * 1e3
+    calls = max(1, int(MIN_TIMED_MS / max(once_ms, 1e-3)))
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        timings.append((time.perf_counter() - started) * 1e3 / calls)
+    return statistics.median(timings)
+
+
+def device_name() -> str:
+    """This machine in words, e.g. ``"AMD EPYC (x86_64), 2 torch threads"``."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu} ({platform.machine()}), {torch.get_num_threads()} torch threads"
+
+
+def _num_bytes(modules: list[nn.Module], weight_bytes: int) -> int:
+    return weight_bytes * sum(p.numel() for m in modules for p in m.parameters())
+
+
+@torch.inference_mode()
+def measure_costs(model: DeciLMForCausalLM, library: BlockLibrary, cfg: CostConfig) -> CostTable:
+    """Time every distinct sub-block shape of the library and the whole parent; count bytes (Puzzle §4.1).
+
+    Args:
+        model: the all-parent model (its layer 0 provides the attention and parent-FFN modules that are timed;
+            narrow FFNs are fresh modules of the same dtype: timing does not depend on weight values).
+        library: the block library.
+        cfg: ``nas.cost``.
+    """
+    config = model.config
+    dtype = model.get_input_embeddings().weight.dtype
+    B, P = cfg.batch_size, cfg.prefill_tokens
+    generator = torch.Generator().manual_seed(0)
+    prefill_BPD = torch.randn(B, P, config.hidden_size, generator=generator).to(dtype)
+    decode_B1D = torch.randn(B, 1, config.hidden_size, generator=generator).to(dtype)
+    rope_prefill = model.model.rotary_emb(prefill_BPD, torch.arange(P)[None])
+    rope_decode = model.model.rotary_emb(decode_B1D, torch.tensor([[P]]))
+    cache = FixedLengthKVCache(model, B, P)
+    layer = model.model.layers[0]
+
+    attention = Latency(
+        median_ms(lambda: layer.attention_block(prefill_BPD, rope_prefill), cfg.repeats),
+        median_ms(lambda: layer.attention_block(decode_B1D, rope_decode, past_key_values=cache), cfg.repeats),
+    )
+    ffn, ffn_param_bytes = {}, {}
+    norm = layer.post_attention_layernorm
+    for width in (library.parent_ffn_size, *library.ffn_sizes):
+        mlp = layer.mlp if width == library.parent_ffn_size else DeciLMMLP(config, width).to(dtype)
+        ffn[width] = Latency(
+            median_ms(lambda mlp=mlp: prefill_BPD + mlp(norm(prefill_BPD)), cfg.repeats),
+            median_ms(lambda mlp=mlp: decode_B1D + mlp(norm(decode_B1D)), cfg.repeats),
+        )
+        ffn_param_bytes[width] = _num_bytes([norm, mlp], cfg.weight_bytes)
+
+    ids_BP = torch.randint(config.vocab_size, (B, P), generator=generator)
+    ids_B1 = ids_BP[:, -1:]
+    fixed = Latency(
+        median_ms(lambda: _outside_layers(model, ids_BP, 0), cfg.repeats),
+        median_ms(lambda: _outside_layers(model, ids_B1, P), cfg.repeats),
+    )
+    parent_measured = Latency(
+        median_ms(lambda: model(ids_BP, use_cache=False, logits_to_keep=1), cfg.repeats),
+        median_ms(lambda: model(ids_B1, past_key_values=cache, use_cache=True, logits_to_keep=1), cfg.repeats),
+    )
+    fixed_modules = [model.model.embed_tokens, model.model.norm]
+    if not config.tie_word_embeddings:
+        fixed_modules.append(model.lm_head)
+    kv_tokens = B * (P + cfg.decode_tokens)
+    return CostTable(
+        measurement={
+            "device": device_name(),
+            "torch": torch.__version__,
+            "batch_size": B,
+            "prefill_tokens": P,
+            "decode_tokens": cfg.decode_tokens,
+            "sequence_length": P + cfg.decode_tokens,
+            "dtype": str(dtype).removeprefix("torch."),
+            "repeats": cfg.repeats,
+            "weight_bytes": cfg.weight_bytes,
+            "kv_bytes": cfg.kv_bytes,
+        },
+        attention=attention,
+        ffn=ffn,
+        fixed=fixed,
+        parent_measured=parent_measured,
+        attention_param_bytes=_num_bytes([layer.input_layernorm, layer.self_attn], cfg.weight_bytes),
+        ffn_param_bytes=ffn_param_bytes,
+        fixed_param_bytes=_num_bytes(fixed_modules, cfg.weight_bytes),
+        attention_kv_bytes=kv_tokens * 2 * library.num_kv_heads * config.head_dim * cfg.kv_bytes,
+    )
+
+
+def _outside_layers(model: DeciLMForCausalLM, ids_BT: torch.Tensor, past: int) -> torch.Tensor:
+    """What a forward does outside its layers: embedding, RoPE tables, final norm, LM head on the last position."""
+    hidden_BTD = model.model.embed_tokens(ids_BT)
+    model.model.rotary_emb(hidden_BTD, torch.arange(past, past + ids_BT.shape[1])[None])
+    return model.lm_head(model.model.norm(hidden_BTD)[:, -1:])

@@ -1,0 +1,464 @@
+"""The nas stage: Puzzle on a Llama parent (arXiv 2411.19146), end to end at small scale.
+
+    library  (§2, App. A)  per layer {parent attention, no_op} x {parent FFN, narrow widths, no_op};
+                           narrow FFNs pruned by Channel Contribution
+    BLD      (§3)          each narrow FFN trained on the parent's activations (decoupled, normalized MSE)
+    scoring  (§4.2)        replace-1-block KL(parent || model) and LM loss on held-out sequences
+    cost     (§4.1)        latency per sub-block shape measured on this machine; parameter and KV-cache bytes
+    MIP      (§4.2, App.B) one variant per layer under the latency/memory budget; N diverse solutions; a sweep
+    child                  solution 1 built from parent attention + BLD-trained FFNs, exported as nemotron-nas
+
+Outputs under ``output_uri``: ``model/`` (the child checkpoint), ``block_library.json`` (NVlabs/puzzle layout
+with a measurement header), ``solutions.json``, ``pareto.png``, and the resumable phase results ``bld/``
+(trained FFN weights per layer), ``scores/`` (per layer) and ``costs.json``. Each phase result carries a key
+of the recipe's nas section, the dtype and the inputs, and is reused on a re-run only when the key matches, so an
+interrupted stage resumes from the last finished layer of the phase it was in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from nemoforge.artifacts import ArtifactStore, digest_path
+from nemoforge.config import Recipe
+from nemoforge.data.corpus import load_corpus
+from nemoforge.models.block_configs import count_params, kv_cache_bytes_per_token, summarize
+from nemoforge.models.convert import child_from_parent, load_causal_lm
+from nemoforge.models.export import export_checkpoint
+from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM, DeciLMMLP
+from nemoforge.stages.nas.bld import BLDResult, distill_layer, parent_activations
+from nemoforge.stages.nas.cost import CostTable, measure_costs
+from nemoforge.stages.nas.library import BlockLibrary, Variant, build_library
+from nemoforge.stages.nas.mip import Option, Solution, evaluate, pareto_front, search
+from nemoforge.stages.nas.plots import plot_pareto
+from nemoforge.stages.nas.scoring import (
+    ParentPass,
+    kl_and_lm_loss,
+    parent_pass,
+    score_layer,
+    variant_layer_output,
+)
+from nemoforge.stages.result import DatasetRef, StageResult
+
+log = logging.getLogger(__name__)
+
+PARETO_POINTS = 12
+
+
+def _progress(iterable, **kwargs):
+    return tqdm(iterable, disable=os.environ.get("NEMOFORGE_NO_PROGRESS") == "1", **kwargs)
+
+
+@dataclass(frozen=True)
+class _Phase:
+    """Where the stage keeps its resumable results, and the key that says whether they are still valid."""
+
+    store: ArtifactStore
+    output_uri: str
+    key: str
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([self.output_uri.rstrip("/"), *parts])
+
+    def read(self, *parts: str) -> dict | None:
+        """The JSON at ``parts`` when it exists and carries this run's key."""
+        uri = self.uri(*parts)
+        if not self.store.exists(uri):
+            return None
+        data = self.store.read_json(uri)
+        return data if data.get("key") == self.key else None
+
+    def write(self, data: dict, *parts: str) -> None:
+        self.store.write_json(self.uri(*parts), {**data, "key": self.key})
+
+
+def run(recipe: Recipe, *, parent_uri: str, corpus_uri: str, output_uri: str, store: ArtifactStore) -> StageResult:
+    """Search a child of the parent by Puzzle and export it (see the module docstring for the phases).
+
+    Args:
+        recipe: the resolved recipe (``recipe.nas``, ``recipe.dtype``).
+        parent_uri: the parent checkpoint (a Llama or all-parent DeciLM directory).
+        corpus_uri: the corpus step's output (``load_corpus``): train rows calibrate BLD, held-out rows score.
+        output_uri: where everything is written.
+        store: the artifact store for all URIs.
+
+    Returns:
+        Metrics (parent/child predicted latency, speedup, params, KV bytes per token, held-out KL, MIP time),
+        the BLD loss history, outputs (``model``, ``block_library``, ``solutions``), the Pareto plot, datasets, tags.
+
+    Raises:
+        RecipeError: an FFN width not below the parent's, or a budget no child meets (names the field and the
+            smallest feasible value).
+        InputNotFoundError: the parent or corpus URI does not exist.
+    """
+    nas = recipe.nas
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    torch.manual_seed(nas.seed)
+    parent_dir = store.fetch(parent_uri)
+    model = load_causal_lm(parent_dir, dtype=getattr(torch, recipe.dtype))
+    tokenizer = AutoTokenizer.from_pretrained(parent_dir)
+    corpus = load_corpus(store.fetch(corpus_uri))
+    library = build_library(model.config, nas)
+    key_source = {"nas": nas.model_dump(mode="json"), "dtype": recipe.dtype, "parent": parent_uri, "corpus": corpus.digest}
+    phase = _Phase(store, output_uri, hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest())
+
+    calibration_ids = corpus.train_ids_NT[: nas.bld.num_calibration_sequences]
+    heldout_ids = corpus.heldout_ids_NT[: nas.scoring.num_sequences, : nas.scoring.seq_len_tokens]
+
+    t = time.perf_counter()
+    bld = _bld_phase(model, library, calibration_ids, recipe, phase)
+    narrow_mlps = [{w: _mlp(model, r.state) for w, r in layer.items()} for layer in bld]
+    timings["time_bld_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    heldout = parent_pass(model, heldout_ids)
+    scores = _scoring_phase(model, library, heldout, narrow_mlps, phase)
+    timings["time_scoring_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    costs = _cost_phase(model, library, recipe, phase)
+    timings["time_cost_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    options = [
+        [
+            Option(
+                kl_div=scores[i][v]["kl_div"],
+                latency_ms=costs.latency(v).request_ms(costs.decode_tokens),
+                memory_bytes=costs.param_bytes(v) + costs.kv_cache_bytes(v),
+            )
+            for v in row
+        ]
+        for i, row in enumerate(library.variants)
+    ]
+    parent_choice = [row.index(library.parent) for row in library.variants]
+    fixed = {
+        "fixed_latency_ms": costs.fixed.request_ms(costs.decode_tokens),
+        "fixed_memory_bytes": costs.fixed_param_bytes,
+    }
+    solutions = search(
+        options,
+        parent_choice=parent_choice,
+        latency_budget_ratio=nas.latency_budget_ratio,
+        memory_budget_gib=nas.memory_budget_gib,
+        num_solutions=nas.num_solutions,
+        min_diversity_layers=nas.min_diversity_layers,
+        time_limit_s=nas.mip_time_limit_s,
+        **fixed,
+    )
+    front = pareto_front(
+        options, parent_choice=parent_choice, memory_budget_gib=nas.memory_budget_gib, num_points=PARETO_POINTS,
+        time_limit_s=nas.mip_time_limit_s, **fixed,
+    )
+    timings["time_mip_s"] = time.perf_counter() - t
+    parent = evaluate(options, parent_choice, **fixed)
+    chosen = [library.variants[i][j] for i, j in enumerate(solutions[0].choice)]
+
+    t = time.perf_counter()
+    child = build_child(model, library, chosen, narrow_mlps)
+    with torch.no_grad():
+        child_kl, child_lm_loss = kl_and_lm_loss(child(heldout.input_ids_NT).logits, heldout.logprobs_NTV, heldout.input_ids_NT)
+    result = _write_outputs(
+        phase, model, tokenizer, child, library, bld, scores, costs, solutions, front, parent,
+        budget_ms=nas.latency_budget_ratio * parent.latency_ms,
+    )
+    timings["time_export_s"] = time.perf_counter() - t
+    timings["wall_time_s"] = time.perf_counter() - started
+
+    child_latency = costs.predicted(chosen)
+    parent_latency = costs.predicted([library.parent] * library.num_layers)
+    kv_bytes = recipe.nas.cost.kv_bytes
+    result.metrics.update(
+        {
+            "parent_latency_ms": parent.latency_ms,
+            "parent_latency_ms_measured": costs.parent_measured.request_ms(costs.decode_tokens),
+            "parent_prefill_ms": parent_latency.prefill_ms,
+            "parent_prefill_ms_measured": costs.parent_measured.prefill_ms,
+            "parent_decode_ms": parent_latency.decode_ms,
+            "parent_decode_ms_measured": costs.parent_measured.decode_ms,
+            "child_latency_ms": solutions[0].latency_ms,
+            "child_prefill_ms": child_latency.prefill_ms,
+            "child_decode_ms": child_latency.decode_ms,
+            "latency_budget_ms": nas.latency_budget_ratio * parent.latency_ms,
+            "speedup": parent.latency_ms / solutions[0].latency_ms,
+            "params_parent": float(count_params(model.config)),
+            "params_child": float(count_params(child.config)),
+            "kv_bytes_per_token_parent": float(kv_cache_bytes_per_token(model.config, kv_bytes)),
+            "kv_bytes_per_token_child": float(kv_cache_bytes_per_token(child.config, kv_bytes)),
+            "kl_div_heldout": child_kl,
+            "kl_div_predicted": solutions[0].kl_div,
+            "lm_loss_heldout": child_lm_loss,
+            "lm_loss_heldout_parent": heldout.lm_loss,
+            "mip_solve_time_s": sum(s.solve_time_s for s in solutions),
+            "num_solutions": float(len(solutions)),
+            "bld_loss_init_mean": _mean(r.loss_init for layer in bld for r in layer.values()),
+            "bld_loss_final_mean": _mean(r.loss_final for layer in bld for r in layer.values()),
+            **timings,
+        }
+    )
+    result.history["bld_loss"] = _mean_curve([r.losses for layer in bld for r in layer.values()])
+    result.datasets.extend(
+        [
+            DatasetRef("corpus-calibration", corpus.source_uri, corpus.digest, len(calibration_ids), "calibration"),
+            DatasetRef("corpus-heldout", corpus.source_uri, corpus.digest, len(heldout_ids), "validation"),
+        ]
+    )
+    result.tags.update(
+        {
+            "block_configs": summarize(child.config.block_configs, library.hidden_size),
+            "device": costs.measurement["device"],
+        }
+    )
+    log.info(
+        "nas: child %s, predicted latency %.1f of %.1f ms (x%.2f), held-out KL %.4f",
+        result.tags["block_configs"], solutions[0].latency_ms, parent.latency_ms, result.metrics["speedup"], child_kl,
+    )
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ phases
+def _bld_phase(
+    model: DeciLMForCausalLM, library: BlockLibrary, calibration_ids: torch.Tensor, recipe: Recipe, phase: _Phase
+) -> list[dict[int, BLDResult]]:
+    """Per layer, the BLD-trained narrow FFNs; layers finished by an earlier run are read back from ``bld/``."""
+    cfg = recipe.nas.bld
+    results: list[dict[int, BLDResult] | None] = [None] * library.num_layers
+    for i in range(library.num_layers):
+        meta = phase.read("bld", f"layer-{i:03d}.json")
+        if meta is not None:
+            tensors = load_file(phase.store.fetch(phase.uri("bld", f"layer-{i:03d}.safetensors")))
+            results[i] = {
+                int(w): BLDResult(
+                    state={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{w}.") and "channels" not in k},
+                    channels=tensors[f"{w}.channels"],
+                    loss_init=m["loss_init"],
+                    loss_final=m["loss_final"],
+                    losses=m["losses"],
+                )
+                for w, m in meta["widths"].items()
+            }
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo:
+        log.info("nas: BLD of %d layers x %d widths on %d calibration tokens", len(todo), len(library.ffn_sizes),
+                 calibration_ids.numel())
+        stream = parent_activations(model, calibration_ids)
+        for acts in _progress(stream, total=todo[-1] + 1, desc="nas: BLD", unit="layer"):
+            i = acts.layer_idx
+            if results[i] is None:
+                results[i] = distill_layer(
+                    model, acts, library.ffn_sizes, steps=cfg.steps, batch_tokens=cfg.batch_tokens, lr=cfg.lr,
+                    seed=recipe.nas.seed,
+                )
+                _save_bld_layer(phase, i, results[i])
+            if i == todo[-1]:
+                break
+    return results
+
+
+def _save_bld_layer(phase: _Phase, layer_idx: int, results: dict[int, BLDResult]) -> None:
+    tensors = {}
+    for width, r in results.items():
+        tensors.update({f"{width}.{k}": v.contiguous() for k, v in r.state.items()})
+        tensors[f"{width}.channels"] = r.channels
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "layer.safetensors"
+        save_file(tensors, path)
+        phase.store.put(path, phase.uri("bld", f"layer-{layer_idx:03d}.safetensors"))
+    widths = {str(w): {"loss_init": r.loss_init, "loss_final": r.loss_final, "losses": r.losses} for w, r in results.items()}
+    phase.write({"widths": widths}, "bld", f"layer-{layer_idx:03d}.json")  # written last: marks the layer done
+
+
+def _scoring_phase(
+    model: DeciLMForCausalLM,
+    library: BlockLibrary,
+    heldout: ParentPass,
+    narrow_mlps: list[dict[int, DeciLMMLP]],
+    phase: _Phase,
+) -> list[dict[Variant, dict[str, float]]]:
+    """Per layer, per variant, ``{"kl_div", "lm_loss"}`` (replace-1-block, Puzzle §4.2); resumable per layer."""
+    scores = []
+    for i in _progress(range(library.num_layers), desc="nas: scoring", unit="layer"):
+        saved = phase.read("scores", f"layer-{i:03d}.json")
+        if saved is None:
+            variants = [v for v in library.variants[i] if not library.is_parent(v)]
+            outputs = [variant_layer_output(model, heldout, i, v, narrow_mlps[i]) for v in variants]
+            with torch.no_grad():
+                layer_scores = score_layer(model, heldout, i, outputs)
+            saved = {
+                "variants": [
+                    {"attention_no_op": v.attention_no_op, "ffn_size": v.ffn_size, "kl_div": kl, "lm_loss": lm}
+                    for v, (kl, lm) in zip(variants, layer_scores, strict=True)
+                ]
+            }
+            phase.write(saved, "scores", f"layer-{i:03d}.json")
+        row = {library.parent: {"kl_div": 0.0, "lm_loss": heldout.lm_loss}}
+        for s in saved["variants"]:
+            row[Variant(s["attention_no_op"], s["ffn_size"])] = {"kl_div": s["kl_div"], "lm_loss": s["lm_loss"]}
+        scores.append(row)
+    return scores
+
+
+def _cost_phase(model: DeciLMForCausalLM, library: BlockLibrary, recipe: Recipe, phase: _Phase) -> CostTable:
+    saved = phase.read("costs.json")
+    if saved is not None:
+        return CostTable.from_json(saved)
+    log.info("nas: timing sub-blocks on this machine")
+    costs = measure_costs(model, library, recipe.nas.cost)
+    phase.write(costs.to_json(), "costs.json")
+    return costs
+
+
+# ------------------------------------------------------------------------------------------------- child
+def _mlp(model: DeciLMForCausalLM, state: dict[str, torch.Tensor]) -> DeciLMMLP:
+    width = state["gate_proj.weight"].shape[0]
+    mlp = DeciLMMLP(model.config, width).to(model.dtype)
+    mlp.load_state_dict(state)
+    return mlp.eval()
+
+
+@torch.no_grad()
+def build_child(
+    parent: DeciLMForCausalLM, library: BlockLibrary, chosen: list[Variant], narrow_mlps: list[dict[int, DeciLMMLP]]
+) -> DeciLMForCausalLM:
+    """The child of one solution: the parent's embeddings, head and attention; BLD-trained narrow FFNs; no_op
+    sub-blocks absent (no modules, no weights)."""
+    child = child_from_parent(parent, [library.block_config(v) for v in chosen])
+    for i, variant in enumerate(chosen):
+        if variant.ffn_size and variant.ffn_size != library.parent_ffn_size:
+            child.model.layers[i].mlp.load_state_dict(narrow_mlps[i][variant.ffn_size].state_dict())
+    return child.eval()
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+def _write_outputs(
+    phase: _Phase,
+    parent_model: DeciLMForCausalLM,
+    tokenizer,
+    child: DeciLMForCausalLM,
+    library: BlockLibrary,
+    bld: list[dict[int, BLDResult]],
+    scores: list[dict[Variant, dict[str, float]]],
+    costs: CostTable,
+    solutions: list[Solution],
+    front: list[tuple[float, Solution]],
+    parent: Solution,
+    *,
+    budget_ms: float,
+) -> StageResult:
+    store = phase.store
+    block_library = _block_library_json(library, bld, scores, costs, parent_model)
+    solutions_json = {
+        "latency_budget_ms": budget_ms,
+        "parent": _solution_json(library, parent, parent),
+        "solutions": [_solution_json(library, s, parent) for s in solutions],
+        "pareto": [{"ratio": r, **_solution_json(library, s, parent)} for r, s in front],
+    }
+    outputs = {
+        "model": phase.uri("model"),
+        "block_library": phase.uri("block_library.json"),
+        "solutions": phase.uri("solutions.json"),
+        "bld": phase.uri("bld"),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = export_checkpoint(child, tokenizer, Path(tmp) / "model")
+        model_digest = digest_path(model_dir)
+        store.put(model_dir, outputs["model"])
+        png = plot_pareto(front, solutions, parent_latency_ms=parent.latency_ms, latency_budget_ms=budget_ms,
+                          path=Path(tmp) / "pareto.png")
+        plot_uri = store.put(png, phase.uri("pareto.png"))
+    store.write_json(outputs["block_library"], block_library)
+    store.write_json(outputs["solutions"], solutions_json)
+    return StageResult(outputs=outputs, digests={"model": model_digest}, plots={"pareto": plot_uri})
+
+
+def _block_library_json(
+    library: BlockLibrary,
+    bld: list[dict[int, BLDResult]],
+    scores: list[dict[Variant, dict[str, float]]],
+    costs: CostTable,
+    parent_model: DeciLMForCausalLM,
+) -> dict:
+    """NVlabs/puzzle's block-library layout (recipe.md §4.1) with a measurement header and per-variant BLD losses."""
+    decode_tokens = costs.decode_tokens
+    layers = {}
+    for i, row in enumerate(library.variants):
+        layers[str(i)] = {}
+        for v in row:
+            latency = costs.latency(v)
+            trained = bld[i].get(v.ffn_size) if v.ffn_size in library.ffn_sizes else None
+            layers[str(i)][library.name(v)] = {
+                "block_config": library.block_config(v).to_dict(),
+                "stats": {
+                    "latency_ms": {
+                        "prefill": latency.prefill_ms,
+                        "decode": latency.decode_ms,
+                        "request": latency.request_ms(decode_tokens),
+                    },
+                    "param_bytes": costs.param_bytes(v),
+                    "kv_cache_bytes": costs.kv_cache_bytes(v),
+                },
+                "metrics": scores[i][v],
+                "bld": None if trained is None else {"loss_init": trained.loss_init, "loss_final": trained.loss_final},
+            }
+    parent_predicted = costs.predicted([library.parent] * library.num_layers)
+    return {
+        "measurement": {**costs.measurement, "latency_unit": "ms", "memory_unit": "bytes"},
+        "parent": {
+            "num_layers": library.num_layers,
+            "hidden_size": library.hidden_size,
+            "num_kv_heads": library.num_kv_heads,
+            "ffn_size": library.parent_ffn_size,
+            "params": count_params(parent_model.config),
+            "latency_ms": {
+                "predicted": {"prefill": parent_predicted.prefill_ms, "decode": parent_predicted.decode_ms,
+                              "request": parent_predicted.request_ms(decode_tokens)},
+                "measured": {"prefill": costs.parent_measured.prefill_ms, "decode": costs.parent_measured.decode_ms,
+                             "request": costs.parent_measured.request_ms(decode_tokens)},
+            },
+        },
+        "fixed": {
+            "latency_ms": {"prefill": costs.fixed.prefill_ms, "decode": costs.fixed.decode_ms,
+                           "request": costs.fixed.request_ms(decode_tokens)},
+            "param_bytes": costs.fixed_param_bytes,
+        },
+        "layers": layers,
+    }
+
+
+def _solution_json(library: BlockLibrary, solution: Solution, parent: Solution) -> dict:
+    variants = [library.variants[i][j] for i, j in enumerate(solution.choice)]
+    return {
+        "summary": summarize([library.block_config(v) for v in variants], library.hidden_size),
+        "kl_div": solution.kl_div,
+        "latency_ms": solution.latency_ms,
+        "speedup": parent.latency_ms / solution.latency_ms,
+        "memory_bytes": solution.memory_bytes,
+        "solve_time_s": solution.solve_time_s,
+        "layers": [library.name(v) for v in variants],
+        "block_configs": [library.block_config(v).to_dict() for v in variants],
+    }
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _mean_curve(curves: list[list[float]]) -> list[tuple[int, float]]:
+    """Step-wise mean of several loss curves of equal length: ``[(step, mean), ...]`` (steps from 1)."""
+    if not curves or not curves[0]:
+        return []
+    return [(step + 1, _mean(c[step] for c in curves)) for step in range(len(curves[0]))]
