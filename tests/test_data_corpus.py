@@ -29,7 +29,9 @@ def test_pack_documents_appends_eos_and_drops_the_partial_row():
     # stream: 1 2 3 0 | 4 0 5 6 | 7 8 9 0 (all full)
     assert rows_NT.tolist() == [[1, 2, 3, 0], [4, 0, 5, 6], [7, 8, 9, 0]]
     assert rows_NT.dtype == torch.long
-    capped = pack_documents(iter([[1, 2, 3], [4], [5, 6, 7, 8, 9]]), seq_len_tokens=4, eos_token_id=0, max_sequences=2)
+    capped = pack_documents(
+        iter([[1, 2, 3], [4], [5, 6, 7, 8, 9]]), seq_len_tokens=4, eos_token_id=0, max_sequences=2
+    )
     assert capped.tolist() == [[1, 2, 3, 0], [4, 0, 5, 6]]
     assert pack_documents([[1]], seq_len_tokens=4, eos_token_id=0).shape == (0, 4)
 
@@ -87,7 +89,9 @@ def test_txt_documents_split_on_blank_lines(shakespeare_txt: Path):
 
 
 def test_txt_jsonl_and_directory_give_the_same_tokens(shakespeare_txt: Path, tmp_path: Path, tokenizer):
-    txt = prepare_corpus(_cfg(str(shakespeare_txt)), tokenizer=tokenizer, parent_dir=None, out_dir=tmp_path / "a", seed=0)
+    txt = prepare_corpus(
+        _cfg(str(shakespeare_txt)), tokenizer=tokenizer, parent_dir=None, out_dir=tmp_path / "a", seed=0
+    )
     n_rows = txt.train_ids_NT.shape[0] + txt.heldout_ids_NT.shape[0]
     assert txt.train_ids_NT.shape[1] == txt.heldout_ids_NT.shape[1] == SEQ_LEN
     assert n_rows > 20 and txt.heldout_ids_NT.shape[0] == round(n_rows * 0.2)
@@ -100,15 +104,25 @@ def test_txt_jsonl_and_directory_give_the_same_tokens(shakespeare_txt: Path, tmp
     jsonl.parent.mkdir()
     jsonl.write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs)))
     from_jsonl = prepare_corpus(
-        _cfg(str(jsonl), text_field="body"), tokenizer=tokenizer, parent_dir=None, out_dir=tmp_path / "b", seed=0
+        _cfg(str(jsonl), text_field="body"),
+        tokenizer=tokenizer,
+        parent_dir=None,
+        out_dir=tmp_path / "b",
+        seed=0,
     )
     from_dir = prepare_corpus(
-        _cfg(str(jsonl.parent), text_field="body"), tokenizer=tokenizer, parent_dir=None, out_dir=tmp_path / "c", seed=0
+        _cfg(str(jsonl.parent), text_field="body"),
+        tokenizer=tokenizer,
+        parent_dir=None,
+        out_dir=tmp_path / "c",
+        seed=0,
     )
     assert from_jsonl.digest == from_dir.digest == txt.digest
     assert from_dir.source_uri == str(jsonl.parent.resolve())
 
-    other_seed = prepare_corpus(_cfg(str(shakespeare_txt)), tokenizer=tokenizer, parent_dir=None, out_dir=tmp_path / "d", seed=1)
+    other_seed = prepare_corpus(
+        _cfg(str(shakespeare_txt)), tokenizer=tokenizer, parent_dir=None, out_dir=tmp_path / "d", seed=1
+    )
     assert other_seed.digest != txt.digest
 
     loaded = load_corpus(tmp_path / "a")
@@ -120,7 +134,11 @@ def test_txt_jsonl_and_directory_give_the_same_tokens(shakespeare_txt: Path, tmp
 
 def test_max_sequences_caps_rows(shakespeare_txt: Path, tmp_path: Path, tokenizer):
     splits = prepare_corpus(
-        _cfg(str(shakespeare_txt), max_sequences=10), tokenizer=tokenizer, parent_dir=None, out_dir=tmp_path, seed=0
+        _cfg(str(shakespeare_txt), max_sequences=10),
+        tokenizer=tokenizer,
+        parent_dir=None,
+        out_dir=tmp_path,
+        seed=0,
     )
     assert splits.train_ids_NT.shape[0] + splits.heldout_ids_NT.shape[0] == 10
 
@@ -137,7 +155,9 @@ def test_corrupted_corpus_is_refused(shakespeare_txt: Path, tmp_path: Path, toke
 def test_missing_inputs_raise_input_not_found(tmp_path: Path, tokenizer):
     missing = tmp_path / "nope.txt"
     with pytest.raises(InputNotFoundError, match=str(missing)):
-        prepare_corpus(_cfg(str(missing)), tokenizer=tokenizer, parent_dir=None, out_dir=tmp_path / "o", seed=0)
+        prepare_corpus(
+            _cfg(str(missing)), tokenizer=tokenizer, parent_dir=None, out_dir=tmp_path / "o", seed=0
+        )
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputNotFoundError, match="no .txt or .jsonl"):
         read_documents(str(tmp_path / "empty"))
@@ -176,9 +196,16 @@ def test_s3_corpus_through_the_store(shakespeare_txt: Path, tmp_path: Path, toke
         store = open_store(str(tmp_path / "artifacts"), s3_endpoint_url=endpoint)
         store.put(shakespeare_txt, "s3://corpora/text/shakespeare.txt")
         from_s3 = prepare_corpus(
-            _cfg("s3://corpora/text"), tokenizer=tokenizer, parent_dir=None, out_dir=tmp_path / "s3", seed=0, store=store
+            _cfg("s3://corpora/text"),
+            tokenizer=tokenizer,
+            parent_dir=None,
+            out_dir=tmp_path / "s3",
+            seed=0,
+            store=store,
         )
-        local = prepare_corpus(_cfg(str(shakespeare_txt)), tokenizer=tokenizer, parent_dir=None, out_dir=tmp_path / "l", seed=0)
+        local = prepare_corpus(
+            _cfg(str(shakespeare_txt)), tokenizer=tokenizer, parent_dir=None, out_dir=tmp_path / "l", seed=0
+        )
         assert from_s3.source_uri == "s3://corpora/text"
         assert from_s3.digest == local.digest
         with pytest.raises(InputNotFoundError, match="s3://corpora/missing"):
@@ -188,7 +215,9 @@ def test_s3_corpus_through_the_store(shakespeare_txt: Path, tmp_path: Path, toke
 
 
 # ----------------------------------------------------------------------------------- teacher corpus
-def test_teacher_corpus_samples_chat_exchanges_from_the_parent(tiny_llama_dir: Path, tmp_path: Path, tokenizer):
+def test_teacher_corpus_samples_chat_exchanges_from_the_parent(
+    tiny_llama_dir: Path, tmp_path: Path, tokenizer
+):
     teacher = TeacherCorpus(num_sequences=3, new_tokens=16, batch_size=2)
     docs = sample_teacher_documents(tiny_llama_dir, tokenizer, teacher, seed=0)
     prompts = teacher_prompt_ids(tokenizer, 3)
@@ -197,10 +226,15 @@ def test_teacher_corpus_samples_chat_exchanges_from_the_parent(tiny_llama_dir: P
         assert doc[: len(prompt)] == prompt  # each exchange starts with its chat-template prompt
         assert len(prompt) < len(doc) <= len(prompt) + 16
         assert tokenizer.eos_token_id not in doc[len(prompt) :]  # replies end before EOS (packing adds it)
-    assert TEACHER_PROMPTS[1] in tokenizer.decode(docs[1]) and "<|im_start|>assistant" in tokenizer.decode(docs[1])
+    text = tokenizer.decode(docs[1])
+    assert TEACHER_PROMPTS[1] in text and "<|im_start|>assistant" in text
 
     splits = prepare_corpus(
-        _cfg(None, teacher_corpus=teacher), tokenizer=tokenizer, parent_dir=tiny_llama_dir, out_dir=tmp_path, seed=0
+        _cfg(None, teacher_corpus=teacher),
+        tokenizer=tokenizer,
+        parent_dir=tiny_llama_dir,
+        out_dir=tmp_path,
+        seed=0,
     )
     assert splits.source_uri == f"teacher://{tiny_llama_dir.name}"
     # same seed, same samples: the digest is that of the documents above, packed and split

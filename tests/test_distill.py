@@ -48,7 +48,12 @@ def put_child(store, parent_dir: Path, tmp_path: Path) -> str:
     from nemoforge.models.export import export_checkpoint
 
     parent = load_causal_lm(parent_dir)
-    blocks = [block_config(2, 768, 64), block_config(2, 256, 64), block_config(None, 768, 64), block_config(2, None, 64)]
+    blocks = [
+        block_config(2, 768, 64),
+        block_config(2, 256, 64),
+        block_config(None, 768, 64),
+        block_config(2, None, 64),
+    ]
     child = child_from_parent(parent, blocks)
     export_checkpoint(child, AutoTokenizer.from_pretrained(parent_dir), tmp_path / "child")
     return store.put(tmp_path / "child", store.join("nas", "model"))
@@ -62,7 +67,9 @@ class _Crash(Exception):
     pass
 
 
-def test_distill_lowers_kl_and_resumes_after_a_crash(tiny_llama_dir: Path, shared_dir: Path, tmp_path: Path, monkeypatch):
+def test_distill_lowers_kl_and_resumes_after_a_crash(
+    tiny_llama_dir: Path, shared_dir: Path, tmp_path: Path, monkeypatch
+):
     from nemoforge.artifacts import open_store
     from nemoforge.models.convert import load_causal_lm
     from nemoforge.stages.distill import run
@@ -72,7 +79,9 @@ def test_distill_lowers_kl_and_resumes_after_a_crash(tiny_llama_dir: Path, share
     parent_uri = put_parent(store, tiny_llama_dir, tmp_path)
     model_uri = put_child(store, Path(parent_uri), tmp_path)
     output_uri = store.join("run-1", "distill")
-    r = recipe(distill={"steps": 8, "batch_size": 4, "lr": 4e-4, "warmup_steps": 1, "checkpoint_every_steps": 3})
+    r = recipe(
+        distill={"steps": 8, "batch_size": 4, "lr": 4e-4, "warmup_steps": 1, "checkpoint_every_steps": 3}
+    )
 
     # the first attempt dies while uploading step 6's checkpoint: only step-3 reaches the store
     real_put = store.put
@@ -84,7 +93,14 @@ def test_distill_lowers_kl_and_resumes_after_a_crash(tiny_llama_dir: Path, share
 
     monkeypatch.setattr(store, "put", put_then_crash)
     with pytest.raises(_Crash):
-        run(r, parent_uri=parent_uri, model_uri=model_uri, corpus_uri=corpus_uri, output_uri=output_uri, store=store)
+        run(
+            r,
+            parent_uri=parent_uri,
+            model_uri=model_uri,
+            corpus_uri=corpus_uri,
+            output_uri=output_uri,
+            store=store,
+        )
     monkeypatch.setattr(store, "put", real_put)
     checkpoints = Path(output_uri) / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-3"]
@@ -92,7 +108,12 @@ def test_distill_lowers_kl_and_resumes_after_a_crash(tiny_llama_dir: Path, share
     (checkpoints / "step-7" / "model.safetensors").write_bytes(b"partial")
 
     result: StageResult = run(
-        r, parent_uri=parent_uri, model_uri=model_uri, corpus_uri=corpus_uri, output_uri=output_uri, store=store
+        r,
+        parent_uri=parent_uri,
+        model_uri=model_uri,
+        corpus_uri=corpus_uri,
+        output_uri=output_uri,
+        store=store,
     )
     assert result.tags["resumed_from_step"] == "3"
     m = result.metrics
@@ -108,9 +129,14 @@ def test_distill_lowers_kl_and_resumes_after_a_crash(tiny_llama_dir: Path, share
 
     # the export reloads with the trained weights, and the plot is a PNG
     exported = load_causal_lm(result.outputs["model"])
-    assert json.loads((Path(result.outputs["model"]) / "config.json").read_text())["model_type"] == "nemotron-nas"
+    assert (
+        json.loads((Path(result.outputs["model"]) / "config.json").read_text())["model_type"]
+        == "nemotron-nas"
+    )
     before = load_causal_lm(model_uri)
-    assert not torch.equal(exported.model.layers[1].mlp.down_proj.weight, before.model.layers[1].mlp.down_proj.weight)
+    assert not torch.equal(
+        exported.model.layers[1].mlp.down_proj.weight, before.model.layers[1].mlp.down_proj.weight
+    )
     assert Path(result.plots["loss_curve"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from nemoforge.artifacts import digest_path
 

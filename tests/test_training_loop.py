@@ -26,8 +26,15 @@ def _tiny_model(seed: int = 0, dropout: float = 0.0) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, attention_dropout=dropout, tie_word_embeddings=True,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attention_dropout=dropout,
+        tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
 
@@ -72,7 +79,12 @@ def test_loss_falls_params_change_and_lr_follows_the_schedule(tmp_path: Path):
     cfg = TrainConfig(steps=25, batch_size=4, lr=1e-2, warmup_steps=3, checkpoint_every_steps=100)
     logged: list[int] = []
     state = train(
-        model, _lm_loss, epoch_batches(_rows(), 4, seed=0), cfg, checkpoint_dir=tmp_path, desc="test",
+        model,
+        _lm_loss,
+        epoch_batches(_rows(), 4, seed=0),
+        cfg,
+        checkpoint_dir=tmp_path,
+        desc="test",
         on_log=lambda step, metrics: logged.append(step),
     )
     losses = [v for _, v in state.history["loss"]]
@@ -80,7 +92,9 @@ def test_loss_falls_params_change_and_lr_follows_the_schedule(tmp_path: Path):
     assert losses[-1] < 0.5 * losses[0], losses
     assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     lrs = [v for _, v in state.history["lr"]]
-    assert lrs == pytest.approx([1e-2 * lr_multiplier(i, steps=25, warmup_steps=3, min_lr_ratio=0.1) for i in range(25)])
+    assert lrs == pytest.approx(
+        [1e-2 * lr_multiplier(i, steps=25, warmup_steps=3, min_lr_ratio=0.1) for i in range(25)]
+    )
     assert set(state.history) >= {"loss", "lr", "grad_norm", "tokens_per_s"}
     assert state.checkpoint == tmp_path / "step-25" and is_complete_checkpoint(state.checkpoint)
 
@@ -101,23 +115,35 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path: Path):
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        train(_tiny_model(dropout=0.2), _lm_loss, batches, cfg, checkpoint_dir=tmp_path / "cut", desc="cut",
-              on_log=interrupt_at_5)
+        train(
+            _tiny_model(dropout=0.2),
+            _lm_loss,
+            batches,
+            cfg,
+            checkpoint_dir=tmp_path / "cut",
+            desc="cut",
+            on_log=interrupt_at_5,
+        )
     assert latest_checkpoint(tmp_path / "cut") == tmp_path / "cut" / "step-3"
     # a half-written checkpoint (no meta.json) is ignored
     (tmp_path / "cut" / "step-6").mkdir()
     (tmp_path / "cut" / "step-6" / "model.safetensors").write_bytes(b"partial")
 
-    resumed_model = _tiny_model(seed=123, dropout=0.2)  # a new process: different init, overwritten by the resume
+    # as in a new process: a different init, overwritten by the resume
+    resumed_model = _tiny_model(seed=123, dropout=0.2)
     resumed = train(resumed_model, _lm_loss, batches, cfg, checkpoint_dir=tmp_path / "cut", desc="resumed")
     assert resumed.resumed_from_step == 3 and resumed.step == 7
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(resumed_model.state_dict()[name], value, rtol=0, atol=1e-6)
-    assert [v for _, v in resumed.history["loss"]] == pytest.approx([v for _, v in full.history["loss"]], abs=1e-6)
+    assert [v for _, v in resumed.history["loss"]] == pytest.approx(
+        [v for _, v in full.history["loss"]], abs=1e-6
+    )
     assert [p.name for p in (tmp_path / "cut").iterdir()] == ["step-7"]  # older checkpoints pruned
 
     # a finished run restarts as a no-op
-    again = train(_tiny_model(dropout=0.2), _lm_loss, batches, cfg, checkpoint_dir=tmp_path / "cut", desc="again")
+    again = train(
+        _tiny_model(dropout=0.2), _lm_loss, batches, cfg, checkpoint_dir=tmp_path / "cut", desc="again"
+    )
     assert again.resumed_from_step == 7 and again.step == 7
 
 
@@ -129,4 +155,11 @@ def test_divergence_names_the_step(tmp_path: Path):
 
     cfg = TrainConfig(steps=3, warmup_steps=0)
     with pytest.raises(NemoforgeError, match="step 1.*lower the lr"):
-        train(_tiny_model(), nan_loss, epoch_batches(_rows(), 2, seed=0), cfg, checkpoint_dir=tmp_path, desc="nan")
+        train(
+            _tiny_model(),
+            nan_loss,
+            epoch_batches(_rows(), 2, seed=0),
+            cfg,
+            checkpoint_dir=tmp_path,
+            desc="nan",
+        )

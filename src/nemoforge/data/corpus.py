@@ -133,7 +133,9 @@ def prepare_corpus(
         raise ValueError("the tokenizer has no eos_token_id: it is needed to separate packed documents")
     if data_cfg.corpus_uri is None:
         if parent_dir is None:
-            raise ValueError("prepare_corpus: parent_dir is required when data.corpus_uri is None (teacher corpus)")
+            raise ValueError(
+                "prepare_corpus: parent_dir is required when data.corpus_uri is None (teacher corpus)"
+            )
         documents: Iterator[Sequence[int]] = iter(
             sample_teacher_documents(parent_dir, tokenizer, data_cfg.teacher_corpus, seed=seed)
         )
@@ -190,7 +192,9 @@ def load_corpus(corpus_dir: Path) -> CorpusSplits:
     corpus_dir = Path(corpus_dir)
     for name in CORPUS_FILES:
         if not (corpus_dir / name).is_file():
-            raise InputNotFoundError(f"corpus {corpus_dir} has no {name}: run the corpus step (prepare_corpus) first")
+            raise InputNotFoundError(
+                f"corpus {corpus_dir} has no {name}: run the corpus step (prepare_corpus) first"
+            )
     meta = json.loads((corpus_dir / "corpus.json").read_text())
     train_ids_NT = torch.load(corpus_dir / "train.pt", weights_only=True)
     heldout_ids_NT = torch.load(corpus_dir / "heldout.pt", weights_only=True)
@@ -227,7 +231,9 @@ def read_documents(
         return _hf_documents(corpus_uri, text_field), corpus_uri
     if corpus_uri.startswith("s3://"):
         if store is None:
-            raise ValueError(f"corpus {corpus_uri}: an ArtifactStore is needed to read s3:// URIs (pass store=)")
+            raise ValueError(
+                f"corpus {corpus_uri}: an ArtifactStore is needed to read s3:// URIs (pass store=)"
+            )
         path, source_uri = Path(store.fetch(corpus_uri)), corpus_uri
     else:
         path = Path(corpus_uri).expanduser()
@@ -244,7 +250,9 @@ def read_documents(
 def _text_files(path: Path, corpus_uri: str) -> list[Path]:
     if path.is_file():
         if path.suffix not in TEXT_SUFFIXES:
-            raise InputNotFoundError(f"corpus {corpus_uri} is a {path.suffix or 'suffix-less'} file: give .txt or .jsonl")
+            raise InputNotFoundError(
+                f"corpus {corpus_uri} is a {path.suffix or 'suffix-less'} file: give .txt or .jsonl"
+            )
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
     if not files:
@@ -306,15 +314,19 @@ def _hf_documents(corpus_uri: str, text_field: str) -> Iterator[str]:
             "or give a local .txt/.jsonl path or an s3:// URI"
         ) from None
     try:
-        rows = datasets.load_dataset(name, query.get("config"), split=query.get("split", "train"), streaming=True)
+        rows = datasets.load_dataset(
+            name, query.get("config"), split=query.get("split", "train"), streaming=True
+        )
         first = next(iter(rows))
-    except Exception as err:  # noqa: BLE001 - the hub reports missing data and network errors many ways
+    except Exception as err:  # the hub reports missing data and network errors in many exception types
         raise InputNotFoundError(
             f"corpus {corpus_uri} could not be opened ({type(err).__name__}: {err}); "
             "hf:// needs network access to the Hugging Face Hub"
         ) from err
     if text_field not in first:
-        raise NemoforgeError(f"corpus {corpus_uri} rows have no field {text_field!r} ({sorted(first)}): set data.text_field")
+        raise NemoforgeError(
+            f"corpus {corpus_uri} rows have no field {text_field!r} ({sorted(first)}): set data.text_field"
+        )
     return (str(row[text_field]) for row in rows if str(row[text_field]).strip())
 
 
@@ -329,7 +341,9 @@ def teacher_prompt_ids(tokenizer: Any, num_prompts: int) -> list[list[int]]:
     """The first ``num_prompts`` of :data:`TEACHER_PROMPTS` (cycled) as chat-template token ids."""
     prompts = [TEACHER_PROMPTS[i % len(TEACHER_PROMPTS)] for i in range(num_prompts)]
     texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
         for p in prompts
     ]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -357,7 +371,10 @@ def sample_teacher_documents(
     documents: list[list[int]] = []
     with torch.no_grad():
         for start in tqdm(
-            range(0, len(prompt_ids), cfg.batch_size), desc="teacher corpus", unit="batch", disable=no_progress()
+            range(0, len(prompt_ids), cfg.batch_size),
+            desc="teacher corpus",
+            unit="batch",
+            disable=no_progress(),
         ):
             batch = prompt_ids[start : start + cfg.batch_size]
             width = max(len(p) for p in batch)
@@ -379,5 +396,3 @@ def sample_teacher_documents(
                     reply = reply[: reply.index(eos_token_id)]
                 documents.append(prompt + reply)
     return documents
-
-

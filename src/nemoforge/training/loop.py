@@ -148,7 +148,9 @@ def train(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda i: lr_multiplier(i, steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio),
+        lambda i: lr_multiplier(
+            i, steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio
+        ),
     )
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +223,9 @@ def is_complete_checkpoint(path: Path) -> bool:
         sizes = json.loads(meta_path.read_text())["file_sizes"]
     except (ValueError, KeyError):
         return False
-    return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in sizes.items())
+    return all(
+        (path / name).is_file() and (path / name).stat().st_size == size for name, size in sizes.items()
+    )
 
 
 def checkpoint_step(path: Path) -> int:
@@ -280,7 +284,9 @@ def _load_checkpoint(
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     _restore_rng(saved["rng"])
-    return TrainState(step=saved["step"], history=saved["history"], resumed_from_step=saved["step"], checkpoint=path)
+    return TrainState(
+        step=saved["step"], history=saved["history"], resumed_from_step=saved["step"], checkpoint=path
+    )
 
 
 def _step_dirs(checkpoint_dir: Path) -> list[tuple[int, Path]]:

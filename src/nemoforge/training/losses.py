@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 
-def kl_div_BT(parent_logits_BTV: torch.Tensor, child_logits_BTV: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def kl_div_BT(
+    parent_logits_BTV: torch.Tensor, child_logits_BTV: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """Per-token KL(p_parent || q_child) of the next-token distributions at ``temperature``, in nats.
 
     Computed in float32 whatever the logits' dtype.
@@ -25,7 +27,9 @@ def kl_div_BT(parent_logits_BTV: torch.Tensor, child_logits_BTV: torch.Tensor, t
     return (log_p_BTV.exp() * (log_p_BTV - log_q_BTV)).sum(dim=-1)
 
 
-def hidden_cosine_loss(child_hidden: Sequence[torch.Tensor], parent_hidden: Sequence[torch.Tensor]) -> torch.Tensor:
+def hidden_cosine_loss(
+    child_hidden: Sequence[torch.Tensor], parent_hidden: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """``sum_l mean_tokens (1 - cos(h_child^l, h_parent^l))`` over paired hidden states ``hidden_BTD``.
 
     Raises:
@@ -33,7 +37,9 @@ def hidden_cosine_loss(child_hidden: Sequence[torch.Tensor], parent_hidden: Sequ
             Puzzle children replace blocks by no-ops instead of removing layers).
     """
     if len(child_hidden) != len(parent_hidden):
-        raise ValueError(f"child has {len(child_hidden)} hidden states, parent {len(parent_hidden)}: layer counts differ")
+        raise ValueError(
+            f"child has {len(child_hidden)} hidden states, parent {len(parent_hidden)}: layer counts differ"
+        )
     total = child_hidden[0].new_zeros((), dtype=torch.float32)
     for h_child_BTD, h_parent_BTD in zip(child_hidden, parent_hidden, strict=True):
         cos_BT = F.cosine_similarity(h_child_BTD.float(), h_parent_BTD.float(), dim=-1)
@@ -79,6 +85,4 @@ def causal_lm_loss_BT(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor) -> t
     Returns:
         ``ce_BT'`` with ``T' = T - 1`` (the last position has no target).
     """
-    return F.cross_entropy(
-        logits_BTV[:, :-1].float().transpose(1, 2), input_ids_BT[:, 1:], reduction="none"
-    )
+    return F.cross_entropy(logits_BTV[:, :-1].float().transpose(1, 2), input_ids_BT[:, 1:], reduction="none")

@@ -187,10 +187,20 @@ def run_training_stage(
         digests={"model": model_digest},
         plots={"loss_curve": plot_uri},
         datasets=[
-            DatasetRef("corpus-train", corpus.source_uri, token_digest(corpus.train_ids_NT),
-                       corpus.train_ids_NT.shape[0], "training"),
-            DatasetRef("corpus-heldout", corpus.source_uri, token_digest(heldout_NT), heldout_NT.shape[0],
-                       "validation"),
+            DatasetRef(
+                "corpus-train",
+                corpus.source_uri,
+                token_digest(corpus.train_ids_NT),
+                corpus.train_ids_NT.shape[0],
+                "training",
+            ),
+            DatasetRef(
+                "corpus-heldout",
+                corpus.source_uri,
+                token_digest(heldout_NT),
+                heldout_NT.shape[0],
+                "validation",
+            ),
         ],
         tags={
             "device": str(device),

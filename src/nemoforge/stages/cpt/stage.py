@@ -19,7 +19,9 @@ def _lm_loss(model: torch.nn.Module, input_ids_BT: torch.Tensor) -> tuple[torch.
     return causal_lm_loss_BT(model(input_ids_BT, use_cache=False).logits, input_ids_BT).mean(), {}
 
 
-def run(recipe: Recipe, *, model_uri: str, corpus_uri: str, output_uri: str, store: ArtifactStore) -> StageResult:
+def run(
+    recipe: Recipe, *, model_uri: str, corpus_uri: str, output_uri: str, store: ArtifactStore
+) -> StageResult:
     """Continue pretraining the model at ``model_uri`` on the corpus with ``recipe.cpt``.
 
     Args:
