@@ -93,6 +93,52 @@ def cpt(recipe_json: str, run_name: str, input_model: Input[Model], corpus: Inpu
         json.dump(ref, f)
 
 
+def distill_trainjob(
+    recipe_json: str,
+    run_name: str,
+    image: str,
+    parent_model: Input[Model],
+    student_model: Input[Model],
+    corpus: Input[Dataset],
+    model: Output[Model],
+):
+    """distill on several GPUs/nodes: a Kubeflow Trainer TrainJob (torchrun) that this task creates and waits for."""
+    import json
+
+    from nemoforge.cluster.launcher import launch_stage
+    from nemoforge.config import Recipe
+    from nemoforge.runner import user_errors
+
+    inputs = {
+        "parent": dict(parent_model.metadata),
+        "model": dict(student_model.metadata),
+        "corpus": dict(corpus.metadata),
+    }
+    with user_errors():
+        ref = launch_stage("distill", Recipe.model_validate_json(recipe_json), run_name, inputs, image)
+    model.metadata.update(ref)
+    with open(model.path, "w") as f:
+        json.dump(ref, f)
+
+
+def cpt_trainjob(
+    recipe_json: str, run_name: str, image: str, input_model: Input[Model], corpus: Input[Dataset], model: Output[Model]
+):
+    """cpt on several GPUs/nodes: a Kubeflow Trainer TrainJob (torchrun) that this task creates and waits for."""
+    import json
+
+    from nemoforge.cluster.launcher import launch_stage
+    from nemoforge.config import Recipe
+    from nemoforge.runner import user_errors
+
+    inputs = {"model": dict(input_model.metadata), "corpus": dict(corpus.metadata)}
+    with user_errors():
+        ref = launch_stage("cpt", Recipe.model_validate_json(recipe_json), run_name, inputs, image)
+    model.metadata.update(ref)
+    with open(model.path, "w") as f:
+        json.dump(ref, f)
+
+
 def finalize(recipe_json: str, run_name: str, status: dsl.PipelineTaskFinalStatus):
     """Exit handler: close the MLflow parent run as FINISHED or FAILED."""
     from nemoforge.config import Recipe
@@ -107,6 +153,8 @@ COMPONENT_FUNCS: dict[str, Callable] = {
     "nas": nas,
     "distill": distill,
     "cpt": cpt,
+    "distill_trainjob": distill_trainjob,
+    "cpt_trainjob": cpt_trainjob,
     "finalize": finalize,
 }
 

@@ -13,12 +13,27 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
-from nemoforge.config import Recipe, StageResources
+from nemoforge.config import Recipe, ResourcesConfig, StageResources
 from nemoforge_components import make_components
+from nemoforge_components.images import image_ref
 
 
-def _apply_resources(task: dsl.PipelineTask, res: StageResources) -> dsl.PipelineTask:
+def _image(res: StageResources, cluster: ResourcesConfig) -> str:
+    """The stage's pinned image (components/images/images.yaml), else the recipe's base_image."""
+    image_set = res.image_set or cluster.image_set
+    return image_ref(image_set) if image_set else cluster.base_image
+
+
+def _apply_resources(task: dsl.PipelineTask, res: StageResources, cluster: ResourcesConfig) -> dsl.PipelineTask:
     task.set_caching_options(enable_caching=False)
+    if res.image_set or cluster.image_set:
+        task.set_container_image(_image(res, cluster))
+    if cluster.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, list(cluster.image_pull_secrets))
+    if res.retries:
+        task.set_retry(num_retries=res.retries, backoff_duration=f"{res.retry_backoff_s}s", backoff_factor=2.0)
+    if res.shm_gib:
+        kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=f"{res.shm_gib}Gi")
     task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu)
     task.set_memory_request(res.memory).set_memory_limit(res.memory)
     if res.gpu_count:
@@ -30,6 +45,24 @@ def _apply_resources(task: dsl.PipelineTask, res: StageResources) -> dsl.Pipelin
     return task
 
 
+def _apply_launcher(task: dsl.PipelineTask, res: StageResources, cluster: ResourcesConfig) -> dsl.PipelineTask:
+    """A task that launches a TrainJob: a small CPU pod of the stage's image that knows who it is.
+
+    The stage's GPUs, node selector and tolerations go to the TrainJob's pods, not to this one.
+    """
+    small = StageResources(
+        cpu="1", memory="2Gi", image_set=res.image_set, retries=res.retries, retry_backoff_s=res.retry_backoff_s
+    )
+    _apply_resources(task, small, cluster)
+    for env, field in (
+        ("NEMOFORGE_NAMESPACE", "metadata.namespace"),
+        ("NEMOFORGE_POD_NAME", "metadata.name"),
+        ("NEMOFORGE_POD_UID", "metadata.uid"),
+    ):
+        kubernetes.use_field_path_as_env(task, env, field)
+    return task
+
+
 def build_pipeline(recipe: Recipe) -> Callable:
     """The ``@dsl.pipeline`` function of ``recipe`` (disabled stages left out).
 
@@ -38,36 +71,46 @@ def build_pipeline(recipe: Recipe) -> Callable:
     """
     ops = make_components(recipe.resources.base_image)
     stages = recipe.enabled_stages()
+    cluster = recipe.resources
     light = StageResources(cpu="1", memory="4Gi")
 
     @dsl.pipeline(name=f"nemoforge-{recipe.name}", description=recipe.description or recipe.name)
     def pipeline(recipe_json: str = recipe.to_json()):
         run_name = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
         exit_task = ops["finalize"](recipe_json=recipe_json, run_name=run_name)
-        _apply_resources(exit_task, light).set_display_name("finalize")
+        _apply_resources(exit_task, light, cluster).set_display_name("finalize")
         with dsl.ExitHandler(exit_task, name="recipe"):
-            parent = _apply_resources(ops["parent"](recipe_json=recipe_json), light)
+            parent = _apply_resources(ops["parent"](recipe_json=recipe_json), light, cluster)
             parent_model = parent.outputs["parent_model"]
             corpus_task = _apply_resources(
-                ops["corpus"](recipe_json=recipe_json, parent_model=parent_model), recipe.resources.nas
+                ops["corpus"](recipe_json=recipe_json, parent_model=parent_model), cluster.nas, cluster
             )
             corpus = corpus_task.outputs["corpus"]
             model = parent_model
             if "nas" in stages:
                 task = ops["nas"](recipe_json=recipe_json, run_name=run_name, parent_model=parent_model, corpus=corpus)
-                model = _apply_resources(task, recipe.resources.nas).outputs["model"]
+                model = _apply_resources(task, cluster.nas, cluster).outputs["model"]
             if "distill" in stages:
-                task = ops["distill"](
-                    recipe_json=recipe_json,
-                    run_name=run_name,
-                    parent_model=parent_model,
-                    student_model=model,
-                    corpus=corpus,
-                )
-                model = _apply_resources(task, recipe.resources.distill).outputs["model"]
+                inputs = dict(parent_model=parent_model, student_model=model, corpus=corpus)
+                if cluster.distill.runs_as_trainjob:
+                    image = _image(cluster.distill, cluster)
+                    task = ops["distill_trainjob"](recipe_json=recipe_json, run_name=run_name, image=image, **inputs)
+                    _apply_launcher(task, cluster.distill, cluster).set_display_name("distill")
+                else:
+                    task = _apply_resources(
+                        ops["distill"](recipe_json=recipe_json, run_name=run_name, **inputs), cluster.distill, cluster
+                    )
+                model = task.outputs["model"]
             if "cpt" in stages:
-                task = ops["cpt"](recipe_json=recipe_json, run_name=run_name, input_model=model, corpus=corpus)
-                _apply_resources(task, recipe.resources.cpt)
+                inputs = dict(input_model=model, corpus=corpus)
+                if cluster.cpt.runs_as_trainjob:
+                    image = _image(cluster.cpt, cluster)
+                    task = ops["cpt_trainjob"](recipe_json=recipe_json, run_name=run_name, image=image, **inputs)
+                    _apply_launcher(task, cluster.cpt, cluster).set_display_name("cpt")
+                else:
+                    _apply_resources(
+                        ops["cpt"](recipe_json=recipe_json, run_name=run_name, **inputs), cluster.cpt, cluster
+                    )
 
     return pipeline
 

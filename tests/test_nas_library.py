@@ -25,8 +25,12 @@ def tiny_config(hidden: int = 64, ffn: int = 768, layers: int = 4) -> DeciLMConf
     from transformers import LlamaConfig
 
     llama = LlamaConfig(
-        vocab_size=128, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     return decilm_config_from_llama(llama)
 
@@ -79,7 +83,10 @@ def test_library_variants_per_layer() -> None:
             assert intermediate_size(block.ffn, 64) == v.ffn_size  # ffn_mult round-trips to the width
             if not v.attention_no_op:
                 assert block.attention.n_heads_in_group == 2
-    assert library.name(Variant(False, 512)) == "attention = 2 kv heads (parent) && ffn = intermediate size 512 (parent * 67%)"
+    assert (
+        library.name(Variant(False, 512))
+        == "attention = 2 kv heads (parent) && ffn = intermediate size 512 (parent * 67%)"
+    )
     assert library.name(Variant(True, 0)) == "attention = no_op && ffn = no_op"
 
 
@@ -92,5 +99,7 @@ def test_library_switches() -> None:
 
 
 def test_library_rejects_width_not_below_parent() -> None:
-    with pytest.raises(RecipeError, match=r"nas\.ffn_intermediate_sizes\[1\]=768 must be below the parent's FFN width 768"):
+    with pytest.raises(
+        RecipeError, match=r"nas\.ffn_intermediate_sizes\[1\]=768 must be below the parent's FFN width 768"
+    ):
         build_library(tiny_config(), NASConfig(ffn_intermediate_sizes=[512, 768]))

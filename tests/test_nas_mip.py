@@ -13,7 +13,8 @@ from nemoforge.stages.nas.mip import GIB, Option, diverse_solutions, evaluate, p
 # Memory in GiB units: parent 3, a 2, b 1.
 KL = [(0.0, 0.30, 0.90), (0.0, 0.05, 0.40), (0.0, 0.20, 0.25)]
 LIBRARY = [
-    [Option(kl, ms, mem * GIB) for kl, ms, mem in zip(row, (10.0, 6.0, 2.0), (3, 2, 1), strict=True)] for row in KL
+    [Option(kl, ms, mem * GIB) for kl, ms, mem in zip(row, (10.0, 6.0, 2.0), (3, 2, 1), strict=True)]
+    for row in KL
 ]
 PARENT = (0, 0, 0)
 FIXED_MS = 2.0  # embedding + LM head: the parent takes 32 ms
@@ -35,9 +36,15 @@ def brute_force(latency_max_ms, memory_max_bytes=None, exclude=(), d=1):
 
 def run_search(ratio, memory_gib=None, num_solutions=1, d=1):
     return search(
-        LIBRARY, parent_choice=PARENT, fixed_latency_ms=FIXED_MS, fixed_memory_bytes=0.0,
-        latency_budget_ratio=ratio, memory_budget_gib=memory_gib, num_solutions=num_solutions,
-        min_diversity_layers=d, time_limit_s=10.0,
+        LIBRARY,
+        parent_choice=PARENT,
+        fixed_latency_ms=FIXED_MS,
+        fixed_memory_bytes=0.0,
+        latency_budget_ratio=ratio,
+        memory_budget_gib=memory_gib,
+        num_solutions=num_solutions,
+        min_diversity_layers=d,
+        time_limit_s=10.0,
     )
 
 
@@ -88,7 +95,9 @@ def test_diverse_solutions_stop_when_exhausted() -> None:
 
 def test_infeasible_latency_budget_names_field_and_smallest_ratio() -> None:
     # The fastest child takes 2 + 3 x 2 = 8 ms of 32: the smallest feasible ratio is 0.25.
-    with pytest.raises(RecipeError, match=r"nas\.latency_budget_ratio=0\.2 is infeasible.*smallest feasible ratio is 0\.25"):
+    with pytest.raises(
+        RecipeError, match=r"nas\.latency_budget_ratio=0\.2 is infeasible.*smallest feasible ratio is 0\.25"
+    ):
         run_search(0.2)
     assert run_search(0.25)[0].choice == (2, 2, 2)
 
@@ -101,10 +110,19 @@ def test_infeasible_memory_budget_names_field() -> None:
 def test_jointly_infeasible_budgets() -> None:
     # One layer: the fast variant is memory-heavy, the small one slow; each budget alone can be met, both cannot.
     library = [[Option(0.0, 10.0, 3 * GIB), Option(0.1, 2.0, 3 * GIB), Option(0.2, 10.0, 1 * GIB)]]
-    with pytest.raises(RecipeError, match=r"no child meets nas\.latency_budget_ratio=0\.5 and nas\.memory_budget_gib=2\.0"):
+    with pytest.raises(
+        RecipeError, match=r"no child meets nas\.latency_budget_ratio=0\.5 and nas\.memory_budget_gib=2\.0"
+    ):
         search(
-            library, parent_choice=(0,), fixed_latency_ms=0.0, fixed_memory_bytes=0.0, latency_budget_ratio=0.5,
-            memory_budget_gib=2.0, num_solutions=1, min_diversity_layers=1, time_limit_s=10.0,
+            library,
+            parent_choice=(0,),
+            fixed_latency_ms=0.0,
+            fixed_memory_bytes=0.0,
+            latency_budget_ratio=0.5,
+            memory_budget_gib=2.0,
+            num_solutions=1,
+            min_diversity_layers=1,
+            time_limit_s=10.0,
         )
 
 

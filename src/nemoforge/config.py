@@ -197,6 +197,29 @@ class Toleration(_Section):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
+ImageSet = Literal["train", "rl", "serve"]
+"""Dependency sets with one pinned image each (``components/images/images.yaml``)."""
+
+
+class DeepSpeedConfig(_Section):
+    """DeepSpeed ZeRO settings of a stage run as a Kubeflow Trainer TrainJob (``launch`` resolves to trainjob).
+
+    The global batch is the stage's ``batch_size`` (sequences per optimizer step); the micro batch per
+    GPU is ``batch_size / (gradient_accumulation_steps * num_nodes * gpu_count)`` and must be whole.
+    """
+
+    zero_stage: Literal[2, 3] = Field(3, description="ZeRO stage: 2 shards optimizer state and gradients, 3 also parameters.")
+    bf16: bool = Field(True, description="bf16 mixed precision (fp32 master weights in the optimizer).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    overlap_comm: bool = Field(True, description="Overlap gradient reduction with the backward pass.")
+    reduce_bucket_size_elements: int = Field(
+        500_000_000, ge=1, description="Elements per gradient reduce-scatter bucket."
+    )
+    stage3_prefetch_bucket_size_elements: int = Field(
+        50_000_000, ge=1, description="Parameter elements prefetched ahead of use (ZeRO-3)."
+    )
+
+
 class StageResources(_Section):
     """Kubernetes resources of one stage's task (ignored with a warning under kfp.local)."""
 
@@ -206,13 +229,78 @@ class StageResources(_Section):
     accelerator_type: str = Field("nvidia.com/gpu", description="Accelerator resource name.")
     node_selector: dict[str, str] = Field({}, description="Node labels, e.g. nvidia.com/gpu.product.")
     tolerations: list[Toleration] = []
+    image_set: ImageSet | None = Field(
+        None, description="Image of this stage's pods by dependency set (None: resources.image_set)."
+    )
+    num_nodes: int = Field(
+        1, ge=1, description="Pods (nodes) of a training stage, each with cpu/memory/gpu_count; >1 needs a TrainJob."
+    )
+    launch: Literal["auto", "task", "trainjob"] = Field(
+        "auto",
+        description="task: the stage runs in its KFP task's pod; trainjob: the task launches a Kubeflow "
+        "Trainer TrainJob (torchrun, one process per GPU) and waits for it; auto: trainjob when num_nodes > 1.",
+    )
+    shm_gib: int = Field(
+        0, ge=0, description="Size of /dev/shm in GiB (memory-backed emptyDir; NCCL and DataLoader workers); 0: none."
+    )
+    retries: int = Field(
+        0, ge=0, description="Retries after a failure (pod eviction, node loss); the stage resumes from its checkpoint."
+    )
+    retry_backoff_s: int = Field(60, ge=0, description="Seconds before the first retry (doubling per retry).")
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+    @model_validator(mode="after")
+    def _check_launch(self) -> StageResources:
+        if self.launch == "task" and self.num_nodes > 1:
+            raise ValueError(f"launch 'task' runs in one pod but num_nodes={self.num_nodes}: set launch to auto")
+        return self
+
+    @property
+    def runs_as_trainjob(self) -> bool:
+        """True when the task launches a TrainJob instead of running the stage in its own pod."""
+        return self.launch == "trainjob" or (self.launch == "auto" and self.num_nodes > 1)
+
+
+class TrainerConfig(_Section):
+    """The Kubeflow Trainer runtime that TrainJob stages use (trainer.kubeflow.org/v1alpha1)."""
+
+    runtime: str = Field("torch-distributed", description="Name of the (Cluster)TrainingRuntime (torchrun launcher).")
+    runtime_kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = Field(
+        "ClusterTrainingRuntime", description="Kind of the runtime: cluster-wide or in the run's namespace."
+    )
+    timeout_s: int = Field(
+        7 * 24 * 3600, ge=60, description="Seconds the launcher waits for the TrainJob before deleting it and failing."
+    )
+    poll_s: float = Field(30.0, gt=0, description="Seconds between TrainJob status reads.")
 
 
 class ResourcesConfig(_Section):
     base_image: str = Field("python:3.11-slim", description="Image of the lightweight components.")
+    image_set: ImageSet | None = Field(
+        None,
+        description="Image of every task by dependency set, pinned in components/images/images.yaml "
+        "(None: base_image, e.g. for the local demo).",
+    )
+    image_pull_secrets: list[str] = Field([], description="Secrets for pulling the images (every pod).")
+    service_account: str | None = Field(
+        None, description="Service account of the run's pods and TrainJob pods (None: the KFP default)."
+    )
+    trainer: TrainerConfig = TrainerConfig()
     nas: StageResources = StageResources()
     distill: StageResources = StageResources()
     cpt: StageResources = StageResources()
+
+    @model_validator(mode="after")
+    def _check_trainjobs(self) -> ResourcesConfig:
+        if self.nas.runs_as_trainjob:
+            raise ValueError("nas runs in one pod: set resources.nas.num_nodes=1 and resources.nas.launch=auto")
+        for stage in ("distill", "cpt"):
+            if getattr(self, stage).runs_as_trainjob and not (getattr(self, stage).image_set or self.image_set):
+                raise ValueError(
+                    f"{stage} runs as a TrainJob, whose workers need the pinned train image: "
+                    f"set resources.image_set=train (base_image is for the local demo)"
+                )
+        return self
 
 
 # --------------------------------------------------------------------------------- tracking, storage

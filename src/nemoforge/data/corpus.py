@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from nemoforge.config import DataConfig, TeacherCorpus
 from nemoforge.data.packing import pack_documents, split_rows, token_digest
 from nemoforge.errors import InputNotFoundError, NemoforgeError
-from nemoforge.training.progress import no_progress
+from nemoforge.training.runtime import compute_device, no_progress
 
 if TYPE_CHECKING:
     from nemoforge.artifacts import ArtifactStore
@@ -136,8 +136,8 @@ def prepare_corpus(
             raise ValueError(
                 "prepare_corpus: parent_dir is required when data.corpus_uri is None (teacher corpus)"
             )
-        documents: Iterator[Sequence[int]] = iter(
-            sample_teacher_documents(parent_dir, tokenizer, data_cfg.teacher_corpus, seed=seed)
+        documents: Iterable[Sequence[int]] = sample_teacher_documents(
+            parent_dir, tokenizer, data_cfg.teacher_corpus, seed=seed
         )
         source_uri = f"teacher://{Path(parent_dir).name}"
     else:
@@ -356,7 +356,10 @@ def sample_teacher_documents(
 
     Each sequence starts from one of :data:`TEACHER_PROMPTS` put through the tokenizer's chat template and
     continues with up to ``cfg.new_tokens`` tokens sampled at ``cfg.temperature``/``cfg.top_p``; the reply
-    ends at the first EOS (which is dropped: packing appends one).
+    ends at the first EOS (which is dropped: packing appends one). Runs on the GPU when there is one
+    (in bfloat16; the samples, and so the corpus digest, then differ from a CPU run's); the parent is
+    loaded with :func:`~nemoforge.models.convert.load_causal_lm` and decoded with
+    :func:`~nemoforge.models.generate.generate` (KV cache, left padding masked).
 
     Returns:
         One token-id list per sequence, prompt included.
@@ -364,10 +367,14 @@ def sample_teacher_documents(
     from nemoforge.models.convert import load_causal_lm
     from nemoforge.models.generate import generate
 
-    model = load_causal_lm(parent_dir)
+    device = compute_device()
+    # bf16 on a GPU (fast; sampling is not precision-critical), float32 on the CPU
+    model = load_causal_lm(parent_dir, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(
+        device
+    )
     eos_token_id = tokenizer.eos_token_id
     prompt_ids = teacher_prompt_ids(tokenizer, cfg.num_sequences)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     documents: list[list[int]] = []
     with torch.no_grad():
         for start in tqdm(
@@ -379,8 +386,8 @@ def sample_teacher_documents(
             batch = prompt_ids[start : start + cfg.batch_size]
             width = max(len(p) for p in batch)
             # left-pad so every reply starts right after its prompt; the mask hides the padding
-            input_ids_BT = torch.tensor([[eos_token_id] * (width - len(p)) + p for p in batch])
-            mask_BT = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            input_ids_BT = torch.tensor([[eos_token_id] * (width - len(p)) + p for p in batch], device=device)
+            mask_BT = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
             out_BT = generate(
                 model,
                 input_ids_BT,

@@ -22,9 +22,12 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from nemoforge.config import ParentModel
 from nemoforge.errors import InputNotFoundError
+
+if TYPE_CHECKING:  # the models package stays importable without the recipe schema (pydantic)
+    from nemoforge.config import ParentModel
 
 COMPLETE_MARKER = ".nemoforge-complete"
 """Written last into a converted parent directory: its presence means the conversion finished."""

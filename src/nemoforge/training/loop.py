@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from nemoforge.config import TrainConfig
 from nemoforge.errors import NemoforgeError
-from nemoforge.training.progress import no_progress
+from nemoforge.training.runtime import no_progress
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 """``loss_fn(model, input_ids_BT) -> (scalar loss to minimize, extra metrics to log, e.g. loss parts)``."""

@@ -27,14 +27,10 @@ from nemoforge.data.packing import token_digest
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.training.evaluate import evaluate_heldout
 from nemoforge.training.loop import LossFn, TrainState, epoch_batches, is_complete_checkpoint, train
+from nemoforge.training.runtime import compute_device
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _STEP_URI = re.compile(r"/step-(\d+)/")
-
-
-def training_device() -> torch.device:
-    """The first CUDA device when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def recipe_dtype(recipe: Recipe) -> torch.dtype:
@@ -139,7 +135,7 @@ def run_training_stage(
     from nemoforge.models.convert import load_causal_lm
     from nemoforge.models.export import export_checkpoint
 
-    device = training_device()
+    device = compute_device()
     corpus = load_corpus(store.fetch(corpus_uri))
     model_dir = store.fetch(model_uri)
     model = load_causal_lm(model_dir, dtype=torch.float32).to(device)

@@ -16,7 +16,8 @@ from nemoforge.artifacts import ArtifactStore
 from nemoforge.config import Recipe
 from nemoforge.stages.result import StageResult
 from nemoforge.training.losses import gkd_loss
-from nemoforge.training.stage import load_teacher, recipe_dtype, run_training_stage, training_device
+from nemoforge.training.runtime import compute_device
+from nemoforge.training.stage import load_teacher, recipe_dtype, run_training_stage
 
 
 def run(
@@ -47,7 +48,7 @@ def run(
         ValueError: the child's layer count differs from the parent's.
     """
     cfg = recipe.distill
-    parent = load_teacher(store.fetch(parent_uri), dtype=recipe_dtype(recipe), device=training_device())
+    parent = load_teacher(store.fetch(parent_uri), dtype=recipe_dtype(recipe), device=compute_device())
 
     def loss_fn(child: torch.nn.Module, input_ids_BT: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.no_grad():

@@ -31,7 +31,8 @@ import torch
 from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM, DeciLMMLP
 from nemoforge.stages.nas.library import channel_contribution, ffn_intermediate, prune_mlp, top_channels
 
-MAX_EVAL_SHARE = 0.25  # at most this share of the calibration tokens is held out to measure loss_init/loss_final
+# At most this share of the calibration tokens is held out to measure loss_init and loss_final.
+MAX_EVAL_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,12 @@ class BLDResult:
     loss_final: float
     losses: list[float]
 
+    def mlp(self, model: DeciLMForCausalLM) -> DeciLMMLP:
+        """The trained FFN as a module of ``model``'s config and dtype (eval mode)."""
+        mlp = DeciLMMLP(model.config, self.state["gate_proj.weight"].shape[0]).to(model.dtype)
+        mlp.load_state_dict(self.state)
+        return mlp.eval()
+
 
 @torch.no_grad()
 def parent_activations(model: DeciLMForCausalLM, input_ids_NT: torch.Tensor) -> Iterator[LayerActivations]:
@@ -88,7 +95,9 @@ def normalized_mse(pred_MD: torch.Tensor, target_MD: torch.Tensor) -> torch.Tens
     return (target_MD - pred_MD).pow(2).sum() / target_MD.pow(2).sum().clamp_min(1e-30)
 
 
-def _split_tokens(num_tokens: int, batch_tokens: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_tokens(
+    num_tokens: int, batch_tokens: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed held-out evaluation set of calibration tokens and the training rest (index tensors)."""
     num_eval = max(1, min(batch_tokens, int(num_tokens * MAX_EVAL_SHARE)))
     order = torch.randperm(num_tokens, generator=generator)
@@ -163,7 +172,12 @@ def distill_layer(
     with torch.no_grad():
         normed_MD = norm(acts.post_attention_NTD).flatten(0, 1).float()
         target_MD = (acts.output_NTD - acts.post_attention_NTD).flatten(0, 1).float()
-        mean_abs_I = ffn_intermediate(parent_mlp, normed_MD.to(parent_mlp.gate_proj.weight.dtype)).abs().float().mean(0)
+        mean_abs_I = (
+            ffn_intermediate(parent_mlp, normed_MD.to(parent_mlp.gate_proj.weight.dtype))
+            .abs()
+            .float()
+            .mean(0)
+        )
         contribution_I = channel_contribution(mean_abs_I, parent_mlp.down_proj.weight)
     results = {}
     for width in widths:

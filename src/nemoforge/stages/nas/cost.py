@@ -35,7 +35,8 @@ from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM, DeciLMMLP
 from nemoforge.stages.nas.library import BlockLibrary, Variant
 
 WARMUP_CALLS = 2
-MIN_TIMED_MS = 5.0  # short calls (a decode step of one sub-block) are repeated until one timing lasts this long
+# Short calls (a decode step of one sub-block) are repeated until one timing lasts this long.
+MIN_TIMED_MS = 5.0
 
 
 @dataclass(frozen=True)
@@ -143,11 +144,18 @@ class FixedLengthKVCache:
         self.keys, self.values = [], []
         for layer in model.model.layers:
             if layer.self_attn is not None:
-                shape = (batch_size, layer.self_attn.num_key_value_heads, length + 1, layer.self_attn.head_dim)
+                shape = (
+                    batch_size,
+                    layer.self_attn.num_key_value_heads,
+                    length + 1,
+                    layer.self_attn.head_dim,
+                )
                 self.keys.append(torch.randn(shape, dtype=dtype))
                 self.values.append(torch.randn(shape, dtype=dtype))
 
-    def update(self, k_BK1Dh: torch.Tensor, v_BK1Dh: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, k_BK1Dh: torch.Tensor, v_BK1Dh: torch.Tensor, slot: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self.keys[slot][:, :, self.length :] = k_BK1Dh
         self.values[slot][:, :, self.length :] = v_BK1Dh
         return self.keys[slot], self.values[slot]
@@ -235,7 +243,9 @@ def measure_costs(model: DeciLMForCausalLM, library: BlockLibrary, cfg: CostConf
     )
     parent_measured = Latency(
         median_ms(lambda: model(ids_BP, use_cache=False, logits_to_keep=1), cfg.repeats),
-        median_ms(lambda: model(ids_B1, past_key_values=cache, use_cache=True, logits_to_keep=1), cfg.repeats),
+        median_ms(
+            lambda: model(ids_B1, past_key_values=cache, use_cache=True, logits_to_keep=1), cfg.repeats
+        ),
     )
     fixed_modules = [model.model.embed_tokens, model.model.norm]
     if not config.tie_word_embeddings:

@@ -29,7 +29,8 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from nemoforge.errors import RecipeError
 
 GIB = 2**30
-_REL_TOL = 1e-9  # slack on budgets so that a child exactly at the budget (e.g. ratio 1.0 = the parent) is feasible
+# Slack on budgets, so that a child exactly at the budget (e.g. ratio 1.0: the parent) is feasible.
+_REL_TOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,10 @@ def solve(
     x = result.x
     choice = [int(np.argmax(x[offsets[i] : offsets[i + 1]])) for i in range(num_layers)]
     return evaluate(
-        options_LV, choice, fixed_latency_ms=fixed_latency_ms, fixed_memory_bytes=fixed_memory_bytes,
+        options_LV,
+        choice,
+        fixed_latency_ms=fixed_latency_ms,
+        fixed_memory_bytes=fixed_memory_bytes,
         solve_time_s=elapsed,
     )
 
@@ -168,7 +172,10 @@ def diverse_solutions(
     solutions: list[Solution] = []
     for _ in range(num_solutions):
         found = solve(
-            options_LV, previous=[s.choice for s in solutions], min_diversity_layers=min_diversity_layers, **budget
+            options_LV,
+            previous=[s.choice for s in solutions],
+            min_diversity_layers=min_diversity_layers,
+            **budget,
         )
         if found is None:
             break
@@ -178,6 +185,48 @@ def diverse_solutions(
 
 def _ceil(value: float, digits: int = 3) -> float:
     return math.ceil(value * 10**digits - 1e-9) / 10**digits
+
+
+def check_budgets(
+    options_LV: Sequence[Sequence[Option]],
+    *,
+    parent_choice: Sequence[int],
+    fixed_latency_ms: float,
+    fixed_memory_bytes: float,
+    latency_budget_ratio: float,
+    memory_budget_gib: float | None,
+) -> tuple[float, float | None]:
+    """The recipe's budgets in ms and bytes, checked against the cheapest child of the library (KL is not needed).
+
+    Returns:
+        ``(latency_max_ms, memory_max_bytes)``; the latency budget is the ratio times the parent's predicted
+        latency, the memory budget None when unconstrained.
+
+    Raises:
+        RecipeError: a budget below the cheapest child; the message names the field and its smallest feasible value.
+    """
+    parent_ms = evaluate(options_LV, parent_choice, fixed_latency_ms=fixed_latency_ms).latency_ms
+    latency_max_ms = latency_budget_ratio * parent_ms
+    fastest_ms = fixed_latency_ms + sum(min(o.latency_ms for o in row) for row in options_LV)
+    if fastest_ms > latency_max_ms * (1 + _REL_TOL):
+        min_ratio = fastest_ms / parent_ms
+        raise RecipeError(
+            f"nas.latency_budget_ratio={latency_budget_ratio} is infeasible: the fastest child in the block library "
+            f"takes {fastest_ms:.3f} ms of the parent's {parent_ms:.3f} ms (predicted), so the smallest "
+            f"feasible ratio is {min_ratio:.4f}; set nas.latency_budget_ratio >= {_ceil(min_ratio)} or widen the "
+            "library (nas.ffn_intermediate_sizes, nas.attention_no_op, nas.ffn_no_op)"
+        )
+    if memory_budget_gib is None:
+        return latency_max_ms, None
+    memory_max_bytes = memory_budget_gib * GIB
+    smallest = fixed_memory_bytes + sum(min(o.memory_bytes for o in row) for row in options_LV)
+    if smallest > memory_max_bytes * (1 + _REL_TOL):
+        raise RecipeError(
+            f"nas.memory_budget_gib={memory_budget_gib} is infeasible: the smallest child in the block library "
+            f"needs {smallest / GIB:.4f} GiB (parameters + KV cache); set nas.memory_budget_gib >= "
+            f"{_ceil(smallest / GIB, 4)} or remove it"
+        )
+    return latency_max_ms, memory_max_bytes
 
 
 def search(
@@ -197,6 +246,7 @@ def search(
     Args:
         options_LV: per layer, its variants.
         parent_choice: the parent's variant index per layer (its predicted latency is the budget's reference).
+        fixed_latency_ms, fixed_memory_bytes: cost outside the layers.
         latency_budget_ratio: ``nas.latency_budget_ratio``.
         memory_budget_gib: ``nas.memory_budget_gib`` (None = unconstrained).
         num_solutions, min_diversity_layers, time_limit_s: ``nas.num_solutions``, ``nas.min_diversity_layers``,
@@ -206,29 +256,17 @@ def search(
         1..num_solutions solutions, best (lowest KL) first.
 
     Raises:
-        RecipeError: a budget no child of the library meets; the message gives the smallest feasible value.
+        RecipeError: a budget no child of the library meets (see :func:`check_budgets`), or the two budgets
+            together.
     """
     fixed = {"fixed_latency_ms": fixed_latency_ms, "fixed_memory_bytes": fixed_memory_bytes}
-    parent = evaluate(options_LV, parent_choice, **fixed)
-    latency_max_ms = latency_budget_ratio * parent.latency_ms
-    fastest_ms = fixed_latency_ms + sum(min(o.latency_ms for o in row) for row in options_LV)
-    if fastest_ms > latency_max_ms * (1 + _REL_TOL):
-        min_ratio = fastest_ms / parent.latency_ms
-        raise RecipeError(
-            f"nas.latency_budget_ratio={latency_budget_ratio} is infeasible: the fastest child in the block library "
-            f"takes {fastest_ms:.3f} ms of the parent's {parent.latency_ms:.3f} ms (predicted), so the smallest "
-            f"feasible ratio is {min_ratio:.4f}; set nas.latency_budget_ratio >= {_ceil(min_ratio)} or widen the "
-            "library (nas.ffn_intermediate_sizes, nas.attention_no_op, nas.ffn_no_op)"
-        )
-    memory_max_bytes = None if memory_budget_gib is None else memory_budget_gib * GIB
-    if memory_max_bytes is not None:
-        smallest = fixed_memory_bytes + sum(min(o.memory_bytes for o in row) for row in options_LV)
-        if smallest > memory_max_bytes * (1 + _REL_TOL):
-            raise RecipeError(
-                f"nas.memory_budget_gib={memory_budget_gib} is infeasible: the smallest child in the block library "
-                f"needs {smallest / GIB:.4f} GiB (parameters + KV cache); set nas.memory_budget_gib >= "
-                f"{_ceil(smallest / GIB, 4)} or remove it"
-            )
+    latency_max_ms, memory_max_bytes = check_budgets(
+        options_LV,
+        parent_choice=parent_choice,
+        latency_budget_ratio=latency_budget_ratio,
+        memory_budget_gib=memory_budget_gib,
+        **fixed,
+    )
     solutions = diverse_solutions(
         options_LV,
         num_solutions=num_solutions,

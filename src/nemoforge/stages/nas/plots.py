@@ -33,12 +33,21 @@ def plot_pareto(
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     ax.plot(
-        [s.latency_ms for _, s in front], [s.kl_div for _, s in front], "o-", color="tab:blue", ms=4,
+        [s.latency_ms for _, s in front],
+        [s.kl_div for _, s in front],
+        "o-",
+        color="tab:blue",
+        ms=4,
         label="MIP optimum per budget (sweep)",
     )
     ax.scatter(
-        [s.latency_ms for s in solutions], [s.kl_div for s in solutions], marker="*", s=140, color="tab:orange",
-        zorder=3, label=f"{len(solutions)} diverse solutions at the budget",
+        [s.latency_ms for s in solutions],
+        [s.kl_div for s in solutions],
+        marker="*",
+        s=140,
+        color="tab:orange",
+        zorder=3,
+        label=f"{len(solutions)} diverse solutions at the budget",
     )
     for k, s in enumerate(solutions, start=1):
         ax.annotate(str(k), (s.latency_ms, s.kl_div), textcoords="offset points", xytext=(6, 4))

@@ -41,7 +41,7 @@ from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM, DeciLMMLP
 from nemoforge.stages.nas.bld import BLDResult, distill_layer, parent_activations
 from nemoforge.stages.nas.cost import CostTable, measure_costs
 from nemoforge.stages.nas.library import BlockLibrary, Variant, build_library
-from nemoforge.stages.nas.mip import Option, Solution, evaluate, pareto_front, search
+from nemoforge.stages.nas.mip import Option, Solution, check_budgets, evaluate, pareto_front, search
 from nemoforge.stages.nas.plots import plot_pareto
 from nemoforge.stages.nas.scoring import (
     ParentPass,
@@ -84,7 +84,9 @@ class _Phase:
         self.store.write_json(self.uri(*parts), {**data, "key": self.key})
 
 
-def run(recipe: Recipe, *, parent_uri: str, corpus_uri: str, output_uri: str, store: ArtifactStore) -> StageResult:
+def run(
+    recipe: Recipe, *, parent_uri: str, corpus_uri: str, output_uri: str, store: ArtifactStore
+) -> StageResult:
     """Search a child of the parent by Puzzle and export it (see the module docstring for the phases).
 
     Args:
@@ -112,15 +114,34 @@ def run(recipe: Recipe, *, parent_uri: str, corpus_uri: str, output_uri: str, st
     tokenizer = AutoTokenizer.from_pretrained(parent_dir)
     corpus = load_corpus(store.fetch(corpus_uri))
     library = build_library(model.config, nas)
-    key_source = {"nas": nas.model_dump(mode="json"), "dtype": recipe.dtype, "parent": parent_uri, "corpus": corpus.digest}
-    phase = _Phase(store, output_uri, hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest())
+    key_source = {
+        "nas": nas.model_dump(mode="json"),
+        "dtype": recipe.dtype,
+        "parent": parent_uri,
+        "corpus": corpus.digest,
+    }
+    phase = _Phase(
+        store, output_uri, hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()
+    )
 
     calibration_ids = corpus.train_ids_NT[: nas.bld.num_calibration_sequences]
     heldout_ids = corpus.heldout_ids_NT[: nas.scoring.num_sequences, : nas.scoring.seq_len_tokens]
 
+    # Cost first: it takes seconds and tells whether the budgets can be met before BLD and scoring run.
+    t = time.perf_counter()
+    costs = _cost_phase(model, library, recipe, phase)
+    parent_choice = [row.index(library.parent) for row in library.variants]
+    fixed = {
+        "fixed_latency_ms": costs.fixed.request_ms(costs.decode_tokens),
+        "fixed_memory_bytes": costs.fixed_param_bytes,
+    }
+    budgets = {"latency_budget_ratio": nas.latency_budget_ratio, "memory_budget_gib": nas.memory_budget_gib}
+    budget_ms, _ = check_budgets(_options(library, costs), parent_choice=parent_choice, **budgets, **fixed)
+    timings["time_cost_s"] = time.perf_counter() - t
+
     t = time.perf_counter()
     bld = _bld_phase(model, library, calibration_ids, recipe, phase)
-    narrow_mlps = [{w: _mlp(model, r.state) for w, r in layer.items()} for layer in bld]
+    narrow_mlps = [{w: r.mlp(model) for w, r in layer.items()} for layer in bld]
     timings["time_bld_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -129,39 +150,23 @@ def run(recipe: Recipe, *, parent_uri: str, corpus_uri: str, output_uri: str, st
     timings["time_scoring_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    costs = _cost_phase(model, library, recipe, phase)
-    timings["time_cost_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    options = [
-        [
-            Option(
-                kl_div=scores[i][v]["kl_div"],
-                latency_ms=costs.latency(v).request_ms(costs.decode_tokens),
-                memory_bytes=costs.param_bytes(v) + costs.kv_cache_bytes(v),
-            )
-            for v in row
-        ]
-        for i, row in enumerate(library.variants)
-    ]
-    parent_choice = [row.index(library.parent) for row in library.variants]
-    fixed = {
-        "fixed_latency_ms": costs.fixed.request_ms(costs.decode_tokens),
-        "fixed_memory_bytes": costs.fixed_param_bytes,
-    }
+    options = _options(library, costs, scores)
     solutions = search(
         options,
         parent_choice=parent_choice,
-        latency_budget_ratio=nas.latency_budget_ratio,
-        memory_budget_gib=nas.memory_budget_gib,
         num_solutions=nas.num_solutions,
         min_diversity_layers=nas.min_diversity_layers,
         time_limit_s=nas.mip_time_limit_s,
+        **budgets,
         **fixed,
     )
     front = pareto_front(
-        options, parent_choice=parent_choice, memory_budget_gib=nas.memory_budget_gib, num_points=PARETO_POINTS,
-        time_limit_s=nas.mip_time_limit_s, **fixed,
+        options,
+        parent_choice=parent_choice,
+        memory_budget_gib=nas.memory_budget_gib,
+        num_points=PARETO_POINTS,
+        time_limit_s=nas.mip_time_limit_s,
+        **fixed,
     )
     timings["time_mip_s"] = time.perf_counter() - t
     parent = evaluate(options, parent_choice, **fixed)
@@ -170,10 +175,22 @@ def run(recipe: Recipe, *, parent_uri: str, corpus_uri: str, output_uri: str, st
     t = time.perf_counter()
     child = build_child(model, library, chosen, narrow_mlps)
     with torch.no_grad():
-        child_kl, child_lm_loss = kl_and_lm_loss(child(heldout.input_ids_NT).logits, heldout.logprobs_NTV, heldout.input_ids_NT)
+        child_kl, child_lm_loss = kl_and_lm_loss(
+            child(heldout.input_ids_NT).logits, heldout.logprobs_NTV, heldout.input_ids_NT
+        )
     result = _write_outputs(
-        phase, model, tokenizer, child, library, bld, scores, costs, solutions, front, parent,
-        budget_ms=nas.latency_budget_ratio * parent.latency_ms,
+        phase,
+        model,
+        tokenizer,
+        child,
+        library,
+        bld,
+        scores,
+        costs,
+        solutions,
+        front,
+        parent,
+        budget_ms=budget_ms,
     )
     timings["time_export_s"] = time.perf_counter() - t
     timings["wall_time_s"] = time.perf_counter() - started
@@ -192,7 +209,7 @@ def run(recipe: Recipe, *, parent_uri: str, corpus_uri: str, output_uri: str, st
             "child_latency_ms": solutions[0].latency_ms,
             "child_prefill_ms": child_latency.prefill_ms,
             "child_decode_ms": child_latency.decode_ms,
-            "latency_budget_ms": nas.latency_budget_ratio * parent.latency_ms,
+            "latency_budget_ms": budget_ms,
             "speedup": parent.latency_ms / solutions[0].latency_ms,
             "params_parent": float(count_params(model.config)),
             "params_child": float(count_params(child.config)),
@@ -212,7 +229,9 @@ def run(recipe: Recipe, *, parent_uri: str, corpus_uri: str, output_uri: str, st
     result.history["bld_loss"] = _mean_curve([r.losses for layer in bld for r in layer.values()])
     result.datasets.extend(
         [
-            DatasetRef("corpus-calibration", corpus.source_uri, corpus.digest, len(calibration_ids), "calibration"),
+            DatasetRef(
+                "corpus-calibration", corpus.source_uri, corpus.digest, len(calibration_ids), "calibration"
+            ),
             DatasetRef("corpus-heldout", corpus.source_uri, corpus.digest, len(heldout_ids), "validation"),
         ]
     )
@@ -224,14 +243,39 @@ def run(recipe: Recipe, *, parent_uri: str, corpus_uri: str, output_uri: str, st
     )
     log.info(
         "nas: child %s, predicted latency %.1f of %.1f ms (x%.2f), held-out KL %.4f",
-        result.tags["block_configs"], solutions[0].latency_ms, parent.latency_ms, result.metrics["speedup"], child_kl,
+        result.tags["block_configs"],
+        solutions[0].latency_ms,
+        parent.latency_ms,
+        result.metrics["speedup"],
+        child_kl,
     )
     return result
 
 
 # ------------------------------------------------------------------------------------------------ phases
+def _options(
+    library: BlockLibrary, costs: CostTable, scores: list[dict[Variant, dict[str, float]]] | None = None
+) -> list[list[Option]]:
+    """The MIP's view of the library: per layer, per variant, (KL, request latency, parameter + KV bytes)."""
+    return [
+        [
+            Option(
+                kl_div=scores[i][v]["kl_div"] if scores else 0.0,
+                latency_ms=costs.latency(v).request_ms(costs.decode_tokens),
+                memory_bytes=costs.param_bytes(v) + costs.kv_cache_bytes(v),
+            )
+            for v in row
+        ]
+        for i, row in enumerate(library.variants)
+    ]
+
+
 def _bld_phase(
-    model: DeciLMForCausalLM, library: BlockLibrary, calibration_ids: torch.Tensor, recipe: Recipe, phase: _Phase
+    model: DeciLMForCausalLM,
+    library: BlockLibrary,
+    calibration_ids: torch.Tensor,
+    recipe: Recipe,
+    phase: _Phase,
 ) -> list[dict[int, BLDResult]]:
     """Per layer, the BLD-trained narrow FFNs; layers finished by an earlier run are read back from ``bld/``."""
     cfg = recipe.nas.bld
@@ -242,7 +286,11 @@ def _bld_phase(
             tensors = load_file(phase.store.fetch(phase.uri("bld", f"layer-{i:03d}.safetensors")))
             results[i] = {
                 int(w): BLDResult(
-                    state={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{w}.") and "channels" not in k},
+                    state={
+                        k.split(".", 1)[1]: v
+                        for k, v in tensors.items()
+                        if k.startswith(f"{w}.") and "channels" not in k
+                    },
                     channels=tensors[f"{w}.channels"],
                     loss_init=m["loss_init"],
                     loss_final=m["loss_final"],
@@ -252,14 +300,23 @@ def _bld_phase(
             }
     todo = [i for i, r in enumerate(results) if r is None]
     if todo:
-        log.info("nas: BLD of %d layers x %d widths on %d calibration tokens", len(todo), len(library.ffn_sizes),
-                 calibration_ids.numel())
+        log.info(
+            "nas: BLD of %d layers x %d widths on %d calibration tokens",
+            len(todo),
+            len(library.ffn_sizes),
+            calibration_ids.numel(),
+        )
         stream = parent_activations(model, calibration_ids)
         for acts in _progress(stream, total=todo[-1] + 1, desc="nas: BLD", unit="layer"):
             i = acts.layer_idx
             if results[i] is None:
                 results[i] = distill_layer(
-                    model, acts, library.ffn_sizes, steps=cfg.steps, batch_tokens=cfg.batch_tokens, lr=cfg.lr,
+                    model,
+                    acts,
+                    library.ffn_sizes,
+                    steps=cfg.steps,
+                    batch_tokens=cfg.batch_tokens,
+                    lr=cfg.lr,
                     seed=recipe.nas.seed,
                 )
                 _save_bld_layer(phase, i, results[i])
@@ -277,8 +334,12 @@ def _save_bld_layer(phase: _Phase, layer_idx: int, results: dict[int, BLDResult]
         path = Path(tmp) / "layer.safetensors"
         save_file(tensors, path)
         phase.store.put(path, phase.uri("bld", f"layer-{layer_idx:03d}.safetensors"))
-    widths = {str(w): {"loss_init": r.loss_init, "loss_final": r.loss_final, "losses": r.losses} for w, r in results.items()}
-    phase.write({"widths": widths}, "bld", f"layer-{layer_idx:03d}.json")  # written last: marks the layer done
+    widths = {
+        str(w): {"loss_init": r.loss_init, "loss_final": r.loss_final, "losses": r.losses}
+        for w, r in results.items()
+    }
+    # Written last: its presence marks the layer done.
+    phase.write({"widths": widths}, "bld", f"layer-{layer_idx:03d}.json")
 
 
 def _scoring_phase(
@@ -299,14 +360,22 @@ def _scoring_phase(
                 layer_scores = score_layer(model, heldout, i, outputs)
             saved = {
                 "variants": [
-                    {"attention_no_op": v.attention_no_op, "ffn_size": v.ffn_size, "kl_div": kl, "lm_loss": lm}
+                    {
+                        "attention_no_op": v.attention_no_op,
+                        "ffn_size": v.ffn_size,
+                        "kl_div": kl,
+                        "lm_loss": lm,
+                    }
                     for v, (kl, lm) in zip(variants, layer_scores, strict=True)
                 ]
             }
             phase.write(saved, "scores", f"layer-{i:03d}.json")
         row = {library.parent: {"kl_div": 0.0, "lm_loss": heldout.lm_loss}}
         for s in saved["variants"]:
-            row[Variant(s["attention_no_op"], s["ffn_size"])] = {"kl_div": s["kl_div"], "lm_loss": s["lm_loss"]}
+            row[Variant(s["attention_no_op"], s["ffn_size"])] = {
+                "kl_div": s["kl_div"],
+                "lm_loss": s["lm_loss"],
+            }
         scores.append(row)
     return scores
 
@@ -322,16 +391,12 @@ def _cost_phase(model: DeciLMForCausalLM, library: BlockLibrary, recipe: Recipe,
 
 
 # ------------------------------------------------------------------------------------------------- child
-def _mlp(model: DeciLMForCausalLM, state: dict[str, torch.Tensor]) -> DeciLMMLP:
-    width = state["gate_proj.weight"].shape[0]
-    mlp = DeciLMMLP(model.config, width).to(model.dtype)
-    mlp.load_state_dict(state)
-    return mlp.eval()
-
-
 @torch.no_grad()
 def build_child(
-    parent: DeciLMForCausalLM, library: BlockLibrary, chosen: list[Variant], narrow_mlps: list[dict[int, DeciLMMLP]]
+    parent: DeciLMForCausalLM,
+    library: BlockLibrary,
+    chosen: list[Variant],
+    narrow_mlps: list[dict[int, DeciLMMLP]],
 ) -> DeciLMForCausalLM:
     """The child of one solution: the parent's embeddings, head and attention; BLD-trained narrow FFNs; no_op
     sub-blocks absent (no modules, no weights)."""
@@ -376,8 +441,13 @@ def _write_outputs(
         model_dir = export_checkpoint(child, tokenizer, Path(tmp) / "model")
         model_digest = digest_path(model_dir)
         store.put(model_dir, outputs["model"])
-        png = plot_pareto(front, solutions, parent_latency_ms=parent.latency_ms, latency_budget_ms=budget_ms,
-                          path=Path(tmp) / "pareto.png")
+        png = plot_pareto(
+            front,
+            solutions,
+            parent_latency_ms=parent.latency_ms,
+            latency_budget_ms=budget_ms,
+            path=Path(tmp) / "pareto.png",
+        )
         plot_uri = store.put(png, phase.uri("pareto.png"))
     store.write_json(outputs["block_library"], block_library)
     store.write_json(outputs["solutions"], solutions_json)
@@ -398,7 +468,7 @@ def _block_library_json(
         layers[str(i)] = {}
         for v in row:
             latency = costs.latency(v)
-            trained = bld[i].get(v.ffn_size) if v.ffn_size in library.ffn_sizes else None
+            trained = bld[i].get(v.ffn_size)  # narrow widths only
             layers[str(i)][library.name(v)] = {
                 "block_config": library.block_config(v).to_dict(),
                 "stats": {
@@ -411,7 +481,9 @@ def _block_library_json(
                     "kv_cache_bytes": costs.kv_cache_bytes(v),
                 },
                 "metrics": scores[i][v],
-                "bld": None if trained is None else {"loss_init": trained.loss_init, "loss_final": trained.loss_final},
+                "bld": None
+                if trained is None
+                else {"loss_init": trained.loss_init, "loss_final": trained.loss_final},
             }
     parent_predicted = costs.predicted([library.parent] * library.num_layers)
     return {
@@ -423,15 +495,24 @@ def _block_library_json(
             "ffn_size": library.parent_ffn_size,
             "params": count_params(parent_model.config),
             "latency_ms": {
-                "predicted": {"prefill": parent_predicted.prefill_ms, "decode": parent_predicted.decode_ms,
-                              "request": parent_predicted.request_ms(decode_tokens)},
-                "measured": {"prefill": costs.parent_measured.prefill_ms, "decode": costs.parent_measured.decode_ms,
-                             "request": costs.parent_measured.request_ms(decode_tokens)},
+                "predicted": {
+                    "prefill": parent_predicted.prefill_ms,
+                    "decode": parent_predicted.decode_ms,
+                    "request": parent_predicted.request_ms(decode_tokens),
+                },
+                "measured": {
+                    "prefill": costs.parent_measured.prefill_ms,
+                    "decode": costs.parent_measured.decode_ms,
+                    "request": costs.parent_measured.request_ms(decode_tokens),
+                },
             },
         },
         "fixed": {
-            "latency_ms": {"prefill": costs.fixed.prefill_ms, "decode": costs.fixed.decode_ms,
-                           "request": costs.fixed.request_ms(decode_tokens)},
+            "latency_ms": {
+                "prefill": costs.fixed.prefill_ms,
+                "decode": costs.fixed.decode_ms,
+                "request": costs.fixed.request_ms(decode_tokens),
+            },
             "param_bytes": costs.fixed_param_bytes,
         },
         "layers": layers,

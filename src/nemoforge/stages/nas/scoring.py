@@ -71,7 +71,11 @@ def parent_pass(model: DeciLMForCausalLM, input_ids_NT: torch.Tensor) -> ParentP
 
 
 def variant_layer_output(
-    model: DeciLMForCausalLM, parent: ParentPass, layer_idx: int, variant: Variant, narrow_mlps: dict[int, DeciLMMLP]
+    model: DeciLMForCausalLM,
+    parent: ParentPass,
+    layer_idx: int,
+    variant: Variant,
+    narrow_mlps: dict[int, DeciLMMLP],
 ) -> torch.Tensor:
     """Output (N, T, D) of layer ``layer_idx`` replaced by ``variant``, on the parent's input to that layer.
 
@@ -79,7 +83,9 @@ def variant_layer_output(
     parent's pre-FFN norm (as trained by BLD); the parent FFN is the parent's.
     """
     layer = model.model.layers[layer_idx]
-    post_NTD = parent.hidden_NTD[layer_idx] if variant.attention_no_op else parent.post_attention_NTD[layer_idx]
+    post_NTD = (
+        parent.hidden_NTD[layer_idx] if variant.attention_no_op else parent.post_attention_NTD[layer_idx]
+    )
     if variant.ffn_size == 0:
         return post_NTD
     if variant.ffn_size == layer.mlp.intermediate_size:

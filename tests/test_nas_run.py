@@ -1,0 +1,161 @@
+"""The nas stage end to end on the tiny random Llama: child within budget, block library, export, resume."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemoforge.artifacts import open_store
+from nemoforge.config import Recipe
+from nemoforge.data.corpus import CorpusSplits, save_corpus
+from nemoforge.data.packing import token_digest
+from nemoforge.errors import RecipeError
+from nemoforge.models.convert import load_causal_lm
+from nemoforge.models.hf.configuration_decilm import BlockConfig
+from nemoforge.stages.nas import run
+from nemoforge.stages.nas.scoring import kl_and_lm_loss, parent_pass, score_layer
+
+run_module = importlib.import_module("nemoforge.stages.nas.run")  # the module, not the function it exports
+
+NAS = {
+    "ffn_intermediate_sizes": [512, 256],
+    "latency_budget_ratio": 0.75,
+    "num_solutions": 2,
+    "min_diversity_layers": 1,
+    "bld": {"steps": 20, "batch_tokens": 128, "lr": 1e-3, "num_calibration_sequences": 16},
+    "scoring": {"num_sequences": 2, "seq_len_tokens": 32},
+    # Batch x prefill large enough that the layers, not the 49152-row LM head, dominate the tiny model's latency.
+    "cost": {"batch_size": 4, "prefill_tokens": 64, "decode_tokens": 2, "repeats": 3},
+}
+
+
+def recipe(**nas) -> Recipe:
+    return Recipe.model_validate({"name": "nas-test", "nas": {**NAS, **nas}})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("nas")
+    generator = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (16, 64), generator=generator)
+    heldout = torch.randint(0, 256, (3, 64), generator=generator)
+    save_corpus(CorpusSplits(train, heldout, "test://random", token_digest(train, heldout)), root / "corpus")
+    return root
+
+
+def run_stage(workdir: Path, tiny_llama_dir: Path, rcp: Recipe, out: str = "out"):
+    store = open_store(str(workdir))
+    return run(
+        rcp,
+        parent_uri=str(tiny_llama_dir),
+        corpus_uri=str(workdir / "corpus"),
+        output_uri=str(workdir / out),
+        store=store,
+    )
+
+
+@pytest.fixture(scope="module")
+def result(workdir: Path, tiny_llama_dir: Path):
+    return run_stage(workdir, tiny_llama_dir, recipe())
+
+
+def test_child_meets_the_latency_budget(result) -> None:
+    m = result.metrics
+    assert m["latency_budget_ms"] == pytest.approx(0.75 * m["parent_latency_ms"])
+    assert m["child_latency_ms"] <= m["latency_budget_ms"] * (1 + 1e-9)
+    assert m["speedup"] >= 1 / 0.75 - 1e-9
+    assert m["params_child"] <= m["params_parent"]
+    assert m["kv_bytes_per_token_child"] <= m["kv_bytes_per_token_parent"] == 4 * 2 * 2 * 16 * 2
+    assert m["kl_div_heldout"] > 0 and m["kl_div_predicted"] > 0
+    assert m["parent_latency_ms_measured"] > 0 and m["mip_solve_time_s"] > 0
+    assert m["bld_loss_final_mean"] < m["bld_loss_init_mean"]
+    steps, losses = zip(*result.history["bld_loss"], strict=True)
+    assert steps == tuple(range(1, 21)) and losses[-1] < losses[0]
+    assert set(result.outputs) >= {"model", "block_library", "solutions"}
+    assert result.tags["block_configs"].startswith("attn ")
+    assert [d.context for d in result.datasets] == ["calibration", "validation"]
+
+
+def test_block_library_has_every_layer_and_variant(workdir: Path, result) -> None:
+    library = json.loads((workdir / "out" / "block_library.json").read_text())
+    header = library["measurement"]
+    assert header["batch_size"] == 4 and header["sequence_length"] == 66 and header["dtype"] == "float32"
+    assert header["device"]
+    assert sorted(library["layers"], key=int) == ["0", "1", "2", "3"]
+    assert len(library["layers"]["0"]) == 4  # layer 0 keeps its attention: 4 FFN options
+    for layer in ("1", "2", "3"):
+        assert len(library["layers"][layer]) == 8
+    for layer, variants in library["layers"].items():
+        for name, entry in variants.items():
+            block = BlockConfig.from_dict(entry["block_config"])
+            assert set(entry["stats"]) == {"latency_ms", "param_bytes", "kv_cache_bytes"}
+            assert set(entry["stats"]["latency_ms"]) == {"prefill", "decode", "request"}
+            assert (entry["stats"]["kv_cache_bytes"] == 0) == block.attention.no_op
+            assert set(entry["metrics"]) == {"kl_div", "lm_loss"}
+            narrow = "parent *" in name.split("ffn =")[1]
+            assert (entry["bld"] is not None) == narrow
+            if narrow:
+                assert set(entry["bld"]) == {"loss_init", "loss_final"}
+            if name.endswith("(parent) && ffn = intermediate size 768 (parent)"):
+                assert entry["metrics"]["kl_div"] == 0.0
+            else:
+                assert entry["metrics"]["kl_div"] > 0.0, (layer, name)
+    solutions = json.loads((workdir / "out" / "solutions.json").read_text())
+    assert 1 <= len(solutions["solutions"]) <= 2
+    assert solutions["solutions"][0]["latency_ms"] == pytest.approx(result.metrics["child_latency_ms"])
+    assert len(solutions["pareto"]) >= 2 and solutions["pareto"][-1]["kl_div"] == 0.0
+    assert (workdir / "out" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_reloads_with_solution_architecture(workdir: Path, tiny_llama_dir: Path, result) -> None:
+    child = load_causal_lm(workdir / "out" / "model")
+    solutions = json.loads((workdir / "out" / "solutions.json").read_text())
+    expected = [BlockConfig.from_dict(b) for b in solutions["solutions"][0]["block_configs"]]
+    assert child.config.block_configs == expected
+    # The reloaded child scores the KL the stage reported on the same held-out sequences.
+    parent = load_causal_lm(tiny_llama_dir)
+    heldout_ids = torch.load(workdir / "corpus" / "heldout.pt")[:2, :32]
+    heldout = parent_pass(parent, heldout_ids)
+    with torch.no_grad():
+        kl, _ = kl_and_lm_loss(child(heldout_ids).logits, heldout.logprobs_NTV, heldout_ids)
+    assert kl == pytest.approx(result.metrics["kl_div_heldout"], abs=1e-5)
+
+
+def test_rerun_resumes_from_saved_phases(workdir: Path, tiny_llama_dir: Path, result, monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished phase ran again")
+
+    for name in ("distill_layer", "score_layer", "measure_costs"):
+        monkeypatch.setattr(run_module, name, fail)
+    again = run_stage(workdir, tiny_llama_dir, recipe())
+    assert again.metrics["child_latency_ms"] == result.metrics["child_latency_ms"]
+    assert again.metrics["kl_div_heldout"] == pytest.approx(result.metrics["kl_div_heldout"], abs=1e-6)
+    # A half-finished scoring phase resumes at the first missing layer.
+    (workdir / "out" / "scores" / "layer-003.json").unlink()
+    calls = []
+    monkeypatch.setattr(run_module, "score_layer", lambda *a, **k: calls.append(a[2]) or score_layer(*a, **k))
+    run_stage(workdir, tiny_llama_dir, recipe())
+    assert calls == [3]
+
+
+def test_infeasible_budget_fails_before_bld(workdir: Path, tiny_llama_dir: Path, result, monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("BLD started despite an infeasible budget")
+
+    monkeypatch.setattr(run_module, "distill_layer", fail)
+    with pytest.raises(
+        RecipeError, match=r"nas\.latency_budget_ratio=0\.01 is infeasible.*smallest feasible ratio"
+    ):
+        run_stage(workdir, tiny_llama_dir, recipe(latency_budget_ratio=0.01), out="infeasible")
