@@ -91,7 +91,7 @@ def build_pipeline(recipe: Recipe) -> Callable:
                 task = ops["nas"](recipe_json=recipe_json, run_name=run_name, parent_model=parent_model, corpus=corpus)
                 model = _apply_resources(task, cluster.nas, cluster).outputs["model"]
             if "distill" in stages:
-                inputs = dict(parent_model=parent_model, student_model=model, corpus=corpus)
+                inputs = {"parent_model": parent_model, "student_model": model, "corpus": corpus}
                 if cluster.distill.runs_as_trainjob:
                     image = _image(cluster.distill, cluster)
                     task = ops["distill_trainjob"](recipe_json=recipe_json, run_name=run_name, image=image, **inputs)
@@ -102,7 +102,7 @@ def build_pipeline(recipe: Recipe) -> Callable:
                     )
                 model = task.outputs["model"]
             if "cpt" in stages:
-                inputs = dict(input_model=model, corpus=corpus)
+                inputs = {"input_model": model, "corpus": corpus}
                 if cluster.cpt.runs_as_trainjob:
                     image = _image(cluster.cpt, cluster)
                     task = ops["cpt_trainjob"](recipe_json=recipe_json, run_name=run_name, image=image, **inputs)

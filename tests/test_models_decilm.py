@@ -18,7 +18,12 @@ from nemoforge.models.block_configs import (
     parent_block_configs,
     summarize,
 )
-from nemoforge.models.convert import child_from_parent, decilm_config_from_llama, llama_to_decilm, load_causal_lm
+from nemoforge.models.convert import (
+    child_from_parent,
+    decilm_config_from_llama,
+    llama_to_decilm,
+    load_causal_lm,
+)
 from nemoforge.models.hf.configuration_decilm import (
     AttentionConfig,
     BlockConfig,
@@ -49,7 +54,8 @@ def input_ids() -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- ffn_mult
 @pytest.mark.parametrize(
-    ("hidden", "width", "mult"), [(576, 1536, 4.0), (576, 1024, 2.666667), (576, 512, 1.333333), (4096, 14336, 5.25)]
+    ("hidden", "width", "mult"),
+    [(576, 1536, 4.0), (576, 1024, 2.666667), (576, 512, 1.333333), (4096, 14336, 5.25)],
 )
 def test_ffn_mult_round_trip(hidden: int, width: int, mult: float) -> None:
     assert ffn_mult_for(width, hidden) == mult
@@ -90,27 +96,52 @@ def test_block_configs_have_attribute_access_and_serialize_as_dicts() -> None:
     ("blocks", "kwargs", "match"),
     [
         ([{"attention": {"replace_with_linear": True}, "ffn": {"ffn_mult": 1.0}}], {}, "replace_with_linear"),
-        ([{"attention": {"n_heads_in_group": 1}, "ffn": {"replace_with_linear": True}}], {}, "replace_with_linear"),
+        (
+            [{"attention": {"n_heads_in_group": 1}, "ffn": {"replace_with_linear": True}}],
+            {},
+            "replace_with_linear",
+        ),
         ([{"attention": {"n_heads_in_group": 3}, "ffn": {"ffn_mult": 1.0}}], {}, "does not divide"),
         ([{"attention": {}, "ffn": {"ffn_mult": 1.0}}], {}, "n_heads_in_group"),
         ([{"attention": {"n_heads_in_group": 1}, "ffn": {}}], {}, "ffn_mult"),
-        ([{"attention": {"n_heads_in_group": 1, "window_length": 128}, "ffn": {"ffn_mult": 1.0}}], {}, "unsupported"),
+        (
+            [{"attention": {"n_heads_in_group": 1, "window_length": 128}, "ffn": {"ffn_mult": 1.0}}],
+            {},
+            "unsupported",
+        ),
         ([], {}, "0 block_configs for 1 layers"),
-        ([{"attention": {"n_heads_in_group": 1}, "ffn": {"ffn_mult": 1.0}}], {"intermediate_size": 256}, "per layer"),
+        (
+            [{"attention": {"n_heads_in_group": 1}, "ffn": {"ffn_mult": 1.0}}],
+            {"intermediate_size": 256},
+            "per layer",
+        ),
     ],
 )
 def test_invalid_block_configs_raise(blocks: list, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        DeciLMConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, block_configs=blocks, **kwargs)
+        DeciLMConfig(
+            hidden_size=64, num_attention_heads=4, num_hidden_layers=1, block_configs=blocks, **kwargs
+        )
 
 
 def test_block_config_helpers() -> None:
-    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    smollm2 = LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    )
     blocks = parent_block_configs(smollm2)
-    assert len(blocks) == 30 and blocks[0] == BlockConfig(AttentionConfig(n_heads_in_group=3), FFNConfig(ffn_mult=4.0))
+    assert len(blocks) == 30 and blocks[0] == BlockConfig(
+        AttentionConfig(n_heads_in_group=3), FFNConfig(ffn_mult=4.0)
+    )
     assert blocks[0] is not blocks[1]
-    assert intermediate_size(blocks[0].ffn, 576) == 1536 and intermediate_size(FFNConfig(no_op=True), 576) == 0
+    assert (
+        intermediate_size(blocks[0].ffn, 576) == 1536 and intermediate_size(FFNConfig(no_op=True), 576) == 0
+    )
     config = decilm_config_from_llama(smollm2)
     assert count_params(config) == 134_515_008  # SmolLM2-135M (tied): machine-notes "134.5M params"
     assert kv_cache_bytes_per_token(config) == 30 * 2 * 3 * 64 * 2
@@ -122,8 +153,16 @@ def test_block_config_helpers() -> None:
 
 def test_count_params_matches_the_model() -> None:
     for tie, bias in ((True, False), (False, True)):
-        config = DeciLMConfig(vocab_size=100, hidden_size=64, num_attention_heads=4, num_hidden_layers=4,
-                              tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias, block_configs=child_blocks())
+        config = DeciLMConfig(
+            vocab_size=100,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=4,
+            tie_word_embeddings=tie,
+            attention_bias=bias,
+            mlp_bias=bias,
+            block_configs=child_blocks(),
+        )
         model = DeciLMForCausalLM(config)
         assert count_params(config) == sum(p.numel() for p in model.parameters())
         assert kv_cache_bytes_per_token(config, kv_bytes=4) == (2 + 0 + 1 + 2) * 2 * 16 * 4
@@ -138,7 +177,9 @@ def test_all_parent_conversion_is_exact(tiny_llama: LlamaForCausalLM, input_ids:
     mask = torch.ones_like(input_ids)
     mask[1, :5] = 0  # left padding on row 1
     labels = input_ids.clone()
-    labels[1, :6] = -100  # targets predicted from padding positions (whose outputs are implementation-defined)
+    labels[
+        1, :6
+    ] = -100  # targets predicted from padding positions (whose outputs are implementation-defined)
     with torch.no_grad():
         ref = tiny_llama(input_ids, attention_mask=mask, labels=labels, output_hidden_states=True)
         out = model(input_ids, attention_mask=mask, labels=labels, output_hidden_states=True)
@@ -160,7 +201,9 @@ def test_sub_block_helpers(tiny_llama: LlamaForCausalLM, input_ids: torch.Tensor
     pos_emb = model.model.rotary_emb(hidden_BTD, position_ids)
     with torch.no_grad():
         out = layer.ffn_block(layer.attention_block(hidden_BTD, pos_emb))
-        ref = ref_layer(hidden_BTD, attention_mask=None, position_embeddings=pos_emb, position_ids=position_ids)
+        ref = ref_layer(
+            hidden_BTD, attention_mask=None, position_embeddings=pos_emb, position_ids=position_ids
+        )
     assert (out - ref).abs().max() < 1e-5
 
 
@@ -191,13 +234,61 @@ def test_child_from_parent_matches_an_independent_reference(
 ) -> None:
     child = child_from_parent(llama_to_decilm(tiny_llama), child_blocks())
     layers = child.model.layers
-    assert layers[1].self_attn is None and layers[1].input_layernorm is None and layers[1].mlp.intermediate_size == 512
+    assert (
+        layers[1].self_attn is None
+        and layers[1].input_layernorm is None
+        and layers[1].mlp.intermediate_size == 512
+    )
     assert layers[2].mlp is None and layers[2].post_attention_layernorm is None
     assert layers[2].self_attn.num_key_value_heads == 1 and layers[3].mlp.intermediate_size == 256
     assert [layer.self_attn.cache_idx for layer in layers if layer.self_attn is not None] == [0, 1, 2]
     ref = masked_llama_equivalent(tiny_llama)
     with torch.no_grad():
         assert (child(input_ids).logits - ref(input_ids).logits).abs().max() < 1e-5
+
+
+def test_llama3_rope_scaling_matches_llama() -> None:
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(config).eval()
+    model = llama_to_decilm(llama)
+    assert model.config.rope_parameters["rope_type"] == "llama3"
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids).logits - llama(ids).logits).abs().max() < 1e-5
+
+
+def test_training_step_and_gradient_checkpointing(
+    tiny_llama: LlamaForCausalLM, input_ids: torch.Tensor
+) -> None:
+    """Gradients reach every parameter of a heterogeneous child, the same with gradient checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        child = child_from_parent(llama_to_decilm(tiny_llama), child_blocks()).train()
+        if checkpointing:
+            child.gradient_checkpointing_enable()
+        child(input_ids, labels=input_ids).loss.backward()
+        grads.append({n: p.grad for n, p in child.named_parameters()})
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[0].values())
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+    with pytest.raises(ValueError, match="output_attentions"):
+        child(input_ids, output_attentions=True)
 
 
 def test_load_causal_lm_converts_a_llama_dir(tiny_llama_dir: Path, tiny_llama: LlamaForCausalLM) -> None:

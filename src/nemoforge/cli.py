@@ -4,6 +4,9 @@
     nemoforge run my.yaml --set distill.steps=10        # a recipe file, with overrides
     nemoforge compile smollm2-135m-demo -o pipeline.yaml
     nemoforge status --json
+    nemoforge submit llama-3.1-8b --host https://kfp.example --experiment nemotron
+    nemoforge schedule llama-3.1-8b --cron "0 0 3 * * 0" --host https://kfp.example
+    nemoforge schedule --list --host https://kfp.example
 """
 
 from __future__ import annotations
@@ -40,6 +43,16 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_kfp_args(parser: argparse.ArgumentParser, experiment_default: str | None = "nemoforge") -> None:
+    parser.add_argument("--host", help="Kubeflow Pipelines API URL (default: $KF_PIPELINES_ENDPOINT, then in-cluster)")
+    parser.add_argument(
+        "--experiment",
+        default=experiment_default,
+        help="KFP experiment" + (" (%(default)s)" if experiment_default else " (schedule: nemoforge; --list: all)"),
+    )
+    parser.add_argument("--namespace", help="Kubernetes namespace of a multi-user KFP (the profile namespace)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nemoforge",
@@ -69,6 +82,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(comp)
     comp.add_argument("-o", "--output", type=Path, required=True, help="output YAML path")
+
+    submit = sub.add_parser(
+        "submit",
+        help="upload the recipe's pipeline to Kubeflow Pipelines (a new version) and start a run",
+        description="Compile the recipe, upload it as a new version of pipeline nemoforge-<recipe> (created the "
+        "first time) and start one run in --experiment. Auth: NEMOFORGE_KFP_TOKEN (bearer), else the projected "
+        "service-account token at KF_PIPELINES_SA_TOKEN_PATH, else kfp.Client's defaults.",
+    )
+    _add_recipe_args(submit)
+    _add_kfp_args(submit)
+
+    sched = sub.add_parser(
+        "schedule",
+        help="create or replace the recipe's recurring run (scheduled retraining); --list, --disable NAME",
+        description="Compile and upload the recipe as a new pipeline version, then replace the recurring run "
+        "nemoforge-<recipe> of --experiment with one on that version (max_concurrency=1, no catch-up). "
+        "Running it again is safe: it leaves exactly one schedule per recipe.",
+    )
+    sched.add_argument("recipe", nargs="?", help=_RECIPE_HELP.format(names=", ".join(builtin_recipes())))
+    sched.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe field"
+    )
+    sched.add_argument("--cron", help='6-field cron, seconds first (robfig/cron): "0 0 3 * * 0" = Sundays 03:00')
+    sched.add_argument("--list", action="store_true", help="list the recurring runs (of --experiment when given)")
+    sched.add_argument("--disable", metavar="NAME", help="disable the recurring runs named NAME")
+    _add_kfp_args(sched, experiment_default=None)
 
     status = sub.add_parser(
         "status",
@@ -160,6 +199,67 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- submit, schedule
+def _publish(args: argparse.Namespace):
+    """Load, check and compile the recipe, connect, upload a new pipeline version: (recipe, client, published)."""
+    import tempfile
+
+    from nemoforge.cluster import kfp_api
+
+    from nemoforge_pipelines import compile_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    kfp_api.check_cluster_recipe(recipe)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    client = kfp_api.connect(args.host, args.namespace)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_recipe(recipe, Path(tmp) / f"{recipe.name}.yaml")
+        published = kfp_api.publish(client, recipe, package, args.namespace)
+    print(f"pipeline {published.pipeline_name} version {published.version_name} ({published.version_id})")
+    return recipe, client, published
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from nemoforge.cluster import kfp_api
+
+    recipe, client, published = _publish(args)
+    run = kfp_api.submit(client, recipe, published, args.experiment, args.namespace)
+    print(f"run {run.display_name} ({run.run_id}) started in experiment {args.experiment}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from nemoforge.cluster import kfp_api
+
+    modes = [m for m in ("recipe", "list", "disable") if getattr(args, m)]
+    if len(modes) != 1:
+        raise NemoforgeError("schedule takes one of: RECIPE --cron CRON, --list, --disable NAME")
+    if args.list:
+        rows = kfp_api.list_schedules(kfp_api.connect(args.host, args.namespace), args.experiment, args.namespace)
+        for row in rows:
+            print(f"{row['name']}\t{row['cron']}\t{row['mode']}\t{row['status']}\tversion {row['pipeline_version_id']}"
+                  f"\t{row['id']}")
+        if not rows:
+            print("no recurring runs")
+        return 0
+    if args.disable:
+        client = kfp_api.connect(args.host, args.namespace)
+        count = kfp_api.disable_schedule(client, args.disable, args.experiment, args.namespace)
+        print(f"disabled {count} recurring run(s) named {args.disable}")
+        return 0
+    if not args.cron:
+        raise NemoforgeError('schedule RECIPE needs --cron, e.g. --cron "0 0 3 * * 0" (6 fields, seconds first)')
+    kfp_api.check_cron(args.cron)
+    experiment = args.experiment or "nemoforge"
+    recipe, client, published = _publish(args)
+    created, replaced = kfp_api.schedule(client, recipe, published, args.cron, experiment, args.namespace)
+    print(
+        f"recurring run {created.display_name} ({created.recurring_run_id}) on version {published.version_name}: "
+        f"cron {args.cron!r} in experiment {experiment}" + (f", replacing {replaced}" if replaced else "")
+    )
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- status
 def _print_status(stages: list[dict]) -> None:
     from rich.console import Console
@@ -202,7 +302,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"run": cmd_run, "compile": cmd_compile, "status": cmd_status}
+    commands = {
+        "run": cmd_run,
+        "compile": cmd_compile,
+        "submit": cmd_submit,
+        "schedule": cmd_schedule,
+        "status": cmd_status,
+    }
     try:
         return commands[args.command](args)
     except NemoforgeError as err:

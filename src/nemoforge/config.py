@@ -165,6 +165,9 @@ class TrainConfig(_Section):
     grad_clip_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     checkpoint_every_steps: int = Field(10, ge=1, description="Save a resumable checkpoint every N steps.")
     log_every_steps: int = Field(1, ge=1, description="Log metrics every N steps.")
+    heldout_sequences: int = Field(
+        32, ge=1, description="Held-out sequences scored before and after training (loss, perplexity, KL)."
+    )
     seed: int = 0
 
     @model_validator(mode="after")

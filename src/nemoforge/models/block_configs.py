@@ -44,13 +44,19 @@ def intermediate_size(ffn: FFNConfig, hidden_size: int) -> int:
     return 0 if ffn.no_op else ffn_mult_to_intermediate_size(ffn.ffn_mult, hidden_size)
 
 
-def block_config(n_heads_in_group: int | None, ffn_intermediate_size: int | None, hidden_size: int) -> BlockConfig:
+def block_config(
+    n_heads_in_group: int | None, ffn_intermediate_size: int | None, hidden_size: int
+) -> BlockConfig:
     """One block from widths: ``n_heads_in_group`` None = no-op attention, ``ffn_intermediate_size`` None = no-op FFN.
 
     Raises:
         ValueError: the FFN width does not round-trip (see ``ffn_mult_for``).
     """
-    attention = AttentionConfig(no_op=True) if n_heads_in_group is None else AttentionConfig(n_heads_in_group=n_heads_in_group)
+    attention = (
+        AttentionConfig(no_op=True)
+        if n_heads_in_group is None
+        else AttentionConfig(n_heads_in_group=n_heads_in_group)
+    )
     if ffn_intermediate_size is None:
         ffn = FFNConfig(no_op=True)
     else:
@@ -67,8 +73,12 @@ def parent_block_configs(config: LlamaConfig) -> list[BlockConfig]:
     """
     num_kv_heads = config.num_key_value_heads or config.num_attention_heads
     if config.num_attention_heads % num_kv_heads:
-        raise ValueError(f"{num_kv_heads} KV heads do not divide {config.num_attention_heads} attention heads")
-    block = block_config(config.num_attention_heads // num_kv_heads, config.intermediate_size, config.hidden_size)
+        raise ValueError(
+            f"{num_kv_heads} KV heads do not divide {config.num_attention_heads} attention heads"
+        )
+    block = block_config(
+        config.num_attention_heads // num_kv_heads, config.intermediate_size, config.hidden_size
+    )
     return [copy.deepcopy(block) for _ in range(config.num_hidden_layers)]
 
 
@@ -84,7 +94,7 @@ def count_params(config: DeciLMConfig) -> int:
             total += D + 2 * D * H * Dh + 2 * D * K * Dh  # input_layernorm, q/o, k/v
             if config.attention_bias:
                 total += H * Dh + 2 * K * Dh + D
-        I = config.intermediate_size_of(layer_idx)  # noqa: E741 (I is the legend's FFN width)
+        I = config.intermediate_size_of(layer_idx)
         if I:
             total += D + 3 * D * I  # post_attention_layernorm, gate/up/down
             if config.mlp_bias:
@@ -113,7 +123,10 @@ def summarize(block_configs: Sequence[BlockConfig], hidden_size: int | None = No
         None if b.ffn.no_op else (intermediate_size(b.ffn, hidden_size) if hidden_size else b.ffn.ffn_mult)
         for b in block_configs
     )
-    parts = [f"{w if hidden_size else f'x{w}'}: {widths[w]}" for w in sorted((w for w in widths if w), reverse=True)]
+    parts = [
+        f"{w if hidden_size else f'x{w}'}: {widths[w]}"
+        for w in sorted((w for w in widths if w), reverse=True)
+    ]
     if widths[None]:
         parts.append(f"no_op: {widths[None]}")
     return f"attn {num_attention}/{len(block_configs)}, ffn {{{', '.join(parts)}}}"

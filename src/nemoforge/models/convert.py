@@ -23,14 +23,24 @@ from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM
 from nemoforge.models.parent import check_hf_dir
 
 # Top-level keys that are per layer in DeciLM, or describe the source class rather than the architecture.
-_NOT_COPIED = {"block_configs", "intermediate_size", "num_key_value_heads", "architectures", "transformers_version"}
+_NOT_COPIED = {
+    "block_configs",
+    "intermediate_size",
+    "num_key_value_heads",
+    "architectures",
+    "transformers_version",
+}
 
 
-def decilm_config_from_llama(llama_config, block_configs: Sequence[BlockConfig] | None = None) -> DeciLMConfig:
+def decilm_config_from_llama(
+    llama_config, block_configs: Sequence[BlockConfig] | None = None
+) -> DeciLMConfig:
     """A ``DeciLMConfig`` with the Llama's top-level keys and ``block_configs`` (default: all-parent)."""
     keys = {f.name for f in dataclasses.fields(DeciLMConfig)} - _NOT_COPIED
     kwargs = {k: copy.deepcopy(getattr(llama_config, k)) for k in keys if hasattr(llama_config, k)}
-    blocks = parent_block_configs(llama_config) if block_configs is None else copy.deepcopy(list(block_configs))
+    blocks = (
+        parent_block_configs(llama_config) if block_configs is None else copy.deepcopy(list(block_configs))
+    )
     return DeciLMConfig(**kwargs, block_configs=blocks)
 
 
@@ -63,7 +73,9 @@ def load_causal_lm(path: Path | str, dtype: torch.dtype = torch.float32) -> Deci
         return DeciLMForCausalLM.from_pretrained(path, dtype=dtype).eval()
     if model_type == "llama":
         return llama_to_decilm(LlamaForCausalLM.from_pretrained(path, dtype=dtype))
-    raise NemoforgeError(f"{path}: model_type {model_type!r} is not supported (expected 'llama' or 'nemotron-nas')")
+    raise NemoforgeError(
+        f"{path}: model_type {model_type!r} is not supported (expected 'llama' or 'nemotron-nas')"
+    )
 
 
 @torch.no_grad()
@@ -134,7 +146,9 @@ def _init_mlp(parent_mlp, child_mlp, channels: torch.Tensor | None, layer_idx: i
             raise ValueError(f"layer {layer_idx}: child FFN width {I_child} exceeds the parent's {I_parent}")
         channels = torch.arange(I_child)
     if channels.shape != (I_child,):
-        raise ValueError(f"layer {layer_idx}: {tuple(channels.shape)} channel indices for FFN width {I_child}")
+        raise ValueError(
+            f"layer {layer_idx}: {tuple(channels.shape)} channel indices for FFN width {I_child}"
+        )
     channels = channels.to(parent_mlp.gate_proj.weight.device)
     for name in ("gate_proj", "up_proj"):
         src, dst = getattr(parent_mlp, name), getattr(child_mlp, name)

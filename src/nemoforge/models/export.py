@@ -56,7 +56,7 @@ def expected_tensor_shapes(config: DeciLMConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{prefix}.self_attn.o_proj.weight"] = (D, H * Dh)
             if config.attention_bias:
                 shapes[f"{prefix}.self_attn.o_proj.bias"] = (D,)
-        I = config.intermediate_size_of(i)  # noqa: E741 (I is the legend's FFN width)
+        I = config.intermediate_size_of(i)
         if I:
             shapes[f"{prefix}.post_attention_layernorm.weight"] = (D,)
             for name, shape in (("gate_proj", (I, D)), ("up_proj", (I, D)), ("down_proj", (D, I))):
@@ -71,10 +71,16 @@ def check_complete(state: dict[str, torch.Tensor], config: DeciLMConfig) -> None
     expected = expected_tensor_shapes(config)
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in expected if k in state
-                   and tuple(state[k].shape) != expected[k])
-    problems = [f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} ({len(names)})"
-                for label, names in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if names]
+    wrong = sorted(
+        f"{k} {tuple(state[k].shape)} != {expected[k]}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != expected[k]
+    )
+    problems = [
+        f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} ({len(names)})"
+        for label, names in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong))
+        if names
+    ]
     if problems:
         raise ValueError("refusing to write an incomplete checkpoint: " + "; ".join(problems))
 
@@ -102,13 +108,17 @@ def export_checkpoint(
     if config.tie_word_embeddings:
         head = state.pop("lm_head.weight", None)
         if head is not None and not torch.equal(head, state["model.embed_tokens.weight"]):
-            raise ValueError("tie_word_embeddings is set but lm_head.weight differs from model.embed_tokens.weight")
+            raise ValueError(
+                "tie_word_embeddings is set but lm_head.weight differs from model.embed_tokens.weight"
+            )
     check_complete(state, config)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _save_safetensors(state, out_dir, max_shard_bytes)
-    (out_dir / "config.json").write_text(json.dumps(export_config_dict(model), indent=2, sort_keys=True) + "\n")
+    (out_dir / "config.json").write_text(
+        json.dumps(export_config_dict(model), indent=2, sort_keys=True) + "\n"
+    )
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out_dir)
     for module in (configuration_decilm, modeling_decilm):
@@ -153,7 +163,9 @@ def _save_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_b
         files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for file, shard in zip(files, shards, strict=True):
-        save_file({n: state[n].detach().contiguous() for n in shard}, out_dir / file, metadata={"format": "pt"})
+        save_file(
+            {n: state[n].detach().contiguous() for n in shard}, out_dir / file, metadata={"format": "pt"}
+        )
         weight_map.update({n: file for n in shard})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())

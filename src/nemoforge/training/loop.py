@@ -228,14 +228,6 @@ def is_complete_checkpoint(path: Path) -> bool:
     )
 
 
-def checkpoint_step(path: Path) -> int:
-    """N of a ``step-N`` directory."""
-    match = _STEP_DIR.match(Path(path).name)
-    if match is None:
-        raise ValueError(f"{path} is not a step-N checkpoint directory")
-    return int(match.group(1))
-
-
 def save_checkpoint(
     checkpoint_dir: Path,
     state: TrainState,

@@ -141,7 +141,7 @@ def run_training_stage(
     model = load_causal_lm(model_dir, dtype=torch.float32).to(device)
     # config given: AutoTokenizer would otherwise read a nemotron-nas export's auto_map and ask [y/N] on stdin
     tokenizer = AutoTokenizer.from_pretrained(model_dir, config=model.config)
-    heldout_NT = corpus.heldout_ids_NT
+    heldout_NT = corpus.heldout_ids_NT[: cfg.heldout_sequences]
     before = evaluate_heldout(model, heldout_NT, batch_size=cfg.batch_size, teacher=teacher)
 
     checkpoints_uri = uri_under(output_uri, "checkpoints")

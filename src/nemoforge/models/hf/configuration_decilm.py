@@ -19,7 +19,7 @@ Sources: Puzzle (arXiv 2411.19146) §3 search space; nemoforge ../shared/referen
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import PreTrainedConfig
 
@@ -55,7 +55,9 @@ def _split_known(cls: type, data: dict[str, Any], neutral: dict[str, Any], where
         elif key in neutral and value == neutral[key]:
             continue
         else:
-            raise ValueError(f"block_configs {where}: unsupported key {key}={value!r} (supported: {sorted(known)})")
+            raise ValueError(
+                f"block_configs {where}: unsupported key {key}={value!r} (supported: {sorted(known)})"
+            )
     return kwargs
 
 
@@ -77,7 +79,9 @@ class AttentionConfig:
         if self.no_op:
             self.n_heads_in_group = None  # canonical form: a removed block carries no width
         elif self.n_heads_in_group is None or int(self.n_heads_in_group) < 1:
-            raise ValueError(f"attention.n_heads_in_group must be a positive int, got {self.n_heads_in_group!r}")
+            raise ValueError(
+                f"attention.n_heads_in_group must be a positive int, got {self.n_heads_in_group!r}"
+            )
         else:
             self.n_heads_in_group = int(self.n_heads_in_group)
 
@@ -133,7 +137,9 @@ class BlockConfig:
             raise ValueError(f"block_configs entry has unsupported keys {sorted(extra)}")
         attention, ffn = data["attention"], data["ffn"]
         return cls(
-            attention=attention if isinstance(attention, AttentionConfig) else AttentionConfig.from_dict(attention),
+            attention=attention
+            if isinstance(attention, AttentionConfig)
+            else AttentionConfig.from_dict(attention),
             ffn=ffn if isinstance(ffn, FFNConfig) else FFNConfig.from_dict(ffn),
         )
 
@@ -155,7 +161,7 @@ class DeciLMConfig(PreTrainedConfig):
     """
 
     model_type = "nemotron-nas"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
 
     vocab_size: int = 32000
     hidden_size: int = 4096

@@ -22,6 +22,8 @@ Shape legend:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,7 +68,9 @@ class DeciLMRotaryEmbedding(nn.Module):
         self.config = config
         self.rope_type = config.rope_parameters.get("rope_type", "default")
         if self.rope_type not in _STATIC_ROPE_TYPES:
-            raise ValueError(f"rope_type {self.rope_type!r} is not supported (supported: {_STATIC_ROPE_TYPES})")
+            raise ValueError(
+                f"rope_type {self.rope_type!r} is not supported (supported: {_STATIC_ROPE_TYPES})"
+            )
         inv_freq, self.attention_scaling = self.compute_rope_parameters(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
@@ -89,7 +93,9 @@ class DeciLMRotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (cos_BTDh, sin_BTDh) in ``x``'s dtype; computed in float32."""
-        freqs_BTDh2 = position_ids_BT[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        freqs_BTDh2 = position_ids_BT[..., None].float() * self.inv_freq.to(
+            device=x.device, dtype=torch.float
+        )
         emb_BTDh = torch.cat((freqs_BTDh2, freqs_BTDh2), dim=-1)
         cos_BTDh = emb_BTDh.cos() * self.attention_scaling
         sin_BTDh = emb_BTDh.sin() * self.attention_scaling
@@ -223,7 +229,9 @@ class DeciLMDecoderLayer(GradientCheckpointingLayer):
         """
         if self.self_attn is None:
             return hidden_BTD
-        attn_BTD = self.self_attn(self.input_layernorm(hidden_BTD), position_embeddings, attention_mask, past_key_values)
+        attn_BTD = self.self_attn(
+            self.input_layernorm(hidden_BTD), position_embeddings, attention_mask, past_key_values
+        )
         return hidden_BTD + attn_BTD
 
     def ffn_block(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
@@ -247,8 +255,8 @@ class DeciLMPreTrainedModel(PreTrainedModel):
     config_class = DeciLMConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["DeciLMDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _no_split_modules: ClassVar[list[str]] = ["DeciLMDecoderLayer"]
+    _skip_keys_device_placement: ClassVar[list[str]] = ["past_key_values"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -295,7 +303,10 @@ class DeciLMModel(DeciLMPreTrainedModel):
 
     @staticmethod
     def build_attention_mask(
-        attention_mask_BS: torch.Tensor | None, num_query_tokens: int, num_past_tokens: int, device: torch.device
+        attention_mask_BS: torch.Tensor | None,
+        num_query_tokens: int,
+        num_past_tokens: int,
+        device: torch.device,
     ) -> torch.Tensor | None:
         """Boolean (B or 1, 1, T, S) mask, True = may attend, or None when plain causal attention is exact.
 
@@ -303,13 +314,21 @@ class DeciLMModel(DeciLMPreTrainedModel):
         it and ``attention_mask_BS[:, s]`` is 1. A query always attends itself, so padding rows stay finite.
 
         Args:
-            attention_mask_BS: 2-D padding mask over all S = past + T tokens (1 = token, 0 = padding), or None.
+            attention_mask_BS: 2-D padding mask over all S = past + T tokens (1 = token, 0 = padding), or None;
+                or a prepared boolean (B, 1, T, S) mask, returned as is (e.g. a CUDA-graph decode step whose
+                cache spans a fixed S).
             num_query_tokens: T.
             num_past_tokens: tokens already in the cache.
 
         Raises:
-            ValueError: the mask is not 2-D or its length is not past + T.
+            ValueError: a 2-D mask whose length is not past + T, or a 4-D mask that is not boolean.
         """
+        if attention_mask_BS is not None and attention_mask_BS.dim() == 4:
+            if attention_mask_BS.dtype != torch.bool:
+                raise ValueError(
+                    f"a 4-D attention_mask must be boolean (True = attend), got {attention_mask_BS.dtype}"
+                )
+            return attention_mask_BS
         T, past = num_query_tokens, num_past_tokens
         S = past + T
         if attention_mask_BS is not None:
@@ -344,7 +363,8 @@ class DeciLMModel(DeciLMPreTrainedModel):
 
         Args:
             input_ids: (B, T) token ids, or ``inputs_embeds`` (B, T, D).
-            attention_mask: (B, S) padding mask over cached + new tokens (1 = token), or None.
+            attention_mask: (B, S) padding mask over cached + new tokens (1 = token), a boolean (B, 1, T, S)
+                mask used as is, or None.
             position_ids: (B or 1, T); default ``past + arange(T)``.
             past_key_values: a cache (``DynamicCache`` or compatible); created when ``use_cache`` and None.
             use_cache: default ``config.use_cache`` in eval mode, False in training.
@@ -390,7 +410,7 @@ class DeciLMModel(DeciLMPreTrainedModel):
 class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
     """``DeciLMModel`` plus the LM head (tied to ``embed_tokens`` when ``config.tie_word_embeddings``)."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: DeciLMConfig) -> None:
         super().__init__(config)
@@ -429,6 +449,8 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         ``labels`` (B, T) are the input ids (shifted inside; -100 = ignored); the loss is the mean token
         cross-entropy in nats. Other arguments as ``DeciLMModel.forward``.
         """
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions is not supported: attention runs in SDPA kernels")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -443,7 +465,9 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         logits_BTV = self.lm_head(hidden_BTD[:, keep, :])
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits_BTV, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits_BTV, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits_BTV,

@@ -53,6 +53,14 @@ class Latency:
     def __add__(self, other: Latency) -> Latency:
         return Latency(self.prefill_ms + other.prefill_ms, self.decode_ms + other.decode_ms)
 
+    def report(self, decode_tokens: int) -> dict[str, float]:
+        """``{"prefill", "decode", "request"}`` in ms, as written to block_library.json."""
+        return {
+            "prefill": self.prefill_ms,
+            "decode": self.decode_ms,
+            "request": self.request_ms(decode_tokens),
+        }
+
 
 ZERO = Latency(0.0, 0.0)
 

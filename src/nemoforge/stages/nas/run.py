@@ -45,7 +45,6 @@ from nemoforge.stages.nas.mip import Option, Solution, check_budgets, evaluate, 
 from nemoforge.stages.nas.plots import plot_pareto
 from nemoforge.stages.nas.scoring import (
     ParentPass,
-    kl_and_lm_loss,
     parent_pass,
     score_layer,
     variant_layer_output,
@@ -175,23 +174,28 @@ def run(
     t = time.perf_counter()
     child = build_child(model, library, chosen, narrow_mlps)
     with torch.no_grad():
-        child_kl, child_lm_loss = kl_and_lm_loss(
-            child(heldout.input_ids_NT).logits, heldout.logprobs_NTV, heldout.input_ids_NT
+        child_kl, child_lm_loss = heldout.score(child(heldout.input_ids_NT).logits)
+    outputs = {
+        "model": phase.uri("model"),
+        "block_library": phase.uri("block_library.json"),
+        "solutions": phase.uri("solutions.json"),
+        "bld": phase.uri("bld"),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = export_checkpoint(child, tokenizer, Path(tmp) / "model")
+        digests = {"model": digest_path(model_dir)}
+        store.put(model_dir, outputs["model"])
+        png = plot_pareto(
+            front,
+            solutions,
+            parent_latency_ms=parent.latency_ms,
+            latency_budget_ms=budget_ms,
+            path=Path(tmp) / "p.png",
         )
-    result = _write_outputs(
-        phase,
-        model,
-        tokenizer,
-        child,
-        library,
-        bld,
-        scores,
-        costs,
-        solutions,
-        front,
-        parent,
-        budget_ms=budget_ms,
-    )
+        plots = {"pareto": store.put(png, phase.uri("pareto.png"))}
+    store.write_json(outputs["block_library"], _block_library_json(library, bld, scores, costs, model))
+    store.write_json(outputs["solutions"], _solutions_json(library, solutions, front, parent, budget_ms))
+    result = StageResult(outputs=outputs, digests=digests, plots=plots)
     timings["time_export_s"] = time.perf_counter() - t
     timings["wall_time_s"] = time.perf_counter() - started
 
@@ -408,50 +412,19 @@ def build_child(
 
 
 # ----------------------------------------------------------------------------------------------- outputs
-def _write_outputs(
-    phase: _Phase,
-    parent_model: DeciLMForCausalLM,
-    tokenizer,
-    child: DeciLMForCausalLM,
+def _solutions_json(
     library: BlockLibrary,
-    bld: list[dict[int, BLDResult]],
-    scores: list[dict[Variant, dict[str, float]]],
-    costs: CostTable,
     solutions: list[Solution],
     front: list[tuple[float, Solution]],
     parent: Solution,
-    *,
     budget_ms: float,
-) -> StageResult:
-    store = phase.store
-    block_library = _block_library_json(library, bld, scores, costs, parent_model)
-    solutions_json = {
+) -> dict:
+    return {
         "latency_budget_ms": budget_ms,
         "parent": _solution_json(library, parent, parent),
         "solutions": [_solution_json(library, s, parent) for s in solutions],
         "pareto": [{"ratio": r, **_solution_json(library, s, parent)} for r, s in front],
     }
-    outputs = {
-        "model": phase.uri("model"),
-        "block_library": phase.uri("block_library.json"),
-        "solutions": phase.uri("solutions.json"),
-        "bld": phase.uri("bld"),
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = export_checkpoint(child, tokenizer, Path(tmp) / "model")
-        model_digest = digest_path(model_dir)
-        store.put(model_dir, outputs["model"])
-        png = plot_pareto(
-            front,
-            solutions,
-            parent_latency_ms=parent.latency_ms,
-            latency_budget_ms=budget_ms,
-            path=Path(tmp) / "pareto.png",
-        )
-        plot_uri = store.put(png, phase.uri("pareto.png"))
-    store.write_json(outputs["block_library"], block_library)
-    store.write_json(outputs["solutions"], solutions_json)
-    return StageResult(outputs=outputs, digests={"model": model_digest}, plots={"pareto": plot_uri})
 
 
 def _block_library_json(
@@ -467,25 +440,17 @@ def _block_library_json(
     for i, row in enumerate(library.variants):
         layers[str(i)] = {}
         for v in row:
-            latency = costs.latency(v)
             trained = bld[i].get(v.ffn_size)  # narrow widths only
             layers[str(i)][library.name(v)] = {
                 "block_config": library.block_config(v).to_dict(),
                 "stats": {
-                    "latency_ms": {
-                        "prefill": latency.prefill_ms,
-                        "decode": latency.decode_ms,
-                        "request": latency.request_ms(decode_tokens),
-                    },
+                    "latency_ms": costs.latency(v).report(decode_tokens),
                     "param_bytes": costs.param_bytes(v),
                     "kv_cache_bytes": costs.kv_cache_bytes(v),
                 },
                 "metrics": scores[i][v],
-                "bld": None
-                if trained is None
-                else {"loss_init": trained.loss_init, "loss_final": trained.loss_final},
+                "bld": trained and {"loss_init": trained.loss_init, "loss_final": trained.loss_final},
             }
-    parent_predicted = costs.predicted([library.parent] * library.num_layers)
     return {
         "measurement": {**costs.measurement, "latency_unit": "ms", "memory_unit": "bytes"},
         "parent": {
@@ -495,26 +460,11 @@ def _block_library_json(
             "ffn_size": library.parent_ffn_size,
             "params": count_params(parent_model.config),
             "latency_ms": {
-                "predicted": {
-                    "prefill": parent_predicted.prefill_ms,
-                    "decode": parent_predicted.decode_ms,
-                    "request": parent_predicted.request_ms(decode_tokens),
-                },
-                "measured": {
-                    "prefill": costs.parent_measured.prefill_ms,
-                    "decode": costs.parent_measured.decode_ms,
-                    "request": costs.parent_measured.request_ms(decode_tokens),
-                },
+                "predicted": costs.predicted([library.parent] * library.num_layers).report(decode_tokens),
+                "measured": costs.parent_measured.report(decode_tokens),
             },
         },
-        "fixed": {
-            "latency_ms": {
-                "prefill": costs.fixed.prefill_ms,
-                "decode": costs.fixed.decode_ms,
-                "request": costs.fixed.request_ms(decode_tokens),
-            },
-            "param_bytes": costs.fixed_param_bytes,
-        },
+        "fixed": {"latency_ms": costs.fixed.report(decode_tokens), "param_bytes": costs.fixed_param_bytes},
         "layers": layers,
     }
 

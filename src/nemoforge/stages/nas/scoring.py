@@ -25,14 +25,15 @@ from nemoforge.stages.nas.library import Variant
 
 @dataclass(frozen=True)
 class ParentPass:
-    """The parent's forward on the held-out sequences, kept for partial recomputation.
+    """The parent's forward on the held-out sequences, kept for partial recomputation and scoring.
 
     Attributes:
         input_ids_NT: the sequences.
         hidden_NTD: ``L + 1`` entries; ``hidden_NTD[i]`` is the input of layer ``i`` (the last is pre-final-norm).
         post_attention_NTD: ``L`` entries; layer ``i``'s hidden state after its attention sub-block.
         position_embeddings: RoPE (cos, sin) of positions ``0..T-1``.
-        logprobs_NTV: the parent's next-token log-probabilities.
+        probs_NTV: the parent's next-token distribution p (float32).
+        plogp_NT: ``sum_v p log p`` per position (minus the parent's entropy), the constant part of KL(p || q).
         lm_loss: the parent's LM loss (nats per token).
     """
 
@@ -40,19 +41,22 @@ class ParentPass:
     hidden_NTD: list[torch.Tensor]
     post_attention_NTD: list[torch.Tensor]
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    logprobs_NTV: torch.Tensor
+    probs_NTV: torch.Tensor
+    plogp_NT: torch.Tensor
     lm_loss: float
 
+    def score(self, logits_NTV: torch.Tensor) -> tuple[float, float]:
+        """``(KL(parent || model), LM loss)`` of a model's logits on these sequences, nats averaged over tokens.
 
-def kl_and_lm_loss(
-    logits_NTV: torch.Tensor, parent_logprobs_NTV: torch.Tensor, input_ids_NT: torch.Tensor
-) -> tuple[float, float]:
-    """``(KL(parent || model), LM loss)``, both in nats averaged over tokens."""
-    logprobs_NTV = F.log_softmax(logits_NTV.float(), dim=-1)
-    kl_NT = (parent_logprobs_NTV.exp() * (parent_logprobs_NTV - logprobs_NTV)).sum(-1)
-    targets = input_ids_NT[:, 1:].unsqueeze(-1)
-    lm_loss = -logprobs_NTV[:, :-1].gather(-1, targets).mean()
-    return kl_NT.mean().item(), lm_loss.item()
+        With ``log q = z - logsumexp(z)`` and ``sum_v p = 1``: ``KL = sum p log p - (sum p z - logsumexp(z))``, so
+        the model's log-probabilities are never materialized (two passes over the (N, T, V) logits).
+        """
+        logits_NTV = logits_NTV.float()
+        lse_NT = torch.logsumexp(logits_NTV, dim=-1)
+        kl_NT = self.plogp_NT - ((self.probs_NTV * logits_NTV).sum(-1) - lse_NT)
+        target_logits = logits_NTV[:, :-1].gather(-1, self.input_ids_NT[:, 1:].unsqueeze(-1)).squeeze(-1)
+        lm_loss = (lse_NT[:, :-1] - target_logits).mean()
+        return kl_NT.mean().item(), lm_loss.item()
 
 
 @torch.no_grad()
@@ -64,10 +68,11 @@ def parent_pass(model: DeciLMForCausalLM, input_ids_NT: torch.Tensor) -> ParentP
     for layer in model.model.layers:
         post_attention.append(layer.attention_block(hidden[-1], position_embeddings))
         hidden.append(layer.ffn_block(post_attention[-1]))
-    logits_NTV = model.lm_head(model.model.norm(hidden[-1]))
-    logprobs_NTV = F.log_softmax(logits_NTV.float(), dim=-1)
+    logprobs_NTV = F.log_softmax(model.lm_head(model.model.norm(hidden[-1])).float(), dim=-1)
+    probs_NTV = logprobs_NTV.exp()
     lm_loss = -logprobs_NTV[:, :-1].gather(-1, input_ids_NT[:, 1:].unsqueeze(-1)).mean().item()
-    return ParentPass(input_ids_NT, hidden, post_attention, position_embeddings, logprobs_NTV, lm_loss)
+    plogp_NT = (probs_NTV * logprobs_NTV).sum(-1)
+    return ParentPass(input_ids_NT, hidden, post_attention, position_embeddings, probs_NTV, plogp_NT, lm_loss)
 
 
 def variant_layer_output(
@@ -116,5 +121,5 @@ def score_layer(
     scores = []
     for k in range(len(outputs_NTD)):
         logits_NTV = model.lm_head(model.model.norm(hidden_KND[k * num_seqs : (k + 1) * num_seqs]))
-        scores.append(kl_and_lm_loss(logits_NTV, parent.logprobs_NTV, parent.input_ids_NT))
+        scores.append(parent.score(logits_NTV))
     return scores

@@ -1,0 +1,153 @@
+"""The TrainJob built from a recipe: valid against the real Trainer CRD, with the recipe's resources and ZeRO."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from nemoforge.cluster.trainjob import PATCH_MANAGER, build_trainjob, deepspeed_config, trainjob_name
+from nemoforge.config import load_recipe
+from nemoforge.errors import RecipeError
+
+INPUTS = {
+    "parent": {"uri": "s3://b/models/parent-1", "digest": "p" * 64},
+    "model": {"uri": "s3://b/run/nas/model", "digest": "m" * 64, "params": "6.1e9"},
+    "corpus": {"uri": "s3://b/corpus/abc", "digest": "c" * 64},
+}
+
+
+def strict(schema: dict) -> dict:
+    """The CRD schema with unknown fields rejected (the API server prunes them silently; we want to know)."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if (
+                node.get("type") == "object"
+                and "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
+                node["additionalProperties"] = False
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    return schema
+
+
+@pytest.fixture(scope="module")
+def trainjob_validator(shared_dir: Path) -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load((shared_dir / "schemas/crds/trainer.kubeflow.org_trainjobs.yaml").read_text())
+    (version,) = crd["spec"]["versions"]
+    assert (crd["spec"]["group"], version["name"], crd["spec"]["names"]["plural"]) == (
+        "trainer.kubeflow.org", "v1alpha1", "trainjobs")
+    return jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
+
+
+def check_trainjob(job: dict, validator: jsonschema.Draft7Validator) -> None:
+    """Schema (strict) plus the CRD's CEL rules on the name, which plain JSON Schema does not run."""
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(job)]
+    assert not errors, errors
+    name = job["metadata"]["name"]
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, name
+    for value in job["metadata"]["labels"].values():
+        assert re.fullmatch(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]", value) and len(value) <= 63
+
+
+def test_70b_distill_trainjob_matches_recipe_and_crd(trainjob_validator):
+    recipe = load_recipe("llama-3.3-70b-super", ["resources.image_pull_secrets=[ghcr-pull]"])
+    job = build_trainjob(
+        recipe, "distill", "nemoforge-llama-3-3-70b-super-9xk2p", INPUTS,
+        image="ghcr.io/nemoforge/train:0.1.0", namespace="team-a", owner={"name": "launcher-pod", "uid": "u-1"},
+    )
+    check_trainjob(job, trainjob_validator)
+    spec = job["spec"]
+    assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                  "name": "torch-distributed"}
+    trainer = spec["trainer"]
+    assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 8
+    assert trainer["resourcesPerNode"] == {
+        "requests": {"cpu": "160", "memory": "1800Gi", "nvidia.com/gpu": "8"},
+        "limits": {"cpu": "160", "memory": "1800Gi", "nvidia.com/gpu": "8"},
+    }
+    assert trainer["image"] == "ghcr.io/nemoforge/train:0.1.0"
+    assert trainer["command"] == ["torchrun", "--module", "nemoforge.cluster.worker"]
+    assert trainer["args"] == ["--stage", "distill", "--run-name", "nemoforge-llama-3-3-70b-super-9xk2p"]
+    env = {e["name"]: e["value"] for e in trainer["env"]}
+    assert json.loads(env["NEMOFORGE_INPUTS_JSON"]) == INPUTS
+    assert json.loads(env["NEMOFORGE_RECIPE_JSON"])["resources"]["distill"]["num_nodes"] == 2
+    ds = json.loads(env["NEMOFORGE_DEEPSPEED_CONFIG"])
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": True}
+    assert (ds["train_batch_size"], ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"]) == (128, 4, 2)
+    assert spec["activeDeadlineSeconds"] == 1209600
+    assert "podTemplateOverrides" not in spec
+    (patch,) = spec["runtimePatches"]
+    assert patch["manager"] == PATCH_MANAGER
+    (rjob,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert rjob["name"] == "node"
+    pod = rjob["template"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "nemoforge"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}]
+    assert pod["imagePullSecrets"] == [{"name": "ghcr-pull"}]
+    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}}]
+    assert pod["containers"] == [{"name": "node", "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}]
+    assert job["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Pod", "name": "launcher-pod", "uid": "u-1", "blockOwnerDeletion": False}
+    ]
+
+
+def test_8b_single_node_trainjob_zero2(trainjob_validator):
+    recipe = load_recipe("llama-3.1-8b")
+    job = build_trainjob(recipe, "cpt", "r1", {"model": INPUTS["model"], "corpus": INPUTS["corpus"]},
+                         image="img:1", namespace="ns")
+    check_trainjob(job, trainjob_validator)
+    assert (job["spec"]["trainer"]["numNodes"], job["spec"]["trainer"]["numProcPerNode"]) == (1, 8)
+    ds = json.loads({e["name"]: e["value"] for e in job["spec"]["trainer"]["env"]}["NEMOFORGE_DEEPSPEED_CONFIG"])
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                                       "reduce_scatter": True, "reduce_bucket_size": 500_000_000}
+    assert ds["scheduler"]["params"] == {"total_num_steps": 500, "warmup_num_steps": 25, "cos_min_ratio": 0.1}
+    assert ds["optimizer"]["params"] == {"lr": 2e-5, "weight_decay": 0.0, "torch_adam": True}
+    assert "ownerReferences" not in job["metadata"]
+
+
+def test_the_schema_check_is_strict(trainjob_validator):
+    recipe = load_recipe("llama-3.1-8b")
+    job = build_trainjob(recipe, "cpt", "r1", {}, image="img:1", namespace="ns")
+    job["spec"]["podTemplateOverrides"] = [{"targetJobs": [{"name": "node"}]}]  # removed in Trainer 2.2
+    with pytest.raises(AssertionError, match="podTemplateOverrides"):
+        check_trainjob(job, trainjob_validator)
+    job = build_trainjob(recipe, "cpt", "r1", {}, image="img:1", namespace="ns")
+    job["spec"]["trainer"]["numNodes"] = "two"
+    with pytest.raises(AssertionError, match="numNodes"):
+        check_trainjob(job, trainjob_validator)
+
+
+def test_batch_that_does_not_split_names_the_fix():
+    recipe = load_recipe("llama-3.3-70b-super", ["distill.batch_size=100"])
+    with pytest.raises(RecipeError, match=r"batch_size=100 does not split over 16 ranks x 4 .* multiple of 64 \(e\.g\. 128\)"):
+        deepspeed_config(recipe.distill, recipe.resources.distill)
+
+
+def test_nas_never_runs_as_trainjob():
+    with pytest.raises(RecipeError, match="nas runs in one pod"):
+        load_recipe("llama-3.1-8b", ["resources.nas.num_nodes=2"])
+    with pytest.raises(RecipeError, match="set resources.image_set=train"):
+        load_recipe("smollm2-135m-demo", ["resources.distill.num_nodes=2"])
+
+
+def test_names_are_dns_labels_unique_per_run_and_stage():
+    names = {trainjob_name(run, stage) for run in ("Run_1", "run-1", "9" * 80) for stage in ("distill", "cpt")}
+    assert len(names) == 6
+    assert all(re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", n) and len(n) <= 40 for n in names)
+    assert trainjob_name("nemoforge-llama-3-1-8b-x7k2p", "distill") == "nemoforge-llama-3-1-8b-distill-1a4daa37"
