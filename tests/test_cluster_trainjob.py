@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import copy
+import importlib.util
 import json
 import re
 from pathlib import Path
 
 import jsonschema
 import pytest
-import yaml
 
 from nemoforge.cluster.trainjob import PATCH_MANAGER, build_trainjob, deepspeed_config, trainjob_name
 from nemoforge.config import load_recipe
 from nemoforge.errors import RecipeError
 
+REPO = Path(__file__).resolve().parents[1]
 INPUTS = {
     "parent": {"uri": "s3://b/models/parent-1", "digest": "p" * 64},
     "model": {"uri": "s3://b/run/nas/model", "digest": "m" * 64, "params": "6.1e9"},
@@ -22,36 +22,14 @@ INPUTS = {
 }
 
 
-def strict(schema: dict) -> dict:
-    """The CRD schema with unknown fields rejected (the API server prunes them silently; we want to know)."""
-    schema = copy.deepcopy(schema)
-
-    def walk(node):
-        if isinstance(node, dict):
-            if (
-                node.get("type") == "object"
-                and "properties" in node
-                and "additionalProperties" not in node
-                and not node.get("x-kubernetes-preserve-unknown-fields")
-            ):
-                node["additionalProperties"] = False
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(schema)
-    return schema
-
-
 @pytest.fixture(scope="module")
 def trainjob_validator(shared_dir: Path) -> jsonschema.Draft7Validator:
-    crd = yaml.safe_load((shared_dir / "schemas/crds/trainer.kubeflow.org_trainjobs.yaml").read_text())
-    (version,) = crd["spec"]["versions"]
-    assert (crd["spec"]["group"], version["name"], crd["spec"]["names"]["plural"]) == (
-        "trainer.kubeflow.org", "v1alpha1", "trainjobs")
-    return jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
+    """The CRD's schema made strict (unknown fields rejected) by the chart's validator, charts/validate.py."""
+    spec = importlib.util.spec_from_file_location("nemoforge_chart_validate", REPO / "charts" / "validate.py")
+    chart_validate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chart_validate)
+    schemas = chart_validate.load_crd(shared_dir / "schemas/crds/trainer.kubeflow.org_trainjobs.yaml")
+    return jsonschema.Draft7Validator(schemas[("trainer.kubeflow.org/v1alpha1", "TrainJob")])
 
 
 def check_trainjob(job: dict, validator: jsonschema.Draft7Validator) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from nemoforge.config import Recipe, apply_overrides, builtin_recipes, load_recipe, parse_recipe
 from nemoforge.errors import RecipeError
-from nemoforge.preflight import check_budget, min_latency_ratio
+from nemoforge.preflight import check_budget, min_memory_bytes
 
 SMOLLM2_CONFIG = {
     "hidden_size": 576,
@@ -76,24 +76,18 @@ def test_section_digest_tracks_only_that_section():
     assert a.section_digest("cpt") != b.section_digest("cpt")
 
 
-def test_min_latency_ratio_for_smollm2():
-    recipe = load_recipe("smollm2-135m-demo")
-    # cheapest child: lm_head + layer 0 attention, every FFN removed
-    hidden, layers = 576, 30
-    attn = 2 * (2 * hidden * 576 + 2 * hidden * 192)
-    ffn = 6 * hidden * 1536
-    lm_head = 2 * hidden * 49152
-    expected = (lm_head + attn) / (lm_head + layers * (attn + ffn))
-    assert min_latency_ratio(recipe, SMOLLM2_CONFIG) == pytest.approx(expected)
+def test_min_memory_bytes_for_smollm2():
+    recipe = load_recipe("smollm2-135m-demo", ["nas.cost.weight_bytes=2", "nas.cost.kv_bytes=2"])
+    # tied embedding + layer 0 attention (q,o: 576x576; k,v: 576x192) and its KV cache for 1 x (128 + 128) tokens
+    expected = (49152 * 576 + 2 * 576 * 576 + 2 * 576 * 192) * 2 + 256 * 2 * 3 * 64 * 2
+    assert min_memory_bytes(recipe, SMOLLM2_CONFIG) == expected
 
 
-def test_impossible_budget_fails_before_compute():
-    recipe = load_recipe(
-        "smollm2-135m-demo", ["nas.latency_budget_ratio=0.3", "nas.ffn_no_op=false", "nas.attention_no_op=false"]
-    )
-    with pytest.raises(RecipeError, match=r"nas.latency_budget_ratio=0.3 is below .* raise it to at least 0\.\d\d"):
+def test_impossible_memory_budget_fails_before_compute():
+    recipe = load_recipe("smollm2-135m-demo", ["nas.memory_budget_gib=0.01"])
+    with pytest.raises(RecipeError, match=r"nas.memory_budget_gib=0.01 is below .* raise it to at least 0\.05"):
         check_budget(recipe, SMOLLM2_CONFIG)
-    check_budget(load_recipe("smollm2-135m-demo"), SMOLLM2_CONFIG)  # the demo's 0.7 is reachable
+    check_budget(load_recipe("smollm2-135m-demo", ["nas.memory_budget_gib=0.2"]), SMOLLM2_CONFIG)
 
 
 def test_recipe_is_frozen_and_serializes_whole():

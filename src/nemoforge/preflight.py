@@ -40,48 +40,50 @@ def resolve_recipe(recipe: Recipe, workdir: Path) -> Recipe:
     return recipe.model_copy(update={"tracking": tracking, "storage": storage, "data": data, "model": model})
 
 
-def min_latency_ratio(recipe: Recipe, parent_config: dict) -> float:
-    """Lower bound on the child/parent latency ratio the NAS search space allows.
+def min_memory_bytes(recipe: Recipe, parent_config: dict) -> int:
+    """A lower bound on the memory (parameters + KV cache) of any child in the NAS search space.
 
-    Per-token matmul FLOPs of the cheapest child (layer 0 keeps attention under
-    ``keep_first_attention``; every FFN at its narrowest width or removed) over the parent's, including
-    the lm_head. Measured latency also pays per-layer overheads the child cannot remove, so the real
-    floor is at or above this ratio: a budget below it is infeasible.
+    Counts only what no child can drop: the embedding (and the LM head when untied), and layer 0's
+    attention with its KV cache when ``nas.keep_first_attention`` (or every layer's when attention
+    removal is off), at ``nas.cost`` weight/KV bytes, batch and sequence. The nas stage checks the exact
+    figure after measuring the library; this bound lets a hopeless budget fail before any compute.
     """
+    cost = recipe.nas.cost
     hidden = parent_config["hidden_size"]
     heads = parent_config["num_attention_heads"]
     kv_heads = parent_config.get("num_key_value_heads") or heads
     head_dim = parent_config.get("head_dim") or hidden // heads
-    num_layers = parent_config["num_hidden_layers"]
-    attn = 2 * (2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim)
-    ffn = 2 * 3 * hidden * parent_config["intermediate_size"]
-    lm_head = 2 * hidden * parent_config["vocab_size"]
-    nas = recipe.nas
-    min_ffn = 0 if nas.ffn_no_op else 2 * 3 * hidden * min(nas.ffn_intermediate_sizes)
-    min_attn_layers = (1 if nas.keep_first_attention else 0) if nas.attention_no_op else num_layers
-    child = lm_head + min_attn_layers * attn + num_layers * min_ffn
-    return child / (lm_head + num_layers * (attn + ffn))
+    embed = parent_config["vocab_size"] * hidden * (1 if parent_config.get("tie_word_embeddings", True) else 2)
+    attn_params = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    kv_per_layer = cost.batch_size * (cost.prefill_tokens + cost.decode_tokens) * 2 * kv_heads * head_dim
+    if recipe.nas.attention_no_op:
+        kept_attention = 1 if recipe.nas.keep_first_attention else 0
+    else:
+        kept_attention = parent_config["num_hidden_layers"]
+    return (embed + kept_attention * attn_params) * cost.weight_bytes + kept_attention * kv_per_layer * cost.kv_bytes
 
 
 def check_budget(recipe: Recipe, parent_config: dict | None) -> None:
-    """Reject a latency budget no child in the search space can meet, before any compute.
+    """Reject a memory budget no child in the search space can meet, before any compute.
+
+    The latency budget is checked by the nas stage right after it measures the block library's
+    latencies (before any training): latency cannot be bounded from the config alone.
 
     Args:
         parent_config: the parent's ``config.json`` as a dict, when it is known before the run
-            (an ``hf-dir`` parent or an earlier conversion); ``None`` skips the check, and the nas stage
-            checks feasibility right after measuring costs, before any training.
+            (an ``hf-dir`` parent or an earlier conversion); ``None`` skips the check.
 
     Raises:
-        RecipeError: ``nas.latency_budget_ratio`` is below :func:`min_latency_ratio`.
+        RecipeError: ``nas.memory_budget_gib`` is below :func:`min_memory_bytes`.
     """
-    if not recipe.nas.enabled or parent_config is None:
+    budget_gib = recipe.nas.memory_budget_gib
+    if not recipe.nas.enabled or budget_gib is None or parent_config is None:
         return
-    floor = min_latency_ratio(recipe, parent_config)
-    if recipe.nas.latency_budget_ratio < floor:
+    floor_gib = min_memory_bytes(recipe, parent_config) / 2**30
+    if budget_gib < floor_gib:
         raise RecipeError(
-            f"nas.latency_budget_ratio={recipe.nas.latency_budget_ratio} is below what the block library "
-            f"can reach ({floor:.2f} of the parent's FLOPs): raise it to at least {floor:.2f} "
-            "or allow no_op blocks / narrower nas.ffn_intermediate_sizes"
+            f"nas.memory_budget_gib={budget_gib} is below what any child needs ({floor_gib:.4f} GiB for the "
+            f"embedding and the attention that must stay): raise it to at least {floor_gib:.4f}"
         )
 
 
