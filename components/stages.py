@@ -9,15 +9,15 @@ from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
 
-def parent(recipe_json: str, parent_model: Output[Model]):
-    """Convert the parent LlamaForCausalLM once and place it in the artifact store."""
+def parent(recipe_json: str, run_name: str, parent_model: Output[Model]):
+    """Open the MLflow parent run; convert the parent LlamaForCausalLM once into the artifact store."""
     import json
 
     from nemoforge.config import Recipe
     from nemoforge.runner import prepare_parent_step, user_errors
 
     with user_errors():
-        ref = prepare_parent_step(Recipe.model_validate_json(recipe_json))
+        ref = prepare_parent_step(Recipe.model_validate_json(recipe_json), run_name)
     parent_model.metadata.update(ref)
     with open(parent_model.path, "w") as f:
         json.dump(ref, f)

@@ -80,7 +80,7 @@ def build_pipeline(recipe: Recipe) -> Callable:
         exit_task = ops["finalize"](recipe_json=recipe_json, run_name=run_name)
         _apply_resources(exit_task, light, cluster).set_display_name("finalize")
         with dsl.ExitHandler(exit_task, name="recipe"):
-            parent = _apply_resources(ops["parent"](recipe_json=recipe_json), light, cluster)
+            parent = _apply_resources(ops["parent"](recipe_json=recipe_json, run_name=run_name), light, cluster)
             parent_model = parent.outputs["parent_model"]
             corpus_task = _apply_resources(
                 ops["corpus"](recipe_json=recipe_json, parent_model=parent_model), cluster.nas, cluster

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from nemoforge_components.images import image_ref, load_images
-from nemoforge_pipelines import compile_recipe
 
 from nemoforge.config import Recipe, StageResources, builtin_recipes, load_recipe
+from nemoforge_components.images import image_ref, load_images
+from nemoforge_pipelines import compile_recipe
 
 COMPILED = Path(__file__).resolve().parents[1] / "pipelines" / "compiled"
 REFRESH = "bash pipelines/compiled/refresh.sh"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from nemoforge_components.images import IMAGES_DIR, check_lock, load_images, lock_path, read_lock
 
 SETS = sorted(load_images()["sets"])

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -141,6 +142,18 @@ def _parent_config(recipe: Recipe) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _failure_reason(recipe: Recipe, error_file: Path, err: RuntimeError) -> str:
+    """The failing step's own one-line message, else the stage error in MLflow, else kfp's summary."""
+    from nemoforge import lineage
+
+    if error_file.is_file():
+        return error_file.read_text().strip()
+    failed = [s for s in lineage.pipeline_status(recipe.tracking.mlflow_uri, recipe.tracking.experiment) if s.get("error")]
+    if failed:
+        return f"stage {failed[-1]['stage']}: {failed[-1]['error']}"
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines()[0]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from nemoforge import lineage
     from nemoforge.preflight import check_budget, check_inputs, resolve_recipe
@@ -165,16 +178,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         enable_caching=False,
         raise_on_error=True,
     )
+    error_file = workdir / "last-error.txt"
+    error_file.unlink(missing_ok=True)
+    os.environ["NEMOFORGE_ERROR_FILE"] = str(error_file)
     started = time.time()
     pipeline = build_pipeline(recipe)
     try:
         pipeline(recipe_json=recipe.to_json())
     except RuntimeError as err:
-        stages = lineage.pipeline_status(recipe.tracking.mlflow_uri, recipe.tracking.experiment)
-        failed = [s for s in stages if s.get("error")]
-        reason = failed[-1]["error"] if failed else str(err).splitlines()[0]
-        where = f"stage {failed[-1]['stage']}: " if failed else ""
-        print(f"nemoforge: error: {where}{reason}", file=sys.stderr)
+        print(f"nemoforge: error: {_failure_reason(recipe, error_file, err)}", file=sys.stderr)
         print(
             f"nemoforge: earlier stages' outputs are kept; fix the problem and re-run `nemoforge run {args.recipe}` "
             f"to resume (see `nemoforge status --workdir {args.workdir}`)",
@@ -205,7 +217,6 @@ def _publish(args: argparse.Namespace):
     import tempfile
 
     from nemoforge.cluster import kfp_api
-
     from nemoforge_pipelines import compile_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)

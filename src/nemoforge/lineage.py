@@ -576,6 +576,16 @@ def _log_input_models(
         client.log_inputs(run_id, models=models)
 
 
+def open_pipeline_run(tracking_uri: str | None, experiment: str, pipeline_run: str, recipe: Recipe) -> str:
+    """Create (or set RUNNING again) the parent run of ``pipeline_run``; the pipeline's first task calls it.
+
+    Returns:
+        The parent run id.
+    """
+    client = _client(tracking_uri)
+    return _open_parent(client, ensure_experiment(tracking_uri, experiment), pipeline_run, recipe)
+
+
 def finish_pipeline_run(tracking_uri: str | None, experiment: str, pipeline_run: str, status: str) -> None:
     """End the parent run of ``pipeline_run``.
 

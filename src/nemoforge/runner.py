@@ -89,10 +89,15 @@ def _model_ref(result: StageResult, **extra: Any) -> Ref:
 
 
 # ------------------------------------------------------------------------------------ preparation
-def prepare_parent_step(recipe: Recipe) -> Ref:
-    """Convert the parent once and place it in the store; reused by key on later runs."""
+def prepare_parent_step(recipe: Recipe, run_name: str) -> Ref:
+    """Open the pipeline's MLflow parent run; convert the parent once and place it in the store.
+
+    The conversion is reused by key on later runs.
+    """
+    from nemoforge import lineage
     from nemoforge.models.parent import prepare_parent
 
+    lineage.open_pipeline_run(recipe.tracking.mlflow_uri, recipe.tracking.experiment, run_name, recipe)
     store = store_for(recipe)
     key = step_key("parent", recipe.model.parent, {})
     index = StepIndex(store, "parent", key)
@@ -199,11 +204,17 @@ def finalize_run(recipe: Recipe, run_name: str, succeeded: bool) -> None:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """In a component: print a NemoforgeError as one line and exit 1 (traceback only with NEMOFORGE_DEBUG=1)."""
+    """In a component: print a NemoforgeError as one line and exit 1 (traceback only with NEMOFORGE_DEBUG=1).
+
+    Under ``nemoforge run`` the line is also written to ``$NEMOFORGE_ERROR_FILE``, so the CLI can repeat
+    the failing step's own message after kfp.local's summary.
+    """
     try:
         yield
     except NemoforgeError as err:
         if os.environ.get("NEMOFORGE_DEBUG") == "1":
             raise
         sys.stderr.write(f"nemoforge: error: {err}\n")
+        if error_file := os.environ.get("NEMOFORGE_ERROR_FILE"):
+            Path(error_file).write_text(f"{err}\n")
         raise SystemExit(1) from None

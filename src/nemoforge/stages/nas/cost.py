@@ -25,7 +25,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -174,25 +174,30 @@ class FixedLengthKVCache:
         return self.length
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn()`` in ms over ``repeats`` timings, after ``WARMUP_CALLS`` untimed calls.
+def median_ms(fns: dict[Hashable, Callable[[], object]], repeats: int) -> dict[Hashable, float]:
+    """Median wall time in ms of each ``fn()`` over ``repeats`` rounds, after ``WARMUP_CALLS`` untimed calls.
 
-    A call shorter than ``MIN_TIMED_MS`` is run several times per timing (and the time divided), so that
-    timer resolution and scheduling noise do not dominate.
+    Each round times every function once, in turn, so that a slow spell of a shared machine slows one round of
+    all measurements instead of all repeats of one (the ratios between shapes are what the MIP uses). A call
+    shorter than ``MIN_TIMED_MS`` is run several times per timing (the time divided), so that timer resolution
+    and scheduling noise do not dominate.
     """
-    for _ in range(WARMUP_CALLS):
-        fn()
-    started = time.perf_counter()
-    fn()
-    once_ms = (time.perf_counter() - started) * 1e3
-    calls = max(1, int(MIN_TIMED_MS / max(once_ms, 1e-3)))
-    timings = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in range(calls):
+    calls = {}
+    for name, fn in fns.items():
+        for _ in range(WARMUP_CALLS):
             fn()
-        timings.append((time.perf_counter() - started) * 1e3 / calls)
-    return statistics.median(timings)
+        started = time.perf_counter()
+        fn()
+        once_ms = (time.perf_counter() - started) * 1e3
+        calls[name] = max(1, int(MIN_TIMED_MS / max(once_ms, 1e-3)))
+    timings: dict[Hashable, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            timings[name].append((time.perf_counter() - started) * 1e3 / calls[name])
+    return {name: statistics.median(t) for name, t in timings.items()}
 
 
 def device_name() -> str:
@@ -231,15 +236,24 @@ def measure_costs(model: DeciLMForCausalLM, library: BlockLibrary, cfg: CostConf
     cache = FixedLengthKVCache(model, B, P)
     layers = list(model.model.layers)
     first = layers[0]
-    prefill_attention = [partial(layer.attention_block, position_embeddings=rope_prefill) for layer in layers]
-    decode_attention = [
+    ids_BP = torch.randint(config.vocab_size, (B, P), generator=generator)
+    ids_B1 = ids_BP[:, -1:]
+
+    # Each sub-block shape runs as L blocks, one per layer with its own weights (see _all_layers).
+    attention = [partial(layer.attention_block, position_embeddings=rope_prefill) for layer in layers]
+    attention_decode = [
         partial(layer.attention_block, position_embeddings=rope_decode, past_key_values=cache)
         for layer in layers
     ]
-    attention = Latency(
-        _per_layer_ms(prefill_attention, prefill_BPD, cfg), _per_layer_ms(decode_attention, decode_B1D, cfg)
-    )
-    ffn, ffn_param_bytes = {}, {}
+    fns = {
+        ("attention", "prefill"): _all_layers(attention, prefill_BPD),
+        ("attention", "decode"): _all_layers(attention_decode, decode_B1D),
+        ("fixed", "prefill"): partial(_outside_layers, model, ids_BP, 0),
+        ("fixed", "decode"): partial(_outside_layers, model, ids_B1, P),
+        ("parent", "prefill"): partial(model, ids_BP, use_cache=False, logits_to_keep=1),
+        ("parent", "decode"): partial(model, ids_B1, past_key_values=cache, use_cache=True, logits_to_keep=1),
+    }
+    ffn_param_bytes = {}
     for width in (library.parent_ffn_size, *library.ffn_sizes):
         # Narrow FFNs are fresh modules, one per layer: timing does not depend on the weights' values.
         mlps = [
@@ -249,21 +263,12 @@ def measure_costs(model: DeciLMForCausalLM, library: BlockLibrary, cfg: CostConf
         blocks = [
             _FFNBlock(layer.post_attention_layernorm, mlp) for layer, mlp in zip(layers, mlps, strict=True)
         ]
-        ffn[width] = Latency(_per_layer_ms(blocks, prefill_BPD, cfg), _per_layer_ms(blocks, decode_B1D, cfg))
+        fns[width, "prefill"] = _all_layers(blocks, prefill_BPD)
+        fns[width, "decode"] = _all_layers(blocks, decode_B1D)
         ffn_param_bytes[width] = _num_bytes([first.post_attention_layernorm, mlps[0]], cfg.weight_bytes)
+    ms = median_ms(fns, cfg.repeats)
+    per_layer = {key: value / len(layers) for key, value in ms.items() if key[0] not in ("fixed", "parent")}
 
-    ids_BP = torch.randint(config.vocab_size, (B, P), generator=generator)
-    ids_B1 = ids_BP[:, -1:]
-    fixed = Latency(
-        median_ms(lambda: _outside_layers(model, ids_BP, 0), cfg.repeats),
-        median_ms(lambda: _outside_layers(model, ids_B1, P), cfg.repeats),
-    )
-    parent_measured = Latency(
-        median_ms(lambda: model(ids_BP, use_cache=False, logits_to_keep=1), cfg.repeats),
-        median_ms(
-            lambda: model(ids_B1, past_key_values=cache, use_cache=True, logits_to_keep=1), cfg.repeats
-        ),
-    )
     fixed_modules = [model.model.embed_tokens, model.model.norm]
     if not config.tie_word_embeddings:
         fixed_modules.append(model.lm_head)
@@ -281,15 +286,19 @@ def measure_costs(model: DeciLMForCausalLM, library: BlockLibrary, cfg: CostConf
             "weight_bytes": cfg.weight_bytes,
             "kv_bytes": cfg.kv_bytes,
         },
-        attention=attention,
-        ffn=ffn,
-        fixed=fixed,
-        parent_measured=parent_measured,
+        attention=_latency(per_layer, "attention"),
+        ffn={width: _latency(per_layer, width) for width in ffn_param_bytes},
+        fixed=_latency(ms, "fixed"),
+        parent_measured=_latency(ms, "parent"),
         attention_param_bytes=_num_bytes([first.input_layernorm, first.self_attn], cfg.weight_bytes),
         ffn_param_bytes=ffn_param_bytes,
         fixed_param_bytes=_num_bytes(fixed_modules, cfg.weight_bytes),
         attention_kv_bytes=kv_tokens * 2 * library.num_kv_heads * config.head_dim * cfg.kv_bytes,
     )
+
+
+def _latency(ms: dict[Hashable, float], name: Hashable) -> Latency:
+    return Latency(ms[name, "prefill"], ms[name, "decode"])
 
 
 class _FFNBlock:
@@ -302,16 +311,21 @@ class _FFNBlock:
         return hidden_BTD + self.mlp(self.norm(hidden_BTD))
 
 
-def _per_layer_ms(
-    blocks: list[Callable[[torch.Tensor], torch.Tensor]], x_BTD: torch.Tensor, cfg: CostConfig
-) -> float:
-    """Median time of running every block once on ``x_BTD``, divided by the number of blocks, in ms.
+def _all_layers(
+    blocks: list[Callable[[torch.Tensor], torch.Tensor]], x_BTD: torch.Tensor
+) -> Callable[[], None]:
+    """A call that runs every block once on ``x_BTD``; its time divided by ``len(blocks)`` is one layer's.
 
-    The blocks stand for the model's layers, each with its own weights, so the measurement sees the memory
-    traffic of a real forward: timing one block again and again would keep its weights in the CPU cache and
+    The blocks stand for the model's layers, each with its own weights, so the timing sees the memory traffic
+    of a real forward: timing one block again and again would keep its weights in the CPU cache and
     underestimate the memory-bound decode step (by ~40% for SmolLM2-135M on a 2-core EPYC).
     """
-    return median_ms(lambda: [block(x_BTD) for block in blocks], cfg.repeats) / len(blocks)
+
+    def run_all() -> None:
+        for block in blocks:
+            block(x_BTD)
+
+    return run_all
 
 
 def _outside_layers(model: DeciLMForCausalLM, ids_BT: torch.Tensor, past: int) -> torch.Tensor:
