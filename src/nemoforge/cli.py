@@ -138,7 +138,9 @@ def _parent_config(recipe: Recipe) -> dict | None:
     if parent.source == "hf-dir":
         path = Path(parent.path) / "config.json"
     else:
-        path = cache_dir() / "parent" / "model" / "config.json"
+        from nemoforge.models.parent import conversion_dir
+
+        path = conversion_dir(parent, cache_dir() / "parent") / "config.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 

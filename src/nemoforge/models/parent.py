@@ -54,7 +54,7 @@ def prepare_parent(parent_cfg: ParentModel, cache_dir: Path) -> Path:
         return check_hf_dir(Path(str(parent_cfg.path)))
 
     cache_dir = Path(cache_dir)
-    out_dir = cache_dir / _slug(f"{parent_cfg.pypi_package}--{Path(parent_cfg.gguf_file).stem}")
+    out_dir = conversion_dir(parent_cfg, cache_dir)
     if (out_dir / COMPLETE_MARKER).is_file():
         return out_dir
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -70,6 +70,11 @@ def prepare_parent(parent_cfg: ParentModel, cache_dir: Path) -> Path:
         tmp_dir.rename(out_dir)
         (out_dir / COMPLETE_MARKER).write_text(f"{parent_cfg.pypi_package}:{parent_cfg.gguf_file}\n")
     return out_dir
+
+
+def conversion_dir(parent_cfg: ParentModel, cache_dir: Path) -> Path:
+    """Where :func:`prepare_parent` keeps the converted ``pypi-gguf`` parent (complete when it holds the marker)."""
+    return Path(cache_dir) / _slug(f"{parent_cfg.pypi_package}--{Path(parent_cfg.gguf_file).stem}")
 
 
 def check_hf_dir(path: Path) -> Path:
