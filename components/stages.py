@@ -6,7 +6,7 @@
 from collections.abc import Callable
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 
 def parent(recipe_json: str, run_name: str, parent_model: Output[Model]):
@@ -93,6 +93,23 @@ def cpt(recipe_json: str, run_name: str, input_model: Input[Model], corpus: Inpu
         json.dump(ref, f)
 
 
+def serve(recipe_json: str, run_name: str, input_model: Input[Model], responses: Output[Artifact]):
+    """Serve the final model with vLLM's OpenAI server, one chat per reasoning mode (TTFT, tokens/s), stop it."""
+    import json
+
+    from nemoforge.config import Recipe
+    from nemoforge.runner import execute_stage, user_errors
+
+    with user_errors():
+        result, _ = execute_stage(
+            "serve", Recipe.model_validate_json(recipe_json), run_name, {"model": dict(input_model.metadata)}
+        )
+    ref = {"uri": result.outputs["responses"], **{k: v for k, v in result.metrics.items() if k.startswith("ttft")}}
+    responses.metadata.update(ref)
+    with open(responses.path, "w") as f:
+        json.dump(ref, f)
+
+
 def distill_trainjob(
     recipe_json: str,
     run_name: str,
@@ -153,6 +170,7 @@ COMPONENT_FUNCS: dict[str, Callable] = {
     "nas": nas,
     "distill": distill,
     "cpt": cpt,
+    "serve": serve,
     "distill_trainjob": distill_trainjob,
     "cpt_trainjob": cpt_trainjob,
     "finalize": finalize,

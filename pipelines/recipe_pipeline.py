@@ -108,9 +108,14 @@ def build_pipeline(recipe: Recipe) -> Callable:
                     task = ops["cpt_trainjob"](recipe_json=recipe_json, run_name=run_name, image=image, **inputs)
                     _apply_launcher(task, cluster.cpt, cluster).set_display_name("cpt")
                 else:
-                    _apply_resources(
+                    task = _apply_resources(
                         ops["cpt"](recipe_json=recipe_json, run_name=run_name, **inputs), cluster.cpt, cluster
                     )
+                model = task.outputs["model"]
+            # serve stays last: it serves whatever model the stages above produced.
+            if "serve" in stages:
+                task = ops["serve"](recipe_json=recipe_json, run_name=run_name, input_model=model)
+                _apply_resources(task, cluster.serve, cluster)
 
     return pipeline
 

@@ -119,6 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--experiment", default="nemoforge", help="MLflow experiment (%(default)s)")
     status.add_argument("--run", dest="run_name", help="pipeline run name (default: the latest)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model with vLLM's OpenAI server until Ctrl-C, or write its KServe/Deployment manifests",
+        description="Serve MODEL_URI (a checkpoint directory, a store URI such as s3://..., or a registry "
+        "alias models:/NAME@ALIAS) with vLLM's OpenAI-compatible server on 127.0.0.1 until interrupted. "
+        "With --emit, write a KServe InferenceService or a Deployment + Service for a cluster instead.",
+    )
+    serve.add_argument("model_uri", metavar="MODEL_URI", help="directory, s3:// URI or models:/NAME@ALIAS")
+    serve.add_argument("--recipe", default="smollm2-135m-demo", help="recipe whose serve/resources.serve apply (%(default)s)")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override a recipe field, e.g. --set serve.max_model_len=4096; repeatable")  # fmt: skip
+    serve.add_argument("--port", type=int, help="port of the local server (default: serve.port)")
+    serve.add_argument("--emit", choices=["kserve", "deployment"], help="write cluster manifests instead of serving")
+    serve.add_argument("-o", "--output", type=Path, help="manifest file for --emit (default: stdout)")
+    serve.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="embedded default's root (%(default)s)")
+    serve.add_argument("--tracking-uri", help="MLflow registry for models:/ URIs (default: sqlite:///<workdir>/mlflow.db)")
     return parser
 
 
@@ -313,6 +330,67 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nemoforge.artifacts import open_store
+    from nemoforge.serving import manifests
+    from nemoforge.serving.server import VLLMServer
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    recipe = load_recipe(args.recipe, args.overrides)
+    model_uri = args.model_uri
+    if model_uri.startswith("models:/"):
+        from nemoforge import lineage
+
+        workdir = args.workdir.expanduser().resolve()
+        tracking_uri = args.tracking_uri or recipe.tracking.mlflow_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+        model_uri = lineage.registered_model_source(tracking_uri, model_uri)
+    if args.emit:
+        if args.emit == "kserve":
+            objects = [manifests.inferenceservice(recipe, model_uri)]
+        else:
+            from nemoforge_components.images import image_ref
+
+            objects = manifests.deployment(recipe, model_uri, image=image_ref("serve"))
+        text = manifests.to_yaml(objects)
+        if args.output:
+            args.output.write_text(text)
+            print(f"wrote {', '.join(o['kind'] for o in objects)} to {args.output}", file=sys.stderr)
+        else:
+            print(text, end="")
+        return 0
+    store = open_store(model_uri, s3_endpoint_url=recipe.storage.s3_endpoint_url, s3_region=recipe.storage.s3_region)
+    model_dir = store.fetch(model_uri)
+    cfg = recipe.serve
+    log_path = args.workdir.expanduser().resolve() / "serve" / f"server-{int(time.time())}.log"
+    server = VLLMServer(
+        model_dir,
+        port=args.port if args.port is not None else cfg.port,
+        served_model_name=cfg.served_model_name or recipe.model.name,
+        log_path=log_path,
+        max_model_len=cfg.max_model_len,
+        dtype=cfg.dtype,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        reasoning_parser=cfg.reasoning_parser,
+        startup_timeout_s=cfg.startup_timeout_s,
+    )
+    print(f"starting vLLM on {model_dir} (log: {log_path})", file=sys.stderr, flush=True)
+    try:
+        server.start()
+        ready_s = server.wait_ready()
+        print(
+            f"serving {server.served_model_name} at {server.base_url}/v1 (ready in {ready_s:.0f} s); Ctrl-C stops it",
+            file=sys.stderr,
+            flush=True,
+        )
+        code = server.process.wait()
+        raise NemoforgeError(f"vLLM exited with code {code} (log: {log_path})")
+    except KeyboardInterrupt:
+        print("stopping vLLM", file=sys.stderr)
+        return 0
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {
@@ -321,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         "submit": cmd_submit,
         "schedule": cmd_schedule,
         "status": cmd_status,
+        "serve": cmd_serve,
     }
     try:
         return commands[args.command](args)

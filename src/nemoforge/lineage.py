@@ -742,3 +742,23 @@ def register_model(
     for alias in aliases:
         client.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
+
+
+def registered_model_source(tracking_uri: str | None, uri: str) -> str:
+    """The store URI behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the version's source).
+
+    Raises:
+        InputNotFoundError: the name, alias or version is not in the registry.
+    """
+    spec = uri.removeprefix("models:/")
+    name, sep, alias = spec.partition("@")
+    client = _client(tracking_uri)
+    try:
+        if sep:
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = spec.rpartition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException as err:
+        raise InputNotFoundError(f"{uri} is not in the model registry at {tracking_uri}: {err.message}") from None
+    return version.tags.get(TAG_MODEL_URI) or version.source

@@ -146,6 +146,8 @@ def _stage_fn(stage: str) -> Callable[..., StageResult]:
         from nemoforge.stages.distill import run
     elif stage == "cpt":
         from nemoforge.stages.cpt import run
+    elif stage == "serve":
+        from nemoforge.stages.serve import run
     else:
         raise ValueError(f"unknown stage {stage!r}")
     return run

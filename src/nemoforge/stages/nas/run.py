@@ -360,8 +360,7 @@ def _scoring_phase(
         if saved is None:
             variants = [v for v in library.variants[i] if not library.is_parent(v)]
             outputs = [variant_layer_output(model, heldout, i, v, narrow_mlps[i]) for v in variants]
-            with torch.no_grad():
-                layer_scores = score_layer(model, heldout, i, outputs)
+            layer_scores = score_layer(model, heldout, i, outputs)
             saved = {
                 "variants": [
                     {

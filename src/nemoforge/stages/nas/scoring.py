@@ -8,7 +8,8 @@ forward work on average. All variants of one layer are recomputed together as on
 
 Units: KL and LM loss in nats, averaged over tokens (KL over all positions, LM loss over next-token targets).
 
-Shape legend: N sequences, T tokens, D hidden_size, V vocab_size, K variants scored at one layer.
+Shape legend: N sequences, T tokens, D hidden_size, V vocab_size, K replacements scored at one layer,
+B = K x N.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def parent_pass(model: DeciLMForCausalLM, input_ids_NT: torch.Tensor) -> ParentP
     return ParentPass(input_ids_NT, hidden, post_attention, position_embeddings, probs_NTV, plogp_NT, lm_loss)
 
 
+@torch.no_grad()
 def variant_layer_output(
     model: DeciLMForCausalLM,
     parent: ParentPass,
@@ -115,11 +117,11 @@ def score_layer(
         for all replacements in one batch of K x N sequences; the LM head runs per replacement.
     """
     num_seqs = parent.input_ids_NT.shape[0]
-    hidden_KND = torch.cat(list(outputs_NTD), dim=0)
+    hidden_BTD = torch.cat(list(outputs_NTD), dim=0)  # B = K x N: replacement k holds rows k*N .. (k+1)*N-1
     for layer in model.model.layers[layer_idx + 1 :]:
-        hidden_KND = layer(hidden_KND, parent.position_embeddings)
+        hidden_BTD = layer(hidden_BTD, parent.position_embeddings)
     scores = []
     for k in range(len(outputs_NTD)):
-        logits_NTV = model.lm_head(model.model.norm(hidden_KND[k * num_seqs : (k + 1) * num_seqs]))
+        logits_NTV = model.lm_head(model.model.norm(hidden_BTD[k * num_seqs : (k + 1) * num_seqs]))
         scores.append(parent.score(logits_NTV))
     return scores

@@ -1,0 +1,108 @@
+"""Chat generation for measurement: batched, left-padded prompts through the KV-cached decoder.
+
+Used by sft (toggle compliance), rl (rollouts, held-out reward) and eval (pass@1, decode speed).
+Shape legend: ``B`` prompts, ``T`` prompt tokens (left-padded), ``N`` new tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from nemoforge.data.reasoning import THINK_OPEN, Reasoning, encode_prompt, toggle_compliant
+from nemoforge.models.generate import generate
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids_BT, attention_mask_BT)`` of token rows left-padded to the longest."""
+    width = max(len(r) for r in rows)
+    ids = [[pad_token_id] * (width - len(r)) + list(r) for r in rows]
+    mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+
+def pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def generate_ids(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """New token ids per prompt, cut after the first EOS (which is kept)."""
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    out: list[list[int]] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        ids_BT, mask_BT = left_pad(prompt_ids[start : start + batch_size], pad_id(tokenizer))
+        full = generate(
+            model,
+            ids_BT.to(device),
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_token_id=eos,
+            generator=generator,
+            attention_mask_BT=mask_BT.to(device),
+        )
+        for row in full[:, ids_BT.shape[1] :].tolist():
+            out.append(row[: row.index(eos) + 1] if eos in row else row)
+    return out
+
+
+def generate_chats(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    chats: Sequence[tuple[str, Reasoning]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """The assistant's reply text to each ``(prompt, reasoning)`` under the toggle system prompt."""
+    prompt_ids = [encode_prompt(tokenizer, prompt, reasoning) for prompt, reasoning in chats]
+    new_ids = generate_ids(
+        model,
+        tokenizer,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        generator=generator,
+    )
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
+
+
+def toggle_compliance(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16
+) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """Share of greedy "on" replies that open a think block and of "off" replies without think tags.
+
+    "On" counts a reply that starts with ``<think>`` even when the block is still open at
+    ``max_new_tokens`` (the issue's measure; the GRPO format reward is stricter and needs it closed).
+
+    Returns:
+        ``({"toggle_on": share, "toggle_off": share, "toggle": mean of both}, samples)`` where samples are
+        ``{"prompt", "reasoning", "response"}`` dicts (logged as an artifact).
+    """
+    chats = [(p, r) for r in ("on", "off") for p in prompts]
+    replies = generate_chats(model, tokenizer, chats, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    ok = {"on": [], "off": []}
+    for (_, reasoning), reply in zip(chats, replies, strict=True):
+        opens = reply.lstrip().startswith(THINK_OPEN)
+        ok[reasoning].append(opens if reasoning == "on" else toggle_compliant(reply, "off"))
+    on, off = sum(ok["on"]) / len(ok["on"]), sum(ok["off"]) / len(ok["off"])
+    samples = [{"prompt": p, "reasoning": r, "response": t} for (p, r), t in zip(chats, replies, strict=True)]
+    return {"toggle_on": on, "toggle_off": off, "toggle": (on + off) / 2}, samples

@@ -1,0 +1,115 @@
+"""GRPO and DPO losses on plain tensors.
+
+Shape legend: ``N`` sequences (``P`` prompts x ``G`` generations, grouped contiguously), ``T`` tokens,
+``V`` vocabulary. Log-probabilities are per token of the sequence, ``logp_NT[:, t]`` = log p(token t+1 | ≤ t).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def group_advantages(rewards_N: torch.Tensor, group_size: int, *, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO outcome advantages: each reward minus its group's mean, over the group's std (DeepSeekMath §4.1.2).
+
+    ``A_i = (r_i - mean(r_group)) / (std(r_group) + eps)`` with the unbiased std, as TRL's
+    ``scale_rewards="group"``. A group whose rewards are all equal gets zeros (no signal).
+
+    Args:
+        rewards_N: one reward per sequence, groups of ``group_size`` contiguous.
+        group_size: ``G``.
+        eps: keeps the division finite.
+
+    Returns:
+        ``advantages_N``.
+    """
+    r_PG = rewards_N.view(-1, group_size).float()
+    centered_PG = r_PG - r_PG.mean(1, keepdim=True)
+    std_P1 = r_PG.std(1, keepdim=True)
+    return torch.where(std_P1 > 0, centered_PG / (std_P1 + eps), torch.zeros_like(centered_PG)).view(-1)
+
+
+def token_logps(model: torch.nn.Module, input_ids_NT: torch.Tensor, attention_mask_NT: torch.Tensor) -> torch.Tensor:
+    """``logp_NT'`` (``T' = T - 1``): log-probability of each next token under ``model`` (float32)."""
+    position_ids_NT = (attention_mask_NT.long().cumsum(-1) - 1).clamp(min=0)
+    logits_NTV = model(
+        input_ids_NT, attention_mask=attention_mask_NT, position_ids=position_ids_NT, use_cache=False
+    ).logits[:, :-1].float()
+    return torch.gather(logits_NTV.log_softmax(-1), 2, input_ids_NT[:, 1:, None]).squeeze(-1)
+
+
+def clipped_policy_loss(
+    logp_NT: torch.Tensor,
+    old_logp_NT: torch.Tensor,
+    advantages_N: torch.Tensor,
+    mask_NT: torch.Tensor,
+    *,
+    epsilon: float,
+    epsilon_high: float | None = None,
+    ref_logp_NT: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO's clipped surrogate with an optional k3 KL to the reference (DeepSeekMath eq. 3-4, arXiv 2402.03300).
+
+    Per completion token: ``-min(ρ A, clip(ρ, 1-ε, 1+ε_high) A) + β (exp(ref - logp) - (ref - logp) - 1)``
+    with ``ρ = exp(logp - old_logp)``; averaged over all completion tokens of the batch (token-level, as
+    DAPO and LN's Megatron training), not per sequence first.
+
+    Args:
+        logp_NT: current policy log-probs (with grad).
+        old_logp_NT: log-probs of the policy that sampled the batch (no grad).
+        advantages_N: one advantage per sequence.
+        mask_NT: 1 on completion tokens.
+        epsilon: low clip range; ``epsilon_high`` the high one (default ``epsilon``).
+        ref_logp_NT: reference log-probs, needed when ``beta > 0``.
+        beta: KL weight.
+
+    Returns:
+        ``(loss, {"clip_fraction", "kl"})``.
+    """
+    mask = mask_NT.to(logp_NT.dtype)
+    ratio_NT = torch.exp(logp_NT - old_logp_NT)
+    adv_N1 = advantages_N[:, None].to(logp_NT.dtype)
+    high = epsilon if epsilon_high is None else epsilon_high
+    clipped_NT = torch.clamp(ratio_NT, 1 - epsilon, 1 + high)
+    per_token_NT = -torch.min(ratio_NT * adv_N1, clipped_NT * adv_N1)
+    kl = torch.zeros((), dtype=logp_NT.dtype, device=logp_NT.device)
+    if beta > 0:
+        if ref_logp_NT is None:
+            raise ValueError("beta > 0 needs ref_logp_NT")
+        delta_NT = ref_logp_NT - logp_NT
+        kl_NT = torch.exp(delta_NT) - delta_NT - 1
+        per_token_NT = per_token_NT + beta * kl_NT
+        kl = (kl_NT * mask).sum() / mask.sum().clamp(min=1)
+    count = mask.sum().clamp(min=1)
+    loss = (per_token_NT * mask).sum() / count
+    clip_fraction = (((ratio_NT - clipped_NT).abs() > 0).to(mask.dtype) * mask).sum() / count
+    return loss, {"clip_fraction": clip_fraction.item(), "kl": kl.item()}
+
+
+def dpo_loss(
+    policy_chosen_logps_B: torch.Tensor,
+    policy_rejected_logps_B: torch.Tensor,
+    ref_chosen_logps_B: torch.Tensor,
+    ref_rejected_logps_B: torch.Tensor,
+    *,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """DPO loss on summed response log-probs (Rafailov et al. 2023, arXiv 2305.18290, eq. 7).
+
+    ``-log σ(β [(π_c - ref_c) - (π_r - ref_r)])``, averaged over the batch.
+
+    Returns:
+        ``(loss, {"reward_chosen", "reward_rejected", "reward_accuracy", "reward_margin"})`` where the
+        implicit rewards are ``β (π - ref)``.
+    """
+    chosen_B = beta * (policy_chosen_logps_B - ref_chosen_logps_B)
+    rejected_B = beta * (policy_rejected_logps_B - ref_rejected_logps_B)
+    loss = -F.logsigmoid(chosen_B - rejected_B).mean()
+    return loss, {
+        "reward_chosen": chosen_B.mean().item(),
+        "reward_rejected": rejected_B.mean().item(),
+        "reward_accuracy": (chosen_B > rejected_B).float().mean().item(),
+        "reward_margin": (chosen_B - rejected_B).mean().item(),
+    }

@@ -1,0 +1,360 @@
+"""GRPO with verifiable rewards (LN §5), then an optional offline DPO/RPO pass (LN §6).
+
+Each GRPO step (one call of the shared train loop's loss function): sample ``G`` responses for each of
+``B`` prompts at temperature 1 (on/off prompts alternate, so the toggle stays trained), score them with
+the reward functions (``nemoforge.rewards``: math-verify accuracy, think format), normalize the rewards
+within each group (:func:`~nemoforge.stages.rl.losses.group_advantages`) and take one clipped-ratio
+update. With one update per rollout the ratio is 1 at the update (TRL's ``num_iterations=1`` default):
+the clipped loss then equals the plain policy gradient; LN used 2 updates per rollout.
+
+Rollouts use ``nemoforge.models.generate`` (the KV-cached decoder); vLLM is not used here.
+Prompts whose pass rate (over ``filter_samples`` samples) is at least ``filter_max_pass_rate`` are
+dropped first (LN §5). Written under ``output_uri``: ``checkpoints/step-N/``,
+``checkpoints-preference/step-N/``, ``model/``, ``plots/``, ``samples/heldout_{before,after}.json``.
+
+Shape legend: ``B`` prompts, ``G`` generations per prompt, ``N = B * G`` sequences, ``T`` tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+from nemoforge.artifacts import ArtifactStore, digest_path
+from nemoforge.config import Recipe, RLConfig
+from nemoforge.data.reasoning import (
+    ChatSample,
+    Reasoning,
+    encode_chat,
+    encode_prompt,
+    load_chat_samples,
+    math_problems,
+    read_chat_samples,
+    read_preference_pairs,
+)
+from nemoforge.errors import NemoforgeError
+from nemoforge.rewards import combined_rewards
+from nemoforge.stages.eval.generation import generate_chats, generate_ids, pad_id
+from nemoforge.stages.result import DatasetRef, StageResult
+from nemoforge.stages.rl.losses import clipped_policy_loss, dpo_loss, group_advantages, token_logps
+from nemoforge.training.loop import epoch_batches, train
+from nemoforge.training.runtime import compute_device
+from nemoforge.training.stage import fetch_latest_checkpoint, plot_history, recipe_dtype, uri_under
+
+Problem = tuple[str, str, Reasoning]
+"""``(question, reference answer, reasoning mode)``."""
+
+
+def _with_modes(problems: Sequence[tuple[str, str]]) -> list[Problem]:
+    return [(q, a, "on" if i % 2 == 0 else "off") for i, (q, a) in enumerate(problems)]
+
+
+def rl_problems(recipe: Recipe, store: ArtifactStore) -> tuple[list[Problem], list[Problem], str]:
+    """Training and held-out prompts with references, and the source name.
+
+    Training prompts come from ``data.sft_uri`` (or the generated arithmetic, another seed than sft's);
+    held-out prompts from ``data.math_eval_uri`` when set, else the tail of the same pool.
+    """
+    cfg = recipe.rl
+    need = cfg.num_prompts + (0 if recipe.data.math_eval_uri else cfg.num_heldout_prompts)
+    samples = load_chat_samples(recipe.data.sft_uri, 2 * need, seed=recipe.seed + 1, store=store)
+    pool = math_problems(samples)
+    if recipe.data.math_eval_uri:
+        heldout = math_problems(read_chat_samples(Path(store.fetch(recipe.data.math_eval_uri)), limit=2 * cfg.num_heldout_prompts))
+        train_problems = pool[: cfg.num_prompts]
+    else:
+        train_problems, heldout = pool[: cfg.num_prompts], pool[cfg.num_prompts : need]
+    if len(train_problems) < cfg.batch_size or not heldout:
+        raise NemoforgeError(
+            f"rl needs at least rl.batch_size={cfg.batch_size} prompts with reference answers and one held-out "
+            f"prompt; the data gave {len(train_problems)} and {len(heldout)}"
+        )
+    source = recipe.data.sft_uri or f"generated://arithmetic?seed={recipe.seed + 1}"
+    return _with_modes(train_problems), _with_modes(heldout[: cfg.num_heldout_prompts]), source
+
+
+def score(
+    weights: dict[str, float], completions: Sequence[str], problems: Sequence[Problem]
+) -> tuple[list[float], dict[str, list[float | None]]]:
+    return combined_rewards(
+        weights, completions, answer=[p[1] for p in problems], reasoning=[p[2] for p in problems]
+    )
+
+
+def heldout_reward(
+    model: torch.nn.Module, tokenizer: Any, problems: Sequence[Problem], cfg: RLConfig
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Mean reward (and each part) of greedy replies to the held-out prompts."""
+    replies = generate_chats(
+        model, tokenizer, [(q, r) for q, _, r in problems], max_new_tokens=cfg.max_new_tokens
+    )
+    total, parts = score(cfg.reward_weights, replies, problems)
+    metrics = {"reward_heldout": sum(total) / len(total)}
+    for name, values in parts.items():
+        metrics[f"reward_{name}_heldout"] = sum(v or 0.0 for v in values) / len(values)
+    samples = [
+        {"prompt": q, "answer": a, "reasoning": r, "response": t, "reward": s}
+        for (q, a, r), t, s in zip(problems, replies, total, strict=True)
+    ]
+    return metrics, samples
+
+
+def filter_by_pass_rate(
+    model: torch.nn.Module, tokenizer: Any, problems: list[Problem], cfg: RLConfig
+) -> tuple[list[Problem], float]:
+    """Drop prompts answered correctly in at least ``filter_max_pass_rate`` of ``filter_samples`` samples (LN §5).
+
+    Returns:
+        The kept prompts (at least ``batch_size``: the hardest are kept when too many pass) and the mean pass rate.
+    """
+    if cfg.filter_samples == 0:
+        return problems, float("nan")
+    chats = [(q, r) for q, _, r in problems for _ in range(cfg.filter_samples)]
+    replies = generate_chats(
+        model, tokenizer, chats, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p
+    )
+    _, parts = score({"accuracy": 1.0}, replies, [p for p in problems for _ in range(cfg.filter_samples)])
+    acc = [v or 0.0 for v in parts["accuracy"]]
+    rates = [sum(acc[i * cfg.filter_samples : (i + 1) * cfg.filter_samples]) / cfg.filter_samples for i in range(len(problems))]
+    kept = [p for p, rate in zip(problems, rates, strict=True) if rate < cfg.filter_max_pass_rate]
+    if len(kept) < cfg.batch_size:
+        kept = [p for _, p in sorted(zip(rates, problems, strict=True), key=lambda x: x[0])[: cfg.batch_size]]
+    return kept, sum(rates) / len(rates)
+
+
+def rollout_batch(
+    tokenizer: Any, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompt + right-padded completion rows: ``(ids_NT, attention_mask_NT, completion_mask_NT')``.
+
+    ``completion_mask_NT'`` (``T' = T - 1``) marks the positions whose next token is a completion token,
+    aligned with :func:`~nemoforge.stages.rl.losses.token_logps`.
+    """
+    pad = pad_id(tokenizer)
+    width_p = max(len(p) for p in prompt_ids)
+    width_c = max(len(c) for c in completion_ids)
+    ids, attn, comp = [], [], []
+    for p, c in zip(prompt_ids, completion_ids, strict=True):
+        lp, lc = width_p - len(p), width_c - len(c)
+        ids.append([pad] * lp + list(p) + list(c) + [pad] * lc)
+        attn.append([0] * lp + [1] * (len(p) + len(c)) + [0] * lc)
+        comp.append([0] * (width_p + width_c) if not c else [0] * width_p + [1] * len(c) + [0] * lc)
+    comp_NT = torch.tensor(comp, dtype=torch.bool)[:, 1:]
+    return torch.tensor(ids), torch.tensor(attn), comp_NT
+
+
+def make_grpo_loss(problems: Sequence[Problem], tokenizer: Any, cfg: RLConfig, ref_model: torch.nn.Module | None):
+    """The train loop's loss function for GRPO: ``loss_fn(model, prompt_index_B1) -> (loss, metrics)``."""
+    prompt_ids = [encode_prompt(tokenizer, q, r) for q, _, r in problems]
+
+    def loss_fn(model: torch.nn.Module, index_B1: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        device = next(model.parameters()).device
+        chosen = [problems[i] for i in index_B1[:, 0].tolist() for _ in range(cfg.num_generations)]
+        p_ids = [prompt_ids[i] for i in index_B1[:, 0].tolist() for _ in range(cfg.num_generations)]
+        # sampled with the global torch RNG, which the train loop checkpoints: a resumed run samples the same
+        c_ids = generate_ids(
+            model, tokenizer, p_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            top_p=cfg.top_p, batch_size=len(p_ids),
+        )
+        completions = [tokenizer.decode(c, skip_special_tokens=True) for c in c_ids]
+        rewards, parts = score(cfg.reward_weights, completions, chosen)
+        advantages_N = group_advantages(torch.tensor(rewards), cfg.num_generations).to(device)
+        ids_NT, attn_NT, comp_NT = (t.to(device) for t in rollout_batch(tokenizer, p_ids, c_ids))
+        logp_NT = token_logps(model, ids_NT, attn_NT)
+        ref_logp_NT = None
+        if cfg.beta > 0 and ref_model is not None:
+            with torch.no_grad():
+                ref_logp_NT = token_logps(ref_model, ids_NT, attn_NT)
+        loss, stats = clipped_policy_loss(
+            logp_NT, logp_NT.detach(), advantages_N, comp_NT, epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high, ref_logp_NT=ref_logp_NT, beta=cfg.beta,
+        )
+        metrics = {"reward_mean": sum(rewards) / len(rewards), **stats}
+        for name, values in parts.items():
+            metrics[f"reward_{name}"] = sum(v or 0.0 for v in values) / len(values)
+        metrics["completion_tokens"] = float(sum(len(c) for c in c_ids)) / len(c_ids)
+        return loss, metrics
+
+    return loss_fn
+
+
+def response_logps(model: torch.nn.Module, ids_NT: torch.Tensor, mask_NT: torch.Tensor) -> torch.Tensor:
+    """Summed log-prob of the response tokens of each right-padded row (``mask_NT``: 1 on response tokens)."""
+    attn_NT = (ids_NT >= 0).long()
+    logp_NT = token_logps(model, ids_NT.clamp(min=0), attn_NT)
+    return (logp_NT * mask_NT[:, 1:].to(logp_NT.dtype)).sum(-1)
+
+
+def preference_rows(
+    tokenizer: Any, pairs: Sequence[tuple[str, str, str]], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected chats (reasoning off) as ``(ids_2PT, mask_2PT)``: rows 2i chosen, 2i+1 rejected.
+
+    Padding is -1 in ids (attention 0); ``mask`` marks response tokens.
+    """
+    rows = []
+    for prompt, chosen, rejected in pairs:
+        for response in (chosen, rejected):
+            rows.append(encode_chat(tokenizer, ChatSample(prompt, response, "off"), max_len))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([ids + [-1] * (width - len(ids)) for ids, _ in rows])
+    mask = torch.tensor([m + [0] * (width - len(m)) for _, m in rows], dtype=torch.bool)
+    return ids, mask
+
+
+def plot_rewards(history: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """PNG of the rollout rewards per GRPO step."""
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    for name in sorted(n for n in history if n.startswith("reward_")):
+        steps, values = zip(*history[name], strict=True)
+        ax.plot(steps, values, label=name, linewidth=2 if name == "reward_mean" else 1)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("reward")
+    ax.set_title("rl: rollout reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore) -> StageResult:
+    """GRPO on math prompts with verifiable rewards, then (``rl.preference.enabled``) DPO on preference pairs.
+
+    Args:
+        recipe: the resolved recipe (``rl`` section; ``data.sft_uri``, ``data.math_eval_uri``,
+            ``data.preference_uri``; ``seed``; ``dtype``).
+        model_uri: the model to train (sft's export).
+        output_uri: where checkpoints, the export, plots and samples go.
+        store: the artifact store.
+
+    Returns:
+        metrics ``reward_heldout_{before,after}`` (and per reward), ``pass_rate_filter``, ``num_prompts``,
+        ``train_steps``, (``preference_loss_final``); per-step history (``reward_mean``, ``clip_fraction``,
+        ``kl``, ``loss``, ...; ``preference/...``); outputs ``model``, ``checkpoints``, ``samples``.
+
+    Raises:
+        InputNotFoundError: an input URI does not exist.
+        NemoforgeError: not enough prompts, no preference data while enabled, or training diverged.
+    """
+    from transformers import AutoTokenizer
+
+    from nemoforge.models.convert import load_causal_lm
+    from nemoforge.models.export import export_checkpoint
+
+    cfg = recipe.rl
+    device = compute_device()
+    model_dir = store.fetch(model_uri)
+    model = load_causal_lm(model_dir, dtype=torch.float32).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, config=model.config)
+    ref_model = None
+    if cfg.beta > 0 or cfg.preference.enabled:
+        ref_model = load_causal_lm(model_dir, dtype=torch.float32).to(device).eval().requires_grad_(False)
+    if cfg.preference.enabled and recipe.data.preference_uri is None:
+        raise NemoforgeError("rl.preference.enabled needs data.preference_uri (JSONL with chosen/rejected)")
+
+    train_problems, heldout_problems, source = rl_problems(recipe, store)
+    torch.manual_seed(cfg.seed)
+    before, samples_before = heldout_reward(model, tokenizer, heldout_problems, cfg)
+    kept, pass_rate = filter_by_pass_rate(model, tokenizer, train_problems, cfg)
+
+    checkpoints_uri = uri_under(output_uri, "checkpoints")
+    pref_checkpoints_uri = uri_under(output_uri, "checkpoints-preference")
+    history: dict[str, list[tuple[int, float]]] = {}
+    metrics: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="nemoforge-rl-") as tmp:
+        work = Path(tmp)
+        fetch_latest_checkpoint(store, checkpoints_uri, work / "checkpoints")
+        index_P1 = torch.arange(len(kept))[:, None]
+        state = train(
+            model,
+            make_grpo_loss(kept, tokenizer, cfg, ref_model),
+            epoch_batches(index_P1, cfg.batch_size, seed=cfg.seed),
+            cfg,
+            checkpoint_dir=work / "checkpoints",
+            desc="rl",
+            on_checkpoint=lambda path: store.put(path, uri_under(checkpoints_uri, path.name)),
+        )
+        history |= {k: v for k, v in state.history.items() if k != "tokens_per_s"}  # prompts, not tokens, per step
+        metrics["train_steps"] = float(state.step)
+        resumed = state.resumed_from_step
+
+        if cfg.preference.enabled:
+            pcfg = cfg.preference
+            pairs = read_preference_pairs(Path(store.fetch(recipe.data.preference_uri)), limit=pcfg.num_pairs)
+            ids_2PT, mask_2PT = preference_rows(tokenizer, pairs, pcfg.max_len_tokens)
+            ref_model.load_state_dict(model.state_dict())  # the reference is the policy after GRPO
+            with torch.no_grad():
+                ref_logps_2P = torch.cat(
+                    [response_logps(ref_model, ids_2PT[i : i + 8].to(device), mask_2PT[i : i + 8].to(device))
+                     for i in range(0, ids_2PT.shape[0], 8)]
+                ).cpu()
+
+            def pref_loss(m: torch.nn.Module, index_B1: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                rows = torch.stack([2 * index_B1[:, 0], 2 * index_B1[:, 0] + 1], 1).view(-1).cpu()
+                logps_2B = response_logps(m, ids_2PT[rows].to(device), mask_2PT[rows].to(device))
+                ref_2B = ref_logps_2P[rows].to(device)
+                loss, stats = dpo_loss(logps_2B[0::2], logps_2B[1::2], ref_2B[0::2], ref_2B[1::2], beta=pcfg.beta)
+                if pcfg.nll_weight > 0:  # RPO-style NLL on chosen, per token (Pang et al. 2024, arXiv 2404.19733)
+                    nll = -(logps_2B[0::2] / mask_2PT[rows][0::2, 1:].sum(-1).to(device)).mean()
+                    loss = loss + pcfg.nll_weight * nll
+                return loss, stats
+
+            fetch_latest_checkpoint(store, pref_checkpoints_uri, work / "checkpoints-preference")
+            pstate = train(
+                model,
+                pref_loss,
+                epoch_batches(torch.arange(len(pairs))[:, None], pcfg.batch_size, seed=pcfg.seed),
+                pcfg,
+                checkpoint_dir=work / "checkpoints-preference",
+                desc="rl/preference",
+                on_checkpoint=lambda path: store.put(path, uri_under(pref_checkpoints_uri, path.name)),
+            )
+            history |= {f"preference_{k}": v for k, v in pstate.history.items() if k != "tokens_per_s"}
+            metrics["preference_loss_final"] = pstate.history["loss"][-1][1]
+            metrics["preference_reward_accuracy_final"] = pstate.history["reward_accuracy"][-1][1]
+            metrics["preference_steps"] = float(pstate.step)
+
+        after, samples_after = heldout_reward(model, tokenizer, heldout_problems, cfg)
+        model_out_uri = uri_under(output_uri, "model")
+        export_dir = export_checkpoint(model.to(recipe_dtype(recipe)), tokenizer, work / "model")
+        model_digest = digest_path(export_dir)
+        store.put(export_dir, model_out_uri)
+        plots = {
+            "reward_curve": uri_under(output_uri, "plots", "reward_curve.png"),
+            "loss_curve": uri_under(output_uri, "plots", "loss_curve.png"),
+        }
+        store.put(plot_rewards(state.history, work / "reward_curve.png"), plots["reward_curve"])
+        store.put(plot_history(state.history, work / "loss_curve.png", "rl: GRPO loss"), plots["loss_curve"])
+        samples_uri = uri_under(output_uri, "samples")
+        for name, rows in (("heldout_before", samples_before), ("heldout_after", samples_after)):
+            (work / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+            store.put(work / f"{name}.json", uri_under(samples_uri, f"{name}.json"))
+
+    metrics |= {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
+    metrics |= {"pass_rate_filter": pass_rate, "num_prompts": float(len(kept))}
+    metrics = {k: v for k, v in metrics.items() if v == v}  # drop NaN (no filtering)
+    digest_rows = json.dumps([list(p) for p in kept]).encode()
+    return StageResult(
+        metrics=metrics,
+        history=history,
+        outputs={"model": model_out_uri, "checkpoints": checkpoints_uri, "samples": samples_uri},
+        digests={"model": model_digest},
+        plots=plots,
+        datasets=[
+            DatasetRef("rl-prompts", source, hashlib.sha256(digest_rows).hexdigest(), len(kept), "training"),
+            DatasetRef(
+                "rl-heldout", recipe.data.math_eval_uri or source,
+                hashlib.sha256(json.dumps(heldout_problems).encode()).hexdigest(), len(heldout_problems), "validation",
+            ),
+        ],
+        tags={"device": str(device), "rollout_engine": "nemoforge.models.generate", "resumed_from_step": str(resumed)},
+    )

@@ -1,0 +1,132 @@
+"""The reasoning-toggle chat format, readers and SFT packing (literal inputs)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from nemoforge.data.reasoning import (
+    ChatSample,
+    arithmetic_samples,
+    encode_chat,
+    format_response,
+    from_signed_ids,
+    gsm8k_parts,
+    pack_chats,
+    prompt_text,
+    read_chat_samples,
+    read_preference_pairs,
+    split_by_prompt,
+    to_signed_ids,
+    toggle_compliant,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def test_chat_template_puts_system_prompt_first_and_think_block_in_the_answer(tokenizer):
+    on = ChatSample("What is 2+3?", format_response("The answer is 5.", "on", "2 + 3 = 5."), "on", "5")
+    text = tokenizer.apply_chat_template(
+        [
+            {"role": "system", "content": "detailed thinking on"},
+            {"role": "user", "content": on.prompt},
+            {"role": "assistant", "content": on.response},
+        ],
+        tokenize=False,
+    )
+    assert text == (
+        "<|im_start|>system\ndetailed thinking on<|im_end|>\n<|im_start|>user\nWhat is 2+3?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n2 + 3 = 5.\n</think>\nThe answer is 5.<|im_end|>\n"
+    )
+    assert prompt_text(tokenizer, "hi", "off").startswith("<|im_start|>system\ndetailed thinking off<|im_end|>")
+    assert format_response("The answer is 5.", "off") == "The answer is 5."
+
+
+def test_label_mask_covers_exactly_the_assistant_tokens(tokenizer):
+    sample = ChatSample("What is 2+3?", "<think>\n2 + 3 = 5.\n</think>\nThe answer is 5.", "on", "5")
+    ids, mask = encode_chat(tokenizer, sample)
+    assert len(ids) == len(mask)
+    masked = [t for t, m in zip(ids, mask, strict=True) if m]
+    assert tokenizer.decode(masked) == sample.response + "<|im_end|>"
+    unmasked = [t for t, m in zip(ids, mask, strict=True) if not m]
+    assert tokenizer.decode(unmasked) == prompt_text(tokenizer, sample.prompt, "on")
+    assert mask == sorted(mask)  # prompt first, then only assistant tokens
+
+
+def test_gsm8k_reader_builds_on_off_pairs(tmp_path):
+    row = {
+        "question": "Natalia sold 48 clips in April and half as many in May. How many in total?",
+        "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether 48+24 = <<48+24=72>>72.\n#### 72",
+    }
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    on, off = read_chat_samples(path)
+    assert gsm8k_parts("a 1,000\n#### 1,000") == ("a 1,000", "1000")
+    assert on.reasoning == "on" and off.reasoning == "off" and on.answer == off.answer == "72"
+    assert on.response == (
+        "<think>\nNatalia sold 48/2 = 24 clips in May.\nAltogether 48+24 = 72.\n</think>\nThe answer is 72."
+    )
+    assert off.response == "The answer is 72."
+
+
+def test_post_training_reader(tmp_path):
+    rows = [
+        {"input": [{"role": "user", "content": "Hi?"}], "output": "<think>x</think>Hello", "reasoning": "on",
+         "system_prompt": "detailed thinking on", "category": "chat"},
+        {"input": "Sum 1+1", "output": "2", "reasoning": "off", "category": "math", "expected_answer": "2"},
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = read_chat_samples(path)
+    assert (a.prompt, a.reasoning, a.category, a.answer) == ("Hi?", "on", "chat", None)
+    assert (b.prompt, b.reasoning, b.answer) == ("Sum 1+1", "off", "2")
+
+
+def test_shared_gsm8k_and_preference_files(shared_dir):
+    samples = read_chat_samples(shared_dir / "data/gsm8k/train.jsonl", limit=10)
+    assert len(samples) == 10 and {s.reasoning for s in samples} == {"on", "off"}
+    assert samples[0].answer == "72"
+    pairs = read_preference_pairs(shared_dir / "data/instruct/llms_from_scratch_preference_data.jsonl", limit=3)
+    assert pairs[0][0].startswith("Evaluate the following phrase") and pairs[0][0].endswith("freind --> friend")
+
+
+def test_generated_arithmetic_is_paired_and_correct():
+    samples = arithmetic_samples(40, seed=0)
+    assert len(samples) == 40
+    for on, off in zip(samples[::2], samples[1::2], strict=True):
+        assert on.prompt == off.prompt and on.answer == off.answer
+        assert toggle_compliant(on.response, "on") and toggle_compliant(off.response, "off")
+        steps = re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", on.response)
+        assert steps and all(eval(f"{a} {op} {b}") == int(c) for a, op, b, c in steps)
+        assert steps[-1][3] == on.answer
+    train, held = split_by_prompt(samples, heldout_fraction=0.25, seed=0)
+    assert not {s.prompt for s in train} & {s.prompt for s in held}
+
+
+def test_toggle_rule():
+    assert toggle_compliant("<think>\nx\n</think>\nok", "on")
+    assert not toggle_compliant("<think> never closed", "on")
+    assert not toggle_compliant("no thinking", "on")
+    assert toggle_compliant("The answer is 5.", "off")
+    assert not toggle_compliant("<think></think>The answer is 5.", "off")
+
+
+def test_packing_keeps_masks_aligned_and_signed_ids_round_trip():
+    encoded = [([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1]), ([6, 7, 8, 9], [0, 0, 1, 1])]
+    ids_NT, mask_NT = pack_chats(encoded, seq_len_tokens=5, pad_token_id=0, seed=0)
+    assert ids_NT.shape[1] == 5 and ids_NT.shape == mask_NT.shape
+    # every chat appears whole in some row with its own mask
+    rows = [(r.tolist(), m.tolist()) for r, m in zip(ids_NT, mask_NT, strict=True)]
+    for ids, mask in encoded:
+        assert any(ids == r[i : i + len(ids)] and mask == m[i : i + len(ids)] for r, m in rows for i in range(5))
+    assert int(mask_NT.sum()) == 5
+    back_ids, back_mask = from_signed_ids(to_signed_ids(ids_NT, mask_NT))
+    assert torch.equal(back_ids, ids_NT) and torch.equal(back_mask, mask_NT)

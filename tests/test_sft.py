@@ -1,0 +1,56 @@
+"""sft stage on the tiny random Llama: assistant-only loss, loss falls, toggle compliance measured, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nemoforge.config import Recipe
+
+
+def test_sft_loss_counts_only_masked_tokens(tiny_llama_dir: Path):
+    from nemoforge.data.reasoning import to_signed_ids
+    from nemoforge.models.convert import load_causal_lm
+    from nemoforge.stages.sft.stage import sft_loss
+    from nemoforge.training.losses import causal_lm_loss_BT
+
+    model = load_causal_lm(tiny_llama_dir)
+    ids_BT = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    mask_BT = torch.tensor([[0, 0, 0, 1, 1, 0]], dtype=torch.bool)
+    loss, extra = sft_loss(model, to_signed_ids(ids_BT, mask_BT))
+    ce = causal_lm_loss_BT(model(ids_BT).logits, ids_BT)[0]
+    # targets 8 and 9 are predicted at positions 2 and 3
+    assert torch.allclose(loss, (ce[2] + ce[3]) / 2)
+    assert extra["assistant_tokens"] == 2
+
+
+def test_sft_stage_trains_and_measures_toggle(tiny_llama_dir: Path, tmp_path: Path):
+    from nemoforge.artifacts import open_store
+    from nemoforge.models.convert import load_causal_lm
+    from nemoforge.stages.sft import run
+
+    store = open_store(str(tmp_path / "store"))
+    output_uri = store.join("run-1", "sft")
+    recipe = Recipe(
+        name="test",
+        sft={
+            "steps": 8, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "checkpoint_every_steps": 4,
+            "seq_len_tokens": 128, "num_samples": 60, "heldout_sequences": 4, "num_toggle_prompts": 2,
+            "max_new_tokens": 8,
+        },
+    )
+    result = run(recipe, model_uri=str(tiny_llama_dir), output_uri=output_uri, store=store)
+    m = result.metrics
+    assert m["loss_heldout_after"] < m["loss_heldout_before"] - 0.5, m
+    for when in ("before", "after"):
+        for key in ("toggle_on", "toggle_off", "toggle"):
+            assert 0.0 <= m[f"{key}_{when}"] <= 1.0
+    assert sorted(p.name for p in (Path(output_uri) / "checkpoints").iterdir()) == ["step-4", "step-8"]
+    assert (Path(output_uri) / "samples" / "toggle_after.json").is_file()
+    assert {d.name for d in result.datasets} == {"sft-train", "sft-heldout"}
+    load_causal_lm(result.outputs["model"])  # the export reloads
+
+    again = run(recipe, model_uri=str(tiny_llama_dir), output_uri=output_uri, store=store)
+    assert again.tags["resumed_from_step"] == "8"
+    assert again.digests["model"] == result.digests["model"]
