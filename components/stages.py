@@ -93,6 +93,51 @@ def cpt(recipe_json: str, run_name: str, input_model: Input[Model], corpus: Inpu
         json.dump(ref, f)
 
 
+def sft(recipe_json: str, run_name: str, input_model: Input[Model], model: Output[Model]):
+    """Reasoning-toggle SFT ("detailed thinking on|off"): CE on assistant tokens of packed on/off chats."""
+    import json
+
+    from nemoforge.config import Recipe
+    from nemoforge.runner import execute_stage, user_errors
+
+    with user_errors():
+        _, ref = execute_stage("sft", Recipe.model_validate_json(recipe_json), run_name, {"model": dict(input_model.metadata)})
+    model.metadata.update(ref)
+    with open(model.path, "w") as f:
+        json.dump(ref, f)
+
+
+def rl(recipe_json: str, run_name: str, input_model: Input[Model], model: Output[Model]):
+    """GRPO with verifiable rewards (math-verify accuracy, think format), then optional DPO."""
+    import json
+
+    from nemoforge.config import Recipe
+    from nemoforge.runner import execute_stage, user_errors
+
+    with user_errors():
+        _, ref = execute_stage("rl", Recipe.model_validate_json(recipe_json), run_name, {"model": dict(input_model.metadata)})
+    model.metadata.update(ref)
+    with open(model.path, "w") as f:
+        json.dump(ref, f)
+
+
+def eval(recipe_json: str, run_name: str, input_model: Input[Model], parent_model: Input[Model], model: Output[Model]):
+    """Child vs parent evaluation; registers the model version (challenger; champion when the gate passes)."""
+    import json
+
+    from nemoforge.config import Recipe
+    from nemoforge.runner import execute_stage, register_evaluated_model, user_errors
+
+    recipe = Recipe.model_validate_json(recipe_json)
+    inputs = {"model": dict(input_model.metadata), "parent": dict(parent_model.metadata)}
+    with user_errors():
+        result, _ = execute_stage("eval", recipe, run_name, inputs)
+        ref = register_evaluated_model(recipe, run_name, result, inputs)
+    model.metadata.update(ref)
+    with open(model.path, "w") as f:
+        json.dump(ref, f)
+
+
 def serve(recipe_json: str, run_name: str, input_model: Input[Model], responses: Output[Artifact]):
     """Serve the final model with vLLM's OpenAI server, one chat per reasoning mode (TTFT, tokens/s), stop it."""
     import json
@@ -170,6 +215,9 @@ COMPONENT_FUNCS: dict[str, Callable] = {
     "nas": nas,
     "distill": distill,
     "cpt": cpt,
+    "sft": sft,
+    "rl": rl,
+    "eval": eval,
     "serve": serve,
     "distill_trainjob": distill_trainjob,
     "cpt_trainjob": cpt_trainjob,

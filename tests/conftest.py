@@ -59,3 +59,11 @@ def tiny_llama_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def serve_exports(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """nemotron-nas exports of SmolLM2: (all-parent, heterogeneous child) — see nemoforge.serving.parity."""
+    from nemoforge.serving.parity import export_parent_and_child
+
+    return export_parent_and_child(smollm2_dir, tmp_path_factory.mktemp("serve-exports"))

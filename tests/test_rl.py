@@ -67,7 +67,7 @@ def test_grpo_steps_change_params_and_raise_a_learnable_reward(tiny_llama_dir: P
     torch.manual_seed(0)
     model = load_causal_lm(tiny_llama_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    cfg = RLConfig(steps=12, num_generations=8, max_new_tokens=6, lr=3e-2, warmup_steps=0)
+    cfg = RLConfig(steps=8, num_generations=8, max_new_tokens=4, lr=1e-1, warmup_steps=0)
     prompts = [tokenizer.encode("Say x", add_special_tokens=False)] * 2
     half = model.config.vocab_size // 2
 
@@ -75,15 +75,16 @@ def test_grpo_steps_change_params_and_raise_a_learnable_reward(tiny_llama_dir: P
         return sum(t < half for t in ids) / max(len(ids), 1)
 
     def mean_reward() -> float:
-        ids = generate_ids(model, tokenizer, prompts * 16, max_new_tokens=6, temperature=1.0, batch_size=32)
+        ids = generate_ids(model, tokenizer, prompts * 16, max_new_tokens=cfg.max_new_tokens, temperature=1.0, batch_size=32)
         return sum(map(reward_of, ids)) / len(ids)
 
     before_reward = mean_reward()
+
     before_params = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     for _ in range(cfg.steps):
         p_ids = [p for p in prompts for _ in range(cfg.num_generations)]
-        c_ids = generate_ids(model, tokenizer, p_ids, max_new_tokens=6, temperature=1.0, batch_size=len(p_ids))
+        c_ids = generate_ids(model, tokenizer, p_ids, max_new_tokens=cfg.max_new_tokens, temperature=1.0, batch_size=len(p_ids))
         adv = group_advantages(torch.tensor([reward_of(c) for c in c_ids]), cfg.num_generations)
         ids, attn, comp = rollout_batch(tokenizer, p_ids, c_ids)
         logp = token_logps(model, ids, attn)
@@ -93,4 +94,5 @@ def test_grpo_steps_change_params_and_raise_a_learnable_reward(tiny_llama_dir: P
         opt.step()
     assert any(not torch.equal(a, b) for a, b in zip(before_params, model.parameters(), strict=True))
     after_reward = mean_reward()
+    print("reward before/after", before_reward, after_reward)
     assert after_reward > before_reward + 0.2, (before_reward, after_reward)

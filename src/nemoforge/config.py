@@ -310,7 +310,7 @@ class ServeConfig(_Section):
     """
 
     enabled: bool = Field(False, description="Run the serve stage after the last model stage.")
-    port: int = Field(8000, ge=1, le=65535, description="TCP port of the local OpenAI server (0: any free port).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port of the local OpenAI server (0: any free port).")
     max_model_len: int = Field(2048, ge=64, description="Context length in tokens the engine reserves for.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="vLLM weights/activations dtype (bfloat16 on CPU and GPU)."

@@ -146,6 +146,12 @@ def _stage_fn(stage: str) -> Callable[..., StageResult]:
         from nemoforge.stages.distill import run
     elif stage == "cpt":
         from nemoforge.stages.cpt import run
+    elif stage == "sft":
+        from nemoforge.stages.sft import run
+    elif stage == "rl":
+        from nemoforge.stages.rl import run
+    elif stage == "eval":
+        from nemoforge.stages.eval import run
     elif stage == "serve":
         from nemoforge.stages.serve import run
     else:
@@ -153,15 +159,29 @@ def _stage_fn(stage: str) -> Callable[..., StageResult]:
     return run
 
 
+def _key_section(recipe: Recipe, stage: str) -> Any:
+    """What a stage's key covers from the recipe: its section; the reasoning stages also read their data
+    (``data.sft_uri``, ``data.math_eval_uri``, ``data.preference_uri``), the seed, and sft's held-out split."""
+    section = getattr(recipe, stage)
+    if stage not in ("sft", "rl", "eval"):
+        return section
+    return {
+        stage: section.model_dump(mode="json"),
+        "data": recipe.data.model_dump(mode="json"),
+        "seed": recipe.seed,
+        "sft": recipe.sft.model_dump(mode="json"),
+    }
+
+
 def execute_stage(stage: str, recipe: Recipe, run_name: str, inputs: dict[str, Ref]) -> tuple[StageResult, Ref]:
     """Run (or reuse) one stage inside its MLflow run; return its result and its model reference.
 
     Args:
-        stage: ``nas``, ``distill`` or ``cpt``.
+        stage: ``nas``, ``distill``, ``cpt``, ``sft``, ``rl``, ``eval`` (or ``serve``).
         recipe: the resolved recipe (tracking URI and artifact root set).
         run_name: the pipeline run this execution belongs to (the MLflow parent run's name).
         inputs: upstream references by the stage's argument name without ``_uri``
-            (``parent``, ``model``, ``corpus``).
+            (``parent``, ``model``, ``corpus``): sft and rl take ``model``; eval ``model`` and ``parent``.
 
     Raises:
         NemoforgeError: a user-fixable problem (bad input URI, store refuses); the stage run ends FAILED.
@@ -169,7 +189,7 @@ def execute_stage(stage: str, recipe: Recipe, run_name: str, inputs: dict[str, R
     from nemoforge import lineage
 
     store = store_for(recipe)
-    key = step_key(stage, getattr(recipe, stage), inputs)
+    key = step_key(stage, _key_section(recipe, stage), inputs)
     index = StepIndex(store, stage, key)
     entry = index.read()
     input_uris = {f"{name}_uri": ref["uri"] for name, ref in inputs.items()}
@@ -193,6 +213,47 @@ def execute_stage(stage: str, recipe: Recipe, run_name: str, inputs: dict[str, R
             index.write(state="done", output_uri=output_uri, result=result_to_json(result))
         tracker.log_result(result)
     return result, _model_ref(result)
+
+
+def register_evaluated_model(recipe: Recipe, run_name: str, result: StageResult, inputs: dict[str, Ref]) -> Ref:
+    """Register the evaluated model in the MLflow registry; ``challenger`` always, ``champion`` when the gate passed.
+
+    The eval stage decided the gate (tags ``gate``, ``gate_checks``); this records it: a new version of
+    ``recipe.model.name`` tagged with the pipeline run, the upstream model and parent, the gate and the eval
+    metrics. On promotion the champion's record is written to the store, where the next eval's gate reads it.
+    A failed gate is an outcome (the version stays ``challenger``), not an error. Registration happens once
+    per eval output: a reused eval result returns its earlier record.
+
+    Returns:
+        The model reference extended with ``registered_name``, ``version``, ``aliases``, ``gate``.
+    """
+    from nemoforge import lineage
+    from nemoforge.stages.eval.stage import champion_uri
+
+    store = store_for(recipe)
+    record_uri = result.outputs["registration"]
+    if store.exists(record_uri):
+        return _model_ref(result, **store.read_json(record_uri))
+    passed = result.tags.get("gate") == "passed"
+    aliases = ["challenger", "champion"] if passed else ["challenger"]
+    tags = {
+        "nemoforge.pipeline_run": run_name,
+        "nemoforge.gate": result.tags.get("gate", "failed"),
+        "nemoforge.gate_checks": result.tags.get("gate_checks", ""),
+        "nemoforge.upstream.model": inputs["model"]["uri"],
+        "nemoforge.upstream.model_sha256": inputs["model"]["digest"],
+        "nemoforge.upstream.parent": inputs["parent"]["uri"],
+        **{f"nemoforge.metric.{k}": f"{v:.6g}" for k, v in result.metrics.items()},
+    }
+    version = lineage.register_model(
+        recipe.tracking.mlflow_uri, recipe.model.name, result.outputs["model"], aliases=aliases, tags=tags
+    )
+    record = {"registered_name": recipe.model.name, "version": version, "aliases": aliases, "gate": tags["nemoforge.gate"]}
+    if passed:
+        champion = {"version": version, "model_uri": result.outputs["model"], "metrics": result.metrics}
+        store.write_json(champion_uri(store, recipe.model.name), champion | {"pipeline_run": run_name})
+    store.write_json(record_uri, record)
+    return _model_ref(result, **record)
 
 
 def finalize_run(recipe: Recipe, run_name: str, succeeded: bool) -> None:

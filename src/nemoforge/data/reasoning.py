@@ -31,6 +31,8 @@ import torch
 from nemoforge.errors import InputNotFoundError, NemoforgeError
 
 Reasoning = Literal["on", "off"]
+SFT_HELDOUT_FRACTION = 0.1
+"""Share of SFT prompts held out (toggle compliance; eval's math problems when no math_eval_uri)."""
 SYSTEM_PROMPTS: dict[str, str] = {"on": "detailed thinking on", "off": "detailed thinking off"}
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 

@@ -32,7 +32,9 @@ def main(request_path: str, result_path: str) -> None:
     for out in outputs:
         completion = out.outputs[0]
         tokens.append(list(completion.token_ids))
-        logprobs.append([lp[tok].logprob for tok, lp in zip(completion.token_ids, completion.logprobs)])
+        logprobs.append(
+            [lp[tok].logprob for tok, lp in zip(completion.token_ids, completion.logprobs, strict=True)]
+        )
     with open(result_path, "w") as f:
         json.dump({"tokens": tokens, "logprobs": logprobs}, f)
 

@@ -61,11 +61,14 @@ def chat(
     max_tokens: int = 128,
     temperature: float = 0.0,
     timeout_s: float = 600,
+    extra: dict | None = None,
 ) -> ChatResult:
     """Send one streaming chat completion to an OpenAI-compatible server (vLLM) and time it.
 
     Reasoning is taken from the server's ``reasoning``/``reasoning_content`` deltas (a
     ``--reasoning-parser``) and from ``<think>`` tags left in the content (no parser).
+
+    ``extra`` adds request fields (vLLM's ``ignore_eos``/``min_tokens`` fix the output length in benchmarks).
 
     Raises:
         NemoforgeError: the server refused the request or could not be reached.
@@ -80,6 +83,7 @@ def chat(
         "temperature": temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
     request = urllib.request.Request(
         f"{base_url.rstrip('/')}/v1/chat/completions",
@@ -112,7 +116,9 @@ def chat(
                     reasoning_parts.append(reasoning)
                     content_parts.append(content)
     except urllib.error.HTTPError as err:
-        raise NemoforgeError(f"{base_url} refused the chat request ({err.code}): {err.read().decode()[:300]}") from None
+        raise NemoforgeError(
+            f"{base_url} refused the chat request ({err.code}): {err.read().decode()[:300]}"
+        ) from None
     except (urllib.error.URLError, OSError) as err:
         raise NemoforgeError(f"cannot reach {base_url}: {err}") from None
     total = time.perf_counter() - t0

@@ -86,7 +86,10 @@ def inferenceservice(recipe: Recipe, model_uri: str, *, name: str | None = None)
     _check_storage_uri(model_uri)
     res = recipe.resources.serve
     served = _served_name(recipe)
-    annotations = {"serving.kserve.io/deploymentMode": "Standard", "serving.kserve.io/s3-region": recipe.storage.s3_region}
+    annotations = {
+        "serving.kserve.io/deploymentMode": "Standard",
+        "serving.kserve.io/s3-region": recipe.storage.s3_region,
+    }
     if endpoint := recipe.storage.s3_endpoint_url:
         annotations["serving.kserve.io/s3-endpoint"] = re.sub(r"^https?://", "", endpoint)
         annotations["serving.kserve.io/s3-usehttps"] = "0" if endpoint.startswith("http://") else "1"
@@ -140,7 +143,10 @@ def deployment(recipe: Recipe, model_uri: str, *, image: str, name: str | None =
                 "image": image,
                 "command": ["python", "-c", fetch],
                 "env": env,
-                "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+                "volumeMounts": [
+                    {"name": "model", "mountPath": MODEL_DIR},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                ],
             }
         ],
         "containers": [

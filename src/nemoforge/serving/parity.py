@@ -28,7 +28,9 @@ def heterogeneous_block_configs(config) -> list:
     hidden = config.hidden_size
     parent_blocks = list(config.block_configs)
     n_heads_in_group = parent_blocks[0].attention.n_heads_in_group
-    width = int(round(2 * parent_blocks[0].ffn.ffn_mult * hidden / 3 / 256)) * 256  # parent I, on the 256 grid
+    width = (
+        int(round(2 * parent_blocks[0].ffn.ffn_mult * hidden / 3 / 256)) * 256
+    )  # parent I, on the 256 grid
     narrow = max(256, (2 * width // 3) // 256 * 256)
     no_attn, narrow_ffn, no_ffn = {n // 3, (2 * n) // 3}, {1, n // 2}, {n - 2}
     blocks = []
@@ -76,8 +78,8 @@ class ParityReport:
     def first_mismatch(self) -> str | None:
         for k, (a, b) in enumerate(zip(self.ours, self.vllm, strict=True)):
             if a != b:
-                pos = next(i for i, (x, y) in enumerate(zip(a + [None], b + [None])) if x != y)
-                return f"prompt {k}: token {pos}: ours {a[pos:pos + 4]} vs vLLM {b[pos:pos + 4]}"
+                pos = next(i for i, (x, y) in enumerate(zip(a + [None], b + [None], strict=False)) if x != y)
+                return f"prompt {k}: token {pos}: ours {a[pos : pos + 4]} vs vLLM {b[pos : pos + 4]}"
         return None
 
 
@@ -91,6 +93,6 @@ def greedy_parity(
     for ids in prompts:
         ids_BT = torch.tensor([list(ids)], dtype=torch.long)
         out_BT = generate(model, ids_BT, max_new_tokens, temperature=0.0, eos_token_id=None)
-        ours.append(out_BT[0, len(ids):].tolist())
+        ours.append(out_BT[0, len(ids) :].tolist())
     del model
     return ParityReport(ours=ours, vllm=vllm_greedy(export_dir, prompts, max_new_tokens, dtype=dtype).tokens)

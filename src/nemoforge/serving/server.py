@@ -10,6 +10,7 @@ context manager, whatever happens inside it (tests check this).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +22,8 @@ from types import TracebackType
 
 from nemoforge.errors import NemoforgeError
 from nemoforge.serving.engine import vllm_env, vllm_python, vllm_version
+
+_ERROR_LINE = re.compile(r"\b\w*(Error|error)\b[:,]")
 
 
 class ServeError(NemoforgeError):
@@ -65,7 +68,9 @@ def check_port_free(port: int, host: str = "127.0.0.1") -> None:
         try:
             sock.bind((host, port))
         except OSError as err:
-            raise ServeError(f"port {port} on {host} is in use ({err.strerror}): pass another --port") from None
+            raise ServeError(
+                f"port {port} on {host} is in use ({err.strerror}): pass another --port"
+            ) from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -103,7 +108,9 @@ class VLLMServer:
         self.served_model_name = served_model_name
         self.log_path = Path(log_path)
         self.startup_timeout_s = startup_timeout_s
-        self.command = server_command(model_dir, port=port, served_model_name=served_model_name, host=host, **kwargs)
+        self.command = server_command(
+            model_dir, port=port, served_model_name=served_model_name, host=host, **kwargs
+        )
         self.process: subprocess.Popen | None = None
 
     @property
@@ -139,6 +146,17 @@ class VLLMServer:
             return ""
         return "\n".join(text.strip().splitlines()[-lines:])
 
+    def _failure_reason(self) -> str:
+        """The last error line of the log (vLLM's own reason, e.g. an unknown architecture), cut to 300 chars."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        errors = [
+            ln.strip() for ln in lines if _ERROR_LINE.search(ln) and not ln.lstrip().startswith("File ")
+        ]
+        return (errors[-1] if errors else (lines[-1].strip() if lines else "no output"))[:300]
+
     def wait_ready(self) -> float:
         """Poll ``/health`` until it answers 200; the seconds it took.
 
@@ -153,8 +171,8 @@ class VLLMServer:
             if code is not None:
                 self.stop()
                 raise ServeError(
-                    f"vLLM exited with code {code} while loading {self.model_dir} "
-                    f"(log: {self.log_path}):\n{self._log_tail()}"
+                    f"vLLM exited with code {code} while loading {self.model_dir}: {self._failure_reason()} "
+                    f"(log: {self.log_path})"
                 )
             try:
                 with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as resp:

@@ -49,8 +49,15 @@ def plot_pareto(
         zorder=3,
         label=f"{len(solutions)} diverse solutions at the budget",
     )
-    for k, s in enumerate(solutions, start=1):
-        ax.annotate(str(k), (s.latency_ms, s.kl_div), textcoords="offset points", xytext=(6, 4))
+    for k, s in enumerate(solutions, start=1):  # labels stacked: diverse solutions often cost about the same
+        label = f"{k}: KL {s.kl_div:.3g}"
+        ax.annotate(
+            label,
+            (s.latency_ms, s.kl_div),
+            textcoords="offset points",
+            xytext=(8, 6 + 11 * (k - 1)),
+            fontsize=8,
+        )
     ax.scatter([parent_latency_ms], [0.0], marker="s", s=60, color="black", zorder=3, label="parent")
     ax.axvline(latency_budget_ms, color="tab:red", ls="--", lw=1, label="latency budget")
     ax.set_xlabel("predicted request latency (ms)")

@@ -19,6 +19,7 @@ from nemoforge.artifacts import ArtifactStore, digest_path
 from nemoforge.config import Recipe
 from nemoforge.data.packing import token_digest
 from nemoforge.data.reasoning import (
+    SFT_HELDOUT_FRACTION,
     encode_chat,
     from_signed_ids,
     load_chat_samples,
@@ -32,8 +33,6 @@ from nemoforge.training.loop import epoch_batches, train
 from nemoforge.training.losses import causal_lm_loss_BT
 from nemoforge.training.runtime import compute_device
 from nemoforge.training.stage import fetch_latest_checkpoint, plot_history, recipe_dtype, uri_under
-
-HELDOUT_FRACTION = 0.1
 
 
 def masked_ce_sum_count(
@@ -100,7 +99,7 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
     tokenizer = AutoTokenizer.from_pretrained(model_dir, config=model.config)
 
     samples = load_chat_samples(recipe.data.sft_uri, cfg.num_samples, seed=recipe.seed, store=store)
-    train_samples, heldout_samples = split_by_prompt(samples, heldout_fraction=HELDOUT_FRACTION, seed=cfg.seed)
+    train_samples, heldout_samples = split_by_prompt(samples, heldout_fraction=SFT_HELDOUT_FRACTION, seed=cfg.seed)
     pack = {"seq_len_tokens": cfg.seq_len_tokens, "pad_token_id": pad_id(tokenizer), "seed": cfg.seed}
     train_ids_NT, train_mask_NT = pack_chats(
         [encode_chat(tokenizer, s, cfg.seq_len_tokens) for s in train_samples], **pack

@@ -1,0 +1,49 @@
+"""The promotion gate's outcome recorded in the MLflow registry: challenger always, champion only on a pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nemoforge.config import Recipe
+from nemoforge.stages.result import StageResult
+
+
+def _result(tmp_path: Path, model_dir: Path, name: str, gate: str, pass1: float) -> StageResult:
+    out = tmp_path / "store" / name / "eval"
+    return StageResult(
+        metrics={"math_pass1_on": pass1, "decode_tokens_per_s": 10.0},
+        outputs={"model": str(model_dir), "registration": str(out / "registration.json")},
+        digests={"model": "abc"},
+        tags={"gate": gate, "gate_checks": f"{'ok' if gate == 'passed' else 'fail'}: math_pass1_on"},
+    )
+
+
+def test_register_moves_champion_only_when_the_gate_passed(tiny_llama_dir: Path, tmp_path: Path):
+    from mlflow import MlflowClient
+
+    from nemoforge.runner import register_evaluated_model
+    from nemoforge.stages.eval.stage import champion_uri
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    recipe = Recipe(name="test", tracking={"mlflow_uri": uri}, storage={"artifact_root": str(tmp_path / "store")})
+    inputs = {"model": {"uri": "/m/rl", "digest": "d"}, "parent": {"uri": "/m/parent", "digest": "p"}}
+
+    first = register_evaluated_model(recipe, "run-1", _result(tmp_path, tiny_llama_dir, "run-1", "passed", 0.5), inputs)
+    assert first["version"] == 1 and first["aliases"] == ["challenger", "champion"]
+    again = register_evaluated_model(recipe, "run-1", _result(tmp_path, tiny_llama_dir, "run-1", "passed", 0.5), inputs)
+    assert again["version"] == 1  # a reused eval result is registered once
+
+    second = register_evaluated_model(recipe, "run-2", _result(tmp_path, tiny_llama_dir, "run-2", "failed", 0.1), inputs)
+    assert second["version"] == 2 and second["gate"] == "failed"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = recipe.model.name
+    assert int(client.get_model_version_by_alias(name, "champion").version) == 1
+    assert int(client.get_model_version_by_alias(name, "challenger").version) == 2
+    tags = client.get_model_version(name, "2").tags
+    assert tags["nemoforge.gate"] == "failed" and tags["nemoforge.pipeline_run"] == "run-2"
+    assert tags["nemoforge.upstream.model"] == "/m/rl" and tags["nemoforge.metric.math_pass1_on"] == "0.1"
+
+    from nemoforge.artifacts import open_store
+
+    store = open_store(str(tmp_path / "store"))
+    assert store.read_json(champion_uri(store, name))["version"] == 1

@@ -1,0 +1,41 @@
+"""rl stage end to end on the tiny random Llama: GRPO steps, preference pass, checkpoints, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nemoforge.config import Recipe
+
+
+def test_rl_stage_runs_grpo_then_dpo_and_resumes(tiny_llama_dir: Path, shared_dir: Path, tmp_path: Path):
+    from nemoforge.artifacts import open_store
+    from nemoforge.models.convert import load_causal_lm
+    from nemoforge.stages.rl import run
+
+    store = open_store(str(tmp_path / "store"))
+    output_uri = store.join("run-1", "rl")
+    recipe = Recipe(
+        name="test",
+        data={"preference_uri": str(shared_dir / "data/instruct/llms_from_scratch_preference_data.jsonl")},
+        rl={
+            "steps": 2, "batch_size": 2, "num_generations": 2, "max_new_tokens": 4, "num_prompts": 4,
+            "num_heldout_prompts": 2, "warmup_steps": 0, "checkpoint_every_steps": 2, "filter_samples": 2,
+            "beta": 0.01,
+            "preference": {"enabled": True, "steps": 2, "batch_size": 2, "num_pairs": 4, "warmup_steps": 0,
+                           "max_len_tokens": 64, "lr": 1e-3, "nll_weight": 0.1},
+        },
+    )
+    result = run(recipe, model_uri=str(tiny_llama_dir), output_uri=output_uri, store=store)
+    m = result.metrics
+    assert m["train_steps"] == 2 and m["preference_steps"] == 2
+    assert 0.0 <= m["reward_heldout_before"] <= 1.5 and "reward_accuracy_heldout_after" in m
+    assert [s for s, _ in result.history["reward_mean"]] == [1, 2]
+    assert "kl" in result.history and "preference_loss" in result.history
+    assert (Path(output_uri) / "checkpoints" / "step-2").is_dir()
+    assert (Path(output_uri) / "checkpoints-preference" / "step-2").is_dir()
+    assert Path(result.plots["reward_curve"]).is_file()
+    load_causal_lm(result.outputs["model"])
+
+    again = run(recipe, model_uri=str(tiny_llama_dir), output_uri=output_uri, store=store)
+    assert again.tags["resumed_from_step"] == "2"
+    assert again.digests["model"] == result.digests["model"]
