@@ -21,7 +21,7 @@ SMOLLM2_CONFIG = {
 def test_builtin_demo_recipe_loads():
     assert "smollm2-135m-demo" in builtin_recipes()
     recipe = load_recipe("smollm2-135m-demo")
-    assert recipe.enabled_stages() == ["nas", "distill", "cpt"]
+    assert recipe.enabled_stages() == ["nas", "distill", "cpt", "sft", "rl", "eval"]
     assert recipe.nas.ffn_intermediate_sizes == [1024, 512]
 
 

@@ -184,7 +184,11 @@ def test_the_pipeline_ends_with_a_serve_task_on_the_serve_resources(tmp_path):
     spec, platform = yaml.safe_load_all(compile_recipe(recipe, tmp_path / "p.yaml").read_text())
     tasks = spec["root"]["dag"]["tasks"]["exit-handler-1"]["componentRef"]["name"]
     dag = spec["components"][tasks]["dag"]["tasks"]
-    assert dag["serve"]["inputs"]["artifacts"]["input_model"]["taskOutputArtifact"]["producerTask"] == "cpt"
+    last_model_stage = [s for s in recipe.enabled_stages() if s not in ("eval", "serve")][-1]
+    assert (
+        dag["serve"]["inputs"]["artifacts"]["input_model"]["taskOutputArtifact"]["producerTask"]
+        == last_model_stage
+    )
     executor = spec["deploymentSpec"]["executors"]["exec-serve"]["container"]
     assert executor["resources"]["accelerator"]["resourceCount"] == "1"
     assert platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-serve"][

@@ -333,7 +333,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from nemoforge.artifacts import open_store
     from nemoforge.serving import manifests
-    from nemoforge.serving.server import VLLMServer
+    from nemoforge.serving.server import VLLMServer, free_port
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     recipe = load_recipe(args.recipe, args.overrides)
@@ -364,7 +364,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log_path = args.workdir.expanduser().resolve() / "serve" / f"server-{int(time.time())}.log"
     server = VLLMServer(
         model_dir,
-        port=args.port if args.port is not None else cfg.port,
+        port=(args.port if args.port is not None else cfg.port) or free_port(),
         served_model_name=cfg.served_model_name or recipe.model.name,
         log_path=log_path,
         max_model_len=cfg.max_model_len,
