@@ -23,7 +23,8 @@ from types import TracebackType
 from nemoforge.errors import NemoforgeError
 from nemoforge.serving.engine import vllm_env, vllm_python, vllm_version
 
-_ERROR_LINE = re.compile(r"\b\w*(Error|error)\b[:,]")
+# An exception line ("ValueError: ...") or pydantic's detail line ("  Value error, ...").
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.]*(?:Error|Exception)\b:|\w+ error, )")
 
 
 class ServeError(NemoforgeError):

@@ -38,6 +38,7 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
         ServeError: the port is in use, vLLM is missing, or it cannot load the model (no process is left).
     """
     cfg = recipe.serve
+    out = output_uri.rstrip("/")  # a full URI already: store.join would nest it under the root
     model_dir = store.fetch(model_uri)
     name = cfg.served_model_name or recipe.model.name
     with tempfile.TemporaryDirectory(prefix="nemoforge-serve-") as tmp:
@@ -63,9 +64,9 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
         finally:
             server.stop()
             if log_path.is_file():
-                store.put(log_path, store.join(output_uri, "server.log"))
+                store.put(log_path, f"{out}/server.log")
     responses_uri = store.write_json(
-        store.join(output_uri, "responses.json"), {mode: r.to_json() for mode, r in responses.items()}
+        f"{out}/responses.json", {mode: r.to_json() for mode, r in responses.items()}
     )
     metrics = {"server_startup_s": startup_s}
     for mode, r in responses.items():
