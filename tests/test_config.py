@@ -29,7 +29,7 @@ def test_overrides_apply_and_parse_yaml():
     recipe = load_recipe("smollm2-135m-demo", ["distill.steps=7", "data.corpus_uri=x.txt", "cpt.enabled=false"])
     assert recipe.distill.steps == 7
     assert recipe.data.corpus_uri == "x.txt"
-    assert recipe.enabled_stages() == ["nas", "distill"]
+    assert recipe.enabled_stages() == ["nas", "distill", "sft", "rl", "eval"]
 
 
 def test_unknown_key_names_the_path():
