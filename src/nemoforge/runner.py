@@ -209,7 +209,7 @@ def execute_stage(stage: str, recipe: Recipe, run_name: str, inputs: dict[str, R
             index.write(state="running", output_uri=output_uri)
             tracker.set_tags({"nemoforge.output_uri": output_uri, "nemoforge.step_key": key})
             result = _stage_fn(stage)(recipe, **input_uris, output_uri=output_uri, store=store)
-            store.write_json(store.join(output_uri, "result.json"), result_to_json(result))
+            store.write_json(f"{output_uri.rstrip('/')}/result.json", result_to_json(result))
             index.write(state="done", output_uri=output_uri, result=result_to_json(result))
         tracker.log_result(result)
     return result, _model_ref(result)
