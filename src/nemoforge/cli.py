@@ -27,8 +27,9 @@ from nemoforge.errors import NemoforgeError
 DEFAULT_WORKDIR = Path("nemoforge-work")
 
 _RECIPE_HELP = (
-    "a built-in recipe name ({names}) or a path to a recipe YAML; sections: name, model, data, nas, "
-    "distill, cpt, resources, tracking, storage"
+    "a built-in recipe name ({names}) or a path to a recipe YAML; sections: name, description, seed, dtype, "
+    "model, data, nas, distill, cpt, sft, rl, eval, serve, resources, tracking, storage "
+    "(fields and units: src/nemoforge/config.py)"
 )
 
 
@@ -42,6 +43,7 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY.PATH=VALUE",
         help="override a recipe field (value parsed as YAML), e.g. --set data.corpus_uri=corpus.txt; repeatable",
     )
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
 
 
 def _add_kfp_args(parser: argparse.ArgumentParser, experiment_default: str | None = "nemoforge") -> None:
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nemoforge",
         description="Turn a Llama-family parent into an efficient model by the Llama-Nemotron recipe "
-        "(Puzzle NAS -> distill -> cpt), run as a Kubeflow pipeline.",
+        "(Puzzle NAS -> distill -> cpt -> sft -> rl -> eval -> serve), run as a Kubeflow pipeline.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -393,6 +395,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.debug = getattr(args, "debug", False)
     commands = {
         "run": cmd_run,
         "compile": cmd_compile,

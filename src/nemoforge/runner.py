@@ -269,15 +269,22 @@ def finalize_run(recipe: Recipe, run_name: str, succeeded: bool) -> None:
 def user_errors() -> Iterator[None]:
     """In a component: print a NemoforgeError as one line and exit 1 (traceback only with NEMOFORGE_DEBUG=1).
 
-    Under ``nemoforge run`` the line is also written to ``$NEMOFORGE_ERROR_FILE``, so the CLI can repeat
-    the failing step's own message after kfp.local's summary.
+    Under ``nemoforge run`` the failing step's message (for any other exception: its type and message,
+    the traceback staying in the task log) is also written to ``$NEMOFORGE_ERROR_FILE``, so the CLI can
+    repeat it after kfp.local's summary.
     """
+    error_file = os.environ.get("NEMOFORGE_ERROR_FILE")
     try:
         yield
     except NemoforgeError as err:
+        if error_file:
+            Path(error_file).write_text(f"{err}\n")
         if os.environ.get("NEMOFORGE_DEBUG") == "1":
             raise
         sys.stderr.write(f"nemoforge: error: {err}\n")
-        if error_file := os.environ.get("NEMOFORGE_ERROR_FILE"):
-            Path(error_file).write_text(f"{err}\n")
         raise SystemExit(1) from None
+    except Exception as err:
+        if error_file:
+            first_line = (str(err).splitlines() or [""])[0]
+            Path(error_file).write_text(f"{type(err).__name__}: {first_line} (traceback in the task log above)\n")
+        raise
