@@ -188,7 +188,7 @@ def test_schedule_job_is_an_idempotent_post_install_upgrade_hook(upgrade: bool) 
     assert job["metadata"]["name"] == "nemoforge-schedule"
     command = job["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[:3] == ["nemoforge", "schedule", "smollm2-135m-demo"]
-    flags = dict(zip(command[3:9:2], command[4:9:2]))
+    flags = dict(zip(command[3:9:2], command[4:9:2], strict=True))
     assert flags == {
         "--cron": "0 0 3 * * 0",
         "--experiment": "nemoforge",

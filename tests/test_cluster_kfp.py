@@ -72,7 +72,7 @@ class FakeKFP:
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         raw = h.rfile.read(int(h.headers.get("Content-Length") or 0))
         self.auth.append(h.headers.get("Authorization"))
-        for method, pattern, op in self.routes:
+        for method, pattern, op in self.routes:  # noqa: B007 (op is used after the break)
             match = pattern.match(url.path)
             if method == h.command and match:
                 break
