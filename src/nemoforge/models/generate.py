@@ -13,6 +13,9 @@ V vocab size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 
 from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM
@@ -73,6 +76,32 @@ class StaticKVCache:
         return self.lengths[slot] if self.lengths else 0
 
 
+_Out = TypeVar("_Out")
+
+
+def capture_cuda_graph(fn: Callable[[], _Out], device: torch.device) -> tuple[torch.cuda.CUDAGraph, _Out]:
+    """Capture ``fn()`` in a CUDA graph, after two warm-up calls on a side stream (as ``torch.cuda.graph`` asks).
+
+    Args:
+        fn: a call whose tensors are all on ``device`` and keep their addresses between calls.
+        device: the CUDA device.
+
+    Returns:
+        The graph (``graph.replay()`` reruns the captured kernels) and ``fn``'s output from the capture, whose
+        tensors each replay overwrites.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class FixedShapeDecodeStep:
     """One decode step of a batch (B tokens -> next-token logits (B, V)) with fixed shapes, for CUDA graphs.
 
@@ -107,24 +136,18 @@ class FixedShapeDecodeStep:
         cache.write_pos_1 = self.write_pos_1
         self.graph = None
         if cuda_graph:
-            # Warm up on a side stream (as torch.cuda.graph asks). It writes slot first_write_pos, which the first
-            # real step overwrites before reading it.
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._step()
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits_BV = self._step()
+            # The warm-up calls write slot first_write_pos, which the first real step overwrites before reading it.
+            self.graph, self.logits_BV = capture_cuda_graph(self._step, device)
+
+    def attention_mask(self) -> torch.Tensor:
+        """Boolean (B, 1, 1, S_max): the slots a step attends, ``slot <= write_pos`` and not left padding."""
+        return ((self.slot_S <= self.write_pos_1) & self.pad_mask_BS)[:, None, None, :]
 
     def _step(self) -> torch.Tensor:
-        mask_B11S = ((self.slot_S <= self.write_pos_1) & self.pad_mask_BS)[:, None, None, :]
         return self.model(
             input_ids=self.token_B1,
             position_ids=self.position_B1,
-            attention_mask=mask_B11S,
+            attention_mask=self.attention_mask(),
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,

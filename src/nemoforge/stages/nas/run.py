@@ -4,7 +4,7 @@
                            narrow FFNs pruned by Channel Contribution
     BLD      (§3)          each narrow FFN trained on the parent's activations (decoupled, normalized MSE)
     scoring  (§4.2)        replace-1-block KL(parent || model) and LM loss on held-out sequences
-    cost     (§4.1)        latency per sub-block shape measured on this machine; parameter and KV-cache bytes
+    cost     (§4.1)        latency per sub-block shape measured on the pod's GPU (else CPU); parameter, KV bytes
     MIP      (§4.2, App.B) one variant per layer under the latency/memory budget; N diverse solutions; a sweep
     child                  solution 1 built from parent attention + BLD-trained FFNs, exported as nemotron-nas
 
@@ -39,7 +39,7 @@ from nemoforge.models.convert import child_from_parent, load_causal_lm
 from nemoforge.models.export import export_checkpoint
 from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM, DeciLMMLP
 from nemoforge.stages.nas.bld import BLDResult, distill_layer, parent_activations
-from nemoforge.stages.nas.cost import CostTable, measure_costs
+from nemoforge.stages.nas.cost import CostTable, device_name, measure_costs
 from nemoforge.stages.nas.library import BlockLibrary, Variant, build_library
 from nemoforge.stages.nas.mip import Option, Solution, check_budgets, evaluate, pareto_front, search
 from nemoforge.stages.nas.plots import plot_pareto
@@ -384,11 +384,20 @@ def _scoring_phase(
 
 
 def _cost_phase(model: DeciLMForCausalLM, library: BlockLibrary, recipe: Recipe, phase: _Phase) -> CostTable:
+    """The cost table, timed on this pod's GPU when it has one (the target device), else on its CPU.
+
+    A saved table is reused only when it was measured on the same device.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     saved = phase.read("costs.json")
-    if saved is not None:
+    if saved is not None and saved["measurement"]["device"] == device_name(device):
         return CostTable.from_json(saved)
-    log.info("nas: timing sub-blocks on this machine")
-    costs = measure_costs(model, library, recipe.nas.cost)
+    log.info("nas: timing sub-blocks on %s", device_name(device))
+    home = model.device
+    try:
+        costs = measure_costs(model.to(device), library, recipe.nas.cost)
+    finally:
+        model.to(home)  # BLD and scoring run where the model was loaded
     phase.write(costs.to_json(), "costs.json")
     return costs
 
