@@ -327,7 +327,11 @@ def measure_costs(
         fns.update(_eager_decode_fns(model, ffn_blocks, decode_B1D, ids_B1, P))
         decode_kv_tokens = P
     else:
-        fns.update(_fixed_shape_decode_fns(model, ffn_blocks, decode_B1D, ids_B1, P, N, cuda_graph=on_cuda))
+        fns.update(
+            _fixed_shape_decode_fns(
+                model, ffn_blocks, decode_B1D, ids_B1, P, N, cuda_graph=on_cuda, generator=generator
+            )
+        )
         decode_kv_tokens = P + N
     ms = median_ms(fns, cfg.repeats, cuda_event_ms if on_cuda else wall_clock_ms)
     per_layer = {key: value / len(layers) for key, value in ms.items() if key[0] not in ("fixed", "parent")}
@@ -397,6 +401,7 @@ def _fixed_shape_decode_fns(
     N: int,
     *,
     cuda_graph: bool,
+    generator: torch.Generator,
 ) -> dict[Hashable, Callable[[], object]]:
     """Decode calls as ``generate`` runs them on CUDA: ``FixedShapeDecodeStep`` over S = P + N cache slots.
 
@@ -410,6 +415,9 @@ def _fixed_shape_decode_fns(
     position_B1 = torch.full((B, 1), P, dtype=torch.long, device=device)
     pad_mask_BS = torch.ones(B, S, dtype=torch.bool, device=device)
     cache = StaticKVCache(model, B, S)
+    # The prompt's slots hold values, as after a prefill (zeros can run faster than real data).
+    for kv_BKSDh in cache.keys + cache.values:
+        kv_BKSDh[:, :, :P].normal_(generator=generator)
     parent_step = FixedShapeDecodeStep(model, cache, pad_mask_BS, P, cuda_graph=cuda_graph)
     with _without_layers(model):
         fixed_step = FixedShapeDecodeStep(
