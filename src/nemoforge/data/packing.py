@@ -73,7 +73,7 @@ def document_positions(input_ids_NT: torch.Tensor, eos_token_id: int) -> tuple[t
     starts_NT[:, 0] = True
     starts_NT[:, 1:] = is_eos_NT[:, :-1]
     document_ids_NT = torch.cumsum(starts_NT.long(), dim=1) - 1
-    t_NT = torch.arange(input_ids_NT.shape[1]).expand_as(input_ids_NT)
+    t_NT = torch.arange(input_ids_NT.shape[1], device=input_ids_NT.device).expand_as(input_ids_NT)
     # position = t - (index of the latest start at or before t)
     start_index_NT = torch.where(starts_NT, t_NT, torch.zeros_like(t_NT))
     latest_start_NT = torch.cummax(start_index_NT, dim=1).values

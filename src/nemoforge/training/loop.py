@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 
 from nemoforge.config import TrainConfig
 from nemoforge.errors import NemoforgeError
+from nemoforge.training.flops import mfu, peak_flops_per_s
+from nemoforge.training.perf import training_features
 from nemoforge.training.runtime import no_progress
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
@@ -49,7 +51,8 @@ class TrainState:
     Attributes:
         step: optimizer updates done (``cfg.steps`` after a full run).
         history: logged metrics, ``{name: [(step, value), ...]}``: ``loss``, ``lr``, ``grad_norm``,
-            ``tokens_per_s`` and the loss function's extra metrics.
+            ``tokens_per_s`` (averaged over the steps since the previous log), ``mfu`` (when model FLOPs and a
+            peak are known) and the loss function's extra metrics.
         resumed_from_step: the step of the checkpoint resumed from (0: started fresh).
         checkpoint: the last checkpoint written or resumed from (None if none).
     """
@@ -112,13 +115,19 @@ def train(
     desc: str,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
+    flops_per_token: float | None = None,
 ) -> TrainState:
     """Train ``model`` for ``cfg.steps`` updates, resuming from the newest checkpoint in ``checkpoint_dir``.
 
     AdamW (fused on CUDA; weight decay on matrices only) over the parameters that require grad; LR by
-    :func:`lr_multiplier`; gradients clipped to ``cfg.grad_clip_norm``; bf16 autocast on CUDA (CPU runs in
-    the model's dtype). A checkpoint is written every ``cfg.checkpoint_every_steps`` updates and after the
-    last one; older local checkpoints are removed once a newer one is complete.
+    :func:`lr_multiplier`; each update is :func:`train_step` (bf16 autocast per ``cfg.mixed_precision``: by
+    default on CUDA, while the CPU runs in the model's dtype). Activation checkpointing and
+    per-layer ``torch.compile`` are on for the run when the config asks
+    (:func:`~nemoforge.training.perf.training_features`). A checkpoint is written every
+    ``cfg.checkpoint_every_steps`` updates and after the last one; older local checkpoints are removed once a
+    newer one is complete. Every ``cfg.log_every_steps`` updates, ``tokens_per_s`` (tokens of the batches
+    over the wall time of their steps, checkpoint writing excluded) and, given ``flops_per_token`` and a
+    peak (``cfg.peak_flops_per_s`` or :func:`~nemoforge.training.flops.peak_flops_per_s`), ``mfu`` are logged.
 
     Args:
         model: trained in place; its device is the training device.
@@ -129,6 +138,8 @@ def train(
         desc: progress-bar label.
         on_log: called as ``on_log(step, metrics)`` every ``cfg.log_every_steps`` updates.
         on_checkpoint: called with each new complete checkpoint directory (e.g. to upload it).
+        flops_per_token: model FLOPs of one trained token (forward + backward) for the logged MFU, from
+            :func:`~nemoforge.training.flops.training_flops_per_token`; None: no MFU.
 
     Returns:
         The final :class:`TrainState`.
@@ -138,6 +149,115 @@ def train(
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(params, cfg, device)
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    latest = latest_checkpoint(checkpoint_dir)
+    if latest is None:
+        torch.manual_seed(cfg.seed)  # dropout RNG; a resumed run restores the saved RNG state instead
+        state = TrainState(step=0)
+    else:
+        state = _load_checkpoint(latest, model, optimizer, scheduler)
+
+    model.train()
+    peak = cfg.peak_flops_per_s or peak_flops_per_s(device)
+    window_tokens, window_s = 0, 0.0  # since the last log
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, unit="step", disable=no_progress())
+    features = training_features(
+        model, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile
+    )
+    try:
+        with features:
+            while state.step < cfg.steps:
+                started = time.perf_counter()
+                input_ids_BT = batches(state.step).to(device)
+                lr = optimizer.param_groups[0]["lr"]
+                loss, grad_norm, extra = train_step(
+                    model, loss_fn, input_ids_BT, optimizer, params, cfg, desc=desc, step=state.step + 1
+                )
+                scheduler.step()
+                state.step += 1
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                window_tokens += input_ids_BT.numel()
+                window_s += time.perf_counter() - started
+                metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), **extra}
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
+                if state.step % cfg.log_every_steps == 0 or state.step == cfg.steps:
+                    metrics["tokens_per_s"] = window_tokens / window_s
+                    if flops_per_token is not None and peak is not None:
+                        metrics["mfu"] = mfu(metrics["tokens_per_s"], flops_per_token, peak)
+                    window_tokens, window_s = 0, 0.0
+                    for name, value in metrics.items():
+                        state.history.setdefault(name, []).append((state.step, float(value)))
+                    if on_log is not None:
+                        on_log(state.step, metrics)
+                if state.step % cfg.checkpoint_every_steps == 0 or state.step == cfg.steps:
+                    state.checkpoint = save_checkpoint(checkpoint_dir, state, model, optimizer, scheduler)
+                    if on_checkpoint is not None:
+                        on_checkpoint(state.checkpoint)
+    finally:
+        bar.close()
+    return state
+
+
+def uses_bf16_autocast(device: torch.device, cfg: TrainConfig) -> bool:
+    """True when :func:`train_step` runs the loss under bf16 autocast: ``mixed_precision`` bf16, or auto on CUDA."""
+    return cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
+
+
+def train_step(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    input_ids_BT: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    cfg: TrainConfig,
+    *,
+    desc: str,
+    step: int,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """One update: the loss (under bf16 autocast when :func:`uses_bf16_autocast`), backward, clip, AdamW step.
+
+    The LR schedule is the caller's (``scheduler.step()`` after this). Weights, gradients and optimizer state
+    stay in the parameters' dtype (float32 in the stages: the master copy under autocast).
+
+    Args:
+        model: in training mode, on the training device.
+        loss_fn: see :data:`LossFn`.
+        input_ids_BT: this update's batch, on the model's device.
+        optimizer: over ``params``.
+        params: the trained parameters (clipped to ``cfg.grad_clip_norm`` together).
+        cfg: ``mixed_precision`` and ``grad_clip_norm``.
+        desc: label named in the error.
+        step: 1-based number of this update, named in the error.
+
+    Returns:
+        ``(loss, grad_norm, extra)``: the detached scalar loss, the total gradient norm before clipping (both
+        tensors, not synchronized), and the loss function's extra metrics.
+
+    Raises:
+        NemoforgeError: the loss is NaN or infinite (nothing is updated).
+    """
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16_autocast(device, cfg)):
+        loss, extra = loss_fn(model, input_ids_BT)
+    if not torch.isfinite(loss):
+        raise NemoforgeError(f"{desc}: loss is {loss.item()} at step {step}: training diverged; lower the lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+    optimizer.step()
+    return loss.detach(), grad_norm, extra
+
+
+def build_optimizer(
+    params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``params`` (group 0: matrices with ``cfg.weight_decay``; group 1: vectors, no decay; fused
+    on CUDA) and its LR schedule (:func:`lr_multiplier` of ``cfg.lr``), shared by the single-process and
+    the distributed loop so that both apply the same update and write the same optimizer state."""
     optimizer = torch.optim.AdamW(
         [
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
@@ -152,57 +272,7 @@ def train(
             i, steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio
         ),
     )
-    checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    latest = latest_checkpoint(checkpoint_dir)
-    if latest is None:
-        torch.manual_seed(cfg.seed)  # dropout RNG; a resumed run restores the saved RNG state instead
-        state = TrainState(step=0)
-    else:
-        state = _load_checkpoint(latest, model, optimizer, scheduler)
-
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, unit="step", disable=no_progress())
-    try:
-        while state.step < cfg.steps:
-            started = time.perf_counter()
-            input_ids_BT = batches(state.step).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss, extra = loss_fn(model, input_ids_BT)
-            if not torch.isfinite(loss):
-                raise NemoforgeError(
-                    f"{desc}: loss is {loss.item()} at step {state.step + 1}: training diverged; lower the lr"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            state.step += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            metrics = {
-                "loss": loss.item(),
-                "lr": lr,
-                "grad_norm": grad_norm.item(),
-                "tokens_per_s": input_ids_BT.numel() / (time.perf_counter() - started),
-                **extra,
-            }
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
-            if state.step % cfg.log_every_steps == 0 or state.step == cfg.steps:
-                for name, value in metrics.items():
-                    state.history.setdefault(name, []).append((state.step, float(value)))
-                if on_log is not None:
-                    on_log(state.step, metrics)
-            if state.step % cfg.checkpoint_every_steps == 0 or state.step == cfg.steps:
-                state.checkpoint = save_checkpoint(checkpoint_dir, state, model, optimizer, scheduler)
-                if on_checkpoint is not None:
-                    on_checkpoint(state.checkpoint)
-    finally:
-        bar.close()
-    return state
+    return optimizer, scheduler
 
 
 # ------------------------------------------------------------------------------------- checkpoints

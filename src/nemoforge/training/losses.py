@@ -86,3 +86,90 @@ def causal_lm_loss_BT(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor) -> t
         ``ce_BT'`` with ``T' = T - 1`` (the last position has no target).
     """
     return F.cross_entropy(logits_BTV[:, :-1].float().transpose(1, 2), input_ids_BT[:, 1:], reduction="none")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean CE of ``hidden_ND @ weight_VD^T`` against ``targets_N``, chunked over tokens; grads made in forward.
+
+    Each chunk's logits ``(chunk, V)`` are computed, turned into the loss and into the gradient
+    ``softmax - onehot``, then multiplied back into ``grad_hidden`` and ``grad_weight`` and dropped: no
+    ``(N, V)`` tensor is ever held, and the backward only scales the stored gradients (the method of Liger
+    Kernel's fused linear cross-entropy, arXiv 2410.10989 §3.3). The matmuls run in the inputs' dtype; the
+    softmax, the loss and the ``grad_weight`` accumulation in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_ND, weight_VD, targets_N, chunk_tokens):
+        N = hidden_ND.shape[0]
+        acc = torch.promote_types(hidden_ND.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        loss_sum = hidden_ND.new_zeros((), dtype=acc)
+        grad_hidden_ND = torch.empty_like(hidden_ND)
+        grad_weight_VD = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device)
+        for start in range(0, N, chunk_tokens):
+            h_CD = hidden_ND[start : start + chunk_tokens]
+            t_C = targets_N[start : start + chunk_tokens]
+            logits_CV = (h_CD @ weight_VD.T).to(acc)
+            lse_C = torch.logsumexp(logits_CV, dim=-1)
+            loss_sum += (lse_C - logits_CV.gather(1, t_C[:, None])[:, 0]).sum()
+            grad_logits_CV = logits_CV.sub_(lse_C[:, None]).exp_()  # softmax, in place
+            grad_logits_CV[torch.arange(t_C.shape[0], device=t_C.device), t_C] -= 1.0
+            grad_logits_CV = grad_logits_CV.to(h_CD.dtype)
+            grad_hidden_ND[start : start + chunk_tokens] = grad_logits_CV @ weight_VD
+            grad_weight_VD += (grad_logits_CV.T @ h_CD).to(acc)  # bf16 product, as autocast's lm_head grad
+        ctx.save_for_backward(grad_hidden_ND, grad_weight_VD)
+        ctx.weight_dtype = weight_VD.dtype
+        ctx.num_tokens = N
+        return loss_sum / N
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden_ND, grad_weight_VD = ctx.saved_tensors
+        scale = grad_loss / ctx.num_tokens
+        return (
+            grad_hidden_ND * scale.to(grad_hidden_ND.dtype),
+            (grad_weight_VD * scale).to(ctx.weight_dtype),
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy(
+    hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, *, chunk_tokens: int = 4096
+) -> torch.Tensor:
+    """Mean cross-entropy (nats) of the logits ``hidden_ND @ weight_VD^T`` against ``targets_N``, never holding them.
+
+    Equal to ``F.cross_entropy(hidden_ND @ weight_VD.T, targets_N)`` (float32 softmax), with its gradients, but
+    the ``(N, V)`` logits exist one chunk of ``chunk_tokens`` rows at a time (see :class:`_LinearCrossEntropy`).
+    Under CUDA autocast the matmuls run in bf16 as an autocast ``lm_head`` would. Every target counts (no
+    ignore index).
+
+    Args:
+        hidden_ND: final-normed hidden states, ``N`` tokens.
+        weight_VD: the LM head's weight.
+        targets_N: LongTensor next-token ids.
+        chunk_tokens: rows per chunk (memory: ``chunk_tokens * V`` float32 at a time).
+
+    Returns:
+        The scalar mean loss (float32).
+    """
+    dtype = hidden_ND.dtype
+    if torch.is_autocast_enabled(hidden_ND.device.type):
+        dtype = torch.get_autocast_dtype(hidden_ND.device.type)
+    with torch.autocast(hidden_ND.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden_ND.to(dtype), weight_VD.to(dtype), targets_N, chunk_tokens)
+
+
+def causal_lm_loss(model: torch.nn.Module, input_ids_BT: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats/token) of a causal LM on full rows, by :func:`linear_cross_entropy`.
+
+    The same value as ``causal_lm_loss_BT(model(input_ids_BT).logits, input_ids_BT).mean()`` without the
+    ``(B, T, V)`` logits: the decoder trunk (``model.base_model``) gives the hidden states, and the LM head's
+    weight (``model.get_output_embeddings()``, no bias) is applied chunk by chunk.
+    """
+    hidden_BTD = model.base_model(input_ids=input_ids_BT, use_cache=False).last_hidden_state
+    D = hidden_BTD.shape[-1]
+    return linear_cross_entropy(
+        hidden_BTD[:, :-1].reshape(-1, D),
+        model.get_output_embeddings().weight,
+        input_ids_BT[:, 1:].reshape(-1),
+    )

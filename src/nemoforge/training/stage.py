@@ -21,12 +21,14 @@ import torch
 from matplotlib.figure import Figure
 
 from nemoforge.artifacts import ArtifactStore, digest_path
-from nemoforge.config import Recipe, TrainConfig
+from nemoforge.config import CorpusTrainConfig, Recipe
 from nemoforge.data.corpus import load_corpus
 from nemoforge.data.packing import token_digest
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.training.evaluate import evaluate_heldout
+from nemoforge.training.flops import training_flops_per_token
 from nemoforge.training.loop import LossFn, TrainState, epoch_batches, is_complete_checkpoint, train
+from nemoforge.training.perf import mask_packed_documents
 from nemoforge.training.runtime import compute_device
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -91,7 +93,7 @@ def plot_history(history: dict[str, list[tuple[int, float]]], path: Path, title:
 
 def run_training_stage(
     stage: str,
-    cfg: TrainConfig,
+    cfg: CorpusTrainConfig,
     recipe: Recipe,
     *,
     model_uri: str,
@@ -106,7 +108,10 @@ def run_training_stage(
     The student is trained in float32 (bf16 autocast on CUDA) and exported in ``recipe.dtype``. It is
     scored on the held-out rows before and after (:func:`~nemoforge.training.evaluate.evaluate_heldout`;
     with ``teacher``, also its KL to the teacher). A re-run resumes from the newest complete checkpoint
-    under ``output_uri/checkpoints`` (a finished run only re-scores and re-exports).
+    under ``output_uri/checkpoints`` (a finished run only re-scores and re-exports). With
+    ``cfg.document_masking``, the student and the teacher attend within each packed document only, in
+    training and in both held-out scorings (:func:`~nemoforge.training.perf.mask_packed_documents`, EOS of the
+    tokenizer). The logged MFU counts the student's model FLOPs (the teacher's forward is not counted).
 
     Args:
         stage: the stage's name (progress label, plot title, temp-dir prefix).
@@ -125,6 +130,9 @@ def run_training_stage(
         the per-step history; outputs ``model`` and ``checkpoints``; the model's digest; the loss-curve plot;
         the corpus splits as datasets; tags ``device``, ``params``, ``block_configs``, ``resumed_from_step``.
 
+        On a torchrun rank other than 0 (:mod:`~nemoforge.training.distributed`), only the history and the
+        ``device`` tag: that rank trains its share of each batch and returns; rank 0 does the rest.
+
     Raises:
         InputNotFoundError: the model or corpus URI does not exist.
         NemoforgeError: training diverged.
@@ -142,6 +150,9 @@ def run_training_stage(
     # config given: AutoTokenizer would otherwise read a nemotron-nas export's auto_map and ask [y/N] on stdin
     tokenizer = AutoTokenizer.from_pretrained(model_dir, config=model.config)
     heldout_NT = corpus.heldout_ids_NT[: cfg.heldout_sequences]
+    masks = []
+    if cfg.document_masking:
+        masks = [mask_packed_documents(m, tokenizer.eos_token_id) for m in (model, teacher) if m is not None]
     before = evaluate_heldout(model, heldout_NT, batch_size=cfg.batch_size, teacher=teacher)
 
     checkpoints_uri = uri_under(output_uri, "checkpoints")
@@ -156,8 +167,15 @@ def run_training_stage(
             checkpoint_dir=work / "checkpoints",
             desc=stage,
             on_checkpoint=lambda path: store.put(path, uri_under(checkpoints_uri, path.name)),
+            flops_per_token=training_flops_per_token(model.config, corpus.train_ids_NT.shape[1]),
         )
+        from nemoforge.training.distributed import is_main_process
+
+        if not is_main_process():  # under torchrun, rank 0 scores, exports and uploads; the others only train
+            return StageResult(history=state.history, tags={"device": str(device)})
         after = evaluate_heldout(model, heldout_NT, batch_size=cfg.batch_size, teacher=teacher)
+        for handle in masks:
+            handle.remove()
 
         model_out_uri = uri_under(output_uri, "model")
         export_dir = export_checkpoint(model.to(recipe_dtype(recipe)), tokenizer, work / "model")

@@ -10,13 +10,17 @@ import torch
 from nemoforge.artifacts import ArtifactStore
 from nemoforge.config import Recipe
 from nemoforge.stages.result import StageResult
-from nemoforge.training.losses import causal_lm_loss_BT
+from nemoforge.training.losses import causal_lm_loss
 from nemoforge.training.stage import run_training_stage
 
 
 def _lm_loss(model: torch.nn.Module, input_ids_BT: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean next-token cross-entropy over the batch (nats/token); packed rows, so no padding to mask."""
-    return causal_lm_loss_BT(model(input_ids_BT, use_cache=False).logits, input_ids_BT).mean(), {}
+    """Mean next-token cross-entropy over the batch (nats/token); packed rows, so no padding to mask.
+
+    Chunked over tokens (:func:`~nemoforge.training.losses.causal_lm_loss`): the ``(B, T, V)`` logits are never
+    held, which matters at long rows and 128K vocabularies.
+    """
+    return causal_lm_loss(model, input_ids_BT), {}
 
 
 def run(

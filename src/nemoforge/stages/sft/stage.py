@@ -29,6 +29,7 @@ from nemoforge.data.reasoning import (
 )
 from nemoforge.stages.eval.generation import pad_id, toggle_compliance
 from nemoforge.stages.result import DatasetRef, StageResult
+from nemoforge.training.flops import training_flops_per_token
 from nemoforge.training.loop import epoch_batches, train
 from nemoforge.training.losses import causal_lm_loss_BT
 from nemoforge.training.runtime import compute_device
@@ -128,6 +129,7 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
             checkpoint_dir=work / "checkpoints",
             desc="sft",
             on_checkpoint=lambda path: store.put(path, uri_under(checkpoints_uri, path.name)),
+            flops_per_token=training_flops_per_token(model.config, cfg.seq_len_tokens),
         )
         after, replies_after = measure()
 
