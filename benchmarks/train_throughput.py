@@ -17,7 +17,8 @@ gradient clipping at 1.0. Configurations, each in a fresh model:
   :func:`nemoforge.training.loop.train_step` (the step :func:`~nemoforge.training.loop.train` runs) with
   float32 weights and AdamW state, bf16 autocast, the chunked cross-entropy of the cpt stage
   (:func:`~nemoforge.training.losses.causal_lm_loss`: no ``(B, T, V)`` logits), SDPA (flash on the GPU), and
-  per-layer ``torch.compile`` unless ``--no-compile`` (:func:`~nemoforge.training.perf.training_features`).
+  per-layer ``torch.compile`` (and the compiled softmax of the cross-entropy) unless ``--no-compile``
+  (:func:`~nemoforge.training.perf.training_features`).
 
 Each configuration runs ``--warmup`` untimed steps (compilation, autotuning, allocator) then ``--steps`` timed
 steps, each ending in a CUDA synchronize; tokens/s = timed tokens / timed wall seconds. MFU counts model FLOPs
@@ -121,7 +122,7 @@ def run_nemoforge(config, input_ids_BT: torch.Tensor, args, peak: float | None) 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, cfg, device)
-    loss_fn = lambda m, ids: (causal_lm_loss(m, ids), {})  # noqa: E731
+    loss_fn = lambda m, ids: (causal_lm_loss(m, ids, compiled=cfg.compile), {})  # noqa: E731
     step_s, losses = [], []
     with training_features(model, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile):
         for step in range(1, cfg.steps + 1):

@@ -121,6 +121,27 @@ def test_linear_cross_entropy_equals_cross_entropy_with_gradients():
     torch.testing.assert_close(weight_VD.grad, w2.grad, atol=1e-12, rtol=0)
 
 
+def test_compiled_softmax_of_the_linear_cross_entropy_gives_the_same_loss_and_gradients(monkeypatch):
+    from nemoforge.training import losses
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    losses._softmax_xent_compiled.cache_clear()
+    torch.manual_seed(0)
+    hidden_ND = torch.randn(21, 16, requires_grad=True)
+    weight_VD = torch.randn(50, 16)
+    targets_N = torch.randint(0, 50, (21,))
+    grads = []
+    for compiled in (False, True):
+        hidden_ND.grad = None
+        loss = linear_cross_entropy(hidden_ND, weight_VD, targets_N, chunk_tokens=8, compiled=compiled)
+        loss.backward()
+        grads.append((loss.item(), hidden_ND.grad.clone()))
+    losses._softmax_xent_compiled.cache_clear()
+    assert grads[1][0] == pytest.approx(grads[0][0], abs=1e-6)
+    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-6, rtol=0)
+    assert grads[0][0] == pytest.approx(F.cross_entropy(hidden_ND @ weight_VD.T, targets_N).item(), abs=1e-5)
+
+
 def test_causal_lm_loss_equals_the_full_logits_loss():
     model, ids_BT = _model(), _rows(2, 16)
     expected = causal_lm_loss_BT(model(ids_BT, use_cache=False).logits, ids_BT).mean()

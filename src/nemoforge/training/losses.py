@@ -6,6 +6,7 @@ Per-token quantities are averaged over all ``B * T`` positions; KL and cross-ent
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -88,6 +89,26 @@ def causal_lm_loss_BT(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor) -> t
     return F.cross_entropy(logits_BTV[:, :-1].float().transpose(1, 2), input_ids_BT[:, 1:], reduction="none")
 
 
+def _softmax_xent(logits_CV: torch.Tensor, targets_C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE of one chunk of logits and its gradient ``softmax - onehot`` in the logits' dtype.
+
+    Softmax and loss in float32 (float64 for float64 logits). Written as whole-tensor expressions so that
+    ``torch.compile`` fuses them into two passes over the chunk (max/sum, then the gradient).
+    """
+    dtype, acc = logits_CV.dtype, torch.promote_types(logits_CV.dtype, torch.float32)
+    logits_CV = logits_CV.to(acc)
+    lse_C = torch.logsumexp(logits_CV, dim=-1)
+    loss = (lse_C - logits_CV.gather(1, targets_C[:, None])[:, 0]).sum()
+    onehot_CV = torch.arange(logits_CV.shape[1], device=logits_CV.device)[None, :] == targets_C[:, None]
+    grad_CV = torch.exp(logits_CV - lse_C[:, None]) - onehot_CV.to(acc)
+    return loss, grad_CV.to(dtype)
+
+
+@functools.cache
+def _softmax_xent_compiled():
+    return torch.compile(_softmax_xent, dynamic=False)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean CE of ``hidden_ND @ weight_VD^T`` against ``targets_N``, chunked over tokens; grads made in forward.
 
@@ -95,11 +116,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     ``softmax - onehot``, then multiplied back into ``grad_hidden`` and ``grad_weight`` and dropped: no
     ``(N, V)`` tensor is ever held, and the backward only scales the stored gradients (the method of Liger
     Kernel's fused linear cross-entropy, arXiv 2410.10989 §3.3). The matmuls run in the inputs' dtype; the
-    softmax, the loss and the ``grad_weight`` accumulation in float32.
+    softmax, the loss and the ``grad_weight`` accumulation in float32; ``compiled`` fuses the softmax part.
     """
 
     @staticmethod
-    def forward(ctx, hidden_ND, weight_VD, targets_N, chunk_tokens):
+    def forward(ctx, hidden_ND, weight_VD, targets_N, chunk_tokens, compiled):
         N = hidden_ND.shape[0]
         acc = torch.promote_types(hidden_ND.dtype, torch.float32)  # float32, or float64 for float64 inputs
         loss_sum = hidden_ND.new_zeros((), dtype=acc)
@@ -108,12 +129,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, N, chunk_tokens):
             h_CD = hidden_ND[start : start + chunk_tokens]
             t_C = targets_N[start : start + chunk_tokens]
-            logits_CV = (h_CD @ weight_VD.T).to(acc)
-            lse_C = torch.logsumexp(logits_CV, dim=-1)
-            loss_sum += (lse_C - logits_CV.gather(1, t_C[:, None])[:, 0]).sum()
-            grad_logits_CV = logits_CV.sub_(lse_C[:, None]).exp_()  # softmax, in place
-            grad_logits_CV[torch.arange(t_C.shape[0], device=t_C.device), t_C] -= 1.0
-            grad_logits_CV = grad_logits_CV.to(h_CD.dtype)
+            xent = _softmax_xent_compiled() if compiled else _softmax_xent
+            loss_C, grad_logits_CV = xent(h_CD @ weight_VD.T, t_C)
+            loss_sum += loss_C
             grad_hidden_ND[start : start + chunk_tokens] = grad_logits_CV @ weight_VD
             grad_weight_VD += (grad_logits_CV.T @ h_CD).to(acc)  # bf16 product, as autocast's lm_head grad
         ctx.save_for_backward(grad_hidden_ND, grad_weight_VD)
@@ -130,11 +148,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             (grad_weight_VD * scale).to(ctx.weight_dtype),
             None,
             None,
+            None,
         )
 
 
 def linear_cross_entropy(
-    hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, *, chunk_tokens: int = 4096
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    targets_N: torch.Tensor,
+    *,
+    chunk_tokens: int = 4096,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy (nats) of the logits ``hidden_ND @ weight_VD^T`` against ``targets_N``, never holding them.
 
@@ -148,6 +172,8 @@ def linear_cross_entropy(
         weight_VD: the LM head's weight.
         targets_N: LongTensor next-token ids.
         chunk_tokens: rows per chunk (memory: ``chunk_tokens * V`` float32 at a time).
+        compiled: ``torch.compile`` the per-chunk softmax and gradient into fused kernels (the GPU path; the
+            first call compiles).
 
     Returns:
         The scalar mean loss (float32).
@@ -156,15 +182,18 @@ def linear_cross_entropy(
     if torch.is_autocast_enabled(hidden_ND.device.type):
         dtype = torch.get_autocast_dtype(hidden_ND.device.type)
     with torch.autocast(hidden_ND.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden_ND.to(dtype), weight_VD.to(dtype), targets_N, chunk_tokens)
+        return _LinearCrossEntropy.apply(
+            hidden_ND.to(dtype), weight_VD.to(dtype), targets_N, chunk_tokens, compiled
+        )
 
 
-def causal_lm_loss(model: torch.nn.Module, input_ids_BT: torch.Tensor) -> torch.Tensor:
+def causal_lm_loss(model: torch.nn.Module, input_ids_BT: torch.Tensor, *, compiled: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy (nats/token) of a causal LM on full rows, by :func:`linear_cross_entropy`.
 
     The same value as ``causal_lm_loss_BT(model(input_ids_BT).logits, input_ids_BT).mean()`` without the
     ``(B, T, V)`` logits: the decoder trunk (``model.base_model``) gives the hidden states, and the LM head's
-    weight (``model.get_output_embeddings()``, no bias) is applied chunk by chunk.
+    weight (``model.get_output_embeddings()``, no bias) is applied chunk by chunk (``compiled``: see
+    :func:`linear_cross_entropy`).
     """
     hidden_BTD = model.base_model(input_ids=input_ids_BT, use_cache=False).last_hidden_state
     D = hidden_BTD.shape[-1]
@@ -172,4 +201,5 @@ def causal_lm_loss(model: torch.nn.Module, input_ids_BT: torch.Tensor) -> torch.
         hidden_BTD[:, :-1].reshape(-1, D),
         model.get_output_embeddings().weight,
         input_ids_BT[:, 1:].reshape(-1),
+        compiled=compiled,
     )

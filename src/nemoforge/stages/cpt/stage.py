@@ -5,6 +5,8 @@ Shape legend: ``B`` batch, ``T`` tokens. Reported: held-out cross-entropy and pe
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from nemoforge.artifacts import ArtifactStore
@@ -14,13 +16,15 @@ from nemoforge.training.losses import causal_lm_loss
 from nemoforge.training.stage import run_training_stage
 
 
-def _lm_loss(model: torch.nn.Module, input_ids_BT: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def _lm_loss(
+    model: torch.nn.Module, input_ids_BT: torch.Tensor, *, compiled: bool = False
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean next-token cross-entropy over the batch (nats/token); packed rows, so no padding to mask.
 
     Chunked over tokens (:func:`~nemoforge.training.losses.causal_lm_loss`): the ``(B, T, V)`` logits are never
-    held, which matters at long rows and 128K vocabularies.
+    held, which matters at long rows and 128K vocabularies; its softmax is compiled with ``cpt.compile``.
     """
-    return causal_lm_loss(model, input_ids_BT), {}
+    return causal_lm_loss(model, input_ids_BT, compiled=compiled), {}
 
 
 def run(
@@ -49,5 +53,5 @@ def run(
         corpus_uri=corpus_uri,
         output_uri=output_uri,
         store=store,
-        loss_fn=_lm_loss,
+        loss_fn=functools.partial(_lm_loss, compiled=recipe.cpt.compile),
     )
