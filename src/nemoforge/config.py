@@ -96,6 +96,11 @@ class DataConfig(_Section):
         description="Preference pairs (JSONL with instruction/input or prompt, chosen, rejected) for the "
         "preference pass after GRPO (rl.preference).",
     )
+    ifeval_uri: str | None = Field(
+        None,
+        description="IFEval prompts (Google's input_data.jsonl: key, prompt, instruction_id_list, kwargs) for "
+        "the eval stage's instruction-following metrics. None: no IFEval.",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- nas
@@ -316,7 +321,7 @@ class GateConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """Child vs parent evaluation (LN §7.1): math pass@1 on/off, toggle compliance, KL, decode speed."""
+    """Child vs parent evaluation (LN §7.1): math pass@1 on/off, toggle compliance, IFEval, KL, decode speed."""
 
     enabled: bool = True
     num_problems: int = Field(12, ge=1, description="Held-out math problems.")
@@ -326,6 +331,17 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(96, ge=8, description="Tokens generated per answer.")
     batch_size: int = Field(12, ge=1, description="Prompts decoded at once.")
     decode_tokens: int = Field(64, ge=8, description="Tokens decoded at batch 1 for the tokens/s measurement.")
+    ifeval_num_prompts: int | None = Field(
+        24, ge=1, description="IFEval prompts sampled (seeded) from data.ifeval_uri; None: all of them (541)."
+    )
+    ifeval_reasoning: Literal["on", "off"] = Field(
+        "off",
+        description="Toggle mode of the IFEval replies: off is greedy; on samples at temperature/top_p and checks "
+        "the text after </think>.",
+    )
+    ifeval_max_new_tokens: int = Field(
+        256, ge=8, description="Tokens generated per IFEval reply (some prompts ask for 300+ words)."
+    )
     gate: GateConfig = GateConfig()
     seed: int = 0
 

@@ -2,8 +2,10 @@
 
 For each model (the child at ``model_uri`` and the parent): math on held-out problems with reasoning
 on (``k`` samples at T 0.6 / top-p 0.95, mean pass@1) and reasoning off (greedy pass@1), toggle
-compliance in both modes, decode tokens/s at batch 1, and for the child the per-token KL(parent || child)
-on the held-out reference chats. Child metrics are plain names, the parent's carry ``parent_``.
+compliance in both modes, IFEval prompt- and instruction-level strict accuracy when ``data.ifeval_uri``
+is set (:mod:`nemoforge.stages.eval.ifeval`), decode tokens/s at batch 1, and for the child the
+per-token KL(parent || child) on the held-out reference chats. Child metrics are plain names, the
+parent's carry ``parent_``.
 
 Written under ``output_uri``: ``comparison.md`` (the side-by-side table), ``report.json`` (metrics,
 gate), ``samples/{child,parent}.json``. The stage does not touch the registry: it returns the gate
@@ -35,19 +37,30 @@ from nemoforge.data.reasoning import (
     math_problems,
     read_chat_samples,
     split_by_prompt,
+    strip_thinking,
     toggle_compliant,
 )
+from nemoforge.errors import NemoforgeError
 from nemoforge.models.generate import generate
 from nemoforge.rewards import accuracy_reward
 from nemoforge.stages.eval.gate import promotion_gate
 from nemoforge.stages.eval.generation import generate_chats, left_pad, pad_id
+from nemoforge.stages.eval.ifeval import (
+    IFEvalPrompt,
+    follow_strict,
+    read_ifeval,
+    sample_prompts,
+    strict_accuracy,
+    unavailable_instructions,
+)
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.training.losses import kl_div_BT
 from nemoforge.training.runtime import compute_device
 from nemoforge.training.stage import uri_under
 
 TABLE_METRICS = (
-    "math_pass1_on", "math_pass1_off", "toggle_on", "toggle_off", "decode_tokens_per_s", "kl_to_parent",
+    "math_pass1_on", "math_pass1_off", "toggle_on", "toggle_off", "ifeval_prompt_strict", "ifeval_instruction_strict",
+    "decode_tokens_per_s", "kl_to_parent",
 )
 
 
@@ -137,6 +150,56 @@ def evaluate_model(
     return metrics, samples
 
 
+def ifeval_prompts(recipe: Recipe, store: ArtifactStore) -> tuple[list[IFEvalPrompt], list[str]]:
+    """The IFEval sample (``eval.ifeval_num_prompts``, seeded by ``eval.seed``) and the instruction ids left out.
+
+    Prompts whose checker cannot run here (:func:`~nemoforge.stages.eval.ifeval.unavailable_instructions`)
+    are left out before sampling. ``([], [])`` when ``data.ifeval_uri`` is not set.
+
+    Raises:
+        InputNotFoundError: ``data.ifeval_uri`` does not exist.
+        NemoforgeError: it is not IFEval JSONL, or no prompt is left to check.
+    """
+    if not recipe.data.ifeval_uri:
+        return [], []
+    rows = read_ifeval(Path(store.fetch(recipe.data.ifeval_uri)))
+    unchecked = unavailable_instructions(rows)
+    prompts = sample_prompts(rows, recipe.eval.ifeval_num_prompts, seed=recipe.eval.seed, exclude=unchecked)
+    if not prompts:
+        raise NemoforgeError(
+            f"{recipe.data.ifeval_uri}: no IFEval prompt is checkable here (missing checkers: {', '.join(unchecked)})"
+        )
+    return prompts, unchecked
+
+
+def evaluate_ifeval(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[IFEvalPrompt], cfg: EvalConfig
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """IFEval strict accuracy of one model: a reply per prompt in ``cfg.ifeval_reasoning`` mode, then the checks.
+
+    Off: greedy. On: sampled at ``cfg.temperature`` / ``cfg.top_p``, and the text after ``</think>`` is checked.
+
+    Returns:
+        ``({"ifeval_prompt_strict", "ifeval_instruction_strict"}, samples)``: one sample per prompt with the
+        response, the instruction ids and whether each was followed.
+    """
+    sampled = cfg.ifeval_reasoning == "on"
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    replies = generate_chats(
+        model, tokenizer, [(p.prompt, cfg.ifeval_reasoning) for p in prompts],
+        max_new_tokens=cfg.ifeval_max_new_tokens, temperature=cfg.temperature if sampled else 0.0,
+        top_p=cfg.top_p if sampled else 1.0, batch_size=cfg.batch_size, generator=generator,
+    )
+    answers = [strip_thinking(r) if sampled else r for r in replies]
+    followed = [follow_strict(p, a) for p, a in zip(prompts, answers, strict=True)]
+    samples = [
+        {"task": "ifeval", "key": p.key, "prompt": p.prompt, "reasoning": cfg.ifeval_reasoning, "response": r,
+         "instruction_id_list": list(p.instruction_id_list), "followed": f}
+        for p, r, f in zip(prompts, replies, followed, strict=True)
+    ]
+    return strict_accuracy(followed), samples
+
+
 def comparison_table(child: dict[str, float], parent: dict[str, float]) -> str:
     """Markdown table: one row per metric, child | parent | child - parent."""
     lines = ["| metric | child | parent | child - parent |", "| --- | ---: | ---: | ---: |"]
@@ -157,8 +220,8 @@ def run(recipe: Recipe, *, model_uri: str, parent_uri: str, output_uri: str, sto
     """Evaluate the child at ``model_uri`` and the parent at ``parent_uri`` side by side; decide the gate.
 
     Args:
-        recipe: the resolved recipe (``eval`` section with its ``gate``; ``data.math_eval_uri``;
-            ``model.name`` for the champion record).
+        recipe: the resolved recipe (``eval`` section with its ``gate``; ``data.math_eval_uri`` and
+            ``data.ifeval_uri``; ``model.name`` for the champion record; ``dtype`` of both models).
         model_uri: the model to evaluate (rl's export).
         parent_uri: the parent (same evaluation, ``parent_`` metrics).
         output_uri: where the table, the report and the samples go.
@@ -166,12 +229,15 @@ def run(recipe: Recipe, *, model_uri: str, parent_uri: str, output_uri: str, sto
 
     Returns:
         child metrics (``math_pass1_on``, ``math_pass1_off``, ``toggle_on``, ``toggle_off``,
-        ``decode_tokens_per_s``, ``kl_to_parent``), the same with ``parent_``, ``gate_passed`` (0/1);
-        outputs ``model`` (= ``model_uri``), ``comparison``, ``report``, ``samples``, ``registration``
-        (where the runner records the registry version); tags ``gate`` (passed/failed), ``gate_checks``.
+        ``decode_tokens_per_s``, ``kl_to_parent``; with ``data.ifeval_uri`` also ``ifeval_prompt_strict``
+        and ``ifeval_instruction_strict``, shares in [0, 1]), the same with ``parent_``, ``gate_passed``
+        (0/1); outputs ``model`` (= ``model_uri``), ``comparison``, ``report``, ``samples``,
+        ``registration`` (where the runner records the registry version); tags ``gate`` (passed/failed),
+        ``gate_checks``, ``eval_problems`` (and ``ifeval_prompts``, ``ifeval_unchecked``).
 
     Raises:
         InputNotFoundError: an input URI does not exist.
+        NemoforgeError: ``data.ifeval_uri`` is not IFEval JSONL or leaves no checkable prompt.
     """
     from transformers import AutoTokenizer
 
@@ -180,15 +246,24 @@ def run(recipe: Recipe, *, model_uri: str, parent_uri: str, output_uri: str, sto
     cfg = recipe.eval
     device = compute_device()
     model_dir, parent_dir = store.fetch(model_uri), store.fetch(parent_uri)
-    model = load_causal_lm(model_dir, dtype=torch.float32).to(device).eval()
-    parent = load_causal_lm(parent_dir, dtype=torch.float32).to(device).eval()
+    dtype = getattr(torch, recipe.dtype)
+    model = load_causal_lm(model_dir, dtype=dtype).to(device).eval()
+    parent = load_causal_lm(parent_dir, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, config=model.config)
     problems, chats, source = eval_problems(recipe, store)
+    if_prompts, if_unchecked = ifeval_prompts(recipe, store)
 
     child_metrics, child_samples = evaluate_model(model, tokenizer, problems, cfg)
     child_metrics["kl_to_parent"] = kl_to_parent(model, parent, tokenizer, chats)
     parent_metrics, parent_samples = evaluate_model(parent, tokenizer, problems, cfg)
     parent_metrics["kl_to_parent"] = 0.0
+    if if_prompts:
+        for scores, rows, evaluated in (
+            (child_metrics, child_samples, model), (parent_metrics, parent_samples, parent)
+        ):
+            if_metrics, if_samples = evaluate_ifeval(evaluated, tokenizer, if_prompts, cfg)
+            scores.update(if_metrics)
+            rows.extend(if_samples)
 
     champion = store.read_json(champion_uri(store, recipe.model.name)) if store.exists(
         champion_uri(store, recipe.model.name)
@@ -215,15 +290,22 @@ def run(recipe: Recipe, *, model_uri: str, parent_uri: str, output_uri: str, sto
     report = {"metrics": metrics, "gate": {"passed": outcome.passed, "checks": outcome.checks}, "champion": champion}
     store.write_json(outputs["report"], report)
     problems_digest = hashlib.sha256(json.dumps(problems).encode()).hexdigest()
+    datasets = [DatasetRef("eval-math", source, problems_digest, len(problems), "validation")]
+    tags = {
+        "device": str(device),
+        "gate": "passed" if outcome.passed else "failed",
+        "gate_checks": "; ".join(outcome.checks),
+        "eval_problems": str(len(problems)),
+    }
+    if if_prompts:
+        if_rows = [[p.key, p.prompt, p.instruction_id_list, p.kwargs] for p in if_prompts]
+        if_digest = hashlib.sha256(json.dumps(if_rows, sort_keys=True).encode()).hexdigest()
+        datasets.append(DatasetRef("eval-ifeval", recipe.data.ifeval_uri, if_digest, len(if_prompts), "validation"))
+        tags |= {"ifeval_prompts": str(len(if_prompts)), "ifeval_unchecked": ", ".join(if_unchecked) or "none"}
     return StageResult(
         metrics=metrics,
         outputs=outputs,
         digests={"model": digest_path(model_dir)},
-        datasets=[DatasetRef("eval-math", source, problems_digest, len(problems), "validation")],
-        tags={
-            "device": str(device),
-            "gate": "passed" if outcome.passed else "failed",
-            "gate_checks": "; ".join(outcome.checks),
-            "eval_problems": str(len(problems)),
-        },
+        datasets=datasets,
+        tags=tags,
     )
