@@ -9,6 +9,8 @@ sees exactly the data an uninterrupted run would have seen. A checkpoint holds t
 and ``meta.json`` (written last, with the file sizes); it is written into a temporary directory and
 renamed, so ``step-N/`` is complete or absent. On start, :func:`train` resumes from the newest complete
 checkpoint under ``checkpoint_dir``; resuming gives the same parameters as an uninterrupted run.
+Under torchrun (``WORLD_SIZE > 1``) :func:`train` hands over to
+:func:`nemoforge.training.distributed.train_distributed` (same batches, same checkpoint layout, any ``N``).
 """
 
 from __future__ import annotations
@@ -147,6 +149,13 @@ def train(
     Raises:
         NemoforgeError: the loss became NaN or infinite (names the step; lower the LR).
     """
+    from nemoforge.training import distributed
+
+    if distributed.world_size() > 1:  # under torchrun: batches sharded by rank, DDP or DeepSpeed ZeRO-3
+        return distributed.train_distributed(
+            model, loss_fn, batches, cfg, checkpoint_dir=checkpoint_dir, desc=desc, on_log=on_log,
+            on_checkpoint=on_checkpoint,
+        )  # fmt: skip
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, cfg, device)
