@@ -203,3 +203,10 @@ def test_training_features_restore_on_error():
     with pytest.raises(RuntimeError), training_features(model, activation_checkpointing=True, compile=False):
         raise RuntimeError("boom")
     assert not model.model.gradient_checkpointing
+
+
+def test_compile_without_decoder_layers_is_an_error():
+    with pytest.raises(ValueError, match="no GradientCheckpointingLayer"), training_features(
+        torch.nn.Linear(2, 2), activation_checkpointing=False, compile=True
+    ):
+        pass

@@ -103,9 +103,12 @@ def training_features(
         ``model``.
 
     Raises:
-        ValueError: activation checkpointing asked of a model that does not support it.
+        ValueError: activation checkpointing asked of a model that does not support it, or compiling asked of
+            a model with no ``GradientCheckpointingLayer`` layers.
     """
     layers = decoder_layers(model)
+    if compile and not layers:
+        raise ValueError(f"{type(model).__name__} has no GradientCheckpointingLayer decoder layers to compile")
     if activation_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"{type(model).__name__} does not support activation checkpointing")
