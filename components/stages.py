@@ -9,47 +9,34 @@ from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 
-def parent(recipe_json: str, run_name: str, parent_model: Output[Model]):
-    """Open the MLflow parent run; convert the parent LlamaForCausalLM once into the artifact store."""
-    import json
-
+def check_inputs(recipe_json: str, run_name: str, force: bool) -> str:
+    """First task: "skip" when the input digests equal the registered champion's lineage (and not force), else "run"."""
     from nemoforge.config import Recipe
-    from nemoforge.runner import prepare_parent_step, user_errors
+    from nemoforge.runner import check_inputs_step, user_errors
 
     with user_errors():
-        ref = prepare_parent_step(Recipe.model_validate_json(recipe_json), run_name)
-    parent_model.metadata.update(ref)
-    with open(parent_model.path, "w") as f:
-        json.dump(ref, f)
+        return check_inputs_step(Recipe.model_validate_json(recipe_json), run_name, force)
+
+
+def parent(recipe_json: str, run_name: str, parent_model: Output[Model]):
+    """Open the MLflow parent run; convert the parent LlamaForCausalLM once into the artifact store."""
+    from nemoforge.runner import run_component_stage
+
+    run_component_stage("parent", recipe_json, run_name, {}, parent_model)
 
 
 def corpus(recipe_json: str, parent_model: Input[Model], corpus: Output[Dataset]):
     """Read or sample the text corpus, tokenize, pack and split it."""
-    import json
+    from nemoforge.runner import run_component_stage
 
-    from nemoforge.config import Recipe
-    from nemoforge.runner import prepare_corpus_step, user_errors
-
-    with user_errors():
-        ref = prepare_corpus_step(Recipe.model_validate_json(recipe_json), dict(parent_model.metadata))
-    corpus.metadata.update(ref)
-    with open(corpus.path, "w") as f:
-        json.dump(ref, f)
+    run_component_stage("corpus", recipe_json, None, {"parent": parent_model}, corpus)
 
 
 def nas(recipe_json: str, run_name: str, parent_model: Input[Model], corpus: Input[Dataset], model: Output[Model]):
     """Puzzle architecture search: block library, BLD, replace-1-block scores, MIP, child export."""
-    import json
+    from nemoforge.runner import run_component_stage
 
-    from nemoforge.config import Recipe
-    from nemoforge.runner import execute_stage, user_errors
-
-    inputs = {"parent": dict(parent_model.metadata), "corpus": dict(corpus.metadata)}
-    with user_errors():
-        _, ref = execute_stage("nas", Recipe.model_validate_json(recipe_json), run_name, inputs)
-    model.metadata.update(ref)
-    with open(model.path, "w") as f:
-        json.dump(ref, f)
+    run_component_stage("nas", recipe_json, run_name, {"parent": parent_model, "corpus": corpus}, model)
 
 
 def distill(
@@ -61,98 +48,45 @@ def distill(
     model: Output[Model],
 ):
     """Global knowledge distillation of the child from the parent (hidden cosine + logits KL)."""
-    import json
+    from nemoforge.runner import run_component_stage
 
-    from nemoforge.config import Recipe
-    from nemoforge.runner import execute_stage, user_errors
-
-    inputs = {
-        "parent": dict(parent_model.metadata),
-        "model": dict(student_model.metadata),
-        "corpus": dict(corpus.metadata),
-    }
-    with user_errors():
-        _, ref = execute_stage("distill", Recipe.model_validate_json(recipe_json), run_name, inputs)
-    model.metadata.update(ref)
-    with open(model.path, "w") as f:
-        json.dump(ref, f)
+    inputs = {"parent": parent_model, "model": student_model, "corpus": corpus}
+    run_component_stage("distill", recipe_json, run_name, inputs, model)
 
 
 def cpt(recipe_json: str, run_name: str, input_model: Input[Model], corpus: Input[Dataset], model: Output[Model]):
     """Continued pretraining (causal-LM cross-entropy) on the corpus."""
-    import json
+    from nemoforge.runner import run_component_stage
 
-    from nemoforge.config import Recipe
-    from nemoforge.runner import execute_stage, user_errors
-
-    inputs = {"model": dict(input_model.metadata), "corpus": dict(corpus.metadata)}
-    with user_errors():
-        _, ref = execute_stage("cpt", Recipe.model_validate_json(recipe_json), run_name, inputs)
-    model.metadata.update(ref)
-    with open(model.path, "w") as f:
-        json.dump(ref, f)
+    run_component_stage("cpt", recipe_json, run_name, {"model": input_model, "corpus": corpus}, model)
 
 
 def sft(recipe_json: str, run_name: str, input_model: Input[Model], model: Output[Model]):
     """Reasoning-toggle SFT ("detailed thinking on|off"): CE on assistant tokens of packed on/off chats."""
-    import json
+    from nemoforge.runner import run_component_stage
 
-    from nemoforge.config import Recipe
-    from nemoforge.runner import execute_stage, user_errors
-
-    with user_errors():
-        _, ref = execute_stage("sft", Recipe.model_validate_json(recipe_json), run_name, {"model": dict(input_model.metadata)})
-    model.metadata.update(ref)
-    with open(model.path, "w") as f:
-        json.dump(ref, f)
+    run_component_stage("sft", recipe_json, run_name, {"model": input_model}, model)
 
 
 def rl(recipe_json: str, run_name: str, input_model: Input[Model], model: Output[Model]):
     """GRPO with verifiable rewards (math-verify accuracy, think format), then optional DPO."""
-    import json
+    from nemoforge.runner import run_component_stage
 
-    from nemoforge.config import Recipe
-    from nemoforge.runner import execute_stage, user_errors
-
-    with user_errors():
-        _, ref = execute_stage("rl", Recipe.model_validate_json(recipe_json), run_name, {"model": dict(input_model.metadata)})
-    model.metadata.update(ref)
-    with open(model.path, "w") as f:
-        json.dump(ref, f)
+    run_component_stage("rl", recipe_json, run_name, {"model": input_model}, model)
 
 
 def eval(recipe_json: str, run_name: str, input_model: Input[Model], parent_model: Input[Model], model: Output[Model]):
     """Child vs parent evaluation; registers the model version (challenger; champion when the gate passes)."""
-    import json
+    from nemoforge.runner import run_component_stage
 
-    from nemoforge.config import Recipe
-    from nemoforge.runner import execute_stage, register_evaluated_model, user_errors
-
-    recipe = Recipe.model_validate_json(recipe_json)
-    inputs = {"model": dict(input_model.metadata), "parent": dict(parent_model.metadata)}
-    with user_errors():
-        result, _ = execute_stage("eval", recipe, run_name, inputs)
-        ref = register_evaluated_model(recipe, run_name, result, inputs)
-    model.metadata.update(ref)
-    with open(model.path, "w") as f:
-        json.dump(ref, f)
+    run_component_stage("eval", recipe_json, run_name, {"model": input_model, "parent": parent_model}, model)
 
 
 def serve(recipe_json: str, run_name: str, input_model: Input[Model], responses: Output[Artifact]):
     """Serve the final model with vLLM's OpenAI server, one chat per reasoning mode (TTFT, tokens/s), stop it."""
-    import json
+    from nemoforge.runner import run_component_stage
 
-    from nemoforge.config import Recipe
-    from nemoforge.runner import execute_stage, user_errors
-
-    with user_errors():
-        result, _ = execute_stage(
-            "serve", Recipe.model_validate_json(recipe_json), run_name, {"model": dict(input_model.metadata)}
-        )
-    ref = {"uri": result.outputs["responses"], **{k: v for k, v in result.metrics.items() if k.startswith("ttft")}}
-    responses.metadata.update(ref)
-    with open(responses.path, "w") as f:
-        json.dump(ref, f)
+    run_component_stage("serve", recipe_json, run_name, {"model": input_model}, responses)
 
 
 def distill_trainjob(
@@ -165,40 +99,19 @@ def distill_trainjob(
     model: Output[Model],
 ):
     """distill on several GPUs/nodes: a Kubeflow Trainer TrainJob (torchrun) that this task creates and waits for."""
-    import json
+    from nemoforge.runner import run_component_stage
 
-    from nemoforge.cluster.launcher import launch_stage
-    from nemoforge.config import Recipe
-    from nemoforge.runner import user_errors
-
-    inputs = {
-        "parent": dict(parent_model.metadata),
-        "model": dict(student_model.metadata),
-        "corpus": dict(corpus.metadata),
-    }
-    with user_errors():
-        ref = launch_stage("distill", Recipe.model_validate_json(recipe_json), run_name, inputs, image)
-    model.metadata.update(ref)
-    with open(model.path, "w") as f:
-        json.dump(ref, f)
+    inputs = {"parent": parent_model, "model": student_model, "corpus": corpus}
+    run_component_stage("distill", recipe_json, run_name, inputs, model, image=image)
 
 
 def cpt_trainjob(
     recipe_json: str, run_name: str, image: str, input_model: Input[Model], corpus: Input[Dataset], model: Output[Model]
 ):
     """cpt on several GPUs/nodes: a Kubeflow Trainer TrainJob (torchrun) that this task creates and waits for."""
-    import json
+    from nemoforge.runner import run_component_stage
 
-    from nemoforge.cluster.launcher import launch_stage
-    from nemoforge.config import Recipe
-    from nemoforge.runner import user_errors
-
-    inputs = {"model": dict(input_model.metadata), "corpus": dict(corpus.metadata)}
-    with user_errors():
-        ref = launch_stage("cpt", Recipe.model_validate_json(recipe_json), run_name, inputs, image)
-    model.metadata.update(ref)
-    with open(model.path, "w") as f:
-        json.dump(ref, f)
+    run_component_stage("cpt", recipe_json, run_name, {"model": input_model, "corpus": corpus}, model, image=image)
 
 
 def finalize(recipe_json: str, run_name: str, status: dsl.PipelineTaskFinalStatus):
@@ -210,6 +123,7 @@ def finalize(recipe_json: str, run_name: str, status: dsl.PipelineTaskFinalStatu
 
 
 COMPONENT_FUNCS: dict[str, Callable] = {
+    "check_inputs": check_inputs,
     "parent": parent,
     "corpus": corpus,
     "nas": nas,

@@ -4,6 +4,10 @@ The recipe travels whole as the ``recipe_json`` pipeline parameter (editable in 
 run name is KFP's job name, which is also the MLflow parent run's name and the artifact prefix.
 KFP caching is off on every task: steps skip themselves by a key of their recipe section and input
 digests (``nemoforge.runner``), which also works for launcher tasks whose inputs never change.
+
+The first task, ``check-inputs``, compares the input digests with the registered champion's lineage: when
+nothing changed (and the ``force`` parameter is false) it records the run as skipped and every other task
+but ``finalize`` stays out (``dsl.If``), so a scheduled retraining costs one small pod.
 """
 
 
@@ -70,64 +74,70 @@ def build_pipeline(recipe: Recipe) -> Callable:
     also takes the parent as its teacher, and eval takes the newest model and the parent.
     """
     ops = make_components(recipe.resources.base_image)
-    stages = recipe.enabled_stages()
     cluster = recipe.resources
     light = StageResources(cpu="1", memory="4Gi")
 
     @dsl.pipeline(name=f"nemoforge-{recipe.name}", description=recipe.description or recipe.name)
-    def pipeline(recipe_json: str = recipe.to_json()):
+    def pipeline(recipe_json: str = recipe.to_json(), force: bool = False):
         run_name = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
         exit_task = ops["finalize"](recipe_json=recipe_json, run_name=run_name)
         _apply_resources(exit_task, light, cluster).set_display_name("finalize")
         with dsl.ExitHandler(exit_task, name="recipe"):
-            parent = _apply_resources(ops["parent"](recipe_json=recipe_json, run_name=run_name), light, cluster)
-            parent_model = parent.outputs["parent_model"]
-            corpus_task = _apply_resources(
-                ops["corpus"](recipe_json=recipe_json, parent_model=parent_model), cluster.nas, cluster
-            )
-            corpus = corpus_task.outputs["corpus"]
-            model = parent_model
-            if "nas" in stages:
-                task = ops["nas"](recipe_json=recipe_json, run_name=run_name, parent_model=parent_model, corpus=corpus)
-                model = _apply_resources(task, cluster.nas, cluster).outputs["model"]
-            if "distill" in stages:
-                inputs = {"parent_model": parent_model, "student_model": model, "corpus": corpus}
-                if cluster.distill.runs_as_trainjob:
-                    image = _image(cluster.distill, cluster)
-                    task = ops["distill_trainjob"](recipe_json=recipe_json, run_name=run_name, image=image, **inputs)
-                    _apply_launcher(task, cluster.distill, cluster).set_display_name("distill")
-                else:
-                    task = _apply_resources(
-                        ops["distill"](recipe_json=recipe_json, run_name=run_name, **inputs), cluster.distill, cluster
-                    )
-                model = task.outputs["model"]
-            if "cpt" in stages:
-                inputs = {"input_model": model, "corpus": corpus}
-                if cluster.cpt.runs_as_trainjob:
-                    image = _image(cluster.cpt, cluster)
-                    task = ops["cpt_trainjob"](recipe_json=recipe_json, run_name=run_name, image=image, **inputs)
-                    _apply_launcher(task, cluster.cpt, cluster).set_display_name("cpt")
-                else:
-                    task = _apply_resources(
-                        ops["cpt"](recipe_json=recipe_json, run_name=run_name, **inputs), cluster.cpt, cluster
-                    )
-                model = task.outputs["model"]
-            # the reasoning half: sft and rl take the newest model, eval takes rl's (or the newest) and the parent
-            for stage in ("sft", "rl"):
-                if stage in stages:
-                    task = ops[stage](recipe_json=recipe_json, run_name=run_name, input_model=model)
-                    model = _apply_resources(task, getattr(cluster, stage), cluster).outputs["model"]
-            if "eval" in stages:
-                task = ops["eval"](
-                    recipe_json=recipe_json, run_name=run_name, input_model=model, parent_model=parent_model
-                )
-                _apply_resources(task, cluster.eval, cluster)
-            # serve stays last: it serves whatever model the stages above produced.
-            if "serve" in stages:
-                task = ops["serve"](recipe_json=recipe_json, run_name=run_name, input_model=model)
-                _apply_resources(task, cluster.serve, cluster)
+            check = ops["check_inputs"](recipe_json=recipe_json, run_name=run_name, force=force)
+            _apply_resources(check, light, cluster)
+            with dsl.If(check.output == "run", name="inputs-changed"):
+                _stage_tasks(ops, recipe, recipe_json, run_name, light)
 
     return pipeline
+
+
+def _stage_tasks(ops: dict[str, Callable], recipe: Recipe, recipe_json: str, run_name: str, light: StageResources) -> None:
+    """Add the parent, corpus and stage tasks to the pipeline being built (inside its ``dsl.If``).
+
+    ``recipe_json`` and ``run_name`` are the pipeline's channels (typed ``str`` for KFP's sake).
+    """
+    stages = recipe.enabled_stages()
+    cluster = recipe.resources
+    parent = _apply_resources(ops["parent"](recipe_json=recipe_json, run_name=run_name), light, cluster)
+    parent_model = parent.outputs["parent_model"]
+    corpus_task = ops["corpus"](recipe_json=recipe_json, parent_model=parent_model)
+    corpus = _apply_resources(corpus_task, cluster.corpus, cluster).outputs["corpus"]
+    model = parent_model
+    if "nas" in stages:
+        task = ops["nas"](recipe_json=recipe_json, run_name=run_name, parent_model=parent_model, corpus=corpus)
+        model = _apply_resources(task, cluster.nas, cluster).outputs["model"]
+    if "distill" in stages:
+        inputs = {"parent_model": parent_model, "student_model": model, "corpus": corpus}
+        if cluster.distill.runs_as_trainjob:
+            image = _image(cluster.distill, cluster)
+            task = ops["distill_trainjob"](recipe_json=recipe_json, run_name=run_name, image=image, **inputs)
+            _apply_launcher(task, cluster.distill, cluster).set_display_name("distill")
+        else:
+            task = _apply_resources(
+                ops["distill"](recipe_json=recipe_json, run_name=run_name, **inputs), cluster.distill, cluster
+            )
+        model = task.outputs["model"]
+    if "cpt" in stages:
+        inputs = {"input_model": model, "corpus": corpus}
+        if cluster.cpt.runs_as_trainjob:
+            image = _image(cluster.cpt, cluster)
+            task = ops["cpt_trainjob"](recipe_json=recipe_json, run_name=run_name, image=image, **inputs)
+            _apply_launcher(task, cluster.cpt, cluster).set_display_name("cpt")
+        else:
+            task = _apply_resources(ops["cpt"](recipe_json=recipe_json, run_name=run_name, **inputs), cluster.cpt, cluster)
+        model = task.outputs["model"]
+    # the reasoning half: sft and rl take the newest model, eval takes rl's (or the newest) and the parent
+    for stage in ("sft", "rl"):
+        if stage in stages:
+            task = ops[stage](recipe_json=recipe_json, run_name=run_name, input_model=model)
+            model = _apply_resources(task, getattr(cluster, stage), cluster).outputs["model"]
+    if "eval" in stages:
+        task = ops["eval"](recipe_json=recipe_json, run_name=run_name, input_model=model, parent_model=parent_model)
+        _apply_resources(task, cluster.eval, cluster)
+    # serve stays last: it serves whatever model the stages above produced.
+    if "serve" in stages:
+        task = ops["serve"](recipe_json=recipe_json, run_name=run_name, input_model=model)
+        _apply_resources(task, cluster.serve, cluster)
 
 
 def compile_recipe(recipe: Recipe, output: Path) -> Path:

@@ -131,6 +131,18 @@ def test_round_trip_file_and_directory(store: ArtifactStore, model_dir: Path) ->
     assert store.list(store.join("nothing")) == []
 
 
+def test_store_digest_changes_with_content_and_not_otherwise(store: ArtifactStore, model_dir: Path) -> None:
+    uri = store.put(model_dir, store.join("data", "corpus"))
+    first = store.digest(uri)
+    assert len(first) == 64 and store.digest(uri) == first
+    file_digest = store.digest(f"{uri}/config.json")
+    assert file_digest != first and len(file_digest) == 64
+    store.write_text(f"{uri}/config.json", '{"a": 2}')  # same size, other bytes
+    assert store.digest(uri) != first and store.digest(f"{uri}/config.json") != file_digest
+    with pytest.raises(InputNotFoundError):
+        store.digest(store.join("data", "nothing-here"))
+
+
 def test_json_and_text(store: ArtifactStore) -> None:
     uri = store.join("index", "nas", "k.json")
     store.write_json(uri, {"state": "running", "n": [1, 2]})

@@ -13,7 +13,8 @@ from nemoforge_pipelines import compile_recipe
 
 COMPILED = Path(__file__).resolve().parents[1] / "pipelines" / "compiled"
 REFRESH = "bash pipelines/compiled/refresh.sh"
-LIGHT = {"parent": ("1", "4Gi"), "finalize": ("1", "4Gi"), "distill-trainjob": ("1", "2Gi"), "cpt-trainjob": ("1", "2Gi")}
+LIGHT = {"check-inputs": ("1", "4Gi"), "parent": ("1", "4Gi"), "finalize": ("1", "4Gi"), "distill-trainjob": ("1", "2Gi"),
+         "cpt-trainjob": ("1", "2Gi")}
 
 
 def _normalized(text: str) -> str:
@@ -30,13 +31,16 @@ def test_checked_in_yaml_is_fresh(name: str, tmp_path: Path):
 
 
 def tasks_of(ir: dict) -> dict[str, dict]:
-    """Every task of the pipeline (root DAG and the exit handler's DAG) by task name."""
-    tasks = dict(ir["root"]["dag"]["tasks"])
-    for task in list(tasks.values()):
-        dag = ir["components"][task["componentRef"]["name"]].get("dag")
-        if dag:
-            tasks.update(dag["tasks"])
-    return {name: t for name, t in tasks.items() if "dag" not in ir["components"][t["componentRef"]["name"]]}
+    """Every container task of the pipeline (root DAG, the exit handler's, the condition's) by task name."""
+    tasks, dags = {}, [ir["root"]["dag"]]
+    while dags:
+        for name, task in dags.pop()["tasks"].items():
+            dag = ir["components"][task["componentRef"]["name"]].get("dag")
+            if dag:
+                dags.append(dag)
+            else:
+                tasks[name] = task
+    return tasks
 
 
 def expected_resources(recipe: Recipe, task: str) -> StageResources:
@@ -47,7 +51,7 @@ def expected_resources(recipe: Recipe, task: str) -> StageResources:
         stage = task.removesuffix("-trainjob")
         retries = getattr(res, stage) if stage in ("distill", "cpt") else StageResources()
         return StageResources(cpu=cpu, memory=memory, retries=retries.retries, retry_backoff_s=retries.retry_backoff_s)
-    return getattr(res, "nas" if task == "corpus" else task)
+    return getattr(res, task)
 
 
 @pytest.mark.parametrize("name", builtin_recipes())
@@ -58,7 +62,7 @@ def test_every_task_requests_what_the_recipe_says(name: str):
     kube = platform[0]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if platform else {}
     tasks = tasks_of(ir)
     stages = {t.removesuffix("-trainjob") for t in tasks}
-    assert stages == {"parent", "corpus", "finalize", *recipe.enabled_stages()}
+    assert stages == {"check-inputs", "parent", "corpus", "finalize", *recipe.enabled_stages()}
     for task_name, task in tasks.items():
         exec_name = ir["components"][task["componentRef"]["name"]]["executorLabel"]
         container, k8s = executors[exec_name]["container"], kube.get(exec_name, {})
@@ -102,3 +106,20 @@ def test_cluster_recipes_launch_training_as_trainjobs_and_pin_images():
         recipe = load_recipe(name)
         assert recipe.model.parent.path.startswith("s3://") and recipe.data.corpus_uri.startswith("s3://")
         assert recipe.storage.artifact_root.startswith("s3://")
+
+
+@pytest.mark.parametrize("name", builtin_recipes())
+def test_corpus_is_cpu_and_everything_after_check_inputs_is_conditional(name: str):
+    ir = next(yaml.safe_load_all((COMPILED / f"{name}.yaml").read_text()))
+    tasks = tasks_of(ir)
+    corpus = ir["deploymentSpec"]["executors"][ir["components"][tasks["corpus"]["componentRef"]["name"]]["executorLabel"]]
+    assert "accelerator" not in corpus["container"]["resources"], name  # tokenizing needs no GPU
+    exit_dag = ir["components"][ir["root"]["dag"]["tasks"]["exit-handler-1"]["componentRef"]["name"]]["dag"]["tasks"]
+    (cond_name,) = set(exit_dag) - {"check-inputs"}
+    cond = exit_dag[cond_name]
+    assert cond["dependentTasks"] == ["check-inputs"]
+    assert cond["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--check-inputs-Output'] == 'run'"
+    gated = set(ir["components"][cond["componentRef"]["name"]]["dag"]["tasks"])
+    assert gated == set(tasks) - {"check-inputs", "finalize"}, name
+    assert ir["root"]["inputDefinitions"]["parameters"]["force"] == {
+        "defaultValue": False, "isOptional": True, "parameterType": "BOOLEAN"}

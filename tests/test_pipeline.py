@@ -53,11 +53,12 @@ def _tiny_args(tiny_llama_dir: Path, corpus: Path, workdir: Path, *extra: str) -
 
 
 def _tasks(ir: dict) -> dict:
-    dag = ir["root"]["dag"]["tasks"]
-    inner = dag["exit-handler-1"]["componentRef"]["name"] if "exit-handler-1" in dag else None
-    tasks = dict(dag)
-    if inner:
-        tasks.update(ir["components"][inner]["dag"]["tasks"])
+    """Every task by name: the root DAG's, the exit handler's and the check-inputs condition's."""
+    tasks, dags = {}, [ir["root"]["dag"]]
+    while dags:
+        for name, task in dags.pop()["tasks"].items():
+            tasks[name] = task
+            dags += [ir["components"][task["componentRef"]["name"]].get("dag", {"tasks": {}})]
     return tasks
 
 
@@ -132,23 +133,38 @@ def test_refusing_s3_endpoint_fails_before_compute(tmp_path: Path, capsys):
     assert f"127.0.0.1:{port}" in err[0]
 
 
+# eval on: the run registers a champion, whose recorded input digests the next runs are compared with
+TINY_EVAL = ["eval.enabled=true", "sft.num_samples=40", "eval.num_problems=2", "eval.num_samples=1",
+             "eval.max_new_tokens=8", "eval.decode_tokens=8", "eval.batch_size=2"]
+
+
 @pytest.mark.slow
-def test_local_run_end_to_end_then_reuse(tiny_llama_dir: Path, shared_dir: Path, tmp_path: Path, capsys):
+def test_local_run_end_to_end_then_skip_unchanged_then_force_reuses(
+    tiny_llama_dir: Path, shared_dir: Path, tmp_path: Path, capsys
+):
     import mlflow
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM
 
-    corpus = shared_dir / "data" / "corpus" / "tinyshakespeare.txt"
+    from nemoforge.preflight import resolve_recipe
+    from nemoforge.runner import input_digests, retrain_decision
+
+    corpus = tmp_path / "corpus.txt"  # a copy, so that its content can change below
+    corpus.write_text((shared_dir / "data" / "corpus" / "tinyshakespeare.txt").read_text())
     workdir = tmp_path / "work"
-    assert main(_tiny_args(tiny_llama_dir, corpus, workdir)) == 0
+    args = _tiny_args(tiny_llama_dir, corpus, workdir, *TINY_EVAL)
+    assert main(args) == 0
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("nemoforge")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(stages) == {"nas", "distill", "cpt"}
+    first = parents[0]
+    assert first.data.tags["nemoforge.outcome"] == "retrain"
+    assert first.data.tags["nemoforge.outcome_reason"] == "no champion of smollm2-135m-child in the registry yet"
+    stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
+    assert set(stages) == {"nas", "distill", "cpt", "eval"}
     assert all(r.info.status == "FINISHED" for r in stages.values())
     # a random tiny parent gives its nas child a KL of ~1e-3 that 4 steps cannot move reliably;
     # tests/test_distill.py asserts the fall on a teacher with a measurable KL
@@ -156,6 +172,16 @@ def test_local_run_end_to_end_then_reuse(tiny_llama_dir: Path, shared_dir: Path,
     assert 0 <= distill_metrics["kl_div_heldout_after"] < 0.1 and 0 <= distill_metrics["kl_div_heldout_before"] < 0.1
     nas_inputs = stages["nas"].inputs.dataset_inputs
     assert any(d.dataset.digest for d in nas_inputs)
+
+    # the eval stage's gate passed (no champion yet): v1 is champion and carries the run's input digests
+    champion = client.get_model_version_by_alias("smollm2-135m-child", "champion")
+    assert int(champion.version) == 1 and champion.tags["nemoforge.pipeline_run"] == first.info.run_name
+    recorded = {k: v for k, v in champion.tags.items() if k.startswith("nemoforge.input_digest.")}
+    assert recorded == {k: v for k, v in first.data.tags.items() if k.startswith("nemoforge.input_digest.")}
+    assert set(recorded) >= {f"nemoforge.input_digest.{k}" for k in
+                             ("parent", "corpus", "sft", "math_eval", "preference", "recipe")}
+    assert recorded["nemoforge.input_digest.sft"] == "none"
+    assert len(recorded["nemoforge.input_digest.corpus"]) == 64
 
     capsys.readouterr()
     assert main(["status", "--workdir", str(workdir), "--json"]) == 0
@@ -165,13 +191,38 @@ def test_local_run_end_to_end_then_reuse(tiny_llama_dir: Path, shared_dir: Path,
     child = AutoModelForCausalLM.from_pretrained(child_uri, trust_remote_code=True)
     assert child.config.model_type == "nemotron-nas"
 
-    # the same recipe again: every stage reused by key, a new parent run, nothing recomputed
-    assert main(_tiny_args(tiny_llama_dir, corpus, workdir)) == 0
-    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
-    newest_parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == newest_parent.info.run_id]
-    assert {r.info.run_name for r in children} == {"nas", "distill", "cpt"}
+    def newest_parent_and_children():
+        runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+        parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0]
+        return parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+    # the same recipe and data again: the first task finds the champion's digests and the run ends there
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    skipped, children = newest_parent_and_children()
+    assert skipped.info.run_id != first.info.run_id and children == []  # no nas, distill, cpt or eval run
+    assert skipped.info.status == "FINISHED" and skipped.data.tags["nemoforge.outcome"] == "skipped"
+    reason = f"inputs unchanged since champion smollm2-135m-child v1 (pipeline run {first.info.run_name})"
+    assert skipped.data.tags["nemoforge.outcome_reason"] == reason
+    assert "skipped in" in out and reason in out
+
+    # changed data (same path, one more line): the decision is to retrain, naming what changed
+    recipe = resolve_recipe(load_recipe("smollm2-135m-demo", [a for a in args[5:] if a != "--set"]), workdir)
+    assert retrain_decision(recipe, input_digests(recipe), force=False) == (False, reason)
+    with corpus.open("a") as f:
+        f.write("A line that was not there when the champion was trained.\n")
+    assert retrain_decision(recipe, input_digests(recipe), force=False) == (
+        True, "changed since champion smollm2-135m-child v1: corpus")
+    corpus.write_text((shared_dir / "data" / "corpus" / "tinyshakespeare.txt").read_text())
+
+    # forced: the whole DAG runs, and every stage is reused by key (nothing recomputed, nothing re-registered)
+    assert main([*args, "--force"]) == 0
+    forced, children = newest_parent_and_children()
+    assert forced.data.tags["nemoforge.outcome"] == "retrain"
+    assert forced.data.tags["nemoforge.outcome_reason"] == "forced: retraining whatever the champion's inputs"
+    assert {r.info.run_name for r in children} == {"nas", "distill", "cpt", "eval"}
     assert all(r.data.tags.get("nemoforge.reused") == "true" for r in children)
+    assert [int(v.version) for v in client.search_model_versions("name='smollm2-135m-child'")] == [1]
     mlflow.set_tracking_uri("")  # leave no global tracking state behind
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from nemoforge.config import load_recipe
+from nemoforge.config import STAGES, load_recipe
 
 HERE = Path(__file__).parent
 
@@ -19,13 +19,17 @@ def rows(path: Path):
     ir, *platform = yaml.safe_load_all(path.read_text())
     kube = platform[0]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if platform else {}
     recipe = load_recipe(path.stem)
-    tasks = dict(ir["root"]["dag"]["tasks"])
-    for task in list(tasks.values()):
-        tasks.update(ir["components"][task["componentRef"]["name"]].get("dag", {}).get("tasks", {}))
-    for name, task in tasks.items():
+    tasks, dags = {}, [ir["root"]["dag"]]  # the root DAG, the exit handler's, the condition's
+    while dags:
+        for name, task in dags.pop(0)["tasks"].items():
+            component = ir["components"][task["componentRef"]["name"]]
+            if "dag" in component:
+                dags.append(component["dag"])
+            else:
+                tasks[name] = task
+    order = ["check-inputs", "parent", "corpus", *STAGES, "finalize"]
+    for name, task in sorted(tasks.items(), key=lambda item: order.index(item[0].removesuffix("-trainjob"))):
         component = ir["components"][task["componentRef"]["name"]]
-        if "dag" in component:
-            continue
         label = component["executorLabel"]
         res = ir["deploymentSpec"]["executors"][label]["container"]["resources"]
         k8s = kube.get(label, {})

@@ -174,6 +174,19 @@ class ArtifactStore(ABC):
         """
         return self._route(uri)._fetch(uri)
 
+    def digest(self, uri: str) -> str:
+        """A sha256 that changes when the file or any file under the directory/prefix ``uri`` changes.
+
+        Local: :func:`digest_path` of the content. S3: the sha256 of one line per object (relative key,
+        size, ETag) from the listing, so that nothing is downloaded (a re-upload of the same bytes in
+        other parts may change it: a change is then reported where there was none, never the reverse).
+
+        Raises:
+            InputNotFoundError: nothing exists at ``uri``.
+            StorageError: the store cannot be reached or refuses.
+        """
+        return self._route(uri)._digest(uri)
+
     def read_text(self, uri: str) -> str:
         """The UTF-8 text of the file at ``uri``.
 
@@ -239,6 +252,9 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def _fetch(self, uri: str) -> Path: ...
+
+    @abstractmethod
+    def _digest(self, uri: str) -> str: ...
 
     @abstractmethod
     def _read_bytes(self, uri: str) -> bytes: ...
@@ -340,6 +356,9 @@ class LocalStore(ArtifactStore):
     def _exists(self, uri: str) -> bool:
         path = _local_path(uri)
         return path.is_file() or (path.is_dir() and bool(self._list(uri)))
+
+    def _digest(self, uri: str) -> str:
+        return digest_path(_local_path(uri))
 
     def _list(self, uri: str) -> list[str]:
         path = _local_path(uri)
@@ -567,6 +586,28 @@ class S3Store(ArtifactStore):
                 return True
             page = self._client.list_objects_v2(Bucket=bucket, Prefix=self._dir_prefix(key), MaxKeys=1)
             return page.get("KeyCount", 0) > 0
+
+    def _digest(self, uri: str) -> str:
+        bucket, key = _split_s3(uri)
+        sha = hashlib.sha256()
+        with self._errors(uri):
+            head = self._head(bucket, key) if key else None
+            if head is not None:
+                objects = [("", head["ContentLength"], head["ETag"])]
+            else:
+                paginator = self._client.get_paginator("list_objects_v2")
+                prefix = self._dir_prefix(key)
+                objects = [
+                    (obj["Key"].removeprefix(prefix), obj["Size"], obj["ETag"])
+                    for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
+                    for obj in page.get("Contents", [])
+                    if not obj["Key"].endswith("/")
+                ]
+        if not objects:
+            raise InputNotFoundError(f"{uri} does not exist: cannot compute its digest")
+        for rel, size, etag in sorted(objects):
+            sha.update(f"{rel}\0{size}\0{etag.strip(chr(34))}\n".encode())
+        return sha.hexdigest()
 
     def _list(self, uri: str) -> list[str]:
         bucket, key = _split_s3(uri)

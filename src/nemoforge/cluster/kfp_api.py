@@ -128,16 +128,30 @@ def experiment_id(client: kfp.Client, experiment: str, namespace: str | None = N
     return client.create_experiment(experiment, namespace=namespace).experiment_id
 
 
+def _force_params(force: bool) -> dict[str, Any] | None:
+    """The run's pipeline parameters: ``force`` only when set (else the compiled default, false, applies)."""
+    return {"force": True} if force else None
+
+
 def submit(
-    client: kfp.Client, recipe: Recipe, published: Published, experiment: str, namespace: str | None = None
+    client: kfp.Client,
+    recipe: Recipe,
+    published: Published,
+    experiment: str,
+    namespace: str | None = None,
+    force: bool = False,
 ) -> Any:
-    """Start one run of ``published`` in ``experiment``; returns the server's run (``run_id``, ``display_name``)."""
+    """Start one run of ``published`` in ``experiment``; returns the server's run (``run_id``, ``display_name``).
+
+    ``force``: run every stage even when the inputs equal the champion's (pipeline parameter ``force``).
+    """
     run_name = f"{recipe.name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     return client.run_pipeline(
         experiment_id(client, experiment, namespace),
         run_name,
         pipeline_id=published.pipeline_id,
         version_id=published.version_id,
+        params=_force_params(force),
         service_account=recipe.resources.service_account,
     )
 
@@ -165,8 +179,12 @@ def schedule(
     cron: str,
     experiment: str,
     namespace: str | None = None,
+    force: bool = False,
 ) -> tuple[Any, int]:
     """Replace the recurring run ``nemoforge-<recipe>`` of ``experiment`` with one on ``published``.
+
+    Each scheduled run first compares its inputs with the champion's and ends early when they match;
+    ``force`` sets the pipeline parameter ``force`` on every scheduled run (retrain every time).
 
     Returns:
         The new recurring run and how many old ones of that name were deleted.
@@ -187,6 +205,7 @@ def schedule(
         pipeline_id=published.pipeline_id,
         version_id=published.version_id,
         enabled=True,
+        params=_force_params(force),
         service_account=recipe.resources.service_account,
     )
     return created, len(old)
