@@ -96,6 +96,11 @@ class DataConfig(_Section):
         description="Preference pairs (JSONL with instruction/input or prompt, chosen, rejected) for the "
         "preference pass after GRPO (rl.preference).",
     )
+    ifeval_uri: str | None = Field(
+        None,
+        description="IFEval prompts (Google's input_data.jsonl: key, prompt, instruction_id_list, kwargs) for "
+        "the eval stage's instruction-following metrics. None: no IFEval.",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- nas
@@ -185,6 +190,25 @@ class TrainConfig(_Section):
         32, ge=1, description="Held-out sequences scored before and after training (loss, perplexity, KL)."
     )
     seed: int = 0
+    mixed_precision: Literal["auto", "bf16", "none"] = Field(
+        "auto",
+        description="bf16: forward and backward under bf16 autocast, with float32 weights, gradients and AdamW "
+        "state (the master copy); none: everything in the weights' dtype; auto: bf16 on CUDA, none on the CPU.",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer in the backward: less activation memory, ~1/3 more compute."
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer while training (the first steps pay the compile; needs a "
+        "C++ compiler on the CPU).",
+    )
+    peak_flops_per_s: float | None = Field(
+        None,
+        gt=0,
+        description="Dense peak FLOP/s of one device, for the logged MFU; None: looked up for known GPUs "
+        "(H200/H100 bf16: 989e12), and no MFU on the CPU.",
+    )
 
     @model_validator(mode="after")
     def _check_warmup(self) -> TrainConfig:
@@ -193,7 +217,17 @@ class TrainConfig(_Section):
         return self
 
 
-class DistillConfig(TrainConfig):
+class CorpusTrainConfig(TrainConfig):
+    """Training on packed corpus rows (distill, cpt): documents separated by EOS."""
+
+    document_masking: bool = Field(
+        False,
+        description="Keep packed documents apart: each token attends only within its document (a block-diagonal "
+        "causal mask) at positions restarting from 0 after each EOS. Off: the row is one causal sequence.",
+    )
+
+
+class DistillConfig(CorpusTrainConfig):
     """Global knowledge distillation (Puzzle §2.7 / §4.3): hidden-state cosine + logits KL."""
 
     cosine_weight: float = Field(1.0, ge=0, description="Weight of the summed per-layer (1 - cosine) term.")
@@ -201,7 +235,7 @@ class DistillConfig(TrainConfig):
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of the KL term.")
 
 
-class CPTConfig(TrainConfig):
+class CPTConfig(CorpusTrainConfig):
     """Continued pretraining: causal-LM cross-entropy on the corpus (LN §2.2)."""
 
     lr: float = Field(2e-5, gt=0, description="Peak AdamW learning rate.")
@@ -287,7 +321,7 @@ class GateConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """Child vs parent evaluation (LN §7.1): math pass@1 on/off, toggle compliance, KL, decode speed."""
+    """Child vs parent evaluation (LN §7.1): math pass@1 on/off, toggle compliance, IFEval, KL, decode speed."""
 
     enabled: bool = True
     num_problems: int = Field(12, ge=1, description="Held-out math problems.")
@@ -297,6 +331,17 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(96, ge=8, description="Tokens generated per answer.")
     batch_size: int = Field(12, ge=1, description="Prompts decoded at once.")
     decode_tokens: int = Field(64, ge=8, description="Tokens decoded at batch 1 for the tokens/s measurement.")
+    ifeval_num_prompts: int | None = Field(
+        24, ge=1, description="IFEval prompts sampled (seeded) from data.ifeval_uri; None: all of them (541)."
+    )
+    ifeval_reasoning: Literal["on", "off"] = Field(
+        "off",
+        description="Toggle mode of the IFEval replies: off is greedy; on samples at temperature/top_p and checks "
+        "the text after </think>.",
+    )
+    ifeval_max_new_tokens: int = Field(
+        256, ge=8, description="Tokens generated per IFEval reply (some prompts ask for 300+ words)."
+    )
     gate: GateConfig = GateConfig()
     seed: int = 0
 

@@ -275,7 +275,14 @@ def _key_section(recipe: Recipe, stage: str) -> Any:
     }
 
 
-def execute_stage(stage: str, recipe: Recipe, run_name: str, inputs: dict[str, Ref]) -> tuple[StageResult, Ref]:
+def execute_stage(
+    stage: str,
+    recipe: Recipe,
+    run_name: str,
+    inputs: dict[str, Ref],
+    *,
+    on_output: Callable[[str | None], None] | None = None,
+) -> tuple[StageResult, Ref]:
     """Run (or reuse) one stage inside its MLflow run; return its result and its model reference.
 
     Args:
@@ -284,6 +291,8 @@ def execute_stage(stage: str, recipe: Recipe, run_name: str, inputs: dict[str, R
         run_name: the pipeline run this execution belongs to (the MLflow parent run's name).
         inputs: upstream references by the stage's argument name without ``_uri``
             (``parent``, ``model``, ``corpus``): sft and rl take ``model``; eval ``model`` and ``parent``.
+        on_output: called with the output URI right before the stage runs, or with None when its result is
+            reused (rank 0 of a TrainJob tells the other ranks, which then :func:`join_stage` or stop).
 
     Raises:
         NemoforgeError: a user-fixable problem (bad input URI, store refuses); the stage run ends FAILED.
@@ -306,15 +315,30 @@ def execute_stage(stage: str, recipe: Recipe, run_name: str, inputs: dict[str, R
         if entry and entry.get("state") == "done":
             result = result_from_json(entry["result"])
             tracker.set_tags({"nemoforge.reused": "true", "nemoforge.reused_from": entry["output_uri"]})
+            if on_output is not None:
+                on_output(None)
         else:
             output_uri = entry["output_uri"] if entry else store.join(run_name, stage)
             index.write(state="running", output_uri=output_uri)
             tracker.set_tags({"nemoforge.output_uri": output_uri, "nemoforge.step_key": key})
+            if on_output is not None:
+                on_output(output_uri)
             result = _stage_fn(stage)(recipe, **input_uris, output_uri=output_uri, store=store)
             store.write_json(f"{output_uri.rstrip('/')}/result.json", result_to_json(result))
             index.write(state="done", output_uri=output_uri, result=result_to_json(result))
         tracker.log_result(result)
     return result, _model_ref(result)
+
+
+def join_stage(stage: str, recipe: Recipe, inputs: dict[str, Ref], output_uri: str) -> StageResult:
+    """Only the stage's ``run()`` under ``output_uri``: no key, index or lineage.
+
+    What a torchrun rank other than 0 of a TrainJob does: rank 0 keeps the books in :func:`execute_stage`
+    and hands over its ``output_uri``; this rank trains its share and returns (see
+    :mod:`nemoforge.training.distributed`).
+    """
+    input_uris = {f"{name}_uri": ref["uri"] for name, ref in inputs.items()}
+    return _stage_fn(stage)(recipe, **input_uris, output_uri=output_uri, store=store_for(recipe))
 
 
 def register_evaluated_model(recipe: Recipe, run_name: str, result: StageResult, inputs: dict[str, Ref]) -> Ref:
