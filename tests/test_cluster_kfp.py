@@ -297,3 +297,18 @@ def test_the_fake_server_rejects_what_the_real_spec_rejects(kfp_server):
     bad = copy.deepcopy(good) | {"maxConcurrency": 1, "mode": "ON"}
     fake.check("bad", "#/definitions/v2beta1RecurringRun", bad)
     assert any("maxConcurrency" in e for e in fake.errors) and any("'ON'" in e for e in fake.errors)
+
+
+def test_force_reaches_the_run_and_the_schedule_as_the_pipeline_parameter(kfp_server, capsys):
+    fake, host = kfp_server
+    assert main(["submit", "llama-3.1-8b", "--host", host, "--force", *CLUSTER_SETS]) == 0
+    assert main(["submit", "llama-3.1-8b", "--host", host, *CLUSTER_SETS]) == 0
+    assert main(["schedule", "llama-3.1-8b", "--cron", "0 0 3 * * 0", "--host", host, "--force", *CLUSTER_SETS]) == 0
+    assert fake.errors == []
+    forced, plain = fake.runs.values()
+    assert forced["runtime_config"]["parameters"] == {"force": True}
+    assert "force" not in (plain.get("runtime_config") or {}).get("parameters", {})  # the compiled default: false
+    (job,) = fake.recurring.values()
+    assert job["runtime_config"]["parameters"] == {"force": True}
+    ir = max(fake.versions.values(), key=lambda v: v["created_at"])["pipeline_spec"]
+    assert ir["root"]["inputDefinitions"]["parameters"]["force"]["defaultValue"] is False
