@@ -78,7 +78,8 @@ def test_sample_is_seeded_in_file_order_and_excludes_ids(rows):
     prompts = list(rows.values())
     a = sample_prompts(prompts, 10, seed=3, exclude=["punctuation:no_comma"])
     assert len(a) == 10 and a == sample_prompts(prompts, 10, seed=3, exclude=["punctuation:no_comma"])
-    assert [p.key for p in a] == sorted(p.key for p in a)  # the file is sorted by key
+    position = {p.key: i for i, p in enumerate(prompts)}
+    assert [position[p.key] for p in a] == sorted(position[p.key] for p in a)  # file order
     assert all("punctuation:no_comma" not in p.instruction_id_list for p in a)
     assert [p.key for p in sample_prompts(prompts, 10, seed=4)] != [p.key for p in a]
     assert len(sample_prompts(prompts, None, seed=0, exclude=["punctuation:no_comma"])) == 541 - 66
