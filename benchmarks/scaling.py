@@ -42,7 +42,7 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 FULL = {"hidden": 2048, "layers": 16, "ffn": 8192, "heads": 32, "kv_heads": 8, "vocab": 128256}
-SMOKE = {"hidden": 64, "layers": 4, "ffn": 256, "heads": 4, "kv_heads": 2, "vocab": 256}
+SMOKE = {"hidden": 64, "layers": 4, "ffn": 512, "heads": 4, "kv_heads": 2, "vocab": 256}
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -163,7 +163,7 @@ def driver(args: argparse.Namespace) -> None:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             run = {"nproc": nproc, "wall_s": round(time.perf_counter() - started, 1)}
             if proc.returncode != 0:
-                run["error"] = (proc.stderr or proc.stdout)[-4000:]
+                run["error"] = (proc.stderr or proc.stdout)[-8000:]
                 print(f"N={nproc}: failed (exit {proc.returncode}); see {out_path}", file=sys.stderr)
             else:
                 run |= json.loads(result_path.read_text())

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from tqdm.auto import tqdm
 
 from nemoforge.config import TrainConfig
 from nemoforge.errors import NemoforgeError
+from nemoforge.training.flops import mfu, peak_flops_per_s
 from nemoforge.training.loop import (
     BatchFn,
     LossFn,
@@ -55,7 +57,9 @@ from nemoforge.training.loop import (
     build_optimizer,
     latest_checkpoint,
     save_checkpoint,
+    uses_bf16_autocast,
 )
+from nemoforge.training.perf import training_features
 from nemoforge.training.runtime import no_progress
 
 ENGINE_ENV = "NEMOFORGE_DISTRIBUTED_ENGINE"
@@ -305,8 +309,6 @@ class _DeepSpeedEngine:
             start = sum(len(idx) for idx, _ in self.groups)
             self.groups.append((list(range(start, start + len(g["params"]))), {k: v for k, v in g.items() if k != "params"}))
         self.names = _param_names(model, self.params)
-        if getattr(model, "supports_gradient_checkpointing", False):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.wrapped, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=_LossModule(model, loss_fn),
             optimizer=optimizer,
@@ -379,13 +381,17 @@ class _DeepSpeedEngine:
         # memory-mapped, tensor by tensor: the N ranks of a node share the page cache instead of N copies
         saved = torch.load(path / "state.pt", weights_only=False, mmap=True)
         moments = saved["optimizer"]["state"]  # by index in the optimizer's group order, as self.params
-        inner = self.optimizer.optimizer  # the torch AdamW over this rank's flat float32 partitions
-        for group in inner.param_groups:
-            for flat in group["params"]:
-                state = inner.state[flat]  # AdamW creates it lazily at the first step: create it now
-                state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
-                state.setdefault("exp_avg", torch.zeros_like(flat, memory_format=torch.preserve_format))
-                state.setdefault("exp_avg_sq", torch.zeros_like(flat, memory_format=torch.preserve_format))
+        zero = self.optimizer
+        # the torch AdamW (zero.optimizer) keys its state by this rank's flat float32 partitions; it creates
+        # the state lazily at its first step, so create it here for the moments to be written into
+        flats = zero.fp32_partitioned_groups_flat if self.zero_stage == 3 else zero.single_partition_of_fp32_groups
+        for flat in flats:
+            state = zero.optimizer.state[flat]
+            state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
+            state.setdefault("exp_avg", torch.zeros_like(flat, memory_format=torch.preserve_format))
+            state.setdefault("exp_avg_sq", torch.zeros_like(flat, memory_format=torch.preserve_format))
+        if self.zero_stage != 3:
+            zero._lazy_init_hp_params_optimizer_state()  # ZeRO-1/2 map each parameter into the new state (its step does this)
         with safe_open(str(path / "model.safetensors"), framework="pt", device="cpu") as saved_model:
             stored = set(saved_model.keys())
             for i, (p, names) in enumerate(zip(self.params, self.names, strict=True)):
@@ -417,8 +423,6 @@ class _DeepSpeedEngine:
         """Gather the trained float32 weights back into ``self.model`` on every rank and drop the engine."""
         full, _ = self.gather(keep=True, moments=False, device=self.device)
         self.wrapped.destroy()
-        if getattr(self.model, "supports_gradient_checkpointing", False):
-            self.model.gradient_checkpointing_disable()
         with torch.no_grad():
             for p, names in zip(self.params, self.names, strict=True):
                 p.data = full[names[0]]
@@ -443,14 +447,19 @@ def train_distributed(
     desc: str,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
+    flops_per_token: float | None = None,
 ) -> TrainState:
     """:func:`~nemoforge.training.loop.train` on ``N`` torchrun ranks (same arguments, same result on every rank).
 
     Each update: every rank takes its ``b`` rows of ``batches(i)`` (split further into the DeepSpeed config's
     ``gradient_accumulation_steps`` micro-batches), the loss and metrics are averaged over ranks before the
     backward pass (so a non-finite loss stops every rank at once), gradients are averaged by the engine,
-    clipped to ``cfg.grad_clip_norm``, and AdamW steps. ``tokens_per_s`` counts the tokens of all ranks.
-    Rank 0 writes checkpoints and calls ``on_log``/``on_checkpoint``; the others wait at a barrier.
+    clipped to ``cfg.grad_clip_norm``, and AdamW steps. Autocast follows ``cfg.mixed_precision``
+    (:func:`~nemoforge.training.loop.uses_bf16_autocast`); activation checkpointing and compile follow the
+    config (:func:`~nemoforge.training.perf.training_features`), checkpointing always on under DeepSpeed.
+    ``tokens_per_s`` counts the tokens of all ranks over the steps since the previous log (checkpoint writing
+    excluded); ``mfu`` is per GPU (``tokens_per_s / N``). Rank 0 writes checkpoints and calls
+    ``on_log``/``on_checkpoint``; the others wait at a barrier.
 
     Returns:
         The final :class:`~nemoforge.training.loop.TrainState` (the same history on every rank); ``model``
@@ -466,52 +475,63 @@ def train_distributed(
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # identical initial RNG on every rank; a resumed run restores rank 0's
-    engine = (_DeepSpeedEngine if engine_kind() == "deepspeed" else _DDPEngine)(model, loss_fn, cfg, ctx, device)
+    use_deepspeed = engine_kind() == "deepspeed"
+    engine = (_DeepSpeedEngine if use_deepspeed else _DDPEngine)(model, loss_fn, cfg, ctx, device)
     state = _resume(engine, checkpoint_dir, ctx)
     reduce_device = device if ctx.backend == "nccl" else torch.device("cpu")
+    autocast = uses_bf16_autocast(device, cfg)
+    peak = cfg.peak_flops_per_s or peak_flops_per_s(device)
+    window_tokens, window_s = 0, 0.0  # since the last log
 
     model.train()
     bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, unit="step", disable=no_progress() or not ctx.is_main)
+    features = training_features(
+        model, activation_checkpointing=cfg.activation_checkpointing or use_deepspeed, compile=cfg.compile
+    )
     try:
-        while state.step < cfg.steps:
-            started = time.perf_counter()
-            input_ids_BT = batches(state.step)
-            local_ids_bT = rank_rows(input_ids_BT, ctx).to(device)
-            lr = engine.lr()
-            parts: list[dict[str, float]] = []
-            for micro_ids in local_ids_bT.chunk(engine.micro_batches):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    loss, extra = engine.wrapped(micro_ids)  # loss_fn(model, micro_ids) inside the engine
-                parts.append(mean_over_ranks({"loss": loss.item(), **extra}, reduce_device))
-                if not torch.isfinite(torch.tensor(parts[-1]["loss"])):
-                    raise NemoforgeError(
-                        f"{desc}: loss is {parts[-1]['loss']} at step {state.step + 1}: training diverged; lower the lr"
-                    )
-                engine.backward(loss)
-                grad_norm = engine.step()
-            state.step += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            metrics = {name: sum(p[name] for p in parts) / len(parts) for name in parts[0]}
-            metrics |= {
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s": input_ids_BT.numel() / (time.perf_counter() - started),
-            }
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
-            if state.step % cfg.log_every_steps == 0 or state.step == cfg.steps:
-                for name, value in metrics.items():
-                    state.history.setdefault(name, []).append((state.step, float(value)))
-                if on_log is not None and ctx.is_main:
-                    on_log(state.step, metrics)
-            if state.step % cfg.checkpoint_every_steps == 0 or state.step == cfg.steps:
-                written = engine.save(checkpoint_dir, state, ctx)  # a collective under ZeRO; rank 0 writes
-                if written is not None:
-                    state.checkpoint = written
-                    if on_checkpoint is not None:
-                        on_checkpoint(written)
-                dist.barrier()  # nobody runs ahead of (or resumes past) rank 0's checkpoint
+        with features:
+            while state.step < cfg.steps:
+                started = time.perf_counter()
+                input_ids_BT = batches(state.step)
+                local_ids_bT = rank_rows(input_ids_BT, ctx).to(device)
+                lr = engine.lr()
+                parts: list[dict[str, float]] = []
+                for micro_ids in local_ids_bT.chunk(engine.micro_batches):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                        loss, extra = engine.wrapped(micro_ids)  # loss_fn(model, micro_ids) inside the engine
+                    parts.append(mean_over_ranks({"loss": loss.item(), **extra}, reduce_device))
+                    if not math.isfinite(parts[-1]["loss"]):
+                        raise NemoforgeError(
+                            f"{desc}: loss is {parts[-1]['loss']} at step {state.step + 1}: training diverged; "
+                            "lower the lr"
+                        )
+                    engine.backward(loss)
+                    grad_norm = engine.step()
+                state.step += 1
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                window_tokens += input_ids_BT.numel()
+                window_s += time.perf_counter() - started
+                metrics = {name: sum(p[name] for p in parts) / len(parts) for name in parts[0]}
+                metrics |= {"lr": lr, "grad_norm": grad_norm}
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
+                if state.step % cfg.log_every_steps == 0 or state.step == cfg.steps:
+                    metrics["tokens_per_s"] = window_tokens / window_s
+                    if flops_per_token is not None and peak is not None:
+                        metrics["mfu"] = mfu(metrics["tokens_per_s"] / ctx.world_size, flops_per_token, peak)
+                    window_tokens, window_s = 0, 0.0
+                    for name, value in metrics.items():
+                        state.history.setdefault(name, []).append((state.step, float(value)))
+                    if on_log is not None and ctx.is_main:
+                        on_log(state.step, metrics)
+                if state.step % cfg.checkpoint_every_steps == 0 or state.step == cfg.steps:
+                    written = engine.save(checkpoint_dir, state, ctx)  # a collective under ZeRO; rank 0 writes
+                    if written is not None:
+                        state.checkpoint = written
+                        if on_checkpoint is not None:
+                            on_checkpoint(written)
+                    dist.barrier()  # nobody runs ahead of (or resumes past) rank 0's checkpoint
         engine.finish()
     finally:
         bar.close()

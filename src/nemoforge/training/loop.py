@@ -154,7 +154,7 @@ def train(
     if distributed.world_size() > 1:  # under torchrun: batches sharded by rank, DDP or DeepSpeed ZeRO-3
         return distributed.train_distributed(
             model, loss_fn, batches, cfg, checkpoint_dir=checkpoint_dir, desc=desc, on_log=on_log,
-            on_checkpoint=on_checkpoint,
+            on_checkpoint=on_checkpoint, flops_per_token=flops_per_token,
         )  # fmt: skip
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
