@@ -31,16 +31,22 @@ from nemoforge.training.evaluate import evaluate_heldout
 RESULTS = Path(__file__).parent / "results"
 
 
-def decode_tokens_per_s(model, prompt_BT: torch.Tensor, new_tokens: int, repeats: int) -> float:
-    """Median tokens/s (batch × new tokens / wall time) of greedy decoding after the prompt."""
-    generate(model, prompt_BT, 4)  # warm-up
-    times = []
+def decode_tokens_per_s(models: dict, prompt_BT: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Median tokens/s (batch × new tokens / wall time) of greedy decoding after the prompt, per model.
+
+    The models are timed round-robin (parent, child, parent, child, ...) so that load changes on a shared
+    machine hit every model alike and the ratios stay meaningful.
+    """
+    times: dict[str, list[float]] = {label: [] for label in models}
+    for model in models.values():
+        generate(model, prompt_BT, 4)  # warm-up
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = generate(model, prompt_BT, new_tokens)
-        times.append(time.perf_counter() - start)
-        assert out.shape[1] == prompt_BT.shape[1] + new_tokens
-    return prompt_BT.shape[0] * new_tokens / statistics.median(times)
+        for label, model in models.items():
+            start = time.perf_counter()
+            out = generate(model, prompt_BT, new_tokens)
+            times[label].append(time.perf_counter() - start)
+            assert out.shape[1] == prompt_BT.shape[1] + new_tokens
+    return {label: prompt_BT.shape[0] * new_tokens / statistics.median(t) for label, t in times.items()}
 
 
 def main() -> None:
@@ -69,22 +75,24 @@ def main() -> None:
     prompt_T = corpus.heldout_ids_NT[0, : args.prompt_tokens]
 
     parent = load_causal_lm(models["parent"]).eval()
+    loaded = {label: parent if label == "parent" else load_causal_lm(path).eval() for label, path in models.items()}
     rows = {}
-    for label, path in models.items():
-        model = parent if label == "parent" else load_causal_lm(path).eval()
-        row = {
-            "uri": str(path),
+    for label, model in loaded.items():
+        rows[label] = {
+            "uri": str(models[label]),
             "params": count_params(model.config),
             "kv_cache_bytes_per_token_bf16": kv_cache_bytes_per_token(model.config, kv_bytes=2),
             "block_configs": summarize(model.config.block_configs, model.config.hidden_size),
         }
-        with torch.inference_mode():
-            for b in args.batch_sizes:
-                prompt_BT = prompt_T.expand(b, -1).contiguous()
-                row[f"decode_tokens_per_s_batch{b}"] = round(decode_tokens_per_s(model, prompt_BT, args.new_tokens, args.repeats), 2)
+    with torch.inference_mode():
+        for b in args.batch_sizes:
+            prompt_BT = prompt_T.expand(b, -1).contiguous()
+            for label, tps in decode_tokens_per_s(loaded, prompt_BT, args.new_tokens, args.repeats).items():
+                rows[label][f"decode_tokens_per_s_batch{b}"] = round(tps, 2)
+        for label, model in loaded.items():
             if label != "parent":
-                row["kl_div_heldout"] = evaluate_heldout(model, heldout_NT, batch_size=4, teacher=parent)["kl_div_heldout"]
-        rows[label] = row
+                rows[label]["kl_div_heldout"] = evaluate_heldout(model, heldout_NT, batch_size=4, teacher=parent)["kl_div_heldout"]
+    for label, row in rows.items():
         print(label, json.dumps(row))
 
     base = rows["parent"]
