@@ -201,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show", action="store_true", help="print the rendered manifests")
     args = parser.parse_args(argv)
 
+    if not args.crd_dir.is_dir():
+        parser.error(
+            f"--crd-dir {args.crd_dir}: no such folder; point it at the CRDs of shared/schemas/crds "
+            "(the default is ../shared/schemas/crds beside the checkout)"
+        )
     crd_files = default_crd_files(args.crd_dir)
     for spec in args.crd_schema:
         gvk, _, file = spec.partition("=")
