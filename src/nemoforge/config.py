@@ -301,6 +301,13 @@ class RLConfig(TrainConfig):
     filter_samples: int = Field(
         0, ge=0, description="Responses sampled per prompt to estimate its pass rate (0: no filtering)."
     )
+    rollout_engine: Literal["auto", "vllm", "generate"] = Field(
+        "generate",
+        description="What samples the GRPO rollouts: vllm (a vllm.LLM colocated in the stage's process, the "
+        "policy's weights pushed into it before each rollout), generate (nemoforge.models.generate), or auto "
+        "(vllm when importable, else generate). Default generate: on the 2-core CPU the engine's start (~30 s, "
+        "~1 GiB KV cache) costs more than the demo's few short rollouts gain.",
+    )
     preference: PreferenceConfig = PreferenceConfig()
 
     @model_validator(mode="after")

@@ -7,7 +7,13 @@ within each group (:func:`~nemoforge.stages.rl.losses.group_advantages`) and tak
 update. With one update per rollout the ratio is 1 at the update (TRL's ``num_iterations=1`` default):
 the clipped loss then equals the plain policy gradient; LN used 2 updates per rollout.
 
-Rollouts use ``nemoforge.models.generate`` (the KV-cached decoder); vLLM is not used here.
+Rollouts are sampled by ``rl.rollout_engine`` (:mod:`~nemoforge.stages.rl.rollout`): ``generate`` (the
+default: ``nemoforge.models.generate``, the KV-cached decoder, on the global torch RNG), ``vllm`` (a
+``vllm.LLM`` colocated in this process, started on an export of the policy after pass-rate filtering;
+before each rollout the policy's weights are pushed into it, and each request's seed is drawn from the
+global torch RNG, so a resumed run draws the same seeds) or ``auto`` (vllm when importable). The engine
+used is the stage run's ``rollout_engine`` tag. Held-out reward and pass-rate filtering always use
+``generate``.
 Prompts whose pass rate (over ``filter_samples`` samples) is at least ``filter_max_pass_rate`` are
 dropped first (LN §5). Written under ``output_uri``: ``checkpoints/step-N/``,
 ``checkpoints-preference/step-N/``, ``model/``, ``plots/``, ``samples/heldout_{before,after}.json``.
@@ -44,6 +50,7 @@ from nemoforge.rewards import combined_rewards
 from nemoforge.stages.eval.generation import generate_chats, generate_ids, pad_id
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stages.rl.losses import clipped_policy_loss, dpo_loss, group_advantages, token_logps
+from nemoforge.stages.rl.rollout import GENERATE_TAG, VLLMRollouts, resolve_engine
 from nemoforge.training.loop import epoch_batches, train
 from nemoforge.training.runtime import compute_device
 from nemoforge.training.stage import fetch_latest_checkpoint, plot_history, recipe_dtype, uri_under
@@ -150,8 +157,18 @@ def rollout_batch(
     return torch.tensor(ids), torch.tensor(attn), comp_NT
 
 
-def make_grpo_loss(problems: Sequence[Problem], tokenizer: Any, cfg: RLConfig, ref_model: torch.nn.Module | None):
-    """The train loop's loss function for GRPO: ``loss_fn(model, prompt_index_B1) -> (loss, metrics)``."""
+def make_grpo_loss(
+    problems: Sequence[Problem],
+    tokenizer: Any,
+    cfg: RLConfig,
+    ref_model: torch.nn.Module | None,
+    rollouts: VLLMRollouts | None = None,
+):
+    """The train loop's loss function for GRPO: ``loss_fn(model, prompt_index_B1) -> (loss, metrics)``.
+
+    ``rollouts``: a vLLM engine that samples the completions (given the policy's weights first); None:
+    ``generate_ids``.
+    """
     prompt_ids = [encode_prompt(tokenizer, q, r) for q, _, r in problems]
 
     def loss_fn(model: torch.nn.Module, index_B1: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -159,10 +176,18 @@ def make_grpo_loss(problems: Sequence[Problem], tokenizer: Any, cfg: RLConfig, r
         chosen = [problems[i] for i in index_B1[:, 0].tolist() for _ in range(cfg.num_generations)]
         p_ids = [prompt_ids[i] for i in index_B1[:, 0].tolist() for _ in range(cfg.num_generations)]
         # sampled with the global torch RNG, which the train loop checkpoints: a resumed run samples the same
-        c_ids = generate_ids(
-            model, tokenizer, p_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            top_p=cfg.top_p, batch_size=len(p_ids),
-        )
+        if rollouts is not None:
+            rollouts.push_weights(model)
+            c_ids = rollouts.generate(
+                [prompt_ids[i] for i in index_B1[:, 0].tolist()], n=cfg.num_generations,
+                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                seed=int(torch.randint(0, 2**31 - 1, ()).item()),
+            )
+        else:
+            c_ids = generate_ids(
+                model, tokenizer, p_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                top_p=cfg.top_p, batch_size=len(p_ids),
+            )
         completions = [tokenizer.decode(c, skip_special_tokens=True) for c in c_ids]
         rewards, parts = score(cfg.reward_weights, completions, chosen)
         advantages_N = group_advantages(torch.tensor(rewards), cfg.num_generations).to(device)
@@ -270,19 +295,30 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
     pref_checkpoints_uri = uri_under(output_uri, "checkpoints-preference")
     history: dict[str, list[tuple[int, float]]] = {}
     metrics: dict[str, float] = {}
+    engine = resolve_engine(cfg.rollout_engine)
+    engine_tags = {"rollout_engine": GENERATE_TAG}
     with tempfile.TemporaryDirectory(prefix="nemoforge-rl-") as tmp:
         work = Path(tmp)
         fetch_latest_checkpoint(store, checkpoints_uri, work / "checkpoints")
         index_P1 = torch.arange(len(kept))[:, None]
-        state = train(
-            model,
-            make_grpo_loss(kept, tokenizer, cfg, ref_model),
-            epoch_batches(index_P1, cfg.batch_size, seed=cfg.seed),
-            cfg,
-            checkpoint_dir=work / "checkpoints",
-            desc="rl",
-            on_checkpoint=lambda path: store.put(path, uri_under(checkpoints_uri, path.name)),
-        )
+        rollouts = None
+        if engine == "vllm":
+            longest = max(len(encode_prompt(tokenizer, q, r)) for q, _, r in kept) + cfg.max_new_tokens
+            rollouts = VLLMRollouts(model, tokenizer, max_model_len=-(-longest // 32) * 32, seed=cfg.seed)
+            engine_tags = {"rollout_engine": "vllm", "rollout_engine_version": rollouts.version}
+        try:
+            state = train(
+                model,
+                make_grpo_loss(kept, tokenizer, cfg, ref_model, rollouts),
+                epoch_batches(index_P1, cfg.batch_size, seed=cfg.seed),
+                cfg,
+                checkpoint_dir=work / "checkpoints",
+                desc="rl",
+                on_checkpoint=lambda path: store.put(path, uri_under(checkpoints_uri, path.name)),
+            )
+        finally:
+            if rollouts is not None:
+                rollouts.close()
         history |= {k: v for k, v in state.history.items() if k != "tokens_per_s"}  # prompts, not tokens, per step
         metrics["train_steps"] = float(state.step)
         resumed = state.resumed_from_step
@@ -356,5 +392,5 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
                 hashlib.sha256(json.dumps(heldout_problems).encode()).hexdigest(), len(heldout_problems), "validation",
             ),
         ],
-        tags={"device": str(device), "rollout_engine": "nemoforge.models.generate", "resumed_from_step": str(resumed)},
+        tags={"device": str(device), **engine_tags, "resumed_from_step": str(resumed)},
     )
