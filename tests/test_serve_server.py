@@ -182,8 +182,13 @@ def test_the_pipeline_ends_with_a_serve_task_on_the_serve_resources(tmp_path):
         ["serve.enabled=true", "resources.serve.gpu_count=1", "resources.serve.node_selector={pool: gpu}"],
     )
     spec, platform = yaml.safe_load_all(compile_recipe(recipe, tmp_path / "p.yaml").read_text())
-    tasks = spec["root"]["dag"]["tasks"]["exit-handler-1"]["componentRef"]["name"]
-    dag = spec["components"][tasks]["dag"]["tasks"]
+    dag: dict = {}  # every task of the nested DAGs (root, exit handler, the check-inputs condition) by name
+    pending = [spec["root"]["dag"]["tasks"]]
+    while pending:
+        for name, task in pending.pop().items():
+            dag[name] = task
+            if "dag" in spec["components"][task["componentRef"]["name"]]:
+                pending.append(spec["components"][task["componentRef"]["name"]]["dag"]["tasks"])
     last_model_stage = [s for s in recipe.enabled_stages() if s not in ("eval", "serve")][-1]
     assert (
         dag["serve"]["inputs"]["artifacts"]["input_model"]["taskOutputArtifact"]["producerTask"]
