@@ -75,11 +75,19 @@ def rl(recipe_json: str, run_name: str, input_model: Input[Model], model: Output
     run_component_stage("rl", recipe_json, run_name, {"model": input_model}, model)
 
 
-def eval(recipe_json: str, run_name: str, input_model: Input[Model], parent_model: Input[Model], model: Output[Model]):
-    """Child vs parent evaluation; registers the model version (challenger; champion when the gate passes)."""
+def eval(
+    recipe_json: str,
+    run_name: str,
+    input_model: Input[Model],
+    parent_model: Input[Model],
+    corpus: Input[Dataset],
+    model: Output[Model],
+):
+    """Child vs parent evaluation (problems, the corpus's held-out text); registers the version (champion on a pass)."""
     from nemoforge.runner import run_component_stage
 
-    run_component_stage("eval", recipe_json, run_name, {"model": input_model, "parent": parent_model}, model)
+    inputs = {"model": input_model, "parent": parent_model, "corpus": corpus}
+    run_component_stage("eval", recipe_json, run_name, inputs, model)
 
 
 def serve(recipe_json: str, run_name: str, input_model: Input[Model], responses: Output[Artifact]):

@@ -71,7 +71,8 @@ def build_pipeline(recipe: Recipe) -> Callable:
     """The ``@dsl.pipeline`` function of ``recipe`` (disabled stages left out).
 
     The model flows parent -> nas -> distill -> cpt -> sft -> rl, each stage taking the newest model; distill
-    also takes the parent as its teacher, and eval takes the newest model and the parent.
+    also takes the parent as its teacher, and eval takes the newest model, the parent and the corpus (its
+    held-out rows).
     """
     ops = make_components(recipe.resources.base_image)
     cluster = recipe.resources
@@ -126,13 +127,15 @@ def _stage_tasks(ops: dict[str, Callable], recipe: Recipe, recipe_json: str, run
         else:
             task = _apply_resources(ops["cpt"](recipe_json=recipe_json, run_name=run_name, **inputs), cluster.cpt, cluster)
         model = task.outputs["model"]
-    # the reasoning half: sft and rl take the newest model, eval takes rl's (or the newest) and the parent
+    # the reasoning half: sft and rl take the newest model, eval takes rl's (or the newest), the parent and the corpus
     for stage in ("sft", "rl"):
         if stage in stages:
             task = ops[stage](recipe_json=recipe_json, run_name=run_name, input_model=model)
             model = _apply_resources(task, getattr(cluster, stage), cluster).outputs["model"]
     if "eval" in stages:
-        task = ops["eval"](recipe_json=recipe_json, run_name=run_name, input_model=model, parent_model=parent_model)
+        task = ops["eval"](
+            recipe_json=recipe_json, run_name=run_name, input_model=model, parent_model=parent_model, corpus=corpus
+        )
         _apply_resources(task, cluster.eval, cluster)
     # serve stays last: it serves whatever model the stages above produced.
     if "serve" in stages:

@@ -93,3 +93,28 @@ def test_impossible_memory_budget_fails_before_compute():
 def test_recipe_is_frozen_and_serializes_whole():
     recipe = load_recipe("smollm2-135m-demo")
     assert Recipe.model_validate_json(recipe.to_json()) == recipe
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("eval.gate.min_retention={lm_top1: 0.9, lm_top2: 0.9}", r"eval\.gate\.min_retention: unknown metric\(s\) lm_top2: use one of .*lm_top1"),
+        ("eval.gate.metric=accuracy", r"eval\.gate\.metric: unknown metric 'accuracy': use one of math_pass1_on, "),
+        ("eval.gate.min_retention={lm_top1: -0.5}", r"eval\.gate\.min_retention: lm_top1: a retention fraction must be >= 0"),
+        ("eval.gate.min_toggle_off=1.5", r"eval\.gate\.min_toggle_off: Input should be less than or equal to 1"),
+    ],
+)
+def test_gate_criterion_naming_an_unknown_metric_fails_at_validation(override: str, message: str):
+    with pytest.raises(RecipeError, match=message) as err:
+        load_recipe("smollm2-135m-demo", [override])
+    assert "\n" not in str(err.value)
+
+
+def test_shipped_gates_hold_the_child_to_its_parent():
+    # issue 11: no shipped recipe promotes a child worse than its parent on its own gate metric
+    for name in builtin_recipes():
+        gate = load_recipe(name).eval.gate
+        assert gate.min_retention.get(gate.metric) == 1.0 and gate.min_retention.get("lm_top1", 0) >= 0.9, name
+        assert gate.min_speedup >= 1.2 and min(gate.min_toggle_on, gate.min_toggle_off) >= 0.9 and gate.beat_champion
+    demo = load_recipe("smollm2-135m-demo").eval
+    assert demo.num_problems >= 32 and demo.decode_repeats >= 5 and demo.gate.min_speedup == 1.3

@@ -14,7 +14,8 @@ def _result(tmp_path: Path, model_dir: Path, name: str, gate: str, pass1: float)
         metrics={"math_pass1_on": pass1, "decode_tokens_per_s": 10.0},
         outputs={"model": str(model_dir), "registration": str(out / "registration.json")},
         digests={"model": "abc"},
-        tags={"gate": gate, "gate_checks": f"{'ok' if gate == 'passed' else 'fail'}: math_pass1_on"},
+        tags={"gate": gate, "gate_checks": f"{'ok' if gate == 'passed' else 'fail'}: math_pass1_on",
+              "eval_settings": f"settings-of-{name}"},
     )
 
 
@@ -46,4 +47,34 @@ def test_register_moves_champion_only_when_the_gate_passed(tiny_llama_dir: Path,
     from nemoforge.artifacts import open_store
 
     store = open_store(str(tmp_path / "store"))
-    assert store.read_json(champion_uri(store, name))["version"] == 1
+    record = store.read_json(champion_uri(store, name))  # the failed run-2 left the champion where it was
+    assert record["version"] == 1 and record["model_uri"] == str(tiny_llama_dir)
+    assert record["eval_settings"] == "settings-of-run-1" and record["metrics"]["math_pass1_on"] == 0.5
+
+
+def test_status_names_every_failed_gate_criterion(tmp_path: Path, capsys):
+    from nemoforge import lineage
+    from nemoforge.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    recipe = Recipe(name="test", tracking={"mlflow_uri": uri})
+    checks = [
+        "fail: retention math_pass1_on=0 >= 0.8 (child 0, parent 0.042)",
+        "ok: decode speedup=1.45 (95% CI 1.38 to 1.52) >= 1.3",
+        "fail: toggle_on=0.125 (95% CI 0.04 to 0.31) >= 0.9",
+        "ok: no champion yet",
+    ]
+    with lineage.stage_run(uri, "nemoforge", "run-1", "eval", recipe) as tracker:
+        tracker.log_result(StageResult(metrics={"gate_passed": 0.0, "toggle_on": 0.125, "toggle_on_ci_low": 0.04},
+                                       tags={"gate": "failed", "gate_checks": "; ".join(checks)}))
+    (status,) = lineage.pipeline_status(uri, "nemoforge")
+    assert status["gate"] == "failed"
+    assert status["gate_failed"] == [
+        "retention math_pass1_on=0 >= 0.8 (child 0, parent 0.042)", "toggle_on=0.125 (95% CI 0.04 to 0.31) >= 0.9"
+    ]
+    capsys.readouterr()
+    assert main(["status", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "gate failed" in out and "toggle_on_ci_low" not in out  # intervals stay out of the key metrics
+    assert "- retention math_pass1_on=0 >= 0.8 (child 0, parent 0.042)" in out
+    assert "- toggle_on=0.125 (95% CI 0.04 to 0.31) >= 0.9" in out

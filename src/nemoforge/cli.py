@@ -323,9 +323,12 @@ def _print_status(stages: list[dict]) -> None:
     for column in ("stage", "state", "wall s", "key metrics", "outputs"):
         table.add_column(column, overflow="fold")
     for s in stages:
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(s.get("metrics", {}).items())[:8])
+        key_metrics = {k: v for k, v in s.get("metrics", {}).items() if not k.endswith(("_ci_low", "_ci_high"))}
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(key_metrics.items())[:8])
         outputs = "\n".join(f"{k}: {v}" for k, v in s.get("outputs", {}).items())
         state = s["state"] + (" (reused)" if s.get("reused") else "")
+        if s.get("gate"):
+            state += f"\ngate {s['gate']}" + "".join(f"\n- {c}" for c in s.get("gate_failed", []))
         if s.get("error"):
             state += f"\n{s['error']}"
         wall = s.get("wall_time_s")

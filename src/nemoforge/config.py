@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nemoforge.errors import RecipeError
 
@@ -318,26 +318,82 @@ class RLConfig(TrainConfig):
         return self
 
 
-class GateConfig(_Section):
-    """When the evaluated model becomes ``champion`` in the registry (it is always ``challenger``)."""
+GATE_METRICS = (
+    "math_pass1_on", "math_pass1_off", "toggle_on", "toggle_off", "ifeval_prompt_strict", "ifeval_instruction_strict",
+    "lm_top1",
+)
+"""Eval metrics a gate can name: shares in [0, 1], higher is better (the eval stage writes them for child and parent)."""
 
-    metric: str = Field("math_pass1_on", description="Eval metric (of the child) compared with the champion's.")
-    min_metric: float = Field(0.0, ge=0, description="Floor on the metric.")
-    min_decode_tokens_per_s: float = Field(0.0, ge=0, description="Floor on the child's decode throughput.")
-    beat_champion: bool = Field(True, description="Also require metric >= the current champion's.")
+
+class GateConfig(_Section):
+    """When the evaluated model becomes ``champion`` in the registry (it is always ``challenger``).
+
+    The child must meet every criterion; a failed gate names each one that failed.
+    """
+
+    metric: str = Field(
+        "math_pass1_on", description="Child metric compared with the champion's (one of GATE_METRICS) and floored."
+    )
+    min_metric: float = Field(0.0, ge=0, description="Floor on the child's metric.")
+    min_decode_tokens_per_s: float = Field(0.0, ge=0, description="Floor on the child's median decode tokens/s.")
+    min_retention: dict[str, float] = Field(
+        {},
+        description="Per metric of GATE_METRICS, the least retention child/parent (point estimates), e.g. "
+        "{lm_top1: 0.9}; checked as child >= fraction * parent, so a parent value of 0 is retained by any child.",
+    )
+    min_speedup: float = Field(
+        0.0, ge=0, description="Least decode speedup over the parent: ratio of median tokens/s at batch 1."
+    )
+    min_toggle_on: float = Field(0.0, ge=0, le=1, description="Least toggle compliance of the child, reasoning on.")
+    min_toggle_off: float = Field(0.0, ge=0, le=1, description="Least toggle compliance of the child, reasoning off.")
+    beat_champion: bool = Field(
+        True,
+        description="Also require metric strictly above the champion's (a tie keeps the champion), measured under "
+        "the same eval settings (re-measured on the champion's model when they differ).",
+    )
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: str) -> str:
+        if metric not in GATE_METRICS:
+            raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(GATE_METRICS)}")
+        return metric
+
+    @field_validator("min_retention")
+    @classmethod
+    def _known_retention_metrics(cls, min_retention: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(min_retention) - set(GATE_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metric(s) {', '.join(unknown)}: use one of {', '.join(GATE_METRICS)}")
+        negative = sorted(k for k, v in min_retention.items() if v < 0)
+        if negative:
+            raise ValueError(f"{', '.join(negative)}: a retention fraction must be >= 0")
+        return min_retention
 
 
 class EvalConfig(_Section):
-    """Child vs parent evaluation (LN §7.1): math pass@1 on/off, toggle compliance, IFEval, KL, decode speed."""
+    """Child vs parent evaluation (LN §7.1), every rate with a 95% confidence interval.
+
+    Math pass@1 on/off, toggle compliance, IFEval, held-out LM quality (next-token top-1, CE), KL to the parent,
+    round-robin decode speed.
+    """
 
     enabled: bool = True
-    num_problems: int = Field(12, ge=1, description="Held-out math problems.")
+    num_problems: int = Field(
+        12, ge=1, description="Held-out math problems, at most (fewer when the source holds fewer: tag eval_problems)."
+    )
     num_samples: int = Field(2, ge=1, description="k samples per problem in reasoning-on mode (mean pass@1).")
     temperature: float = Field(0.6, gt=0, description="Reasoning-on sampling temperature (LN: 0.6).")
     top_p: float = Field(0.95, gt=0, le=1, description="Reasoning-on nucleus threshold (LN: 0.95).")
     max_new_tokens: int = Field(96, ge=8, description="Tokens generated per answer.")
     batch_size: int = Field(12, ge=1, description="Prompts decoded at once.")
-    decode_tokens: int = Field(64, ge=8, description="Tokens decoded at batch 1 for the tokens/s measurement.")
+    decode_tokens: int = Field(64, ge=8, description="Tokens decoded at batch 1 per timed call (tokens/s).")
+    decode_repeats: int = Field(
+        5, ge=1, description="Timed rounds; each times child and parent back to back (order alternating)."
+    )
+    lm_num_sequences: int = Field(
+        64, ge=1, description="Held-out corpus rows scored for lm_top1 and lm_loss (all of them when fewer)."
+    )
     ifeval_num_prompts: int | None = Field(
         24, ge=1, description="IFEval prompts sampled (seeded) from data.ifeval_uri; None: all of them (541)."
     )

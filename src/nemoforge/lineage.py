@@ -662,8 +662,9 @@ def pipeline_status(
         ``KILLED``), ``start_time``/``end_time`` (ISO 8601 UTC of the latest attempt; ``end_time`` None
         while running), ``wall_time_s`` (of that attempt, so far while running), ``metrics`` (latest
         value of each), ``outputs`` (URIs by name), ``error`` (one line, or None), ``reused`` (the
-        runner's tag ``nemoforge.reused``: the result came from an earlier run). Empty when the
-        experiment has no pipeline run yet.
+        runner's tag ``nemoforge.reused``: the result came from an earlier run), ``gate`` (eval: ``passed`` or
+        ``failed``; None for other stages) and ``gate_failed`` (eval: every failed criterion, one line each).
+        Empty when the experiment has no pipeline run yet.
 
     Raises:
         InputNotFoundError: ``pipeline_run`` names no run in the experiment.
@@ -711,6 +712,8 @@ def _stage_status(run: Run, parent: Run) -> dict[str, Any]:
         "outputs": {k.removeprefix(TAG_OUTPUT): v for k, v in tags.items() if k.startswith(TAG_OUTPUT)},
         "error": tags.get(TAG_ERROR),
         "reused": tags.get("nemoforge.reused") == "true",
+        "gate": tags.get("gate"),
+        "gate_failed": [c.removeprefix("fail: ") for c in tags.get("gate_checks", "").split("; ") if c.startswith("fail: ")],
     }
 
 

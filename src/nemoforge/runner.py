@@ -346,7 +346,8 @@ def register_evaluated_model(recipe: Recipe, run_name: str, result: StageResult,
 
     The eval stage decided the gate (tags ``gate``, ``gate_checks``); this records it: a new version of
     ``recipe.model.name`` tagged with the pipeline run, the upstream model and parent, the gate and the eval
-    metrics. On promotion the champion's record is written to the store, where the next eval's gate reads it.
+    metrics. On promotion the champion's record (version, model URI, metrics, and the digest of the eval settings
+    they were measured under) is written to the store, where the next eval's gate reads it.
     A failed gate is an outcome (the version stays ``challenger``), not an error. Registration happens once
     per eval output: a reused eval result returns its earlier record.
 
@@ -379,7 +380,12 @@ def register_evaluated_model(recipe: Recipe, run_name: str, result: StageResult,
     )
     record = {"registered_name": recipe.model.name, "version": version, "aliases": aliases, "gate": tags["nemoforge.gate"]}
     if passed:
-        champion = {"version": version, "model_uri": result.outputs["model"], "metrics": result.metrics}
+        champion = {
+            "version": version,
+            "model_uri": result.outputs["model"],
+            "metrics": result.metrics,
+            "eval_settings": result.tags.get("eval_settings"),
+        }
         store.write_json(champion_uri(store, recipe.model.name), champion | {"pipeline_run": run_name})
     store.write_json(record_uri, record)
     return _model_ref(result, **record)

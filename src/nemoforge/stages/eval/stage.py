@@ -1,26 +1,38 @@
-"""Child vs parent evaluation (LN §7.1), and the promotion-gate decision.
+"""Child vs parent evaluation (LN §7.1) with 95% confidence intervals, and the promotion-gate decision.
 
 For each model (the child at ``model_uri`` and the parent): math on held-out problems with reasoning
 on (``k`` samples at T 0.6 / top-p 0.95, mean pass@1) and reasoning off (greedy pass@1), toggle
 compliance in both modes, IFEval prompt- and instruction-level strict accuracy when ``data.ifeval_uri``
-is set (:mod:`nemoforge.stages.eval.ifeval`), decode tokens/s at batch 1, and for the child the
-per-token KL(parent || child) on the held-out reference chats. Child metrics are plain names, the
-parent's carry ``parent_``.
+is set (:mod:`nemoforge.stages.eval.ifeval`), next-token top-1 accuracy and CE on the corpus's held-out
+rows, which no stage trained on (:mod:`nemoforge.stages.eval.heldout`). Decode tokens/s of both at batch 1,
+timed round-robin (:mod:`nemoforge.stages.eval.speed`); for the child, the per-token KL(parent || child)
+on the held-out reference chats.
+
+Intervals (:mod:`nemoforge.stages.eval.stats`, seeded by ``eval.seed``): every rate ``<m>`` gets
+``<m>_ci_low``/``<m>_ci_high``, a Wilson interval clustered by problem (``k`` samples), prompt (IFEval
+instructions) or held-out row (tokens), plain Wilson with one trial per cluster; ``lm_loss`` a normal
+interval on its clustered standard error; ``retention_<m>`` (child / parent) a paired bootstrap over the
+clusters; ``speedup`` (ratio of median tokens/s) a paired bootstrap over timing rounds. The parent's
+figures carry ``parent_``. A value that is infinite (a retention over a parent at 0) is left out of the
+metrics and shown as ``inf`` in the table.
 
 Written under ``output_uri``: ``comparison.md`` (the side-by-side table), ``report.json`` (metrics,
-gate), ``samples/{child,parent}.json``. The stage does not touch the registry: it returns the gate
-outcome in its tags and the runner registers the version and moves the aliases.
+gate, champion baseline), ``samples/{child,parent}.json``. The stage does not touch the registry: it returns
+the gate outcome and the eval-settings digest in its tags, and the runner registers the version and moves
+the aliases.
 
-Shape legend: ``P`` problems, ``K`` samples per problem, ``B`` rows, ``T`` tokens, ``V`` vocabulary.
+Shape legend: ``P`` problems, ``K`` samples per problem, ``B`` rows, ``T`` tokens, ``V`` vocabulary,
+``C`` clusters.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +40,8 @@ import torch
 
 from nemoforge.artifacts import ArtifactStore, digest_path
 from nemoforge.config import EvalConfig, Recipe
+from nemoforge.data.corpus import load_corpus
+from nemoforge.data.packing import token_digest
 from nemoforge.data.reasoning import (
     SFT_HELDOUT_FRACTION,
     THINK_OPEN,
@@ -41,17 +55,25 @@ from nemoforge.data.reasoning import (
     toggle_compliant,
 )
 from nemoforge.errors import NemoforgeError
-from nemoforge.models.generate import generate
 from nemoforge.rewards import accuracy_reward
-from nemoforge.stages.eval.gate import promotion_gate
+from nemoforge.stages.eval.gate import champion_baseline, promotion_gate
 from nemoforge.stages.eval.generation import generate_chats, left_pad, pad_id
+from nemoforge.stages.eval.heldout import next_token_scores
 from nemoforge.stages.eval.ifeval import (
     IFEvalPrompt,
     follow_strict,
     read_ifeval,
     sample_prompts,
-    strict_accuracy,
     unavailable_instructions,
+)
+from nemoforge.stages.eval.speed import DecodeTiming, time_decode_round_robin
+from nemoforge.stages.eval.stats import (
+    Tally,
+    clustered_mean_interval,
+    clustered_wilson_interval,
+    paired_bootstrap_median_ratio,
+    paired_bootstrap_ratio,
+    ratio,
 )
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.training.losses import kl_div_BT
@@ -60,13 +82,27 @@ from nemoforge.training.stage import uri_under
 
 TABLE_METRICS = (
     "math_pass1_on", "math_pass1_off", "toggle_on", "toggle_off", "ifeval_prompt_strict", "ifeval_instruction_strict",
-    "decode_tokens_per_s", "kl_to_parent",
+    "lm_top1", "lm_loss", "decode_tokens_per_s", "kl_to_parent",
 )
 
 
-def mean_pass_at_1(correct_PK: Sequence[Sequence[float]]) -> float:
-    """Mean over problems of the share of correct samples: the unbiased pass@1 from ``K`` samples (LN §7.1)."""
-    return sum(sum(row) / len(row) for row in correct_PK) / len(correct_PK)
+@dataclass(frozen=True)
+class Measurement:
+    """One model's eval results, kept per cluster (the unit of the intervals).
+
+    Attributes:
+        rates: per rate metric (``math_pass1_on``, ``toggle_on``, ``lm_top1``, ...) its :class:`Tally`.
+        lm_loss: summed CE (nats) and tokens per held-out row, as a :class:`Tally`; None without a corpus.
+        samples: the graded replies (``samples/<model>.json``).
+    """
+
+    rates: dict[str, Tally]
+    lm_loss: Tally | None
+    samples: list[dict[str, Any]]
+
+    def point(self) -> dict[str, float]:
+        """The point estimates: each rate, and ``lm_loss`` (nats/token) when measured."""
+        return {name: t.rate for name, t in self.rates.items()} | ({"lm_loss": self.lm_loss.rate} if self.lm_loss else {})
 
 
 def eval_problems(recipe: Recipe, store: ArtifactStore) -> tuple[list[tuple[str, str]], list[ChatSample], str]:
@@ -88,16 +124,6 @@ def eval_problems(recipe: Recipe, store: ArtifactStore) -> tuple[list[tuple[str,
     return problems, chats, source
 
 
-def decode_tokens_per_s(model: torch.nn.Module, tokenizer: Any, num_tokens: int) -> float:
-    """Greedy decode speed at batch 1 (no EOS stop), after one warm-up call (tokens/s)."""
-    device = next(model.parameters()).device
-    ids_1T = torch.tensor([tokenizer.encode("Count slowly from one to one hundred:", add_special_tokens=False)])
-    generate(model, ids_1T.to(device), 4)
-    started = time.perf_counter()
-    out = generate(model, ids_1T.to(device), num_tokens)
-    return (out.shape[1] - ids_1T.shape[1]) / (time.perf_counter() - started)
-
-
 @torch.no_grad()
 def kl_to_parent(model: torch.nn.Module, parent: torch.nn.Module, tokenizer: Any, chats: Sequence[ChatSample]) -> float:
     """Mean per-token KL(p_parent || q_child) over the held-out reference chats (nats/token)."""
@@ -116,8 +142,13 @@ def kl_to_parent(model: torch.nn.Module, parent: torch.nn.Module, tokenizer: Any
 
 def evaluate_model(
     model: torch.nn.Module, tokenizer: Any, problems: Sequence[tuple[str, str]], cfg: EvalConfig
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Math pass@1 on (sampled, k) and off (greedy), toggle compliance, decode tokens/s of one model."""
+) -> tuple[dict[str, Tally], list[dict[str, Any]]]:
+    """Math pass@1 on (sampled, k) and off (greedy) and toggle compliance of one model, per problem.
+
+    Returns:
+        ``({"math_pass1_on", "math_pass1_off", "toggle_on", "toggle_off"}: Tally per problem, samples)``: on-mode
+        tallies count ``k`` samples per problem, off-mode ones 1.
+    """
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     k = cfg.num_samples
     on_chats = [(q, "on") for q, _ in problems for _ in range(k)]
@@ -132,13 +163,13 @@ def evaluate_model(
     answers = [a for _, a in problems]
     on_correct = accuracy_reward(on_replies, answer=[a for a in answers for _ in range(k)])
     off_correct = accuracy_reward(off_replies, answer=answers)
-    correct_PK = [[on_correct[i * k + j] or 0.0 for j in range(k)] for i in range(len(problems))]
-    metrics = {
-        "math_pass1_on": mean_pass_at_1(correct_PK),
-        "math_pass1_off": mean_pass_at_1([[c or 0.0] for c in off_correct]),
-        "toggle_on": sum(r.lstrip().startswith(THINK_OPEN) for r in on_replies) / len(on_replies),
-        "toggle_off": sum(toggle_compliant(r, "off") for r in off_replies) / len(off_replies),
-        "decode_tokens_per_s": decode_tokens_per_s(model, tokenizer, cfg.decode_tokens),
+    on_opens = [float(r.lstrip().startswith(THINK_OPEN)) for r in on_replies]
+    num = len(problems)
+    rates = {
+        "math_pass1_on": Tally([sum(on_correct[i * k + j] or 0.0 for j in range(k)) for i in range(num)], [k] * num),
+        "math_pass1_off": Tally([c or 0.0 for c in off_correct], [1] * num),
+        "toggle_on": Tally([sum(on_opens[i * k : (i + 1) * k]) for i in range(num)], [k] * num),
+        "toggle_off": Tally([float(toggle_compliant(r, "off")) for r in off_replies], [1] * num),
     }
     samples = [
         {"prompt": q, "reasoning": "on", "answer": a, "response": r, "correct": c}
@@ -147,7 +178,7 @@ def evaluate_model(
         {"prompt": q, "reasoning": "off", "answer": a, "response": r, "correct": c}
         for (q, a), r, c in zip(problems, off_replies, off_correct, strict=True)
     ]
-    return metrics, samples
+    return rates, samples
 
 
 def ifeval_prompts(recipe: Recipe, store: ArtifactStore) -> tuple[list[IFEvalPrompt], list[str]]:
@@ -174,14 +205,15 @@ def ifeval_prompts(recipe: Recipe, store: ArtifactStore) -> tuple[list[IFEvalPro
 
 def evaluate_ifeval(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[IFEvalPrompt], cfg: EvalConfig
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
+) -> tuple[dict[str, Tally], list[dict[str, Any]]]:
     """IFEval strict accuracy of one model: a reply per prompt in ``cfg.ifeval_reasoning`` mode, then the checks.
 
     Off: greedy. On: sampled at ``cfg.temperature`` / ``cfg.top_p``, and the text after ``</think>`` is checked.
 
     Returns:
-        ``({"ifeval_prompt_strict", "ifeval_instruction_strict"}, samples)``: one sample per prompt with the
-        response, the instruction ids and whether each was followed.
+        ``({"ifeval_prompt_strict", "ifeval_instruction_strict"}: Tally per prompt, samples)`` (IFEval §3: a
+        prompt counts when all its instructions are followed; instructions count one by one): one sample per
+        prompt with the response, the instruction ids and whether each was followed.
     """
     sampled = cfg.ifeval_reasoning == "on"
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
@@ -197,26 +229,148 @@ def evaluate_ifeval(
          "instruction_id_list": list(p.instruction_id_list), "followed": f}
         for p, r, f in zip(prompts, replies, followed, strict=True)
     ]
-    return strict_accuracy(followed), samples
+    rates = {
+        "ifeval_prompt_strict": Tally([float(all(f)) for f in followed], [1] * len(followed)),
+        "ifeval_instruction_strict": Tally([float(sum(f)) for f in followed], [len(f) for f in followed]),
+    }
+    return rates, samples
 
 
-def comparison_table(child: dict[str, float], parent: dict[str, float]) -> str:
-    """Markdown table: one row per metric, child | parent | child - parent."""
-    lines = ["| metric | child | parent | child - parent |", "| --- | ---: | ---: | ---: |"]
+def heldout_rows(corpus_uri: str, cfg: EvalConfig, store: ArtifactStore) -> tuple[torch.Tensor, str]:
+    """The first ``cfg.lm_num_sequences`` held-out rows of the corpus at ``corpus_uri`` and their source URI.
+
+    Raises:
+        InputNotFoundError: the corpus or one of its files does not exist.
+        NemoforgeError: its token ids do not match its digest.
+    """
+    corpus = load_corpus(Path(store.fetch(corpus_uri)))
+    return corpus.heldout_ids_NT[: cfg.lm_num_sequences], corpus.source_uri
+
+
+def measure(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    problems: Sequence[tuple[str, str]],
+    if_prompts: Sequence[IFEvalPrompt],
+    heldout_NT: torch.Tensor | None,
+    cfg: EvalConfig,
+) -> Measurement:
+    """Everything but speed and KL for one model: math, toggle, IFEval (when prompts), held-out LM quality."""
+    rates, samples = evaluate_model(model, tokenizer, problems, cfg)
+    if if_prompts:
+        if_rates, if_samples = evaluate_ifeval(model, tokenizer, if_prompts, cfg)
+        rates |= if_rates
+        samples += if_samples
+    lm_loss = None
+    if heldout_NT is not None:
+        scores = next_token_scores(model, heldout_NT, batch_size=cfg.batch_size)
+        rates["lm_top1"] = Tally(scores.correct_N, scores.tokens_N)
+        lm_loss = Tally(scores.ce_sum_N, scores.tokens_N)
+    return Measurement(rates, lm_loss, samples)
+
+
+def compare(child: Measurement, parent: Measurement, timing: dict[str, DecodeTiming], seed: int) -> dict[str, float]:
+    """Child and parent figures with their 95% intervals, retention per rate and the decode speedup.
+
+    Returns:
+        ``<m>``, ``<m>_ci_low``, ``<m>_ci_high`` for each rate and ``lm_loss``, the same with ``parent_``;
+        ``retention_<m>`` (+ interval) per rate; ``decode_tokens_per_s`` (median over rounds) with
+        ``decode_tokens_per_s_min``/``_max``, the same with ``parent_``; ``speedup`` (+ interval). Values may
+        be ``inf`` (a retention over a parent at 0).
+    """
+    out: dict[str, float] = {}
+    for name, tally in child.rates.items():
+        for prefix, t in (("", tally), ("parent_", parent.rates[name])):
+            low, high = clustered_wilson_interval(t.successes_C, t.trials_C)
+            out |= {f"{prefix}{name}": t.rate, f"{prefix}{name}_ci_low": low, f"{prefix}{name}_ci_high": high}
+        low, high = paired_bootstrap_ratio(tally.successes_C, parent.rates[name].successes_C, seed=seed)
+        kept = ratio(tally.rate, parent.rates[name].rate)
+        out |= {f"retention_{name}": kept, f"retention_{name}_ci_low": low, f"retention_{name}_ci_high": high}
+    for prefix, m in (("", child), ("parent_", parent)):
+        if m.lm_loss is not None:
+            low, high = clustered_mean_interval(m.lm_loss.successes_C, m.lm_loss.trials_C)
+            out |= {f"{prefix}lm_loss": m.lm_loss.rate, f"{prefix}lm_loss_ci_low": low, f"{prefix}lm_loss_ci_high": high}
+    for prefix, t in (("", timing["child"]), ("parent_", timing["parent"])):
+        name = f"{prefix}decode_tokens_per_s"
+        out |= {name: t.median, f"{name}_min": t.min, f"{name}_max": t.max}
+    low, high = paired_bootstrap_median_ratio(
+        timing["child"].tokens_per_s_R, timing["parent"].tokens_per_s_R, seed=seed
+    )
+    out |= {"speedup": timing["child"].median / timing["parent"].median, "speedup_ci_low": low, "speedup_ci_high": high}
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _interval(figures: dict[str, float], name: str) -> str:
+    for low, high in (("_ci_low", "_ci_high"), ("_min", "_max")):
+        if f"{name}{low}" in figures:
+            return f"[{_fmt(figures[name + low])}, {_fmt(figures[name + high])}]"
+    return "-"
+
+
+def comparison_table(figures: dict[str, float]) -> str:
+    """Markdown table: one row per metric, child | parent | child - parent | intervals | child/parent.
+
+    Args:
+        figures: :func:`compare`'s output (plus ``kl_to_parent`` and ``parent_kl_to_parent``).
+
+    Returns:
+        The table and a note on the intervals: 95% CI for rates and ``lm_loss``, min to max over the timing
+        rounds for ``decode_tokens_per_s``; child/parent is ``retention_<m>`` (``speedup`` for decoding).
+    """
+    lines = [
+        "| metric | child | parent | child - parent | child interval | parent interval | child/parent [95% CI] |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name in TABLE_METRICS:
-        c, p = child.get(name), parent.get(name)
+        c, p = figures.get(name), figures.get(f"parent_{name}")
         if c is None or p is None:
             continue
-        lines.append(f"| {name} | {c:.4g} | {p:.4g} | {c - p:+.4g} |")
-    return "\n".join(lines) + "\n"
+        ratio_name = "speedup" if name == "decode_tokens_per_s" else f"retention_{name}"
+        kept = f"{_fmt(figures[ratio_name])} {_interval(figures, ratio_name)}" if ratio_name in figures else "-"
+        lines.append(
+            f"| {name} | {c:.4g} | {p:.4g} | {c - p:+.4g} | {_interval(figures, name)} "
+            f"| {_interval(figures, f'parent_{name}')} | {kept} |"
+        )
+    note = (
+        "\nIntervals: 95% CI (rates: Wilson, clustered by problem, prompt or held-out row; lm_loss: normal on the "
+        "clustered standard error; child/parent: paired bootstrap); decode_tokens_per_s: median, min to max over "
+        "round-robin rounds, speedup = ratio of medians with a paired bootstrap over rounds.\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+def eval_settings_digest(recipe: Recipe, problems_digest: str, heldout_digest: str | None, ifeval_digest: str | None) -> str:
+    """sha256 of what the eval figures depend on: the ``eval`` section without its gate, ``dtype``, and the
+    digests of the problem set, the held-out rows and the IFEval prompts. Champion metrics recorded under
+    another digest are not compared with (:func:`~nemoforge.stages.eval.gate.champion_baseline`)."""
+    payload = {
+        "eval": recipe.eval.model_dump(mode="json", exclude={"gate"}),
+        "dtype": recipe.dtype,
+        "problems": problems_digest,
+        "heldout": heldout_digest,
+        "ifeval": ifeval_digest,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def champion_uri(store: ArtifactStore, model_name: str) -> str:
-    """Where the runner keeps the current champion's record (version, metrics, model URI)."""
+    """Where the runner keeps the current champion's record (version, metrics, model URI, eval settings)."""
     return store.join("registry", model_name, "champion.json")
 
 
-def run(recipe: Recipe, *, model_uri: str, parent_uri: str, output_uri: str, store: ArtifactStore) -> StageResult:
+def run(
+    recipe: Recipe,
+    *,
+    model_uri: str,
+    parent_uri: str,
+    output_uri: str,
+    store: ArtifactStore,
+    corpus_uri: str | None = None,
+) -> StageResult:
     """Evaluate the child at ``model_uri`` and the parent at ``parent_uri`` side by side; decide the gate.
 
     Args:
@@ -226,18 +380,23 @@ def run(recipe: Recipe, *, model_uri: str, parent_uri: str, output_uri: str, sto
         parent_uri: the parent (same evaluation, ``parent_`` metrics).
         output_uri: where the table, the report and the samples go.
         store: the artifact store.
+        corpus_uri: the corpus step's output, whose held-out rows give ``lm_top1`` and ``lm_loss``; None: not
+            measured (a gate naming ``lm_top1`` then fails).
 
     Returns:
-        child metrics (``math_pass1_on``, ``math_pass1_off``, ``toggle_on``, ``toggle_off``,
-        ``decode_tokens_per_s``, ``kl_to_parent``; with ``data.ifeval_uri`` also ``ifeval_prompt_strict``
-        and ``ifeval_instruction_strict``, shares in [0, 1]), the same with ``parent_``, ``gate_passed``
-        (0/1); outputs ``model`` (= ``model_uri``), ``comparison``, ``report``, ``samples``,
-        ``registration`` (where the runner records the registry version); tags ``gate`` (passed/failed),
-        ``gate_checks``, ``eval_problems`` (and ``ifeval_prompts``, ``ifeval_unchecked``).
+        metrics (see the module docstring and :func:`compare`): ``math_pass1_on``, ``math_pass1_off``,
+        ``toggle_on``, ``toggle_off``, ``lm_top1`` (shares in [0, 1]), ``lm_loss`` (nats/token),
+        ``decode_tokens_per_s``, ``kl_to_parent``, with ``data.ifeval_uri`` also ``ifeval_prompt_strict`` and
+        ``ifeval_instruction_strict``; intervals, ``parent_`` figures, ``retention_<m>``, ``speedup``,
+        ``gate_passed`` (0/1). Outputs ``model`` (= ``model_uri``), ``comparison``, ``report``, ``samples``,
+        ``registration`` (where the runner records the registry version). Tags ``gate`` (passed/failed),
+        ``gate_checks`` (every check), ``gate_failed`` (the failed ones, or ``none``), ``eval_settings``
+        (digest), ``eval_problems`` (and ``ifeval_prompts``, ``ifeval_unchecked``, ``lm_heldout_rows``).
 
     Raises:
         InputNotFoundError: an input URI does not exist.
-        NemoforgeError: ``data.ifeval_uri`` is not IFEval JSONL or leaves no checkable prompt.
+        NemoforgeError: ``data.ifeval_uri`` is not IFEval JSONL or leaves no checkable prompt; the corpus
+            does not match its digest.
     """
     from transformers import AutoTokenizer
 
@@ -245,33 +404,39 @@ def run(recipe: Recipe, *, model_uri: str, parent_uri: str, output_uri: str, sto
 
     cfg = recipe.eval
     device = compute_device()
-    model_dir, parent_dir = store.fetch(model_uri), store.fetch(parent_uri)
     dtype = getattr(torch, recipe.dtype)
+    model_dir, parent_dir = store.fetch(model_uri), store.fetch(parent_uri)
     model = load_causal_lm(model_dir, dtype=dtype).to(device).eval()
     parent = load_causal_lm(parent_dir, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, config=model.config)
     problems, chats, source = eval_problems(recipe, store)
     if_prompts, if_unchecked = ifeval_prompts(recipe, store)
+    heldout_NT, heldout_source = heldout_rows(corpus_uri, cfg, store) if corpus_uri else (None, None)
 
-    child_metrics, child_samples = evaluate_model(model, tokenizer, problems, cfg)
-    child_metrics["kl_to_parent"] = kl_to_parent(model, parent, tokenizer, chats)
-    parent_metrics, parent_samples = evaluate_model(parent, tokenizer, problems, cfg)
-    parent_metrics["kl_to_parent"] = 0.0
-    if if_prompts:
-        for scores, rows, evaluated in (
-            (child_metrics, child_samples, model), (parent_metrics, parent_samples, parent)
-        ):
-            if_metrics, if_samples = evaluate_ifeval(evaluated, tokenizer, if_prompts, cfg)
-            scores.update(if_metrics)
-            rows.extend(if_samples)
+    child = measure(model, tokenizer, problems, if_prompts, heldout_NT, cfg)
+    parent_measured = measure(parent, tokenizer, problems, if_prompts, heldout_NT, cfg)
+    kl = kl_to_parent(model, parent, tokenizer, chats)
+    timing = time_decode_round_robin(
+        {"child": model, "parent": parent}, tokenizer, num_tokens=cfg.decode_tokens, repeats=cfg.decode_repeats
+    )
+    del parent
+    figures = compare(child, parent_measured, timing, cfg.seed) | {"kl_to_parent": kl, "parent_kl_to_parent": 0.0}
 
-    champion = store.read_json(champion_uri(store, recipe.model.name)) if store.exists(
-        champion_uri(store, recipe.model.name)
-    ) else None
-    outcome = promotion_gate(child_metrics, cfg.gate, champion)
-    metrics = child_metrics | {f"parent_{k}": v for k, v in parent_metrics.items()}
-    metrics["gate_passed"] = float(outcome.passed)
-    table = comparison_table(child_metrics, parent_metrics)
+    problems_digest = hashlib.sha256(json.dumps(problems).encode()).hexdigest()
+    heldout_digest = token_digest(heldout_NT) if heldout_NT is not None else None
+    if_rows = [[p.key, p.prompt, p.instruction_id_list, p.kwargs] for p in if_prompts]
+    if_digest = hashlib.sha256(json.dumps(if_rows, sort_keys=True).encode()).hexdigest() if if_prompts else None
+    settings = eval_settings_digest(recipe, problems_digest, heldout_digest, if_digest)
+
+    def measure_champion(uri: str) -> dict[str, float]:
+        champ = load_causal_lm(store.fetch(uri), dtype=dtype).to(device).eval()
+        return measure(champ, tokenizer, problems, if_prompts, heldout_NT, cfg).point()
+
+    record_uri = champion_uri(store, recipe.model.name)
+    record = store.read_json(record_uri) if store.exists(record_uri) else None
+    baseline = champion_baseline(record, settings, store, measure_champion)
+    outcome = promotion_gate(figures, cfg.gate, baseline)
+    metrics = {k: v for k, v in figures.items() if math.isfinite(v)} | {"gate_passed": float(outcome.passed)}
 
     outputs = {
         "model": model_uri,
@@ -282,24 +447,34 @@ def run(recipe: Recipe, *, model_uri: str, parent_uri: str, output_uri: str, sto
     }
     with tempfile.TemporaryDirectory(prefix="nemoforge-eval-") as tmp:
         work = Path(tmp)
-        (work / "comparison.md").write_text(table)
+        (work / "comparison.md").write_text(comparison_table(figures))
         store.put(work / "comparison.md", outputs["comparison"])
-        for name, rows in (("child", child_samples), ("parent", parent_samples)):
+        for name, rows in (("child", child.samples), ("parent", parent_measured.samples)):
             (work / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
             store.put(work / f"{name}.json", uri_under(outputs["samples"], f"{name}.json"))
-    report = {"metrics": metrics, "gate": {"passed": outcome.passed, "checks": outcome.checks}, "champion": champion}
+    report = {
+        "metrics": {k: (v if math.isfinite(v) else None) for k, v in figures.items()} | {"gate_passed": metrics["gate_passed"]},
+        "decode_tokens_per_s_rounds": {label: t.tokens_per_s_R for label, t in timing.items()},
+        "gate": {"passed": outcome.passed, "checks": outcome.checks, "failed": outcome.failed},
+        "eval_settings": settings,
+        "champion": None if baseline is None else {
+            "version": baseline.version, "metrics": baseline.metrics, "note": baseline.note,
+        },
+    }
     store.write_json(outputs["report"], report)
-    problems_digest = hashlib.sha256(json.dumps(problems).encode()).hexdigest()
     datasets = [DatasetRef("eval-math", source, problems_digest, len(problems), "validation")]
     tags = {
         "device": str(device),
         "gate": "passed" if outcome.passed else "failed",
         "gate_checks": "; ".join(outcome.checks),
+        "gate_failed": "; ".join(outcome.failed) or "none",
+        "eval_settings": settings,
         "eval_problems": str(len(problems)),
     }
+    if heldout_NT is not None:
+        datasets.append(DatasetRef("eval-heldout-text", heldout_source, heldout_digest, len(heldout_NT), "validation"))
+        tags["lm_heldout_rows"] = str(len(heldout_NT))
     if if_prompts:
-        if_rows = [[p.key, p.prompt, p.instruction_id_list, p.kwargs] for p in if_prompts]
-        if_digest = hashlib.sha256(json.dumps(if_rows, sort_keys=True).encode()).hexdigest()
         datasets.append(DatasetRef("eval-ifeval", recipe.data.ifeval_uri, if_digest, len(if_prompts), "validation"))
         tags |= {"ifeval_prompts": str(len(if_prompts)), "ifeval_unchecked": ", ".join(if_unchecked) or "none"}
     return StageResult(

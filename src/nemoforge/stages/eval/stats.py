@@ -1,0 +1,211 @@
+"""95% confidence intervals for eval rates, means and child/parent ratios.
+
+Every eval figure is an estimate from a finite sample; these functions give its interval so that two
+figures are only called different when their intervals say so.
+
+- :func:`wilson_interval`: a proportion of independent trials (Wilson 1927, "Probable inference, the law of
+  succession, and statistical inference", JASA 22:209-212). Unlike the normal (Wald) interval it stays
+  inside [0, 1] and has non-zero width at 0/n and n/n.
+- :func:`clustered_wilson_interval`: a proportion whose trials come in clusters (k samples of one problem,
+  the tokens of one held-out row, the instructions of one IFEval prompt): Wilson on the effective number
+  of trials ``n / deff``, with the design effect ``deff`` from the clustered variance (Korn & Graubard 1998,
+  "Confidence intervals for proportions with small expected number of positive counts estimated from survey
+  data", Survey Methodology 24:193-201; the cluster-level standard error of Miller 2024, "Adding error bars
+  to evals", arXiv 2411.00640, §2.2).
+- :func:`clustered_mean_interval`: a per-token mean over clusters (held-out CE loss), normal interval on the
+  clustered standard error (Miller 2024 §2.2).
+- :func:`paired_bootstrap_ratio`: child/parent on the same clusters (retention), percentile bootstrap over
+  clusters (Efron & Tibshirani 1993, "An Introduction to the Bootstrap", §13.3).
+- :func:`paired_bootstrap_median_ratio`: child/parent tokens/s over round-robin timing rounds (speedup).
+
+Shape legend: ``C`` clusters (problems, rows, prompts, timing rounds), ``R`` bootstrap resamples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+CONFIDENCE = 0.95
+NUM_RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Tally:
+    """One rate kept per cluster: successes and trials of each problem, prompt or held-out row.
+
+    Attributes:
+        successes_C: successes per cluster (e.g. correct samples of a problem, right tokens of a row).
+        trials_C: trials per cluster (e.g. ``k`` samples, the row's predicted tokens).
+    """
+
+    successes_C: list[float]
+    trials_C: list[float]
+
+    @property
+    def rate(self) -> float:
+        """``sum(successes_C) / sum(trials_C)``: with ``k`` samples per problem, the mean pass@1 over problems."""
+        return sum(self.successes_C) / sum(self.trials_C)
+
+
+def _z(confidence: float) -> float:
+    return NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+def wilson_interval(successes: float, trials: float, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of ``successes / trials`` (Wilson 1927).
+
+    ``(p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)`` with ``z`` the normal quantile of ``confidence``.
+    Example: 8 of 10 at 95% gives (0.4902, 0.9433).
+
+    Args:
+        successes: successful trials (may be fractional when ``trials`` is an effective count).
+        trials: number of trials, > 0.
+        confidence: coverage, in (0, 1).
+
+    Returns:
+        ``(low, high)`` in [0, 1].
+
+    Raises:
+        ValueError: ``trials`` is not positive or ``successes`` is outside [0, trials].
+    """
+    if trials <= 0 or not 0 <= successes <= trials:
+        raise ValueError(f"wilson_interval needs 0 <= successes <= trials and trials > 0, got {successes}/{trials}")
+    z, n = _z(confidence), trials
+    p = successes / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def clustered_wilson_interval(
+    successes_C: Sequence[float], trials_C: Sequence[float], confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """Wilson interval of ``sum(successes_C) / sum(trials_C)`` for trials grouped in clusters (Korn & Graubard 1998).
+
+    The proportion is the ratio estimator ``p = S / N``; its clustered variance is
+    ``Σ (s_c - p n_c)² / N²`` (the plug-in, divisor ``C``), and the effective number of trials is
+    ``n_eff = p(1-p) / var``, capped at ``N`` (design effect at least 1). With one trial per cluster this is
+    exactly :func:`wilson_interval`; with ``k`` samples of each problem it is the problem-level interval of
+    mean pass@1. At ``p`` = 0 or 1 the variance is 0 and ``n_eff = N``, as for independent trials.
+
+    Args:
+        successes_C: successes per cluster.
+        trials_C: trials per cluster (> 0 in total).
+        confidence: coverage.
+
+    Returns:
+        ``(low, high)`` in [0, 1].
+
+    Raises:
+        ValueError: the two lists differ in length or hold no trial.
+    """
+    s, n = np.asarray(successes_C, dtype=float), np.asarray(trials_C, dtype=float)
+    if s.shape != n.shape or n.sum() <= 0:
+        raise ValueError(f"clustered_wilson_interval needs equal-length lists with trials, got {s.shape}, {n.shape}")
+    total = float(n.sum())
+    p = float(s.sum()) / total
+    var = float(((s - p * n) ** 2).sum()) / total**2
+    n_eff = total if var == 0 else min(total, p * (1 - p) / var)
+    return wilson_interval(p * n_eff, n_eff, confidence)
+
+
+def clustered_mean_interval(
+    sums_C: Sequence[float], counts_C: Sequence[float], confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """Normal interval of the per-item mean ``sum(sums_C) / sum(counts_C)`` on its clustered standard error.
+
+    ``mean ± z · sqrt(Σ (x_c - mean n_c)² / N²)`` (plug-in ratio-estimator variance, Miller 2024 §2.2): for a
+    per-token loss summed per held-out row, tokens of one row are not independent, rows are.
+
+    Raises:
+        ValueError: the two lists differ in length or hold no item.
+    """
+    x, n = np.asarray(sums_C, dtype=float), np.asarray(counts_C, dtype=float)
+    if x.shape != n.shape or n.sum() <= 0:
+        raise ValueError(f"clustered_mean_interval needs equal-length lists with items, got {x.shape}, {n.shape}")
+    total = float(n.sum())
+    mean = float(x.sum()) / total
+    half = _z(confidence) * math.sqrt(float(((x - mean * n) ** 2).sum())) / total
+    return mean - half, mean + half
+
+
+def ratio(child: float, parent: float) -> float:
+    """``child / parent``; at ``parent == 0``: 1.0 when ``child == 0`` too (nothing to lose), else ``inf``."""
+    if parent == 0:
+        return 1.0 if child == 0 else math.inf
+    return child / parent
+
+
+def _percentile_interval(ratios_R: np.ndarray, confidence: float) -> tuple[float, float]:
+    # no interpolation: a resample's ratio may be inf (zero parent), and inf - inf is nan
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(ratios_R, [tail, 1 - tail], method="inverted_cdf")
+    return float(low), float(high)
+
+
+def paired_bootstrap_ratio(
+    child_C: Sequence[float],
+    parent_C: Sequence[float],
+    *,
+    num_resamples: int = NUM_RESAMPLES,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of ``sum(child_C) / sum(parent_C)`` over paired clusters (Efron & Tibshirani §13.3).
+
+    Child and parent were measured on the same clusters (problems, held-out rows, prompts) with the same
+    trials per cluster, so the ratio of their rates is the ratio of their success sums. Each resample draws
+    ``C`` cluster indices with replacement (seeded, numpy PCG64) and keeps child and parent of a cluster
+    together; a resample whose parent sum is 0 gives :func:`ratio`'s value (inf, or 1 when the child's is 0).
+
+    Args:
+        child_C: the child's successes (or per-cluster means) per cluster.
+        parent_C: the parent's, same clusters in the same order.
+        num_resamples: bootstrap resamples ``R``.
+        seed: generator seed.
+        confidence: coverage.
+
+    Returns:
+        ``(low, high)``; ``high`` may be ``inf`` when the parent's successes sit in few clusters.
+
+    Raises:
+        ValueError: the lists are empty or differ in length.
+    """
+    c, p = np.asarray(child_C, dtype=float), np.asarray(parent_C, dtype=float)
+    if c.shape != p.shape or c.size == 0:
+        raise ValueError(f"paired_bootstrap_ratio needs two equal, non-empty lists, got {c.shape}, {p.shape}")
+    idx_RC = np.random.default_rng(seed).integers(0, c.size, size=(num_resamples, c.size))
+    child_R, parent_R = c[idx_RC].sum(axis=1), p[idx_RC].sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios_R = np.where(parent_R > 0, child_R / parent_R, np.where(child_R > 0, np.inf, 1.0))
+    return _percentile_interval(ratios_R, confidence)
+
+
+def paired_bootstrap_median_ratio(
+    child_C: Sequence[float],
+    parent_C: Sequence[float],
+    *,
+    num_resamples: int = NUM_RESAMPLES,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of ``median(child_C) / median(parent_C)`` over paired rounds.
+
+    For decode speedup: ``child_C[i]`` and ``parent_C[i]`` are tokens/s timed back to back in round ``i``
+    of a round-robin, so a resample draws rounds (keeping each pair) and takes the ratio of the medians.
+    With few rounds (5) the interval is coarse but honest: it spans the rounds' own spread.
+
+    Raises:
+        ValueError: the lists are empty, differ in length, or a parent value is not positive.
+    """
+    c, p = np.asarray(child_C, dtype=float), np.asarray(parent_C, dtype=float)
+    if c.shape != p.shape or c.size == 0 or (p <= 0).any():
+        raise ValueError(f"paired_bootstrap_median_ratio needs two equal, non-empty, positive lists, got {c}, {p}")
+    idx_RC = np.random.default_rng(seed).integers(0, c.size, size=(num_resamples, c.size))
+    ratios_R = np.median(c[idx_RC], axis=1) / np.median(p[idx_RC], axis=1)
+    return _percentile_interval(ratios_R, confidence)
