@@ -104,12 +104,7 @@ def clustered_wilson_interval(
     Raises:
         ValueError: the two lists differ in length or hold no trial.
     """
-    s, n = np.asarray(successes_C, dtype=float), np.asarray(trials_C, dtype=float)
-    if s.shape != n.shape or n.sum() <= 0:
-        raise ValueError(f"clustered_wilson_interval needs equal-length lists with trials, got {s.shape}, {n.shape}")
-    total = float(n.sum())
-    p = float(s.sum()) / total
-    var = float(((s - p * n) ** 2).sum()) / total**2
+    p, var, total = _ratio_estimate(successes_C, trials_C)
     n_eff = total if var == 0 else min(total, p * (1 - p) / var)
     return wilson_interval(p * n_eff, n_eff, confidence)
 
@@ -125,13 +120,19 @@ def clustered_mean_interval(
     Raises:
         ValueError: the two lists differ in length or hold no item.
     """
+    mean, var, _ = _ratio_estimate(sums_C, counts_C)
+    half = _z(confidence) * math.sqrt(var)
+    return mean - half, mean + half
+
+
+def _ratio_estimate(sums_C: Sequence[float], counts_C: Sequence[float]) -> tuple[float, float, float]:
+    """``(Σx / Σn, Σ (x_c - mean n_c)² / (Σn)², Σn)``: the ratio estimator, its plug-in clustered variance, the count."""
     x, n = np.asarray(sums_C, dtype=float), np.asarray(counts_C, dtype=float)
     if x.shape != n.shape or n.sum() <= 0:
-        raise ValueError(f"clustered_mean_interval needs equal-length lists with items, got {x.shape}, {n.shape}")
+        raise ValueError(f"clustered intervals need two equal-length lists with a positive count, got {x.shape}, {n.shape}")
     total = float(n.sum())
     mean = float(x.sum()) / total
-    half = _z(confidence) * math.sqrt(float(((x - mean * n) ** 2).sum())) / total
-    return mean - half, mean + half
+    return mean, float(((x - mean * n) ** 2).sum()) / total**2, total
 
 
 def ratio(child: float, parent: float) -> float:
