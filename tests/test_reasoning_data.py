@@ -10,6 +10,7 @@ import torch
 
 from nemoforge.data.reasoning import (
     ChatSample,
+    arithmetic_problems,
     arithmetic_samples,
     encode_chat,
     format_response,
@@ -23,6 +24,7 @@ from nemoforge.data.reasoning import (
     to_signed_ids,
     toggle_compliant,
 )
+from nemoforge.errors import NemoforgeError
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,19 @@ def test_generated_arithmetic_is_paired_and_correct():
     assert not {s.prompt for s in train} & {s.prompt for s in held}
 
 
+@pytest.mark.parametrize(("num_steps", "max_operand"), [(1, 9), (2, 20), (4, 60)])
+def test_generated_arithmetic_difficulty_knobs(num_steps: int, max_operand: int):
+    problems = arithmetic_problems(50, seed=1, num_steps=num_steps, max_operand=max_operand)
+    assert len({q for q, _, _ in problems}) == 50
+    for question, thinking, answer in problems:
+        steps = re.findall(r"(\d+) ([-+]) (\d+) = (\d+)", thinking)
+        assert len(steps) == num_steps and steps[-1][3] == answer
+        assert all(eval(f"{a} {op} {b}") == int(c) >= 0 for a, op, b, c in steps)
+        numbers = [int(n) for n in re.findall(r"\d+", question)]
+        assert len(numbers) == num_steps + 1 and all(1 <= n <= max_operand for n in numbers)
+    with pytest.raises(NemoforgeError, match="distinct problems"):
+        arithmetic_problems(3000, seed=0, num_steps=1, max_operand=2)
+
 def test_toggle_rule():
     assert toggle_compliant("<think>\nx\n</think>\nok", "on")
     assert not toggle_compliant("<think> never closed", "on")
@@ -119,14 +134,12 @@ def test_toggle_rule():
     assert not toggle_compliant("<think></think>The answer is 5.", "off")
 
 
-def test_packing_keeps_masks_aligned_and_signed_ids_round_trip():
+def test_chat_rows_hold_one_chat_each_and_signed_ids_round_trip():
     encoded = [([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1]), ([6, 7, 8, 9], [0, 0, 1, 1])]
     ids_NT, mask_NT = pack_chats(encoded, seq_len_tokens=5, pad_token_id=0, seed=0)
-    assert ids_NT.shape[1] == 5 and ids_NT.shape == mask_NT.shape
-    # every chat appears whole in some row with its own mask
-    rows = [(r.tolist(), m.tolist()) for r, m in zip(ids_NT, mask_NT, strict=True)]
-    for ids, mask in encoded:
-        assert any(ids == r[i : i + len(ids)] and mask == m[i : i + len(ids)] for r, m in rows for i in range(5))
-    assert int(mask_NT.sum()) == 5
+    assert ids_NT.shape == mask_NT.shape == (3, 4)  # one chat per row, as wide as the longest chat
+    rows = sorted((r.tolist(), m.tolist()) for r, m in zip(ids_NT, mask_NT, strict=True))
+    assert rows == [([1, 2, 3, 0], [0, 1, 1, 0]), ([4, 5, 0, 0], [0, 1, 0, 0]), ([6, 7, 8, 9], [0, 0, 1, 1])]
+    assert pack_chats(encoded, seq_len_tokens=3, pad_token_id=0, seed=0)[0].shape == (3, 3)  # cut to seq_len
     back_ids, back_mask = from_signed_ids(to_signed_ids(ids_NT, mask_NT))
     assert torch.equal(back_ids, ids_NT) and torch.equal(back_mask, mask_NT)

@@ -39,3 +39,24 @@ def test_rl_stage_runs_grpo_then_dpo_and_resumes(tiny_llama_dir: Path, shared_di
     again = run(recipe, model_uri=str(tiny_llama_dir), output_uri=output_uri, store=store)
     assert again.tags["resumed_from_step"] == "2"
     assert again.digests["model"] == result.digests["model"]
+
+
+def test_rl_problems_are_disjoint_from_sft_data_and_each_other(tmp_path: Path):
+    from nemoforge.artifacts import open_store
+    from nemoforge.stages.rl.stage import rl_problems
+    from nemoforge.stages.sft.stage import sft_samples
+
+    recipe = Recipe(
+        name="test",
+        data={"arithmetic": {"num_steps": 1, "max_operand": 4}},  # a small space: sft and rl draw ~10 same prompts
+        sft={"num_samples": 400},
+        rl={"num_prompts": 48, "num_heldout_prompts": 48},
+    )
+    store = open_store(str(tmp_path / "store"))
+    train, heldout, source = rl_problems(recipe, store)
+    sft_train, sft_heldout, _ = sft_samples(recipe, store)
+    train_q, heldout_q = {q for q, _, _ in train}, {q for q, _, _ in heldout}
+    assert len(train_q) == 48 and len(heldout_q) == 48 and not train_q & heldout_q
+    assert not (train_q | heldout_q) & {s.prompt for s in sft_train + sft_heldout}
+    assert [r for _, _, r in heldout[:4]] == ["on", "off", "on", "off"]
+    assert "steps=1&max_operand=4" in source

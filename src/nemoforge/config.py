@@ -65,6 +65,17 @@ class TeacherCorpus(_Section):
     batch_size: int = Field(16, ge=1, description="Sequences sampled at once.")
 
 
+class ArithmeticTask(_Section):
+    """Difficulty of the generated arithmetic word problems (sft, rl and eval data when no data.sft_uri).
+
+    A start count followed by ``num_steps`` gains or losses, each number in ``[1, max_operand]``. Calibrate
+    it to the model: GRPO needs a task the model entering rl solves sometimes but not always (10-60%).
+    """
+
+    num_steps: int = Field(2, ge=1, le=8, description="Chained additions/subtractions per problem.")
+    max_operand: int = Field(20, ge=2, description="Largest number in a problem (operands and start count).")
+
+
 class DataConfig(_Section):
     corpus_uri: str | None = Field(
         None,
@@ -85,6 +96,9 @@ class DataConfig(_Section):
         description="SFT data (JSONL): GSM8K rows (question, answer with '#### N'; paired on/off samples are "
         "built from the worked solutions) or Llama-Nemotron-Post-Training-Dataset rows (input, output, "
         "reasoning on/off). None: the demo's own generated arithmetic problems.",
+    )
+    arithmetic: ArithmeticTask = Field(
+        ArithmeticTask(), description="Difficulty of the generated problems (used when sft_uri is None)."
     )
     math_eval_uri: str | None = Field(
         None,
@@ -244,17 +258,19 @@ class CPTConfig(CorpusTrainConfig):
 
 # ------------------------------------------------------------------------------------ sft, rl, eval
 class SFTConfig(TrainConfig):
-    """Reasoning-toggle SFT: token-level CE on assistant tokens of packed on/off chats (LN §3-4)."""
+    """Reasoning-toggle SFT: token-level CE on assistant tokens of on/off chats, one chat per row (LN §3-4)."""
 
     steps: int = Field(40, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(4, ge=1, description="Packed rows per optimizer step (on/off samples mixed).")
+    batch_size: int = Field(4, ge=1, description="Chats (one per row) per optimizer step, on and off mixed.")
     lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate (LN Nano stage 1: 1e-4).")
     warmup_steps: int = Field(4, ge=0, description="Linear warmup steps (~10% of steps, LN §4).")
-    seq_len_tokens: int = Field(256, ge=32, description="Tokens per packed row.")
+    seq_len_tokens: int = Field(
+        256, ge=32, description="Longest chat in tokens (longer ones are cut); rows are as wide as the longest."
+    )
     num_samples: int = Field(
         480, ge=4, description="Chat samples built or read (on and off count separately); 10% held out."
     )
-    heldout_sequences: int = Field(8, ge=1, description="Held-out packed rows scored before/after (assistant CE).")
+    heldout_sequences: int = Field(8, ge=1, description="Held-out chats scored before/after (assistant CE).")
     num_toggle_prompts: int = Field(
         6, ge=1, description="Held-out prompts generated per mode (on, off) for the toggle-compliance metric."
     )

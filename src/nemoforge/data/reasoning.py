@@ -1,6 +1,6 @@
-"""Reasoning-toggle chat data: readers, the on/off chat format, the demo's arithmetic set, SFT packing.
+"""Reasoning-toggle chat data: readers, the on/off chat format, the demo's arithmetic set, SFT rows.
 
-Shape legend: ``N`` packed rows, ``T`` tokens per row.
+Shape legend: ``N`` rows (one chat each), ``T`` tokens per row.
 
 The toggle (Llama-Nemotron §3, arXiv 2505.00949): every sample has the system prompt
 ``detailed thinking on`` or ``detailed thinking off``. An "on" response holds its reasoning in
@@ -232,58 +232,90 @@ _NAMES = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun"
 _ITEMS = ["apples", "marbles", "stickers", "books", "coins", "shells", "cards", "pencils"]
 
 
-def arithmetic_problem(rng: random.Random) -> tuple[str, str, str]:
-    """One word problem with its exact step-by-step trace: ``(question, thinking, answer)``."""
+_GAINS = ["gets {n} more", "finds {n} more", "buys {n} more", "is given {n} more"]
+_LOSSES = ["gives away {n}", "loses {n}", "uses {n}", "sells {n}"]
+ARITHMETIC_NUM_STEPS, ARITHMETIC_MAX_OPERAND = 2, 20
+"""Default difficulty of the generated problems (``data.arithmetic`` in a recipe)."""
+
+
+def arithmetic_problem(
+    rng: random.Random, *, num_steps: int = ARITHMETIC_NUM_STEPS, max_operand: int = ARITHMETIC_MAX_OPERAND
+) -> tuple[str, str, str]:
+    """One word problem with its exact step-by-step trace: ``(question, thinking, answer)``.
+
+    A start count, then ``num_steps`` gains or losses, every number in ``[1, max_operand]`` (a loss never
+    takes the count below 0). The two knobs set the difficulty: the number of chained operations and the
+    size of the numbers (how many digits the model must carry).
+
+    Raises:
+        ValueError: ``num_steps < 1`` or ``max_operand < 2``.
+    """
+    if num_steps < 1 or max_operand < 2:
+        raise ValueError(f"need num_steps >= 1 and max_operand >= 2, got {num_steps} and {max_operand}")
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    kind = rng.randrange(3)
-    if kind == 0:
-        a, b, c = rng.randint(5, 40), rng.randint(2, 30), rng.randint(1, 20)
-        c = min(c, a + b)
-        question = (
-            f"{name} has {a} {item}. {name} gets {b} more and then gives away {c}. "
-            f"How many {item} does {name} have now?"
-        )
-        thinking = f"{name} starts with {a} {item}.\n{a} + {b} = {a + b}.\n{a + b} - {c} = {a + b - c}."
-        answer = a + b - c
-    elif kind == 1:
-        a, b, c = rng.randint(2, 9), rng.randint(2, 12), rng.randint(1, 15)
-        question = (
-            f"{name} buys {a} boxes of {item} with {b} {item} in each box, and already had {c}. "
-            f"How many {item} does {name} have?"
-        )
-        thinking = f"The boxes hold {a} * {b} = {a * b} {item}.\n{a * b} + {c} = {a * b + c}."
-        answer = a * b + c
-    else:
-        b, q = rng.randint(2, 8), rng.randint(2, 12)
-        a = b * q
-        question = f"{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?"
-        thinking = f"Each friend gets {a} / {b} = {q} {item}."
-        answer = q
-    return question, thinking, str(answer)
+    start = count = rng.randint(1, max_operand)
+    events, lines = [], [f"{name} starts with {start} {item}."]
+    for _ in range(num_steps):
+        n = rng.randint(1, max_operand)
+        if n <= count and rng.random() < 0.5:
+            events.append(rng.choice(_LOSSES).format(n=n))
+            lines.append(f"{count} - {n} = {count - n}.")
+            count -= n
+        else:
+            events.append(rng.choice(_GAINS).format(n=n))
+            lines.append(f"{count} + {n} = {count + n}.")
+            count += n
+    question = f"{name} has {start} {item}. {name} {', then '.join(events)}. How many {item} does {name} have now?"
+    return question, "\n".join(lines), str(count)
 
 
-def arithmetic_problems(num_problems: int, *, seed: int) -> list[tuple[str, str, str]]:
-    """``num_problems`` distinct generated problems ``(question, thinking, answer)``, seeded."""
+def arithmetic_problems(
+    num_problems: int, *, seed: int, num_steps: int = ARITHMETIC_NUM_STEPS, max_operand: int = ARITHMETIC_MAX_OPERAND
+) -> list[tuple[str, str, str]]:
+    """``num_problems`` distinct generated problems ``(question, thinking, answer)``, seeded.
+
+    Raises:
+        NemoforgeError: the difficulty allows fewer distinct problems than asked for.
+    """
     rng = random.Random(seed)
     seen: dict[str, tuple[str, str, str]] = {}
-    while len(seen) < num_problems:
-        problem = arithmetic_problem(rng)
+    for _ in range(20 * num_problems):
+        problem = arithmetic_problem(rng, num_steps=num_steps, max_operand=max_operand)
         seen.setdefault(problem[0], problem)
-    return list(seen.values())
+        if len(seen) == num_problems:
+            return list(seen.values())
+    raise NemoforgeError(
+        f"only {len(seen)} distinct problems with num_steps={num_steps}, max_operand={max_operand}: "
+        f"ask for fewer than {num_problems} or raise the difficulty"
+    )
 
 
-def arithmetic_samples(num_samples: int, *, seed: int) -> list[ChatSample]:
+def arithmetic_samples(
+    num_samples: int, *, seed: int, num_steps: int = ARITHMETIC_NUM_STEPS, max_operand: int = ARITHMETIC_MAX_OPERAND
+) -> list[ChatSample]:
     """Paired on/off samples of generated arithmetic problems (``num_samples`` rounded up to even)."""
     samples: list[ChatSample] = []
-    for question, thinking, answer in arithmetic_problems((num_samples + 1) // 2, seed=seed):
+    problems = arithmetic_problems((num_samples + 1) // 2, seed=seed, num_steps=num_steps, max_operand=max_operand)
+    for question, thinking, answer in problems:
         samples += paired_math_samples(question, thinking, answer)
     return samples
 
 
-def load_chat_samples(uri: str | None, num_samples: int, *, seed: int, store: Any = None) -> list[ChatSample]:
-    """The SFT samples: read from ``uri`` (a local path or a store URI), or generated when ``uri`` is None."""
+def load_chat_samples(
+    uri: str | None,
+    num_samples: int,
+    *,
+    seed: int,
+    store: Any = None,
+    num_steps: int = ARITHMETIC_NUM_STEPS,
+    max_operand: int = ARITHMETIC_MAX_OPERAND,
+) -> list[ChatSample]:
+    """The SFT samples: read from ``uri`` (a local path or a store URI), or generated when ``uri`` is None.
+
+    ``num_steps`` and ``max_operand`` (the recipe's ``data.arithmetic``) set the generated problems' difficulty.
+    """
     if uri is None:
-        return arithmetic_samples(num_samples, seed=seed)
+        return arithmetic_samples(num_samples, seed=seed, num_steps=num_steps, max_operand=max_operand)
     path = store.fetch(uri) if store is not None and "://" in uri else Path(uri)
     return read_chat_samples(Path(path), limit=num_samples)
 
@@ -312,32 +344,23 @@ def split_by_prompt(
 def pack_chats(
     encoded: Sequence[tuple[list[int], list[int]]], *, seq_len_tokens: int, pad_token_id: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack whole encoded chats into rows (shuffled, so on and off samples mix within a row and a batch).
+    """One chat per row, rows shuffled (so on and off samples mix within a batch), right-padded.
 
-    A chat that does not fit in the rest of a row starts the next row; rows are right-padded with
-    ``pad_token_id`` under mask 0. Chats longer than a row were truncated by :func:`encode_chat`.
+    Chats are not packed several to a row: without a block-diagonal mask, an "off" chat placed after an
+    "on" chat attends to that chat's think block and learns to open one itself (measured on the demo:
+    packed rows left "off" replies opening ``<think>`` 5 times in 6). Rows are as wide as the longest chat
+    (at most ``seq_len_tokens``; longer chats are cut), padded with ``pad_token_id`` under mask 0.
 
     Returns:
-        ``(input_ids_NT, loss_mask_NT)``, LongTensor and BoolTensor.
+        ``(input_ids_NT, loss_mask_NT)``, LongTensor and BoolTensor, one row per chat.
     """
     order = list(range(len(encoded)))
     random.Random(seed).shuffle(order)
-    rows: list[tuple[list[int], list[int]]] = []
-    ids: list[int] = []
-    mask: list[int] = []
-    for i in order:
-        chat_ids, chat_mask = encoded[i]
-        chat_ids, chat_mask = chat_ids[:seq_len_tokens], chat_mask[:seq_len_tokens]
-        if len(ids) + len(chat_ids) > seq_len_tokens:
-            rows.append((ids, mask))
-            ids, mask = [], []
-        ids, mask = ids + chat_ids, mask + chat_mask
-    if ids:
-        rows.append((ids, mask))
-    pad = [(r + [pad_token_id] * (seq_len_tokens - len(r)), m + [0] * (seq_len_tokens - len(m))) for r, m in rows]
+    rows = [(encoded[i][0][:seq_len_tokens], encoded[i][1][:seq_len_tokens]) for i in order]
+    width = max(len(ids) for ids, _ in rows)
     return (
-        torch.tensor([r for r, _ in pad], dtype=torch.long),
-        torch.tensor([m for _, m in pad], dtype=torch.bool),
+        torch.tensor([ids + [pad_token_id] * (width - len(ids)) for ids, _ in rows], dtype=torch.long),
+        torch.tensor([mask + [0] * (width - len(mask)) for _, mask in rows], dtype=torch.bool),
     )
 
 

@@ -51,6 +51,7 @@ from nemoforge.stages.eval.generation import generate_chats, generate_ids, pad_i
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stages.rl.losses import clipped_policy_loss, dpo_loss, group_advantages, token_logps
 from nemoforge.stages.rl.rollout import GENERATE_TAG, VLLMRollouts, resolve_engine
+from nemoforge.stages.sft.stage import sft_samples
 from nemoforge.training.loop import epoch_batches, train
 from nemoforge.training.runtime import compute_device
 from nemoforge.training.stage import fetch_latest_checkpoint, plot_history, recipe_dtype, uri_under
@@ -66,16 +67,25 @@ def _with_modes(problems: Sequence[tuple[str, str]]) -> list[Problem]:
 def rl_problems(recipe: Recipe, store: ArtifactStore) -> tuple[list[Problem], list[Problem], str]:
     """Training and held-out prompts with references, and the source name.
 
-    Training prompts come from ``data.sft_uri`` (or the generated arithmetic, another seed than sft's);
-    held-out prompts from ``data.math_eval_uri`` when set, else the tail of the same pool.
+    Both come from ``data.sft_uri`` (rows after the ones sft reads) or from generated arithmetic (another
+    seed than sft's, same ``data.arithmetic`` difficulty), with every prompt of sft's data (its training and
+    held-out split, which eval grades) left out; held-out prompts come from ``data.math_eval_uri`` when set,
+    else from the pool after the training prompts. Training and held-out prompts never share a question.
     """
     cfg = recipe.rl
     need = cfg.num_prompts + (0 if recipe.data.math_eval_uri else cfg.num_heldout_prompts)
-    samples = load_chat_samples(recipe.data.sft_uri, 2 * need, seed=recipe.seed + 1, store=store)
-    pool = math_problems(samples)
+    sft_train, sft_heldout, _ = sft_samples(recipe, store)
+    taken = {s.prompt for s in sft_train + sft_heldout}
+    num_read = 2 * need + recipe.sft.num_samples  # room for the prompts left out (a file: sft's first rows)
+    samples = load_chat_samples(
+        recipe.data.sft_uri, num_read, seed=recipe.seed + 1, store=store, **recipe.data.arithmetic.model_dump()
+    )
+    pool = [(q, a) for q, a in math_problems(samples) if q not in taken]
     if recipe.data.math_eval_uri:
-        heldout = math_problems(read_chat_samples(Path(store.fetch(recipe.data.math_eval_uri)), limit=2 * cfg.num_heldout_prompts))
-        train_problems = pool[: cfg.num_prompts]
+        eval_path = Path(store.fetch(recipe.data.math_eval_uri))
+        heldout = math_problems(read_chat_samples(eval_path, limit=2 * cfg.num_heldout_prompts))
+        heldout_questions = {q for q, _ in heldout}
+        train_problems = [p for p in pool if p[0] not in heldout_questions][: cfg.num_prompts]
     else:
         train_problems, heldout = pool[: cfg.num_prompts], pool[cfg.num_prompts : need]
     if len(train_problems) < cfg.batch_size or not heldout:
@@ -83,7 +93,10 @@ def rl_problems(recipe: Recipe, store: ArtifactStore) -> tuple[list[Problem], li
             f"rl needs at least rl.batch_size={cfg.batch_size} prompts with reference answers and one held-out "
             f"prompt; the data gave {len(train_problems)} and {len(heldout)}"
         )
-    source = recipe.data.sft_uri or f"generated://arithmetic?seed={recipe.seed + 1}"
+    task = recipe.data.arithmetic
+    source = recipe.data.sft_uri or (
+        f"generated://arithmetic?seed={recipe.seed + 1}&steps={task.num_steps}&max_operand={task.max_operand}"
+    )
     return _with_modes(train_problems), _with_modes(heldout[: cfg.num_heldout_prompts]), source
 
 

@@ -1,4 +1,4 @@
-"""Reasoning-toggle SFT: token-level cross-entropy on assistant tokens of packed on/off chats.
+"""Reasoning-toggle SFT: token-level cross-entropy on assistant tokens of on/off chats, one chat per row.
 
 Llama-Nemotron §3-4 (arXiv 2505.00949): system prompt ``detailed thinking on|off``, on/off samples mixed
 in each batch, token-level CE, cosine LR with linear warmup. Shape legend: ``B`` rows, ``T`` tokens.
@@ -20,6 +20,7 @@ from nemoforge.config import Recipe
 from nemoforge.data.packing import token_digest
 from nemoforge.data.reasoning import (
     SFT_HELDOUT_FRACTION,
+    ChatSample,
     encode_chat,
     from_signed_ids,
     load_chat_samples,
@@ -70,6 +71,25 @@ def heldout_assistant_loss(
     return total / max(count, 1.0)
 
 
+def sft_samples(recipe: Recipe, store: ArtifactStore) -> tuple[list[ChatSample], list[ChatSample], str]:
+    """The sft stage's training and held-out chats (split by prompt) and their source name.
+
+    ``data.sft_uri``, or generated arithmetic at ``data.arithmetic``'s difficulty; rl and eval call this to
+    keep their prompts apart from (rl) or inside (eval) the held-out split.
+    """
+    data = recipe.data
+    samples = load_chat_samples(
+        data.sft_uri, recipe.sft.num_samples, seed=recipe.seed, store=store, **data.arithmetic.model_dump()
+    )
+    train, heldout = split_by_prompt(samples, heldout_fraction=SFT_HELDOUT_FRACTION, seed=recipe.sft.seed)
+    task = data.arithmetic
+    source = data.sft_uri or (
+        f"generated://arithmetic?seed={recipe.seed}&n={recipe.sft.num_samples}"
+        f"&steps={task.num_steps}&max_operand={task.max_operand}"
+    )
+    return train, heldout, source
+
+
 def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore) -> StageResult:
     """Fine-tune the model at ``model_uri`` on toggle chats (``recipe.data.sft_uri`` or the generated set).
 
@@ -99,8 +119,7 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
     model = load_causal_lm(model_dir, dtype=torch.float32).to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, config=model.config)
 
-    samples = load_chat_samples(recipe.data.sft_uri, cfg.num_samples, seed=recipe.seed, store=store)
-    train_samples, heldout_samples = split_by_prompt(samples, heldout_fraction=SFT_HELDOUT_FRACTION, seed=cfg.seed)
+    train_samples, heldout_samples, source = sft_samples(recipe, store)
     pack = {"seq_len_tokens": cfg.seq_len_tokens, "pad_token_id": pad_id(tokenizer), "seed": cfg.seed}
     train_ids_NT, train_mask_NT = pack_chats(
         [encode_chat(tokenizer, s, cfg.seq_len_tokens) for s in train_samples], **pack
@@ -129,7 +148,7 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
             checkpoint_dir=work / "checkpoints",
             desc="sft",
             on_checkpoint=lambda path: store.put(path, uri_under(checkpoints_uri, path.name)),
-            flops_per_token=training_flops_per_token(model.config, cfg.seq_len_tokens),
+            flops_per_token=training_flops_per_token(model.config, train_ids_NT.shape[1]),
         )
         after, replies_after = measure()
 
@@ -149,10 +168,9 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
     metrics |= {
         "loss_final": state.history["loss"][-1][1],
         "train_steps": float(state.step),
-        "train_tokens": float(state.step * cfg.batch_size * cfg.seq_len_tokens),
+        "train_tokens": float(state.step * cfg.batch_size * train_ids_NT.shape[1]),  # padded rows
         "params": float(num_params),
     }
-    source = recipe.data.sft_uri or f"generated://arithmetic?seed={recipe.seed}&n={cfg.num_samples}"
     return StageResult(
         metrics=metrics,
         history=state.history,
