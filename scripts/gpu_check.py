@@ -1,0 +1,238 @@
+"""GPU-side checks around a `nemoforge run smollm2-135m-gpu` (the device runner scripts/gpu_run.sh calls them).
+
+    python scripts/gpu_check.py sweep  --out sweep.json                 # no weights needed
+    python scripts/gpu_check.py models --workdir W --out models.json    # after a run
+    python scripts/gpu_check.py mlflow --workdir W --out mlflow.json    # dump the run's MLflow records
+
+sweep: a random-init SmolLM2-135M-shaped parent (30 layers, hidden 576, FFN 1536, 9/3 heads, vocab 49152, bf16)
+    on the GPU; the nas cost model (``measure_costs``) at batch 1 and 64 (P prompt + N new tokens); for each
+    latency budget, the MIP child at each batch (quality proxy: parameters removed, as benchmarks/nas_speedup.py)
+    and its predicted decode-step speedup at BOTH batches, so one can see whether a child searched at one batch
+    also meets the claim at the other; then the measured decode speedup of those children (generate, CUDA graphs).
+models: the run's parent, nas child, distill and cpt outputs (and sft/rl): decode tokens/s at batch 1 and 64
+    (bf16, static KV cache + CUDA graphs, difference method t(N new) - t(2 new), models round-robin, median of
+    repeats) with the speedup over the parent, and next-token top-1 accuracy / loss on the corpus held-out
+    rows (retention = child top-1 / parent top-1).
+mlflow: every run of the experiment: name, stage tag, status, start/end, wall time, metrics, tags, and the
+    metric histories (compact), as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHORT = 2
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def decode_speed(models: dict, prompt_BT: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, dict]:
+    """Per model: decode tokens/s = B * (N - 2) / median[t(generate N) - t(generate 2)], round-robin."""
+    from nemoforge.models.generate import generate
+
+    diff: dict[str, list[float]] = {k: [] for k in models}
+    for r in range(1 + repeats):
+        for name, model in models.items():
+            times = []
+            for n in (new_tokens, SHORT):
+                _sync()
+                t = time.perf_counter()
+                generate(model, prompt_BT, n)
+                _sync()
+                times.append(time.perf_counter() - t)
+            if r:
+                diff[name].append(times[0] - times[1])
+    B = prompt_BT.shape[0]
+    out = {}
+    for name, d in diff.items():
+        med = statistics.median(d)
+        out[name] = {
+            "tokens_per_s": B * (new_tokens - SHORT) / med,
+            "step_ms": 1e3 * med / (new_tokens - SHORT),
+            "spread_step_ms": [1e3 * x / (new_tokens - SHORT) for x in (min(d), max(d))],
+        }
+    base = out[next(iter(out))]["tokens_per_s"]
+    for row in out.values():
+        row["speedup"] = row["tokens_per_s"] / base
+    return out
+
+
+@torch.no_grad()
+def heldout_top1(model, ids_NT: torch.Tensor, batch: int = 16) -> dict[str, float]:
+    """Next-token top-1 accuracy and mean CE (nats) over all positions of the held-out rows (bf16)."""
+    dev = next(model.parameters()).device
+    correct = total = 0
+    ce = 0.0
+    for s in range(0, ids_NT.shape[0], batch):
+        x = ids_NT[s : s + batch].to(dev)
+        logits = model(x, use_cache=False).logits[:, :-1].float()
+        y = x[:, 1:]
+        correct += (logits.argmax(-1) == y).sum().item()
+        ce += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
+        total += y.numel()
+    return {"top1": correct / total, "loss": ce / total, "tokens": total}
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+def cmd_sweep(args) -> dict:
+    from transformers import LlamaConfig
+
+    from nemoforge.config import CostConfig, NASConfig
+    from nemoforge.models.block_configs import summarize
+    from nemoforge.models.convert import child_from_parent, decilm_config_from_llama
+    from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM
+    from nemoforge.stages.nas.cost import device_name, measure_costs
+    from nemoforge.stages.nas.library import build_library
+    from nemoforge.stages.nas.mip import Option, search
+
+    cfg = decilm_config_from_llama(LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True))
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        parent = DeciLMForCausalLM(cfg).to(torch.bfloat16).eval()
+    library = build_library(parent.config, NASConfig(ffn_intermediate_sizes=args.ffn))
+    costs = {}
+    for b in args.batches:
+        t = time.perf_counter()
+        costs[b] = measure_costs(parent, library, CostConfig(batch_size=b, prefill_tokens=args.prompt,
+                                                             decode_tokens=args.new, repeats=5))
+        print(f"cost b{b}: {time.perf_counter() - t:.1f} s; attention {costs[b].attention.decode_ms:.4f} ms/layer, "
+              f"ffn {({w: round(l.decode_ms, 4) for w, l in costs[b].ffn.items()})}, fixed {costs[b].fixed.decode_ms:.4f}, "
+              f"parent measured {costs[b].parent_measured.decode_ms:.4f} ms/step", flush=True)
+    parent_bytes = costs[args.batches[0]].param_bytes(library.parent)
+    parent_choice = [row.index(library.parent) for row in library.variants]
+    report = {"device": device_name(torch.device(args.device)), "prompt": args.prompt, "new": args.new,
+              "cost": {b: c.to_json() for b, c in costs.items()}, "children": []}
+    models = {"parent": parent}
+    for b in args.batches:
+        c = costs[b]
+        options = [[Option(kl_div=1.0 - c.param_bytes(v) / parent_bytes, latency_ms=c.latency(v).request_ms(args.new),
+                           memory_bytes=c.param_bytes(v)) for v in row] for row in library.variants]
+        for ratio in args.budgets:
+            (sol,) = search(options, parent_choice=parent_choice, fixed_latency_ms=c.fixed.request_ms(args.new),
+                            fixed_memory_bytes=c.fixed_param_bytes, latency_budget_ratio=ratio, memory_budget_gib=None,
+                            num_solutions=1, min_diversity_layers=1, time_limit_s=20.0)
+            chosen = [library.variants[i][j] for i, j in enumerate(sol.choice)]
+            pred = {}
+            for b2, c2 in costs.items():
+                par = c2.predicted([library.parent] * library.num_layers)
+                ch = c2.predicted(chosen)
+                pred[f"b{b2}"] = {"decode": par.decode_ms / ch.decode_ms, "request": par.request_ms(args.new) / ch.request_ms(args.new)}
+            name = f"child_b{b}_r{ratio}"
+            bc = [library.block_config(v) for v in chosen]
+            report["children"].append({"name": name, "searched_at_batch": b, "budget": ratio,
+                                       "block_configs": summarize(bc, library.hidden_size), "predicted_speedup": pred})
+            print(name, summarize(bc, library.hidden_size), json.dumps(pred), flush=True)
+            with torch.device(args.device):
+                models[name] = child_from_parent(parent, bc)
+    measured = {}
+    for b in args.batches:
+        prompt = torch.randint(cfg.vocab_size, (b, args.prompt), device=args.device)
+        measured[f"b{b}"] = decode_speed(models, prompt, args.new, args.repeats)
+        for name, row in measured[f"b{b}"].items():
+            print(f"measured b{b} {name}: {row['tokens_per_s']:.0f} tok/s, {row['step_ms']:.3f} ms/step, x{row['speedup']:.2f}", flush=True)
+    report["measured"] = measured
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- models
+def cmd_models(args) -> dict:
+    from nemoforge import lineage
+    from nemoforge.data.corpus import load_corpus
+    from nemoforge.models.block_configs import count_params, summarize
+    from nemoforge.models.convert import load_causal_lm
+
+    workdir = args.workdir.resolve()
+    stages = {s["stage"]: s for s in lineage.pipeline_status(f"sqlite:///{workdir / 'mlflow.db'}", "nemoforge")}
+    parents = sorted((workdir / "artifacts" / "models").glob("parent-*"))
+    corpora = sorted((workdir / "artifacts" / "corpus").iterdir(), key=lambda p: p.stat().st_mtime)
+    paths = {"parent": parents[-1]}
+    for st in ("nas", "distill", "cpt", "sft", "rl"):
+        if st in stages and "model" in stages[st].get("outputs", {}):
+            p = Path(stages[st]["outputs"]["model"])
+            if (p / "config.json").is_file():
+                paths[st] = p
+    corpus = load_corpus(corpora[-1])
+    heldout = corpus.heldout_ids_NT
+    models = {k: load_causal_lm(p, dtype=torch.bfloat16).to(args.device).eval() for k, p in paths.items()}
+    report = {"heldout_rows": int(heldout.shape[0]), "seq_len": int(heldout.shape[1]), "models": {}}
+    for k, m in models.items():
+        report["models"][k] = {"path": str(paths[k]), "params": count_params(m.config),
+                               "block_configs": summarize(m.config.block_configs, m.config.hidden_size),
+                               **heldout_top1(m, heldout)}
+    ptop = report["models"]["parent"]["top1"]
+    for row in report["models"].values():
+        row["retention_top1"] = row["top1"] / ptop
+    speed_models = {k: models[k] for k in ("parent", "nas", "cpt") if k in models}
+    for b in args.batches:
+        reps = (heldout.shape[0] + b - 1) // b
+        prompt = heldout.repeat(reps, 1)[:b, : args.prompt].contiguous().to(args.device)
+        report[f"decode_b{b}"] = decode_speed(speed_models, prompt, args.new, args.repeats)
+    report["prompt"], report["new"] = args.prompt, args.new
+    for k, row in report["models"].items():
+        sp = " ".join(f"b{b} x{report[f'decode_b{b}'][k]['speedup']:.2f} ({report[f'decode_b{b}'][k]['tokens_per_s']:.0f} tok/s)"
+                      for b in args.batches if k in report[f"decode_b{b}"])
+        print(f"{k:8} top1 {row['top1']:.4f} (ret {row['retention_top1']:.3f}) loss {row['loss']:.3f} {sp} {row['block_configs']}")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- mlflow
+def cmd_mlflow(args) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{args.workdir.resolve() / 'mlflow.db'}")
+    out = []
+    for exp in client.search_experiments():
+        for run in client.search_runs([exp.experiment_id], max_results=1000):
+            info = run.info
+            hist = {}
+            for key in run.data.metrics:
+                h = client.get_metric_history(info.run_id, key)
+                if len(h) > 1:
+                    hist[key] = [(m.step, round(m.value, 6)) for m in h]
+            out.append({
+                "experiment": exp.name, "run_id": info.run_id, "run_name": info.run_name, "status": info.status,
+                "start": info.start_time, "end": info.end_time,
+                "wall_s": (info.end_time - info.start_time) / 1e3 if info.end_time else None,
+                "metrics": run.data.metrics, "tags": {k: v for k, v in run.data.tags.items() if len(v) < 2000},
+                "history": hist,
+            })
+    return {"runs": out}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["sweep", "models", "mlflow"])
+    p.add_argument("--workdir", type=Path, default=Path("nemoforge-work/gpu"))
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.6, 0.5])
+    p.add_argument("--ffn", type=int, nargs="+", default=[1024, 768, 512])
+    p.add_argument("--prompt", type=int, default=256)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args()
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    t = time.perf_counter()
+    report = {"sweep": cmd_sweep, "models": cmd_models, "mlflow": cmd_mlflow}[args.mode](args)
+    report["wall_s"] = time.perf_counter() - t
+    report["torch"] = torch.__version__
+    args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print(f"wrote {args.out} ({report['wall_s']:.0f} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

