@@ -10,12 +10,16 @@ import torch
 
 from nemoforge.data.reasoning import (
     ChatSample,
+    ProblemSet,
+    answer_part,
     arithmetic_problems,
     arithmetic_samples,
     encode_chat,
     format_response,
     from_signed_ids,
     gsm8k_parts,
+    has_think_block,
+    math_problems,
     pack_chats,
     prompt_text,
     read_chat_samples,
@@ -132,6 +136,39 @@ def test_toggle_rule():
     assert not toggle_compliant("no thinking", "on")
     assert toggle_compliant("The answer is 5.", "off")
     assert not toggle_compliant("<think></think>The answer is 5.", "off")
+    assert not toggle_compliant("<think>a</think>5<think>b", "on")  # a block left open: truncated
+    assert not has_think_block("<think>a</think>5<think>b") and has_think_block("  <think>a</think>5")
+
+
+@pytest.mark.parametrize(
+    ("text", "part"),
+    [
+        ("<think>I think the total is 4 but let me", None),
+        ("<think>a</think>The answer is 4.<think>wait", None),
+        ("The answer is 4. <think>", None),
+        ("<think>2+2=4</think>The answer is 4.", "The answer is 4."),
+        ("<think>a</think>x<think>b</think>y", "y"),
+        ("The answer is 4.", "The answer is 4."),
+        ("", ""),
+    ],
+)
+def test_answer_part_is_none_when_a_think_block_is_left_open(text, part):
+    assert answer_part(text) == part
+
+
+def test_math_problems_drop_and_count_unparseable_references(caplog):
+    samples = [
+        ChatSample("q1", "r", "on", "72"),
+        ChatSample("q1", "r", "off", "72"),  # the same prompt, once
+        ChatSample("q2", "r", "off", "N/A"),
+        ChatSample("q3", "r", "off", None),  # no reference: not a math problem, not counted
+        ChatSample("q4", "r", "off", "yes"),
+        ChatSample("q5", "r", "off", "1,234"),
+        ChatSample("q6", "r", "off", r"\frac{\sqrt{3}}{2}"),
+    ]
+    got = math_problems(samples)
+    assert got == ProblemSet([("q1", "72"), ("q5", "1,234"), ("q6", r"\frac{\sqrt{3}}{2}")], num_unparseable=2)
+    assert "dropped 2 of 5 math problems" in caplog.text
 
 
 def test_chat_rows_hold_one_chat_each_and_signed_ids_round_trip():

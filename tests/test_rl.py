@@ -12,12 +12,39 @@ from nemoforge.stages.rl.losses import clipped_policy_loss, dpo_loss, group_adva
 
 
 def test_group_advantages_are_normalized_per_group():
-    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]), 4, eps=0.0)
+    adv, zero_std = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]), 4, eps=0.0)
     s = math.sqrt(1 / 3)  # unbiased std of [1, 0, 0, 1]
     expected = [0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s]
     assert torch.allclose(adv[:4], torch.tensor(expected))
     assert torch.equal(adv[4:], torch.zeros(4))  # equal rewards: no signal
-    assert torch.allclose(group_advantages(torch.tensor([3.0, 1.0]), 2, eps=0.0), torch.tensor([1 / math.sqrt(2), -1 / math.sqrt(2)]))
+    assert zero_std.tolist() == [False, True]
+    adv2, _ = group_advantages(torch.tensor([3.0, 1.0]), 2, eps=0.0)
+    assert torch.allclose(adv2, torch.tensor([1 / math.sqrt(2), -1 / math.sqrt(2)]))
+
+
+def test_unscorable_rows_leave_the_group_statistics_and_get_zero_advantage():
+    nan = float("nan")
+    rewards = torch.tensor([1.0, nan, 0.0, 0.0, nan, nan, nan, 1.0, nan, 2.0, 2.0, nan])
+    adv, zero_std = group_advantages(rewards, 4, eps=0.0)
+    # group 0: mean and std of [1, 0, 0] only (an unscorable 0 would have made it [1, 0, 0, 0])
+    mean, std = 1 / 3, math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)
+    assert torch.allclose(adv[:4], torch.tensor([(1 - mean) / std, 0.0, -mean / std, -mean / std]))
+    assert torch.equal(adv[4:], torch.zeros(8))  # one scorable row; two equal ones: no signal
+    assert not adv.isnan().any()
+    assert zero_std.tolist() == [False, True, True]
+    assert zero_std.float().mean().item() == pytest.approx(2 / 3)  # frac_reward_zero_std
+
+
+def test_reward_metrics_are_means_over_scorable_rows():
+    from nemoforge.stages.rl.stage import reward_metrics
+
+    total = [1.5, None, 0.5, None]
+    parts = {"accuracy": [1.0, None, 0.0, None], "format": [1.0, 1.0, 1.0, 0.0]}
+    assert reward_metrics(total, parts, total_name="reward_mean") == {
+        "reward_mean": 1.0, "reward_accuracy": 0.5, "reward_format": 0.75, "reward_unscorable_fraction": 0.5,
+    }
+    heldout = reward_metrics([None], {"accuracy": [None]}, total_name="reward_heldout", suffix="_heldout")
+    assert heldout == {"reward_unscorable_fraction_heldout": 1.0}  # no mean over no row, not 0
 
 
 def test_clipped_ratio_loss_on_literal_tensors():
@@ -41,6 +68,31 @@ def test_clipped_ratio_loss_on_literal_tensors():
         ref_logp_NT=torch.tensor([[math.log(2.0)]]), beta=1.0,
     )
     assert kl_only.item() == pytest.approx(2.0 - math.log(2.0) - 1.0)  # k3 = e^d - d - 1, d = ref - logp
+
+
+def test_kl_pulls_zero_advantage_groups_toward_the_reference():
+    """The pinned choice: with every advantage 0, the loss is β·mean k3 over all completion tokens."""
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    ref = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.1, 0.3, 0.4]]))
+    zeros = torch.zeros(2)
+    beta = 0.3
+
+    def grad_of(logp_NT: torch.Tensor, **kw) -> tuple[torch.Tensor, float]:
+        logp = logp_NT.clone().requires_grad_()
+        loss, _ = clipped_policy_loss(logp, logp.detach(), zeros, mask, epsilon=0.2, **kw)
+        loss.backward()
+        return logp.grad, loss.item()
+
+    policy = torch.log(torch.tensor([[0.4, 0.3, 0.2], [0.2, 0.2, 0.5]]))
+    grad, loss = grad_of(policy, ref_logp_NT=ref, beta=beta)
+    # d/dlogp of β (e^(ref-logp) - (ref-logp) - 1) / num_tokens = β (1 - e^(ref-logp)) / num_tokens
+    expected = beta * (1 - torch.exp(ref - policy)) * mask / mask.sum()
+    assert torch.allclose(grad, expected)
+    assert grad[0, 0] != 0 and grad[0, 2] == 0  # every completion token is pulled; padding is not
+    delta = ref - policy
+    assert loss == pytest.approx((beta * (delta.exp() - delta - 1) * mask).sum().item() / 5)
+    assert torch.equal(grad_of(ref, ref_logp_NT=ref, beta=beta)[0], torch.zeros(2, 3))  # policy == reference
+    assert torch.equal(grad_of(policy)[0], torch.zeros(2, 3))  # β = 0: zero advantages give no gradient
 
 
 def test_dpo_loss_on_literal_logps():
@@ -85,7 +137,7 @@ def test_grpo_steps_change_params_and_raise_a_learnable_reward(tiny_llama_dir: P
     for _ in range(cfg.steps):
         p_ids = [p for p in prompts for _ in range(cfg.num_generations)]
         c_ids = generate_ids(model, tokenizer, p_ids, max_new_tokens=cfg.max_new_tokens, temperature=1.0, batch_size=len(p_ids))
-        adv = group_advantages(torch.tensor([reward_of(c) for c in c_ids]), cfg.num_generations)
+        adv, _ = group_advantages(torch.tensor([reward_of(c) for c in c_ids]), cfg.num_generations)
         ids, attn, comp = rollout_batch(tokenizer, p_ids, c_ids)
         logp = token_logps(model, ids, attn)
         loss, _ = clipped_policy_loss(logp, logp.detach(), adv, comp, epsilon=cfg.epsilon)
@@ -96,3 +148,32 @@ def test_grpo_steps_change_params_and_raise_a_learnable_reward(tiny_llama_dir: P
     after_reward = mean_reward()
     print("reward before/after", before_reward, after_reward)
     assert after_reward > before_reward + 0.2, (before_reward, after_reward)
+
+
+def test_grpo_step_logs_zero_std_groups_and_gives_unscorable_rows_no_gradient(tiny_llama_dir: Path):
+    from transformers import AutoTokenizer
+
+    from nemoforge.config import RLConfig
+    from nemoforge.models.convert import load_causal_lm
+    from nemoforge.stages.rl.stage import make_grpo_loss
+
+    torch.manual_seed(0)
+    model = load_causal_lm(tiny_llama_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    cfg = RLConfig(num_generations=4, max_new_tokens=4, batch_size=2)
+    index_B1 = torch.tensor([[0], [1]])
+
+    mixed = [("What is 2+3?", "5", "off"), ("What is 1+1?", None, "off")]  # the second has no reference
+    _, metrics = make_grpo_loss(mixed, tokenizer, cfg, None)(model, index_B1)
+    assert metrics["reward_unscorable_fraction"] == 0.5
+    assert metrics["frac_reward_zero_std"] >= 0.5  # the unscorable group gives no signal
+    assert 0.0 <= metrics["reward_accuracy"] <= 1.0 and 0.0 <= metrics["reward_mean"] <= 1.5
+
+    unscorable = [("What is 2+3?", None, "off"), ("What is 1+1?", None, "on")]
+    loss, metrics = make_grpo_loss(unscorable, tokenizer, cfg, None)(model, index_B1)
+    assert metrics["reward_unscorable_fraction"] == 1.0 and metrics["frac_reward_zero_std"] == 1.0
+    assert "reward_mean" not in metrics and "reward_accuracy" not in metrics  # no mean over no row
+    assert 0.0 <= metrics["reward_format"] <= 1.0  # format still scored every row
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # β = 0: no gradient at all

@@ -19,6 +19,7 @@ Sources:
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from collections.abc import Sequence
@@ -29,12 +30,15 @@ from typing import Any, Literal
 import torch
 
 from nemoforge.errors import InputNotFoundError, NemoforgeError
+from nemoforge.grading import parse_reference
 
 Reasoning = Literal["on", "off"]
 SFT_HELDOUT_FRACTION = 0.1
 """Share of SFT prompts held out (toggle compliance; eval's math problems when no math_eval_uri)."""
 SYSTEM_PROMPTS: dict[str, str] = {"on": "detailed thinking on", "off": "detailed thinking off"}
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -103,9 +107,11 @@ def encode_chat(tokenizer: Any, sample: ChatSample, max_len_tokens: int | None =
 
 
 def has_think_block(text: str) -> bool:
-    """True when the response opens with a ``<think>`` block that is closed (leading whitespace allowed)."""
-    stripped = text.lstrip()
-    return stripped.startswith(THINK_OPEN) and THINK_CLOSE in stripped
+    """True when the response opens with a ``<think>`` block (leading whitespace allowed) and no block is left open.
+
+    Consistent with :func:`answer_part`: a reply cut off inside a think block has no think block that counts.
+    """
+    return text.lstrip().startswith(THINK_OPEN) and answer_part(text) is not None
 
 
 def toggle_compliant(text: str, reasoning: Reasoning) -> bool:
@@ -116,8 +122,20 @@ def toggle_compliant(text: str, reasoning: Reasoning) -> bool:
 
 
 def strip_thinking(text: str) -> str:
-    """The answer part: text after the last ``</think>`` (the whole text when there is none)."""
+    """The text after the last ``</think>`` (the whole text when there is none)."""
     return text.rsplit(THINK_CLOSE, 1)[-1]
+
+
+def answer_part(text: str) -> str | None:
+    """The final-answer part of a reply: :func:`strip_thinking`, or None when a think block is left open.
+
+    A ``<think>`` after the last ``</think>`` (or with no ``</think>`` at all) means the reply was cut off
+    while reasoning (e.g. by max tokens): it has no final answer, whatever numbers its reasoning holds.
+    ``"<think>I think the total is 4 but let me"`` -> None; ``"<think>2+2=4</think>The answer is 4."`` ->
+    ``"The answer is 4."``; ``"The answer is 4."`` -> itself.
+    """
+    tail = strip_thinking(text)
+    return None if THINK_OPEN in tail else tail
 
 
 # ------------------------------------------------------------------------------------------ readers
@@ -320,13 +338,35 @@ def load_chat_samples(
     return read_chat_samples(Path(path), limit=num_samples)
 
 
-def math_problems(samples: Sequence[ChatSample]) -> list[tuple[str, str]]:
-    """``(question, answer)`` of the distinct prompts with a reference answer, in order."""
+@dataclass(frozen=True)
+class ProblemSet:
+    """The gradable math problems of a sample set, and how many were dropped.
+
+    Attributes:
+        problems: ``(question, reference answer)`` of the distinct prompts whose reference parses, in order.
+        num_unparseable: distinct prompts dropped because their reference does not parse
+            (:func:`~nemoforge.grading.parse_reference` gives None: ``"N/A"``, ``"yes"``, ...).
+    """
+
+    problems: list[tuple[str, str]]
+    num_unparseable: int
+
+
+def math_problems(samples: Sequence[ChatSample]) -> ProblemSet:
+    """The distinct prompts with a gradable reference answer (first sample of each prompt), in order.
+
+    Samples without a reference (``answer`` None: chat, code) are not math problems and are not counted;
+    prompts whose reference does not parse are dropped, counted in ``num_unparseable`` and logged.
+    """
     seen: dict[str, str] = {}
     for s in samples:
         if s.answer is not None:
             seen.setdefault(s.prompt, s.answer)
-    return list(seen.items())
+    problems = [(q, a) for q, a in seen.items() if parse_reference(a) is not None]
+    num_unparseable = len(seen) - len(problems)
+    if num_unparseable:
+        log.warning("dropped %d of %d math problems: their reference answer does not parse", num_unparseable, len(seen))
+    return ProblemSet(problems, num_unparseable)
 
 
 def split_by_prompt(

@@ -118,7 +118,7 @@ def eval_problems(recipe: Recipe, store: ArtifactStore) -> tuple[list[tuple[str,
         all_samples = load_chat_samples(recipe.data.sft_uri, recipe.sft.num_samples, seed=recipe.seed, store=store)
         _, samples = split_by_prompt(all_samples, heldout_fraction=SFT_HELDOUT_FRACTION, seed=recipe.sft.seed)
         source = (recipe.data.sft_uri or f"generated://arithmetic?seed={recipe.seed}") + "#sft-heldout"
-    problems = math_problems(samples)[:n]
+    problems = math_problems(samples).problems[:n]
     prompts = {q for q, _ in problems}
     chats = [s for s in samples if s.prompt in prompts]
     return problems, chats, source

@@ -10,24 +10,34 @@ import torch
 import torch.nn.functional as F
 
 
-def group_advantages(rewards_N: torch.Tensor, group_size: int, *, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards_N: torch.Tensor, group_size: int, *, eps: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO outcome advantages: each reward minus its group's mean, over the group's std (DeepSeekMath §4.1.2).
 
     ``A_i = (r_i - mean(r_group)) / (std(r_group) + eps)`` with the unbiased std, as TRL's
-    ``scale_rewards="group"``. A group whose rewards are all equal gets zeros (no signal).
+    ``scale_rewards="group"``. Unscorable rows (reward NaN) are left out of their group's mean and std and
+    get ``A = 0``, so their policy term carries no gradient. A group with fewer than two scorable rows, or
+    whose scorable rewards are all equal (std 0, ``torch.isclose`` as TRL), gives no signal: all zeros.
 
     Args:
-        rewards_N: one reward per sequence, groups of ``group_size`` contiguous.
+        rewards_N: one reward per sequence (NaN: unscorable), groups of ``group_size`` contiguous.
         group_size: ``G``.
         eps: keeps the division finite.
 
     Returns:
-        ``advantages_N``.
+        ``(advantages_N, zero_std_P)``: ``zero_std_P`` marks the groups that give no signal (their mean is
+        TRL's ``frac_reward_zero_std``).
     """
     r_PG = rewards_N.view(-1, group_size).float()
-    centered_PG = r_PG - r_PG.mean(1, keepdim=True)
-    std_P1 = r_PG.std(1, keepdim=True)
-    return torch.where(std_P1 > 0, centered_PG / (std_P1 + eps), torch.zeros_like(centered_PG)).view(-1)
+    scored_PG = ~r_PG.isnan()
+    num_scored_P1 = scored_PG.sum(1, keepdim=True)
+    mean_P1 = torch.where(scored_PG, r_PG, 0.0).sum(1, keepdim=True) / num_scored_P1.clamp(min=1)
+    centered_PG = torch.where(scored_PG, r_PG - mean_P1, 0.0)
+    std_P1 = (centered_PG.square().sum(1, keepdim=True) / (num_scored_P1 - 1).clamp(min=1)).sqrt()
+    zero_std_P1 = (num_scored_P1 < 2) | torch.isclose(std_P1, torch.zeros_like(std_P1))
+    advantages_PG = torch.where(zero_std_P1, 0.0, centered_PG / (std_P1 + eps))
+    return advantages_PG.view(-1), zero_std_P1.view(-1)
 
 
 def token_logps(model: torch.nn.Module, input_ids_NT: torch.Tensor, attention_mask_NT: torch.Tensor) -> torch.Tensor:
@@ -55,6 +65,12 @@ def clipped_policy_loss(
     Per completion token: ``-min(ρ A, clip(ρ, 1-ε, 1+ε_high) A) + β (exp(ref - logp) - (ref - logp) - 1)``
     with ``ρ = exp(logp - old_logp)``; averaged over all completion tokens of the batch (token-level, as
     DAPO and LN's Megatron training), not per sequence first.
+
+    The k3 KL term applies to every completion token, whatever its sequence's advantage, as in
+    DeepSeekMath eq. 3 and TRL: sequences of zero-variance groups and unscorable rows (``A = 0``) add no
+    policy-gradient term but are still pulled toward the reference by ``β ∇k3``, and they count in the
+    token mean. So a batch whose groups all have zero variance still moves the policy when ``β > 0`` and
+    it differs from the reference.
 
     Args:
         logp_NT: current policy log-probs (with grad).

@@ -7,6 +7,15 @@ within each group (:func:`~nemoforge.stages.rl.losses.group_advantages`) and tak
 update. With one update per rollout the ratio is 1 at the update (TRL's ``num_iterations=1`` default):
 the clipped loss then equals the plain policy gradient; LN used 2 updates per rollout.
 
+Rows a reward cannot score (None, e.g. no gradable reference; the problem sets already drop those) are
+unscorable: left out of their group's mean and std, advantage 0, and out of every reward mean; they are
+counted in ``reward_unscorable_fraction`` (per step) and ``reward_unscorable_fraction_heldout``.
+``frac_reward_zero_std`` (per step, TRL's name) is the share of groups that give no signal (all scorable
+rewards equal, or fewer than two scorable). The k3 KL term (``rl.beta``) applies to every completion
+token, those of zero-advantage groups and unscorable rows included (DeepSeekMath eq. 3, as TRL): such
+groups add no policy-gradient term but are still pulled toward the reference
+(:func:`~nemoforge.stages.rl.losses.clipped_policy_loss`).
+
 Rollouts are sampled by ``rl.rollout_engine`` (:mod:`~nemoforge.stages.rl.rollout`): ``generate`` (the
 default: ``nemoforge.models.generate``, the KV-cached decoder, on the global torch RNG), ``vllm`` (a
 ``vllm.LLM`` colocated in this process, started on an export of the policy after pass-rate filtering;
@@ -80,10 +89,10 @@ def rl_problems(recipe: Recipe, store: ArtifactStore) -> tuple[list[Problem], li
     samples = load_chat_samples(
         recipe.data.sft_uri, num_read, seed=recipe.seed + 1, store=store, **recipe.data.arithmetic.model_dump()
     )
-    pool = [(q, a) for q, a in math_problems(samples) if q not in taken]
+    pool = [(q, a) for q, a in math_problems(samples).problems if q not in taken]
     if recipe.data.math_eval_uri:
         eval_path = Path(store.fetch(recipe.data.math_eval_uri))
-        heldout = math_problems(read_chat_samples(eval_path, limit=2 * cfg.num_heldout_prompts))
+        heldout = math_problems(read_chat_samples(eval_path, limit=2 * cfg.num_heldout_prompts)).problems
         heldout_questions = {q for q, _ in heldout}
         train_problems = [p for p in pool if p[0] not in heldout_questions][: cfg.num_prompts]
     else:
@@ -102,23 +111,49 @@ def rl_problems(recipe: Recipe, store: ArtifactStore) -> tuple[list[Problem], li
 
 def score(
     weights: dict[str, float], completions: Sequence[str], problems: Sequence[Problem]
-) -> tuple[list[float], dict[str, list[float | None]]]:
+) -> tuple[list[float | None], dict[str, list[float | None]]]:
+    """:func:`~nemoforge.rewards.combined_rewards` of the completions to ``problems`` (None: unscorable)."""
     return combined_rewards(
         weights, completions, answer=[p[1] for p in problems], reasoning=[p[2] for p in problems]
     )
 
 
+def _mean_scorable(values: Sequence[float | None]) -> float | None:
+    scored = [v for v in values if v is not None]
+    return sum(scored) / len(scored) if scored else None
+
+
+def reward_metrics(
+    total: Sequence[float | None], parts: dict[str, list[float | None]], *, total_name: str, suffix: str = ""
+) -> dict[str, float]:
+    """Reward means over the scorable rows only, and the share of unscorable rows.
+
+    Returns:
+        ``{total_name: mean total, "reward_<name>" + suffix: mean of each reward over the rows it scored,
+        "reward_unscorable_fraction" + suffix: share of rows whose total is None}``; a mean over no row is
+        left out, never reported as 0.
+    """
+    means = {total_name: _mean_scorable(total)}
+    means |= {f"reward_{name}{suffix}": _mean_scorable(values) for name, values in parts.items()}
+    metrics = {k: v for k, v in means.items() if v is not None}
+    metrics[f"reward_unscorable_fraction{suffix}"] = sum(t is None for t in total) / len(total)
+    return metrics
+
+
 def heldout_reward(
     model: torch.nn.Module, tokenizer: Any, problems: Sequence[Problem], cfg: RLConfig
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Mean reward (and each part) of greedy replies to the held-out prompts."""
+    """Mean reward (and each part) of greedy replies to the held-out prompts, over scorable replies.
+
+    Returns:
+        ``({"reward_heldout", "reward_<name>_heldout", "reward_unscorable_fraction_heldout"}, samples)``
+        (:func:`reward_metrics`); a sample's ``reward`` is None when it is unscorable.
+    """
     replies = generate_chats(
         model, tokenizer, [(q, r) for q, _, r in problems], max_new_tokens=cfg.max_new_tokens
     )
     total, parts = score(cfg.reward_weights, replies, problems)
-    metrics = {"reward_heldout": sum(total) / len(total)}
-    for name, values in parts.items():
-        metrics[f"reward_{name}_heldout"] = sum(v or 0.0 for v in values) / len(values)
+    metrics = reward_metrics(total, parts, total_name="reward_heldout", suffix="_heldout")
     samples = [
         {"prompt": q, "answer": a, "reasoning": r, "response": t, "reward": s}
         for (q, a, r), t, s in zip(problems, replies, total, strict=True)
@@ -131,6 +166,8 @@ def filter_by_pass_rate(
 ) -> tuple[list[Problem], float]:
     """Drop prompts answered correctly in at least ``filter_max_pass_rate`` of ``filter_samples`` samples (LN §5).
 
+    The pass rate is over the samples that accuracy could score; a prompt with none is dropped (no signal).
+
     Returns:
         The kept prompts (at least ``batch_size``: the hardest are kept when too many pass) and the mean pass rate.
     """
@@ -141,12 +178,13 @@ def filter_by_pass_rate(
         model, tokenizer, chats, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p
     )
     _, parts = score({"accuracy": 1.0}, replies, [p for p in problems for _ in range(cfg.filter_samples)])
-    acc = [v or 0.0 for v in parts["accuracy"]]
-    rates = [sum(acc[i * cfg.filter_samples : (i + 1) * cfg.filter_samples]) / cfg.filter_samples for i in range(len(problems))]
-    kept = [p for p, rate in zip(problems, rates, strict=True) if rate < cfg.filter_max_pass_rate]
+    acc, k = parts["accuracy"], cfg.filter_samples
+    rates = [_mean_scorable(acc[i * k : (i + 1) * k]) for i in range(len(problems))]
+    rated = [(rate, p) for rate, p in zip(rates, problems, strict=True) if rate is not None]
+    kept = [p for rate, p in rated if rate < cfg.filter_max_pass_rate]
     if len(kept) < cfg.batch_size:
-        kept = [p for _, p in sorted(zip(rates, problems, strict=True), key=lambda x: x[0])[: cfg.batch_size]]
-    return kept, sum(rates) / len(rates)
+        kept = [p for _, p in sorted(rated, key=lambda x: x[0])[: cfg.batch_size]]
+    return kept, (sum(rate for rate, _ in rated) / len(rated) if rated else float("nan"))
 
 
 def rollout_batch(
@@ -203,7 +241,9 @@ def make_grpo_loss(
             )
         completions = [tokenizer.decode(c, skip_special_tokens=True) for c in c_ids]
         rewards, parts = score(cfg.reward_weights, completions, chosen)
-        advantages_N = group_advantages(torch.tensor(rewards), cfg.num_generations).to(device)
+        rewards_N = torch.tensor([float("nan") if r is None else r for r in rewards])
+        advantages_N, zero_std_P = group_advantages(rewards_N, cfg.num_generations)
+        advantages_N = advantages_N.to(device)
         ids_NT, attn_NT, comp_NT = (t.to(device) for t in rollout_batch(tokenizer, p_ids, c_ids))
         logp_NT = token_logps(model, ids_NT, attn_NT)
         ref_logp_NT = None
@@ -214,9 +254,8 @@ def make_grpo_loss(
             logp_NT, logp_NT.detach(), advantages_N, comp_NT, epsilon=cfg.epsilon,
             epsilon_high=cfg.epsilon_high, ref_logp_NT=ref_logp_NT, beta=cfg.beta,
         )
-        metrics = {"reward_mean": sum(rewards) / len(rewards), **stats}
-        for name, values in parts.items():
-            metrics[f"reward_{name}"] = sum(v or 0.0 for v in values) / len(values)
+        metrics = {**reward_metrics(rewards, parts, total_name="reward_mean"), **stats}
+        metrics["frac_reward_zero_std"] = zero_std_P.float().mean().item()
         metrics["completion_tokens"] = float(sum(len(c) for c in c_ids)) / len(c_ids)
         return loss, metrics
 
