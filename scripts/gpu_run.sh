@@ -31,7 +31,8 @@ SRC=$ROOT
 snap=$(ls .nfdev*/src.tar.xz 2>/dev/null | head -1)
 if [ -n "$snap" ]; then
   SRC=/tmp/nf-src
-  if [ ! -f "$SRC/.done" ]; then rm -rf "$SRC"; mkdir -p "$SRC" && tar -xJf "$snap" -C "$SRC" && touch "$SRC/.done"; fi
+  if [ ! -f "$SRC/.done" ]; then rm -rf "$SRC"; mkdir -p "$SRC" &&
+    python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$snap" "$SRC" && touch "$SRC/.done"; fi
   say "source: snapshot $snap ($(cat "$(dirname "$snap")/src.commit" 2>/dev/null))"
 fi
 mkdir -p /tmp/nf-path
