@@ -6,10 +6,11 @@
 #                                   # NF_SWEEP=1 time the nas cost model at batch 1 and 64 (no weights needed)
 #   bash scripts/gpu_run.sh run     # the last call: reassemble the parent wheel, run, collect
 #
-# Environment: NF_WORKDIR (default nemoforge-work/gpu, ignored, so it stays on a warm machine and a second
+# Environment: NF_WORKDIR (default /tmp/nf-gpu, which stays while the machine is warm, so a second
 # `run` resumes: finished stages are reused, an interrupted one resumes from its checkpoint); NF_TIMEOUT
 # (seconds for `nemoforge run`, default 480; the run's process group is stopped then); NF_SETS (extra
-# `key=value` overrides, space-separated); NF_CHECK_TIMEOUT (scripts/gpu_check.py models, default 120).
+# `key=value` overrides, space-separated); NF_CHECK_TIMEOUT (scripts/gpu_check.py models, default 120) and
+# NF_CHECK_ARGS (its extra arguments, e.g. "--repeats 2").
 # $OUT: status.json, models.json (decode speed b1/b64, held-out top-1), eval_report.json, sweep.json,
 # summary.txt, logs.tgz (run log, MLflow dump, nas solutions, samples, env).
 set -uo pipefail
@@ -17,7 +18,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 MODE=${1:-run}
 OUT=${OUT:-$ROOT/gpu-out}
-WORK=${NF_WORKDIR:-$ROOT/nemoforge-work/gpu}
+WORK=${NF_WORKDIR:-/tmp/nf-gpu}
 LOG=$WORK/logs
 SITE=/tmp/nf-site
 mkdir -p "$OUT" "$LOG"
@@ -25,6 +26,13 @@ T0=$(date +%s)
 say() { echo "[gpu_run $(date -u +%H:%M:%S) +$(($(date +%s) - T0))s] $*" | tee -a "$LOG/gpu_run.log"; }
 export MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1 NEMOFORGE_NO_PROGRESS=1 TOKENIZERS_PARALLELISM=false
 export NEMOFORGE_CACHE=$WORK/cache
+
+# --- the carried folders: the device keeps nothing of the repo's ignored files between calls (seen: a folder
+# carried in one call was gone in the next), so each call copies what it carried to /tmp, which stays while warm
+B=/tmp/nf-bundle
+mkdir -p "$B"
+for d in .nfdev[0-9]*; do [ -d "$d" ] && cp -r "$d" "$B/"; done
+cd "$B"
 
 # --- source: a carried snapshot (src.tar.xz, git archive of a commit) when there is one, else this tree
 SRC=$ROOT
@@ -63,6 +71,7 @@ if [ "$MODE" = carry ]; then
   { nvidia-smi; lscpu | grep -E "Model name|^CPU\(s\)|Flags" | cut -c1-400; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } > "$LOG/env.txt" 2>&1
   head -3 "$LOG/env.txt" | tail -1
   grep -o -E "amx_bf16|avx512_bf16|avx512f" "$LOG/env.txt" | sort -u | tr '\n' ' '; echo
+  cd "$ROOT"
   if [ "${NF_SWEEP:-0}" = 1 ]; then
     timeout -k 5 "${NF_SWEEP_TIMEOUT:-90}" python3 scripts/gpu_check.py sweep --out "$OUT/sweep.json" \
       --budgets ${NF_SWEEP_BUDGETS:-0.6 0.5} --repeats 2 2>&1 | tee "$LOG/sweep.log"
@@ -79,15 +88,16 @@ if [ ! -f "$wheel_dir/$name" ]; then
   parts=$(ls .nfdev*/parent.part-* | awk -F/ '{print $NF "\t" $0}' | sort | cut -f2)
   say "parent pieces: $(echo $parts)"
   cat $parts > "$wheel_dir/$name.tmp"
-  (cd "$wheel_dir" && mv "$name.tmp" "$name" && sed "s/  .*/  $name/" "$ROOT/.nfdev1/parent.sha256" | sha256sum -c -) \
+  (cd "$wheel_dir" && mv "$name.tmp" "$name" && sed "s/  .*/  $name/" "$B/.nfdev1/parent.sha256" | sha256sum -c -) \
     || { say "parent wheel checksum FAILED"; rm -f "$wheel_dir/$name"; exit 4; }
 fi
 CORPUS=$WORK/data/war_and_peace.txt
 if [ ! -f "$CORPUS" ]; then
   mkdir -p "$WORK/data"
-  python3 -c "import lzma, sys; open(sys.argv[2], 'wb').write(lzma.open(sys.argv[1]).read())" .nfdev1/corpus.txt.xz "$CORPUS"
+  python3 -c "import lzma, sys; open(sys.argv[2], 'wb').write(lzma.open(sys.argv[1]).read())" "$B/.nfdev1/corpus.txt.xz" "$CORPUS"
 fi
 
+cd "$ROOT"
 # --- the run, in its own process group, stopped after NF_TIMEOUT seconds
 sets=(--set "data.corpus_uri=$CORPUS")
 for s in ${NF_SETS:-}; do sets+=(--set "$s"); done
@@ -106,7 +116,7 @@ python3 -m nemoforge.cli status --workdir "$WORK" --json > "$OUT/status.json" 2>
 python3 scripts/gpu_check.py mlflow --workdir "$WORK" --out "$LOG/mlflow.json" 2>>"$LOG/post.err"
 if [ "${NF_CHECK:-1}" = 1 ]; then
   timeout -k 5 "${NF_CHECK_TIMEOUT:-120}" python3 scripts/gpu_check.py models --workdir "$WORK" \
-    --out "$OUT/models.json" 2>&1 | grep -v Warning | tee "$LOG/models.log" | tail -8
+    --out "$OUT/models.json" ${NF_CHECK_ARGS:-} 2>&1 | grep -v Warning | tee "$LOG/models.log" | tail -8
 fi
 report=$(find "$WORK/artifacts" -name report.json -path "*eval*" 2>/dev/null | sort | tail -1)
 [ -n "$report" ] && cp "$report" "$OUT/eval_report.json"
