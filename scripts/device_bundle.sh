@@ -10,7 +10,8 @@
 # A device call carries at most 64 MiB, counting the working tree that travels with it, so the bundle is split
 # into folders .nfdev1, .nfdev2, ... (ignored through .git/info/exclude), each under 64 MiB minus the tree:
 # carry ONE folder per call, the calls back to back while the machine stays warm (30 s idle), the last one with
-# the run (scripts/gpu_run.sh reassembles and checks the sha256).
+# the run (scripts/gpu_run.sh copies each call's folder to /tmp/nf-bundle, since the device does not keep a
+# folder carried by an earlier call in the repo, then reassembles the parent and checks its sha256).
 #
 #   bash scripts/device_bundle.sh                  # prints the folders, their sizes and the calls to make
 #   NF_SNAPSHOT=HEAD bash scripts/device_bundle.sh # the device runs HEAD's code, not the working tree
