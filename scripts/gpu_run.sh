@@ -59,18 +59,19 @@ IMPORTS="import pydantic, gguf, highspy, math_verify, kfp, kfp.local, kfp.kubern
 import mlflow.store.model_registry.dbmodels.models
 from nemoforge.cli import main
 import nemoforge_pipelines, nemoforge.runner, nemoforge.lineage"
-if ! python3 -c "$IMPORTS" 2>"$LOG/import.err"; then
+if [ -f "$SITE/.imports-ok" ]; then :
+elif ! python3 -c "$IMPORTS" 2>"$LOG/import.err"; then
   say "imports failed ($(tail -1 "$LOG/import.err")); installing .nfdev1/extra"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     .nfdev1/extra/*.whl 2>&1 | grep -v "root' user"
   python3 -c "$IMPORTS" || { say "imports still fail"; cp "$LOG/import.err" "$OUT/"; exit 3; }
 fi
-say "imports ok"
+touch "$SITE/.imports-ok"; say "imports ok"
 
 if [ "$MODE" = carry ]; then
   { nvidia-smi; lscpu | grep -E "Model name|^CPU\(s\)|Flags" | cut -c1-400; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } > "$LOG/env.txt" 2>&1
   head -3 "$LOG/env.txt" | tail -1
-  grep -o -E "amx_bf16|avx512_bf16|avx512f" "$LOG/env.txt" | sort -u | tr '\n' ' '; echo
+  echo "cpu: $(nproc) cores, $(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2), bf16 flags: $(grep -o -w -E "amx_bf16|avx512_bf16|avx512f" /proc/cpuinfo | sort -u | tr '\n' ' ')" | tee -a "$LOG/env.txt"
   cd "$ROOT"
   if [ "${NF_SWEEP:-0}" = 1 ]; then
     timeout -k 5 "${NF_SWEEP_TIMEOUT:-90}" python3 scripts/gpu_check.py sweep --out "$OUT/sweep.json" \
