@@ -49,6 +49,7 @@ def test_sft_stage_trains_and_measures_toggle(tiny_llama_dir: Path, tmp_path: Pa
     assert sorted(p.name for p in (Path(output_uri) / "checkpoints").iterdir()) == ["step-4", "step-8"]
     assert (Path(output_uri) / "samples" / "toggle_after.json").is_file()
     assert {d.name for d in result.datasets} == {"sft-train", "sft-heldout"}
+    assert result.tags["num_train_rows"] == "54"  # one chat per row: 30 prompts, 3 held out, on + off each
     load_causal_lm(result.outputs["model"])  # the export reloads
 
     again = run(recipe, model_uri=str(tiny_llama_dir), output_uri=output_uri, store=store)

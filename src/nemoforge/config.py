@@ -73,7 +73,7 @@ class ArithmeticTask(_Section):
     """
 
     num_steps: int = Field(2, ge=1, le=8, description="Chained additions/subtractions per problem.")
-    max_operand: int = Field(20, ge=2, description="Largest number in a problem (operands and start count).")
+    max_operand: int = Field(12, ge=2, description="Largest number in a problem (operands and start count).")
 
 
 class DataConfig(_Section):

@@ -252,7 +252,7 @@ _ITEMS = ["apples", "marbles", "stickers", "books", "coins", "shells", "cards", 
 
 _GAINS = ["gets {n} more", "finds {n} more", "buys {n} more", "is given {n} more"]
 _LOSSES = ["gives away {n}", "loses {n}", "uses {n}", "sells {n}"]
-ARITHMETIC_NUM_STEPS, ARITHMETIC_MAX_OPERAND = 2, 20
+ARITHMETIC_NUM_STEPS, ARITHMETIC_MAX_OPERAND = 2, 12
 """Default difficulty of the generated problems (``data.arithmetic`` in a recipe)."""
 
 
