@@ -105,7 +105,7 @@ def test_shared_gsm8k_and_preference_files(shared_dir):
 
 
 def test_generated_arithmetic_is_paired_and_correct():
-    samples = arithmetic_samples(40, seed=0)
+    samples = arithmetic_samples(40, seed=0, num_steps=2, max_operand=12)
     assert len(samples) == 40
     for on, off in zip(samples[::2], samples[1::2], strict=True):
         assert on.prompt == off.prompt and on.answer == off.answer

@@ -252,12 +252,10 @@ _ITEMS = ["apples", "marbles", "stickers", "books", "coins", "shells", "cards", 
 
 _GAINS = ["gets {n} more", "finds {n} more", "buys {n} more", "is given {n} more"]
 _LOSSES = ["gives away {n}", "loses {n}", "uses {n}", "sells {n}"]
-ARITHMETIC_NUM_STEPS, ARITHMETIC_MAX_OPERAND = 2, 12
-"""Default difficulty of the generated problems (``data.arithmetic`` in a recipe)."""
 
 
 def arithmetic_problem(
-    rng: random.Random, *, num_steps: int = ARITHMETIC_NUM_STEPS, max_operand: int = ARITHMETIC_MAX_OPERAND
+    rng: random.Random, *, num_steps: int, max_operand: int
 ) -> tuple[str, str, str]:
     """One word problem with its exact step-by-step trace: ``(question, thinking, answer)``.
 
@@ -288,7 +286,7 @@ def arithmetic_problem(
 
 
 def arithmetic_problems(
-    num_problems: int, *, seed: int, num_steps: int = ARITHMETIC_NUM_STEPS, max_operand: int = ARITHMETIC_MAX_OPERAND
+    num_problems: int, *, seed: int, num_steps: int, max_operand: int
 ) -> list[tuple[str, str, str]]:
     """``num_problems`` distinct generated problems ``(question, thinking, answer)``, seeded.
 
@@ -309,7 +307,7 @@ def arithmetic_problems(
 
 
 def arithmetic_samples(
-    num_samples: int, *, seed: int, num_steps: int = ARITHMETIC_NUM_STEPS, max_operand: int = ARITHMETIC_MAX_OPERAND
+    num_samples: int, *, seed: int, num_steps: int, max_operand: int
 ) -> list[ChatSample]:
     """Paired on/off samples of generated arithmetic problems (``num_samples`` rounded up to even)."""
     samples: list[ChatSample] = []
@@ -325,8 +323,8 @@ def load_chat_samples(
     *,
     seed: int,
     store: Any = None,
-    num_steps: int = ARITHMETIC_NUM_STEPS,
-    max_operand: int = ARITHMETIC_MAX_OPERAND,
+    num_steps: int,
+    max_operand: int,
 ) -> list[ChatSample]:
     """The SFT samples: read from ``uri`` (a local path or a store URI), or generated when ``uri`` is None.
 

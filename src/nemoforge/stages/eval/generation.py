@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from nemoforge.data.reasoning import THINK_OPEN, Reasoning, encode_prompt, toggle_compliant
+from nemoforge.data.reasoning import Reasoning, encode_prompt, toggle_compliant
 from nemoforge.models.generate import generate
 
 
@@ -88,10 +88,10 @@ def generate_chats(
 def toggle_compliance(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16
 ) -> tuple[dict[str, float], list[dict[str, str]]]:
-    """Share of greedy "on" replies that open a think block and of "off" replies without think tags.
+    """Share of greedy replies that follow their mode (:func:`~nemoforge.data.reasoning.toggle_compliant`).
 
-    "On" counts a reply that starts with ``<think>`` even when the block is still open at
-    ``max_new_tokens`` (the issue's measure; the GRPO format reward is stricter and needs it closed).
+    "On" needs a closed think block first: a reply cut off inside its block at ``max_new_tokens`` does not
+    count (the GRPO format reward and eval use the same rule).
 
     Returns:
         ``({"toggle_on": share, "toggle_off": share, "toggle": mean of both}, samples)`` where samples are
@@ -101,8 +101,7 @@ def toggle_compliance(
     replies = generate_chats(model, tokenizer, chats, max_new_tokens=max_new_tokens, batch_size=batch_size)
     ok = {"on": [], "off": []}
     for (_, reasoning), reply in zip(chats, replies, strict=True):
-        opens = reply.lstrip().startswith(THINK_OPEN)
-        ok[reasoning].append(opens if reasoning == "on" else toggle_compliant(reply, "off"))
+        ok[reasoning].append(toggle_compliant(reply, reasoning))
     on, off = sum(ok["on"]) / len(ok["on"]), sum(ok["off"]) / len(ok["off"])
     samples = [{"prompt": p, "reasoning": r, "response": t} for (p, r), t in zip(chats, replies, strict=True)]
     return {"toggle_on": on, "toggle_off": off, "toggle": (on + off) / 2}, samples

@@ -43,15 +43,11 @@ from nemoforge.config import EvalConfig, Recipe
 from nemoforge.data.corpus import load_corpus
 from nemoforge.data.packing import token_digest
 from nemoforge.data.reasoning import (
-    SFT_HELDOUT_FRACTION,
-    THINK_OPEN,
     ChatSample,
+    answer_part,
     encode_chat,
-    load_chat_samples,
     math_problems,
     read_chat_samples,
-    split_by_prompt,
-    strip_thinking,
     toggle_compliant,
 )
 from nemoforge.errors import NemoforgeError
@@ -76,6 +72,7 @@ from nemoforge.stages.eval.stats import (
     ratio,
 )
 from nemoforge.stages.result import DatasetRef, StageResult
+from nemoforge.stages.sft.stage import sft_samples
 from nemoforge.training.losses import kl_div_BT
 from nemoforge.training.runtime import compute_device
 from nemoforge.training.stage import uri_under
@@ -105,8 +102,11 @@ class Measurement:
         return {name: t.rate for name, t in self.rates.items()} | ({"lm_loss": self.lm_loss.rate} if self.lm_loss else {})
 
 
-def eval_problems(recipe: Recipe, store: ArtifactStore) -> tuple[list[tuple[str, str]], list[ChatSample], str]:
-    """Held-out ``(question, answer)`` problems, their reference chats (for KL), and the source name.
+def eval_problems(
+    recipe: Recipe, store: ArtifactStore
+) -> tuple[list[tuple[str, str]], list[ChatSample], str, int]:
+    """Held-out ``(question, answer)`` problems, their reference chats (for KL), the source name, and how many
+    problems were dropped because their reference answer does not parse.
 
     ``data.math_eval_uri`` when set; otherwise the sft stage's held-out split of its own data.
     """
@@ -115,13 +115,13 @@ def eval_problems(recipe: Recipe, store: ArtifactStore) -> tuple[list[tuple[str,
         samples = read_chat_samples(Path(store.fetch(recipe.data.math_eval_uri)), limit=2 * n)
         source = recipe.data.math_eval_uri
     else:
-        all_samples = load_chat_samples(recipe.data.sft_uri, recipe.sft.num_samples, seed=recipe.seed, store=store)
-        _, samples = split_by_prompt(all_samples, heldout_fraction=SFT_HELDOUT_FRACTION, seed=recipe.sft.seed)
-        source = (recipe.data.sft_uri or f"generated://arithmetic?seed={recipe.seed}") + "#sft-heldout"
-    problems = math_problems(samples).problems[:n]
+        _, samples, sft_source = sft_samples(recipe, store)
+        source = sft_source + "#sft-heldout"
+    problem_set = math_problems(samples)
+    problems = problem_set.problems[:n]
     prompts = {q for q, _ in problems}
     chats = [s for s in samples if s.prompt in prompts]
-    return problems, chats, source
+    return problems, chats, source, problem_set.num_unparseable
 
 
 @torch.no_grad()
@@ -138,6 +138,13 @@ def kl_to_parent(model: torch.nn.Module, parent: torch.nn.Module, tokenizer: Any
         total += float((kl_BT * mask_BT).sum())
         count += int(mask_BT.sum())
     return total / max(count, 1)
+
+
+def _graded(correct: float | None) -> float:
+    """A reward of a problem whose reference parses (``math_problems`` drops the rest): never None."""
+    if correct is None:
+        raise AssertionError("an eval problem has an ungradable reference: math_problems should have dropped it")
+    return correct
 
 
 def evaluate_model(
@@ -163,12 +170,11 @@ def evaluate_model(
     answers = [a for _, a in problems]
     on_correct = accuracy_reward(on_replies, answer=[a for a in answers for _ in range(k)])
     off_correct = accuracy_reward(off_replies, answer=answers)
-    on_opens = [float(r.lstrip().startswith(THINK_OPEN)) for r in on_replies]
     num = len(problems)
     rates = {
-        "math_pass1_on": Tally([sum(on_correct[i * k + j] or 0.0 for j in range(k)) for i in range(num)], [k] * num),
-        "math_pass1_off": Tally([c or 0.0 for c in off_correct], [1] * num),
-        "toggle_on": Tally([sum(on_opens[i * k : (i + 1) * k]) for i in range(num)], [k] * num),
+        "math_pass1_on": Tally([sum(_graded(c) for c in on_correct[i * k : (i + 1) * k]) for i in range(num)], [k] * num),
+        "math_pass1_off": Tally([_graded(c) for c in off_correct], [1] * num),
+        "toggle_on": Tally([sum(toggle_compliant(r, "on") for r in on_replies[i * k : (i + 1) * k]) for i in range(num)], [k] * num),
         "toggle_off": Tally([float(toggle_compliant(r, "off")) for r in off_replies], [1] * num),
     }
     samples = [
@@ -208,7 +214,8 @@ def evaluate_ifeval(
 ) -> tuple[dict[str, Tally], list[dict[str, Any]]]:
     """IFEval strict accuracy of one model: a reply per prompt in ``cfg.ifeval_reasoning`` mode, then the checks.
 
-    Off: greedy. On: sampled at ``cfg.temperature`` / ``cfg.top_p``, and the text after ``</think>`` is checked.
+    Off: greedy. On: sampled at ``cfg.temperature`` / ``cfg.top_p``, and the answer part is checked (a reply
+    cut off inside its think block has none and follows nothing).
 
     Returns:
         ``({"ifeval_prompt_strict", "ifeval_instruction_strict"}: Tally per prompt, samples)`` (IFEval §3: a
@@ -222,7 +229,7 @@ def evaluate_ifeval(
         max_new_tokens=cfg.ifeval_max_new_tokens, temperature=cfg.temperature if sampled else 0.0,
         top_p=cfg.top_p if sampled else 1.0, batch_size=cfg.batch_size, generator=generator,
     )
-    answers = [strip_thinking(r) if sampled else r for r in replies]
+    answers = [(answer_part(r) or "") if sampled else r for r in replies]
     followed = [follow_strict(p, a) for p, a in zip(prompts, answers, strict=True)]
     samples = [
         {"task": "ifeval", "key": p.key, "prompt": p.prompt, "reasoning": cfg.ifeval_reasoning, "response": r,
@@ -391,7 +398,7 @@ def run(
         ``gate_passed`` (0/1). Outputs ``model`` (= ``model_uri``), ``comparison``, ``report``, ``samples``,
         ``registration`` (where the runner records the registry version). Tags ``gate`` (passed/failed),
         ``gate_checks`` (every check), ``gate_failed`` (the failed ones, or ``none``), ``eval_settings``
-        (digest), ``eval_problems`` (and ``ifeval_prompts``, ``ifeval_unchecked``, ``lm_heldout_rows``).
+        (digest), ``eval_problems``, ``eval_problems_unparseable`` (and ``ifeval_prompts``, ``ifeval_unchecked``, ``lm_heldout_rows``).
 
     Raises:
         InputNotFoundError: an input URI does not exist.
@@ -409,7 +416,7 @@ def run(
     model = load_causal_lm(model_dir, dtype=dtype).to(device).eval()
     parent = load_causal_lm(parent_dir, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, config=model.config)
-    problems, chats, source = eval_problems(recipe, store)
+    problems, chats, source, num_unparseable = eval_problems(recipe, store)
     if_prompts, if_unchecked = ifeval_prompts(recipe, store)
     heldout_NT, heldout_source = heldout_rows(corpus_uri, cfg, store) if corpus_uri else (None, None)
 
@@ -470,6 +477,7 @@ def run(
         "gate_failed": "; ".join(outcome.failed) or "none",
         "eval_settings": settings,
         "eval_problems": str(len(problems)),
+        "eval_problems_unparseable": str(num_unparseable),
     }
     if heldout_NT is not None:
         datasets.append(DatasetRef("eval-heldout-text", heldout_source, heldout_digest, len(heldout_NT), "validation"))
