@@ -102,7 +102,7 @@ def child_from_parent(
     config = copy.deepcopy(parent.config)
     config.block_configs = [BlockConfig.from_dict(copy.deepcopy(b)) for b in block_configs]
     config = DeciLMConfig.from_dict(config.to_dict())  # re-validates the new block_configs
-    child = DeciLMForCausalLM(config).to(parent.dtype)
+    child = DeciLMForCausalLM(config).to(device=parent.device, dtype=parent.dtype)
     child.model.embed_tokens.weight.copy_(parent.model.embed_tokens.weight)
     child.model.norm.weight.copy_(parent.model.norm.weight)
     if not config.tie_word_embeddings:

@@ -72,7 +72,7 @@ class BLDResult:
 
     def mlp(self, model: DeciLMForCausalLM) -> DeciLMMLP:
         """The trained FFN as a module of ``model``'s config and dtype (eval mode)."""
-        mlp = DeciLMMLP(model.config, self.state["gate_proj.weight"].shape[0]).to(model.dtype)
+        mlp = DeciLMMLP(model.config, self.state["gate_proj.weight"].shape[0]).to(model.device, model.dtype)
         mlp.load_state_dict(self.state)
         return mlp.eval()
 
@@ -81,7 +81,7 @@ class BLDResult:
 def parent_activations(model: DeciLMForCausalLM, input_ids_NT: torch.Tensor) -> Iterator[LayerActivations]:
     """Run the parent layer by layer and yield each layer's activations (Puzzle §3: BLD inputs and targets)."""
     hidden_NTD = model.model.embed_tokens(input_ids_NT)
-    position_ids_1T = torch.arange(input_ids_NT.shape[1])[None]
+    position_ids_1T = torch.arange(input_ids_NT.shape[1], device=input_ids_NT.device)[None]
     position_embeddings = model.model.rotary_emb(hidden_NTD, position_ids_1T)
     for layer_idx, layer in enumerate(model.model.layers):
         post_attention_NTD = layer.attention_block(hidden_NTD, position_embeddings)
@@ -130,7 +130,7 @@ def train_ffn(
         ``(loss_init, loss_final, losses)``: normalized MSE on held-out calibration tokens before and after
         training, and the per-step training losses.
     """
-    eval_idx, train_idx = _split_tokens(normed_MD.shape[0], batch_tokens, generator)
+    eval_idx, train_idx = (i.to(normed_MD.device) for i in _split_tokens(normed_MD.shape[0], batch_tokens, generator))
     eval_in, eval_target = normed_MD[eval_idx], target_MD[eval_idx]
     with torch.no_grad():
         loss_init = normalized_mse(mlp(eval_in), eval_target).item()
@@ -140,7 +140,7 @@ def train_ffn(
     )
     losses = []
     for _ in range(steps):
-        batch = train_idx[torch.randint(len(train_idx), (batch_tokens,), generator=generator)]
+        batch = train_idx[torch.randint(len(train_idx), (batch_tokens,), generator=generator).to(train_idx.device)]
         loss = normalized_mse(mlp(normed_MD[batch]), target_MD[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -165,7 +165,7 @@ def distill_layer(
     """Prune the layer's FFN to each width by Channel Contribution and train it by decoupled BLD (Puzzle App. A, §3).
 
     Returns:
-        Per width, its trained FFN (float32 weights on CPU).
+        Per width, its trained FFN (float32 weights on CPU; trained on the model's device).
     """
     layer = model.model.layers[acts.layer_idx]
     parent_mlp, norm = layer.mlp, layer.post_attention_layernorm
@@ -182,12 +182,12 @@ def distill_layer(
     results = {}
     for width in widths:
         channels_W = top_channels(contribution_I, width)
-        mlp = DeciLMMLP(model.config, width).float()
+        mlp = DeciLMMLP(model.config, width).to(normed_MD.device, torch.float32)
         mlp.load_state_dict({k: v.float() for k, v in prune_mlp(parent_mlp, channels_W).items()})
         generator = torch.Generator().manual_seed(seed * 1_000_003 + acts.layer_idx * 1009 + width)
         loss_init, loss_final, losses = train_ffn(
             mlp, normed_MD, target_MD, steps=steps, batch_tokens=batch_tokens, lr=lr, generator=generator
         )
-        state = {k: v.detach().clone() for k, v in mlp.state_dict().items()}
-        results[width] = BLDResult(state, channels_W, loss_init, loss_final, losses)
+        state = {k: v.detach().cpu().clone() for k, v in mlp.state_dict().items()}
+        results[width] = BLDResult(state, channels_W.cpu(), loss_init, loss_final, losses)
     return results

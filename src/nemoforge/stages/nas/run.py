@@ -50,6 +50,7 @@ from nemoforge.stages.nas.scoring import (
     variant_layer_output,
 )
 from nemoforge.stages.result import DatasetRef, StageResult
+from nemoforge.training.runtime import compute_device
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ def run(
     started = time.perf_counter()
     torch.manual_seed(nas.seed)
     parent_dir = store.fetch(parent_uri)
-    model = load_causal_lm(parent_dir, dtype=getattr(torch, recipe.dtype))
+    # on the pod's GPU when it has one: BLD, scoring and cost timing all run there
+    model = load_causal_lm(parent_dir, dtype=getattr(torch, recipe.dtype)).to(compute_device())
     tokenizer = AutoTokenizer.from_pretrained(parent_dir)
     corpus = load_corpus(store.fetch(corpus_uri))
     library = build_library(model.config, nas)
@@ -123,8 +125,8 @@ def run(
         store, output_uri, hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()
     )
 
-    calibration_ids = corpus.train_ids_NT[: nas.bld.num_calibration_sequences]
-    heldout_ids = corpus.heldout_ids_NT[: nas.scoring.num_sequences, : nas.scoring.seq_len_tokens]
+    calibration_ids = corpus.train_ids_NT[: nas.bld.num_calibration_sequences].to(model.device)
+    heldout_ids = corpus.heldout_ids_NT[: nas.scoring.num_sequences, : nas.scoring.seq_len_tokens].to(model.device)
 
     # Cost first: it takes seconds and tells whether the budgets can be met before BLD and scoring run.
     t = time.perf_counter()
@@ -384,20 +386,15 @@ def _scoring_phase(
 
 
 def _cost_phase(model: DeciLMForCausalLM, library: BlockLibrary, recipe: Recipe, phase: _Phase) -> CostTable:
-    """The cost table, timed on this pod's GPU when it has one (the target device), else on its CPU.
+    """The cost table, timed where the model is (the pod's GPU when it has one: the target device), else on its CPU.
 
     A saved table is reused only when it was measured on the same device.
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     saved = phase.read("costs.json")
-    if saved is not None and saved["measurement"]["device"] == device_name(device):
+    if saved is not None and saved["measurement"]["device"] == device_name(model.device):
         return CostTable.from_json(saved)
-    log.info("nas: timing sub-blocks on %s", device_name(device))
-    home = model.device
-    try:
-        costs = measure_costs(model.to(device), library, recipe.nas.cost)
-    finally:
-        model.to(home)  # BLD and scoring run where the model was loaded
+    log.info("nas: timing sub-blocks on %s", device_name(model.device))
+    costs = measure_costs(model, library, recipe.nas.cost)
     phase.write(costs.to_json(), "costs.json")
     return costs
 

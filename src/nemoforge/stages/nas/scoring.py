@@ -64,7 +64,7 @@ class ParentPass:
 def parent_pass(model: DeciLMForCausalLM, input_ids_NT: torch.Tensor) -> ParentPass:
     """Run the parent layer by layer on ``input_ids_NT`` and keep every layer's input and post-attention state."""
     hidden_NTD = model.model.embed_tokens(input_ids_NT)
-    position_embeddings = model.model.rotary_emb(hidden_NTD, torch.arange(input_ids_NT.shape[1])[None])
+    position_embeddings = model.model.rotary_emb(hidden_NTD, torch.arange(input_ids_NT.shape[1], device=input_ids_NT.device)[None])
     hidden, post_attention = [hidden_NTD], []
     for layer in model.model.layers:
         post_attention.append(layer.attention_block(hidden[-1], position_embeddings))
