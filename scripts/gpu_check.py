@@ -2,6 +2,7 @@
 
     python scripts/gpu_check.py sweep  --out sweep.json                 # no weights needed
     python scripts/gpu_check.py models --workdir W --out models.json    # after a run
+    python scripts/gpu_check.py gsm8k  --workdir W --out gsm8k.json --gsm8k test_500.jsonl
     python scripts/gpu_check.py mlflow --workdir W --out mlflow.json    # dump the run's MLflow records
 
 sweep: a random-init SmolLM2-135M-shaped parent (30 layers, hidden 576, FFN 1536, 9/3 heads, vocab 49152, bf16)
@@ -13,6 +14,9 @@ models: the run's parent, nas child, distill and cpt outputs (and sft/rl): decod
     (bf16, static KV cache + CUDA graphs, difference method t(N new) - t(2 new), models round-robin, median of
     repeats) with the speedup over the parent, and next-token top-1 accuracy / loss on the corpus held-out
     rows (retention = child top-1 / parent top-1).
+gsm8k: the 500 GSM8K test problems (``--gsm8k``) for the parent and the run's final child (rl, else sft, ...):
+    reasoning-on pass@1 (one sample at the eval temperature) and reasoning-off greedy, each with its 95% Wilson
+    interval, and on-mode toggle compliance; eval's own ``evaluate_model``, so grading is the pipeline's.
 mlflow: every run of the experiment: name, stage tag, status, start/end, wall time, metrics, tags, and the
     metric histories (compact), as JSON.
 """
@@ -149,21 +153,13 @@ def cmd_sweep(args) -> dict:
 
 # ----------------------------------------------------------------------------------------------- models
 def cmd_models(args) -> dict:
-    from nemoforge import lineage
     from nemoforge.data.corpus import load_corpus
     from nemoforge.models.block_configs import count_params, summarize
     from nemoforge.models.convert import load_causal_lm
 
     workdir = args.workdir.resolve()
-    stages = {s["stage"]: s for s in lineage.pipeline_status(f"sqlite:///{workdir / 'mlflow.db'}", "nemoforge")}
-    parents = sorted((workdir / "artifacts" / "models").glob("parent-*"))
     corpora = sorted((workdir / "artifacts" / "corpus").iterdir(), key=lambda p: p.stat().st_mtime)
-    paths = {"parent": parents[-1]}
-    for st in ("nas", "distill", "cpt", "sft", "rl"):
-        if st in stages and "model" in stages[st].get("outputs", {}):
-            p = Path(stages[st]["outputs"]["model"])
-            if (p / "config.json").is_file():
-                paths[st] = p
+    paths = _stage_models(workdir)
     corpus = load_corpus(corpora[-1])
     heldout = corpus.heldout_ids_NT
     models = {k: load_causal_lm(p, dtype=torch.bfloat16).to(args.device).eval() for k, p in paths.items()}
@@ -185,6 +181,56 @@ def cmd_models(args) -> dict:
         sp = " ".join(f"b{b} x{report[f'decode_b{b}'][k]['speedup']:.2f} ({report[f'decode_b{b}'][k]['tokens_per_s']:.0f} tok/s)"
                       for b in args.batches if k in report[f"decode_b{b}"])
         print(f"{k:8} top1 {row['top1']:.4f} (ret {row['retention_top1']:.3f}) loss {row['loss']:.3f} {sp} {row['block_configs']}")
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ gsm8k
+def _stage_models(workdir: Path) -> dict[str, Path]:
+    """The run's parent and each finished stage's exported model, by stage name."""
+    from nemoforge import lineage
+
+    stages = {s["stage"]: s for s in lineage.pipeline_status(f"sqlite:///{workdir / 'mlflow.db'}", "nemoforge")}
+    paths = {"parent": sorted((workdir / "artifacts" / "models").glob("parent-*"))[-1]}
+    for st in ("nas", "distill", "cpt", "sft", "rl"):
+        if st in stages and "model" in stages[st].get("outputs", {}):
+            p = Path(stages[st]["outputs"]["model"])
+            if (p / "config.json").is_file():
+                paths[st] = p
+    return paths
+
+
+def cmd_gsm8k(args) -> dict:
+    from transformers import AutoTokenizer
+
+    from nemoforge.config import EvalConfig
+    from nemoforge.data.reasoning import math_problems, read_chat_samples
+    from nemoforge.models.convert import load_causal_lm
+    from nemoforge.stages.eval.stage import evaluate_model
+    from nemoforge.stats import clustered_wilson_interval
+
+    paths = _stage_models(args.workdir.resolve())
+    final = next(st for st in ("rl", "sft", "cpt", "distill", "nas", "parent") if st in paths)
+    problem_set = math_problems(read_chat_samples(args.gsm8k))
+    cfg = EvalConfig(num_problems=len(problem_set.problems), num_samples=1, max_new_tokens=args.gsm8k_tokens,
+                     batch_size=args.gsm8k_batch)
+    report = {"file": str(args.gsm8k), "problems": len(problem_set.problems),
+              "unparseable": problem_set.num_unparseable, "max_new_tokens": cfg.max_new_tokens,
+              "temperature_on": cfg.temperature, "top_p_on": cfg.top_p, "final_stage": final, "models": {}}
+    for name in ("parent", final):
+        model = load_causal_lm(paths[name], dtype=torch.bfloat16).to(args.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(paths[name])
+        t = time.perf_counter()
+        rates, _ = evaluate_model(model, tokenizer, problem_set.problems, cfg)
+        row = {"path": str(paths[name]), "wall_s": time.perf_counter() - t}
+        for metric, tally in rates.items():
+            low, high = clustered_wilson_interval(tally.successes_C, tally.trials_C)
+            row |= {metric: tally.rate, f"{metric}_ci_low": low, f"{metric}_ci_high": high}
+        report["models"]["child" if name == final else "parent"] = row
+        print(f"gsm8k {name:7} on {row['math_pass1_on']:.3f} [{row['math_pass1_on_ci_low']:.3f}, "
+              f"{row['math_pass1_on_ci_high']:.3f}]  off {row['math_pass1_off']:.3f} [{row['math_pass1_off_ci_low']:.3f}, "
+              f"{row['math_pass1_off_ci_high']:.3f}]  ({row['wall_s']:.0f} s)")
+        del model
+        torch.cuda.empty_cache()
     return report
 
 
@@ -214,7 +260,7 @@ def cmd_mlflow(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["sweep", "models", "mlflow"])
+    p.add_argument("mode", choices=["sweep", "models", "gsm8k", "mlflow"])
     p.add_argument("--workdir", type=Path, default=Path("nemoforge-work/gpu"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
@@ -224,10 +270,13 @@ def main() -> None:
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--gsm8k", type=Path, help="GSM8K test JSONL (question, answer ending in '#### N')")
+    p.add_argument("--gsm8k-tokens", type=int, default=384, help="max new tokens per GSM8K reply")
+    p.add_argument("--gsm8k-batch", type=int, default=128)
     args = p.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     t = time.perf_counter()
-    report = {"sweep": cmd_sweep, "models": cmd_models, "mlflow": cmd_mlflow}[args.mode](args)
+    report = {"sweep": cmd_sweep, "models": cmd_models, "gsm8k": cmd_gsm8k, "mlflow": cmd_mlflow}[args.mode](args)
     report["wall_s"] = time.perf_counter() - t
     report["torch"] = torch.__version__
     args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")

@@ -11,7 +11,9 @@
 # (seconds for `nemoforge run`, default 480; the run's process group is stopped then); NF_SETS (extra
 # `key=value` overrides, space-separated); NF_CHECK_TIMEOUT (scripts/gpu_check.py models, default 120) and
 # NF_CHECK_ARGS (its extra arguments, e.g. "--repeats 2").
-# $OUT: status.json, models.json (decode speed b1/b64, held-out top-1), eval_report.json, sweep.json,
+# NF_GSM8K=0 skips the GSM8K test (gsm8k.json; NF_GSM8K_TIMEOUT, default 150 s); NF_TESTS=0 skips the carry
+# call's nas tests on the GPU.
+# $OUT: status.json, models.json (decode speed b1/b64, held-out top-1), gsm8k.json, eval_report.json, sweep.json,
 # summary.txt, logs.tgz (run log, MLflow dump, nas solutions, samples, env).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,6 +75,11 @@ if [ "$MODE" = carry ]; then
   head -3 "$LOG/env.txt" | tail -1
   echo "cpu: $(nproc) cores, $(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2), bf16 flags: $(grep -o -w -E "amx_bf16|avx512_bf16|avx512f" /proc/cpuinfo | sort -u | tr '\n' ' ')" | tee -a "$LOG/env.txt"
   cd "$ROOT"
+  # the nas stage's own tests, now on the GPU (BLD, scoring, cost timing and run() pick the CUDA device)
+  if [ "${NF_TESTS:-1}" = 1 ]; then
+    timeout -k 5 "${NF_TESTS_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider -W ignore \
+      tests/test_nas_run.py tests/test_nas_bld_scoring.py tests/test_nas_cost.py 2>&1 | tee "$LOG/tests.log" | tail -5
+  fi
   if [ "${NF_SWEEP:-0}" = 1 ]; then
     timeout -k 5 "${NF_SWEEP_TIMEOUT:-90}" python3 scripts/gpu_check.py sweep --out "$OUT/sweep.json" \
       --budgets ${NF_SWEEP_BUDGETS:-0.6 0.5} --repeats 2 2>&1 | tee "$LOG/sweep.log"
@@ -118,6 +125,13 @@ python3 scripts/gpu_check.py mlflow --workdir "$WORK" --out "$LOG/mlflow.json" 2
 if [ "${NF_CHECK:-1}" = 1 ]; then
   timeout -k 5 "${NF_CHECK_TIMEOUT:-120}" python3 scripts/gpu_check.py models --workdir "$WORK" \
     --out "$OUT/models.json" ${NF_CHECK_ARGS:-} 2>&1 | grep -v Warning | tee "$LOG/models.log" | tail -8
+fi
+if [ "${NF_GSM8K:-1}" = 1 ]; then
+  GSM8K=$WORK/data/gsm8k_test_500.jsonl
+  [ -f "$GSM8K" ] || python3 -c "import lzma, sys; open(sys.argv[2], 'wb').write(lzma.open(sys.argv[1]).read())" \
+    "$B/.nfdev1/gsm8k_test_500.jsonl.xz" "$GSM8K"
+  timeout -k 5 "${NF_GSM8K_TIMEOUT:-150}" python3 scripts/gpu_check.py gsm8k --workdir "$WORK" --gsm8k "$GSM8K" \
+    --out "$OUT/gsm8k.json" 2>&1 | grep -v Warning | tee "$LOG/gsm8k.log" | tail -4
 fi
 report=$(find "$WORK/artifacts" -name report.json -path "*eval*" 2>/dev/null | sort | tail -1)
 [ -n "$report" ] && cp "$report" "$OUT/eval_report.json"
