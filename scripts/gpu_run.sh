@@ -71,8 +71,10 @@ fi
 touch "$SITE/.imports-ok"; say "imports ok"
 
 if [ "$MODE" = carry ]; then
-  { nvidia-smi; lscpu | grep -E "Model name|^CPU\(s\)|Flags" | cut -c1-400; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } > "$LOG/env.txt" 2>&1
-  head -3 "$LOG/env.txt" | tail -1
+  { echo "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1)"
+    python3 -c "import torch, transformers; print('versions: torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+    nvidia-smi; lscpu | grep -E "Model name|^CPU\(s\)|Flags" | cut -c1-400; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } > "$LOG/env.txt" 2>&1
+  head -2 "$LOG/env.txt"
   echo "cpu: $(nproc) cores, $(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2), bf16 flags: $(grep -o -w -E "amx_bf16|avx512_bf16|avx512f" /proc/cpuinfo | sort -u | tr '\n' ' ')" | tee -a "$LOG/env.txt"
   cd "$ROOT"
   # the nas stage's own tests, now on the GPU (BLD, scoring, cost timing and run() pick the CUDA device)
@@ -152,6 +154,7 @@ for r in rows:
         print("   error:", r["error"])
 EOF
 cat "$OUT/summary.txt"
+[ -f "$LOG/env.txt" ] && cp "$LOG/env.txt" "$OUT/"
 tar -czf "$OUT/logs.tgz" -C "$WORK" logs last-error.txt 2>/dev/null \
   $(cd "$WORK" && find artifacts -path "*nas*" \( -name solutions.json -o -name block_library.json \) \
     -o -path "*samples*" -name "*.json" -o -name comparison.md -o -name report.json 2>/dev/null)

@@ -112,6 +112,22 @@ def test_missing_corpus_fails_before_compute(tmp_path: Path, capsys):
     assert not (tmp_path / "kfp").exists()
 
 
+def test_problem_file_without_gradable_answers_fails_before_compute(tmp_path: Path, capsys):
+    bad = tmp_path / "words.jsonl"
+    bad.write_text(
+        json.dumps({"question": "What colour is the sky?", "answer": "It is blue.\n#### blue"}) + "\n"
+        + json.dumps({"question": "Name a fruit.", "answer": "An apple.\n#### an apple or a pear"}) + "\n"
+    )
+    rc = main(["run", "smollm2-135m-demo", "--workdir", str(tmp_path / "w"), "--set", f"data.math_eval_uri={bad}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith(f"nemoforge: error: data.math_eval_uri {bad} holds no gradable problem")
+    assert not (tmp_path / "w" / "kfp").exists()
+    rc = main(["run", "smollm2-135m-demo", "--workdir", str(tmp_path / "w"), "--set", "data.sft_uri=/no/such.jsonl"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == "nemoforge: error: data.sft_uri /no/such.jsonl does not exist: give a JSONL file"
+
+
 def test_refusing_s3_endpoint_fails_before_compute(tmp_path: Path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

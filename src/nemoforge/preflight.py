@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nemoforge.config import Recipe
+from nemoforge.data.reasoning import math_problems, read_chat_samples
 from nemoforge.errors import InputNotFoundError, RecipeError
 
 
@@ -87,11 +88,37 @@ def check_budget(recipe: Recipe, parent_config: dict | None) -> None:
         )
 
 
-def check_inputs(recipe: Recipe) -> None:
-    """Check that the parent, the corpus and the artifact store can be reached.
+def check_math_data(recipe: Recipe) -> None:
+    """Check that the local problem files rl and eval grade hold at least one gradable problem.
+
+    ``data.math_eval_uri`` always; ``data.sft_uri`` when rl trains on it or eval grades its held-out split
+    (eval on, no ``data.math_eval_uri``). Store URIs (``s3://``) are read by the stages themselves.
 
     Raises:
-        InputNotFoundError: a local parent directory or corpus path does not exist.
+        InputNotFoundError: the file does not exist.
+        RecipeError: no row has a reference answer that parses (:func:`~nemoforge.grading.parse_reference`).
+        NemoforgeError: the file is not JSONL of a known schema.
+    """
+    data = recipe.data
+    uses_sft = recipe.rl.enabled or (recipe.eval.enabled and not data.math_eval_uri)
+    for field, uri, needed in (("data.sft_uri", data.sft_uri, uses_sft), ("data.math_eval_uri", data.math_eval_uri, True)):
+        if not uri or "://" in uri:
+            continue
+        if not Path(uri).is_file():
+            raise InputNotFoundError(f"{field} {uri} does not exist: give a JSONL file")
+        if needed and not math_problems(read_chat_samples(Path(uri))).problems:
+            raise RecipeError(
+                f"{field} {uri} holds no gradable problem (no reference answer parses as a number or expression): "
+                "give rows whose answers end in '#### <number>' (GSM8K) or a final \\boxed{} answer"
+            )
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Check that the parent, the corpus, the problem files and the artifact store can be reached.
+
+    Raises:
+        InputNotFoundError: a local parent directory, corpus path or problem file does not exist.
+        RecipeError: a problem file rl or eval grades holds no gradable problem (:func:`check_math_data`).
         StorageError: the artifact store (S3 endpoint, bucket) refuses.
     """
     from nemoforge.runner import store_for
@@ -101,6 +128,7 @@ def check_inputs(recipe: Recipe) -> None:
         raise InputNotFoundError(
             f"model.parent.path {parent.path} has no config.json: give a Hugging Face checkpoint directory"
         )
+    check_math_data(recipe)
     corpus = recipe.data.corpus_uri
     store = store_for(recipe)
     store.check()
