@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from test_distill import put_child, put_corpus
 
@@ -28,7 +29,9 @@ def test_cpt_lowers_heldout_loss(tiny_llama_dir: Path, shared_dir: Path, tmp_pat
     m = result.metrics
     assert m["loss_heldout_after"] < m["loss_heldout_before"] - 0.2, m
     assert m["perplexity_heldout_after"] < m["perplexity_heldout_before"]
-    assert "kl_div_heldout_before" not in m  # no teacher in cpt
+    assert "kl_div_heldout_before" not in m and "kl_div_heldout_drop" not in m  # no teacher in cpt
+    assert m["loss_heldout_drop"] == pytest.approx(m["loss_heldout_before"] - m["loss_heldout_after"], abs=1e-6)
+    assert 0 < m["loss_heldout_drop_ci_low"] <= m["loss_heldout_drop"] <= m["loss_heldout_drop_ci_high"], m
     assert m["train_tokens"] == 6 * 4 * 32
     losses = [v for _, v in result.history["loss"]]
     assert losses[-1] < losses[0]

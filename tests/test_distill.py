@@ -120,6 +120,11 @@ def test_distill_lowers_kl_and_resumes_after_a_crash(
     assert m["train_steps"] == 8
     assert m["kl_div_heldout_after"] < 0.8 * m["kl_div_heldout_before"], m
     assert m["kl_div_heldout_before"] > 0
+    # the drop is paired over the same held-out rows, with its interval clustered by row
+    for name in ("kl_div_heldout", "loss_heldout"):
+        assert m[f"{name}_drop"] == pytest.approx(m[f"{name}_before"] - m[f"{name}_after"], abs=1e-6)
+        assert m[f"{name}_drop_ci_low"] <= m[f"{name}_drop"] <= m[f"{name}_drop_ci_high"]
+    assert m["kl_div_heldout_drop_ci_low"] > 0, m  # distillation lowered the KL beyond the rows' noise
     assert (checkpoints / "step-8" / "meta.json").is_file()
     # history spans the whole run: steps 1-3 restored from the checkpoint, 4-8 trained now
     assert [s for s, _ in result.history["loss"]] == list(range(1, 9))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from nemoforge.config import Recipe
 
 
@@ -29,6 +31,14 @@ def test_rl_stage_runs_grpo_then_dpo_and_resumes(tiny_llama_dir: Path, shared_di
     m = result.metrics
     assert m["train_steps"] == 2 and m["preference_steps"] == 2
     assert 0.0 <= m["reward_heldout_before"] <= 1.5 and "reward_accuracy_heldout_after" in m
+    # gains paired over the same held-out rows (all scorable here), intervals clustered by question
+    assert m["reward_unscorable_fraction_heldout_before"] == m["reward_unscorable_fraction_heldout_after"] == 0
+    for gain, before, after in (
+        ("reward_heldout_gain", "reward_heldout_before", "reward_heldout_after"),
+        ("accuracy_heldout_gain", "reward_accuracy_heldout_before", "reward_accuracy_heldout_after"),
+    ):
+        assert m[gain] == pytest.approx(m[after] - m[before], abs=1e-6)
+        assert m[f"{gain}_ci_low"] <= m[gain] <= m[f"{gain}_ci_high"]
     assert [s for s, _ in result.history["reward_mean"]] == [1, 2]
     assert "kl" in result.history and "preference_loss" in result.history
     assert (Path(output_uri) / "checkpoints" / "step-2").is_dir()

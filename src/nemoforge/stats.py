@@ -1,7 +1,8 @@
-"""95% confidence intervals for eval rates, means and child/parent ratios.
+"""95% confidence intervals for eval rates, means, before/after differences and child/parent ratios.
 
 Every eval figure is an estimate from a finite sample; these functions give its interval so that two
-figures are only called different when their intervals say so.
+figures are only called different when their intervals say so. The eval stage and the training stages
+(distill, cpt, rl) use them, so this module sits outside both.
 
 - :func:`wilson_interval`: a proportion of independent trials (Wilson 1927, "Probable inference, the law of
   succession, and statistical inference", JASA 22:209-212). Unlike the normal (Wald) interval it stays
@@ -14,19 +15,23 @@ figures are only called different when their intervals say so.
   to evals", arXiv 2411.00640, §2.2).
 - :func:`clustered_mean_interval`: a per-token mean over clusters (held-out CE loss), normal interval on the
   clustered standard error (Miller 2024 §2.2).
+- :func:`paired_mean_difference`: after - before on the same rows (a training stage's held-out gain), the
+  clustered mean interval of the per-row differences (Miller 2024 §2.2 and §4, paired differences).
 - :func:`paired_bootstrap_ratio`: child/parent on the same clusters (retention), percentile bootstrap over
   clusters (Efron & Tibshirani 1993, "An Introduction to the Bootstrap", §13.3).
 - :func:`paired_bootstrap_median_ratio`: child/parent tokens/s over round-robin timing rounds (speedup).
 
-Shape legend: ``C`` clusters (problems, rows, prompts, timing rounds), ``R`` bootstrap resamples.
+Shape legend: ``C`` clusters (problems, rows, prompts, timing rounds), ``N`` paired rows, ``R`` bootstrap
+resamples.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import NamedTuple
 
 import numpy as np
 
@@ -125,6 +130,57 @@ def clustered_mean_interval(
     return mean - half, mean + half
 
 
+class Estimate(NamedTuple):
+    """A point estimate and its interval, in the unit of the values it came from."""
+
+    point: float
+    low: float
+    high: float
+
+
+def paired_mean_difference(
+    before_N: Sequence[float],
+    after_N: Sequence[float],
+    clusters_N: Sequence[Hashable] | None = None,
+    confidence: float = CONFIDENCE,
+) -> Estimate:
+    """Mean of ``after_N - before_N`` over paired rows, with a normal interval on its clustered standard error.
+
+    Both values of row ``i`` were measured on the same item (a held-out row before and after training), so the
+    interval is that of the per-row differences ``d_i`` (Miller 2024, "Adding error bars to evals",
+    arXiv 2411.00640, §4: pairing removes the items' own variance), here the clustered mean
+    interval of :func:`clustered_mean_interval` over the clusters' sums of ``d`` (§2.2):
+    ``mean(d) ± z · sqrt(Σ_c (Σ_{i∈c} d_i - mean(d) n_c)² / N²)``. Rows that share a cluster (one question
+    asked in two reasoning modes) are not independent; with ``clusters_N`` None each row is its own cluster.
+    Example: ``before_N = [0, 0]``, ``after_N = [0, 2]`` gives ``(1.0, -0.386, 2.386)``.
+
+    Args:
+        before_N: the value per row before (e.g. mean token KL in nats/token, a 0/1 accuracy).
+        after_N: the value per row after, same rows in the same order, same unit.
+        clusters_N: the cluster label per row (any hashable, e.g. the question), or None.
+        confidence: coverage.
+
+    Returns:
+        ``Estimate(point, low, high)`` of ``mean(after - before)`` in the values' unit; a constant difference
+        gives a zero-width interval.
+
+    Raises:
+        ValueError: the lists are empty or differ in length.
+    """
+    before, after = np.asarray(before_N, dtype=float), np.asarray(after_N, dtype=float)
+    labels = range(before.size) if clusters_N is None else clusters_N
+    if before.shape != after.shape or before.ndim != 1 or before.size == 0 or len(labels) != before.size:
+        raise ValueError(
+            f"paired_mean_difference needs equal, non-empty lists (and one cluster per row), got "
+            f"{before.shape}, {after.shape}, {len(labels)} clusters"
+        )
+    index: dict[Hashable, int] = {}
+    cluster_N = np.array([index.setdefault(label, len(index)) for label in labels])
+    diff_N = after - before
+    low, high = clustered_mean_interval(np.bincount(cluster_N, weights=diff_N), np.bincount(cluster_N), confidence)
+    return Estimate(float(diff_N.mean()), low, high)
+
+
 def _ratio_estimate(sums_C: Sequence[float], counts_C: Sequence[float]) -> tuple[float, float, float]:
     """``(Σx / Σn, Σ (x_c - mean n_c)² / (Σn)², Σn)``: the ratio estimator, its plug-in clustered variance, the count."""
     x, n = np.asarray(sums_C, dtype=float), np.asarray(counts_C, dtype=float)
@@ -147,6 +203,21 @@ def _percentile_interval(ratios_R: np.ndarray, confidence: float) -> tuple[float
     tail = (1 - confidence) / 2
     low, high = np.quantile(ratios_R, [tail, 1 - tail], method="inverted_cdf")
     return float(low), float(high)
+
+
+def _paired_resamples(
+    caller: str, child_C: Sequence[float], parent_C: Sequence[float], num_resamples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(child_RC, parent_RC)``: ``R`` resamples of ``C`` clusters drawn with replacement, pairs kept together.
+
+    Raises:
+        ValueError: the lists are empty or differ in length (the message names ``caller``).
+    """
+    c, p = np.asarray(child_C, dtype=float), np.asarray(parent_C, dtype=float)
+    if c.shape != p.shape or c.size == 0:
+        raise ValueError(f"{caller} needs two equal, non-empty lists, got {c.shape}, {p.shape}")
+    idx_RC = np.random.default_rng(seed).integers(0, c.size, size=(num_resamples, c.size))
+    return c[idx_RC], p[idx_RC]
 
 
 def paired_bootstrap_ratio(
@@ -177,11 +248,8 @@ def paired_bootstrap_ratio(
     Raises:
         ValueError: the lists are empty or differ in length.
     """
-    c, p = np.asarray(child_C, dtype=float), np.asarray(parent_C, dtype=float)
-    if c.shape != p.shape or c.size == 0:
-        raise ValueError(f"paired_bootstrap_ratio needs two equal, non-empty lists, got {c.shape}, {p.shape}")
-    idx_RC = np.random.default_rng(seed).integers(0, c.size, size=(num_resamples, c.size))
-    child_R, parent_R = c[idx_RC].sum(axis=1), p[idx_RC].sum(axis=1)
+    child_RC, parent_RC = _paired_resamples("paired_bootstrap_ratio", child_C, parent_C, num_resamples, seed)
+    child_R, parent_R = child_RC.sum(axis=1), parent_RC.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios_R = np.where(parent_R > 0, child_R / parent_R, np.where(child_R > 0, np.inf, 1.0))
     return _percentile_interval(ratios_R, confidence)
@@ -204,9 +272,8 @@ def paired_bootstrap_median_ratio(
     Raises:
         ValueError: the lists are empty, differ in length, or a parent value is not positive.
     """
-    c, p = np.asarray(child_C, dtype=float), np.asarray(parent_C, dtype=float)
-    if c.shape != p.shape or c.size == 0 or (p <= 0).any():
-        raise ValueError(f"paired_bootstrap_median_ratio needs two equal, non-empty, positive lists, got {c}, {p}")
-    idx_RC = np.random.default_rng(seed).integers(0, c.size, size=(num_resamples, c.size))
-    ratios_R = np.median(c[idx_RC], axis=1) / np.median(p[idx_RC], axis=1)
+    if any(v <= 0 for v in parent_C):
+        raise ValueError(f"paired_bootstrap_median_ratio needs positive parent values, got {list(parent_C)}")
+    child_RC, parent_RC = _paired_resamples("paired_bootstrap_median_ratio", child_C, parent_C, num_resamples, seed)
+    ratios_R = np.median(child_RC, axis=1) / np.median(parent_RC, axis=1)
     return _percentile_interval(ratios_R, confidence)

@@ -25,7 +25,8 @@ from nemoforge.config import CorpusTrainConfig, Recipe
 from nemoforge.data.corpus import load_corpus
 from nemoforge.data.packing import token_digest
 from nemoforge.stages.result import DatasetRef, StageResult
-from nemoforge.training.evaluate import evaluate_heldout
+from nemoforge.stats import paired_mean_difference
+from nemoforge.training.evaluate import heldout_means, heldout_row_scores
 from nemoforge.training.flops import training_flops_per_token
 from nemoforge.training.loop import LossFn, TrainState, epoch_batches, is_complete_checkpoint, train
 from nemoforge.training.perf import mask_packed_documents
@@ -91,6 +92,29 @@ def plot_history(history: dict[str, list[tuple[int, float]]], path: Path, title:
     return path
 
 
+def heldout_drops(before: dict[str, list[float]], after: dict[str, list[float]]) -> dict[str, float]:
+    """Before minus after of each per-row held-out score, paired over the same rows, with its 95% interval.
+
+    Args:
+        before: :func:`~nemoforge.training.evaluate.heldout_row_scores` before training (``[N]`` per score,
+            nats/token).
+        after: the same scores of the same rows after training.
+
+    Returns:
+        ``<name>_drop`` (``<name>_before - <name>_after``, nats/token; > 0: training lowered it),
+        ``<name>_drop_ci_low``, ``<name>_drop_ci_high`` for each score (``loss_heldout``, ``kl_div_heldout``):
+        :func:`~nemoforge.stats.paired_mean_difference` with each row its own cluster (the tokens of a row
+        are not independent, rows are).
+    """
+    metrics = {}
+    for name, before_N in before.items():
+        drop = paired_mean_difference(after[name], before_N)  # second minus first: before - after
+        metrics |= {
+            f"{name}_drop": drop.point, f"{name}_drop_ci_low": drop.low, f"{name}_drop_ci_high": drop.high
+        }
+    return metrics
+
+
 def run_training_stage(
     stage: str,
     cfg: CorpusTrainConfig,
@@ -106,8 +130,9 @@ def run_training_stage(
     """Train the model at ``model_uri`` on the corpus with ``loss_fn``; export, upload, report.
 
     The student is trained in float32 (bf16 autocast on CUDA) and exported in ``recipe.dtype``. It is
-    scored on the held-out rows before and after (:func:`~nemoforge.training.evaluate.evaluate_heldout`;
-    with ``teacher``, also its KL to the teacher). A re-run resumes from the newest complete checkpoint
+    scored on the held-out rows before and after (:func:`~nemoforge.training.evaluate.heldout_row_scores`;
+    with ``teacher``, also its KL to the teacher), and the drop from before to after is paired over the rows
+    (:func:`heldout_drops`). A re-run resumes from the newest complete checkpoint
     under ``output_uri/checkpoints`` (a finished run only re-scores and re-exports). With
     ``cfg.document_masking``, the student and the teacher attend within each packed document only, in
     training and in both held-out scorings (:func:`~nemoforge.training.perf.mask_packed_documents`, EOS of the
@@ -126,6 +151,7 @@ def run_training_stage(
 
     Returns:
         metrics ``<name>_before``/``<name>_after`` for ``loss_heldout``, ``perplexity_heldout`` (and
+        ``kl_div_heldout``), ``<name>_drop``/``_drop_ci_low``/``_drop_ci_high`` for ``loss_heldout`` (and
         ``kl_div_heldout``), ``loss_final``, ``train_steps``, ``train_tokens``, ``tokens_per_s``, ``params``;
         the per-step history; outputs ``model`` and ``checkpoints``; the model's digest; the loss-curve plot;
         the corpus splits as datasets; tags ``device``, ``params``, ``block_configs``, ``resumed_from_step``.
@@ -153,7 +179,7 @@ def run_training_stage(
     masks = []
     if cfg.document_masking:
         masks = [mask_packed_documents(m, tokenizer.eos_token_id) for m in (model, teacher) if m is not None]
-    before = evaluate_heldout(model, heldout_NT, batch_size=cfg.batch_size, teacher=teacher)
+    before = heldout_row_scores(model, heldout_NT, batch_size=cfg.batch_size, teacher=teacher)
 
     checkpoints_uri = uri_under(output_uri, "checkpoints")
     with tempfile.TemporaryDirectory(prefix=f"nemoforge-{stage}-") as tmp:
@@ -173,7 +199,7 @@ def run_training_stage(
 
         if not is_main_process():  # under torchrun, rank 0 scores, exports and uploads; the others only train
             return StageResult(history=state.history, tags={"device": str(device)})
-        after = evaluate_heldout(model, heldout_NT, batch_size=cfg.batch_size, teacher=teacher)
+        after = heldout_row_scores(model, heldout_NT, batch_size=cfg.batch_size, teacher=teacher)
         for handle in masks:
             handle.remove()
 
@@ -186,7 +212,9 @@ def run_training_stage(
 
     num_params = sum(p.numel() for p in model.parameters())
     throughput = [v for _, v in state.history.get("tokens_per_s", [])[1:]] or [0.0]  # step 1 includes warm-up
-    metrics = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
+    metrics = {f"{k}_before": v for k, v in heldout_means(before).items()}
+    metrics |= {f"{k}_after": v for k, v in heldout_means(after).items()}
+    metrics |= heldout_drops(before, after)
     metrics |= {
         "loss_final": state.history["loss"][-1][1],
         "train_steps": float(state.step),

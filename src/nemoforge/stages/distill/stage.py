@@ -41,7 +41,8 @@ def run(
 
     Returns:
         See :func:`~nemoforge.training.stage.run_training_stage`; ``kl_div_heldout_before``/``_after`` are
-        the mean per-token KL(parent || child) in nats on the held-out rows.
+        the mean per-token KL(parent || child) in nats on the held-out rows, ``kl_div_heldout_drop`` (before -
+        after, paired over the same rows) with ``_drop_ci_low``/``_drop_ci_high``, its 95% interval.
 
     Raises:
         InputNotFoundError: an input URI does not exist.

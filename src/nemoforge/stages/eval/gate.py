@@ -19,7 +19,7 @@ from typing import Any
 
 from nemoforge.artifacts import ArtifactStore
 from nemoforge.config import GateConfig
-from nemoforge.stages.eval.stats import ratio
+from nemoforge.stats import ratio
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The text is the corpus stage's held-out split (``heldout.pt`` of the corpus that nas, distill and cpt
 read; they train on ``train.pt`` only). Scores are kept per row, the unit of the confidence intervals:
-the tokens of one row are not independent draws (:mod:`nemoforge.stages.eval.stats`).
+the tokens of one row are not independent draws (:mod:`nemoforge.stats`).
 
 Shape legend: ``N`` held-out rows, ``B`` rows per forward, ``T`` tokens per row, ``V`` vocabulary.
 """

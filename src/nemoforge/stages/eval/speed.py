@@ -4,7 +4,7 @@ A model timed once in its own phase measures the machine as much as the model: o
 parent at 4.7 tokens/s and later ones at 16.2. Here every model decodes once (warm-up), then ``repeats``
 rounds time each model back to back, the order alternating between rounds (ABBA...), so that load drifts
 and order effects fall on both. The speedup is the ratio of the median tokens/s, with a paired bootstrap
-interval over rounds (:func:`~nemoforge.stages.eval.stats.paired_bootstrap_median_ratio`).
+interval over rounds (:func:`~nemoforge.stats.paired_bootstrap_median_ratio`).
 
 Shape legend: ``T`` prompt tokens, ``N`` new tokens, ``R`` rounds.
 """

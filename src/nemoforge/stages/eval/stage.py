@@ -8,7 +8,7 @@ rows, which no stage trained on (:mod:`nemoforge.stages.eval.heldout`). Decode t
 timed round-robin (:mod:`nemoforge.stages.eval.speed`); for the child, the per-token KL(parent || child)
 on the held-out reference chats.
 
-Intervals (:mod:`nemoforge.stages.eval.stats`, seeded by ``eval.seed``): every rate ``<m>`` gets
+Intervals (:mod:`nemoforge.stats`, seeded by ``eval.seed``): every rate ``<m>`` gets
 ``<m>_ci_low``/``<m>_ci_high``, a Wilson interval clustered by problem (``k`` samples), prompt (IFEval
 instructions) or held-out row (tokens), plain Wilson with one trial per cluster; ``lm_loss`` a normal
 interval on its clustered standard error; ``retention_<m>`` (child / parent) a paired bootstrap over the
@@ -63,7 +63,9 @@ from nemoforge.stages.eval.ifeval import (
     unavailable_instructions,
 )
 from nemoforge.stages.eval.speed import DecodeTiming, time_decode_round_robin
-from nemoforge.stages.eval.stats import (
+from nemoforge.stages.result import DatasetRef, StageResult
+from nemoforge.stages.sft.stage import sft_samples
+from nemoforge.stats import (
     Tally,
     clustered_mean_interval,
     clustered_wilson_interval,
@@ -71,8 +73,6 @@ from nemoforge.stages.eval.stats import (
     paired_bootstrap_ratio,
     ratio,
 )
-from nemoforge.stages.result import DatasetRef, StageResult
-from nemoforge.stages.sft.stage import sft_samples
 from nemoforge.training.losses import kl_div_BT
 from nemoforge.training.runtime import compute_device
 from nemoforge.training.stage import uri_under

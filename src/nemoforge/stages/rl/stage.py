@@ -61,6 +61,7 @@ from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stages.rl.losses import clipped_policy_loss, dpo_loss, group_advantages, token_logps
 from nemoforge.stages.rl.rollout import GENERATE_TAG, VLLMRollouts, resolve_engine
 from nemoforge.stages.sft.stage import sft_samples
+from nemoforge.stats import paired_mean_difference
 from nemoforge.training.loop import epoch_batches, train
 from nemoforge.training.runtime import compute_device
 from nemoforge.training.stage import fetch_latest_checkpoint, plot_history, recipe_dtype, uri_under
@@ -147,7 +148,8 @@ def heldout_reward(
 
     Returns:
         ``({"reward_heldout", "reward_<name>_heldout", "reward_unscorable_fraction_heldout"}, samples)``
-        (:func:`reward_metrics`); a sample's ``reward`` is None when it is unscorable.
+        (:func:`reward_metrics`); a sample's ``reward`` (the weighted total) is None when it is unscorable, its
+        ``rewards`` are each reward's value (None where that reward does not apply).
     """
     replies = generate_chats(
         model, tokenizer, [(q, r) for q, _, r in problems], max_new_tokens=cfg.max_new_tokens
@@ -155,10 +157,54 @@ def heldout_reward(
     total, parts = score(cfg.reward_weights, replies, problems)
     metrics = reward_metrics(total, parts, total_name="reward_heldout", suffix="_heldout")
     samples = [
-        {"prompt": q, "answer": a, "reasoning": r, "response": t, "reward": s}
-        for (q, a, r), t, s in zip(problems, replies, total, strict=True)
+        {"prompt": q, "answer": a, "reasoning": r, "response": t, "reward": s,
+         "rewards": {name: values[i] for name, values in parts.items()}}
+        for i, ((q, a, r), t, s) in enumerate(zip(problems, replies, total, strict=True))
     ]
     return metrics, samples
+
+
+def heldout_gains(
+    samples_before: Sequence[dict[str, Any]], samples_after: Sequence[dict[str, Any]]
+) -> dict[str, float]:
+    """After minus before on the same held-out prompts, with 95% intervals clustered by question.
+
+    Paired per held-out row (:func:`~nemoforge.stats.paired_mean_difference`): the same prompt in the same
+    reasoning mode, greedy reply before and after training. Rows that share a question (a problem asked in
+    both reasoning modes, or repeated in a ``data.math_eval_uri`` file) form one cluster, as their replies
+    are not independent; :func:`rl_problems` alternates the modes over distinct questions, so there a
+    cluster is one row unless the file repeats a question. A row whose value is None (unscorable) before or
+    after is left out of that pair, so a gain is over the rows scored both times and may differ from
+    ``<name>_after - <name>_before`` when the scorable rows differ; a gain over no row is left out, as the
+    reward means are.
+
+    Args:
+        samples_before: :func:`heldout_reward`'s samples before training.
+        samples_after: its samples after, same prompts in the same order.
+
+    Returns:
+        ``reward_heldout_gain`` (weighted total reward) and, when ``accuracy`` is one of the rewards,
+        ``accuracy_heldout_gain`` (its 0/1 part: held-out accuracy after minus before), each with
+        ``_ci_low`` and ``_ci_high``.
+    """
+    values = {
+        "reward_heldout": lambda sample: sample["reward"],
+        "accuracy_heldout": lambda sample: sample["rewards"].get("accuracy"),
+    }
+    metrics: dict[str, float] = {}
+    for name, value in values.items():
+        pairs = [
+            (value(b), value(a), b["prompt"])
+            for b, a in zip(samples_before, samples_after, strict=True)
+            if value(b) is not None and value(a) is not None
+        ]
+        if pairs:
+            before_N, after_N, question_N = zip(*pairs, strict=True)
+            gain = paired_mean_difference(before_N, after_N, clusters_N=question_N)
+            metrics |= {
+                f"{name}_gain": gain.point, f"{name}_gain_ci_low": gain.low, f"{name}_gain_ci_high": gain.high
+            }
+    return metrics
 
 
 def filter_by_pass_rate(
@@ -314,8 +360,9 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
         store: the artifact store.
 
     Returns:
-        metrics ``reward_heldout_{before,after}`` (and per reward), ``pass_rate_filter``, ``num_prompts``,
-        ``train_steps``, (``preference_loss_final``); per-step history (``reward_mean``, ``clip_fraction``,
+        metrics ``reward_heldout_{before,after}`` (and per reward), ``reward_heldout_gain`` and
+        ``accuracy_heldout_gain`` with their ``_ci_low``/``_ci_high`` (:func:`heldout_gains`),
+        ``pass_rate_filter``, ``num_prompts``, ``train_steps``, (``preference_loss_final``); per-step history (``reward_mean``, ``clip_fraction``,
         ``kl``, ``loss``, ...; ``preference/...``); outputs ``model``, ``checkpoints``, ``samples``.
 
     Raises:
@@ -428,6 +475,7 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
             store.put(work / f"{name}.json", uri_under(samples_uri, f"{name}.json"))
 
     metrics |= {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
+    metrics |= heldout_gains(samples_before, samples_after)
     metrics |= {"pass_rate_filter": pass_rate, "num_prompts": float(len(kept))}
     metrics = {k: v for k, v in metrics.items() if v == v}  # drop NaN (no filtering)
     digest_rows = json.dumps([list(p) for p in kept]).encode()
