@@ -218,7 +218,7 @@ def cmd_gsm8k(args) -> dict:
               "temperature_on": cfg.temperature, "top_p_on": cfg.top_p, "final_stage": final, "models": {}}
     for name in ("parent", final):
         model = load_causal_lm(paths[name], dtype=torch.bfloat16).to(args.device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(paths[name])
+        tokenizer = AutoTokenizer.from_pretrained(paths[name], config=model.config)
         t = time.perf_counter()
         rates, _ = evaluate_model(model, tokenizer, problem_set.problems, cfg)
         row = {"path": str(paths[name]), "wall_s": time.perf_counter() - t}
