@@ -53,8 +53,8 @@ def test_rl_stage_runs_grpo_then_dpo_and_resumes(tiny_llama_dir: Path, shared_di
 
 def test_rl_problems_are_disjoint_from_sft_data_and_each_other(tmp_path: Path):
     from nemoforge.artifacts import open_store
+    from nemoforge.data.reasoning import sft_samples
     from nemoforge.stages.rl.stage import rl_problems
-    from nemoforge.stages.sft.stage import sft_samples
 
     recipe = Recipe(
         name="test",

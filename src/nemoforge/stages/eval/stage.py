@@ -48,6 +48,7 @@ from nemoforge.data.reasoning import (
     encode_chat,
     math_problems,
     read_chat_samples,
+    sft_samples,
     toggle_compliant,
 )
 from nemoforge.errors import NemoforgeError
@@ -64,7 +65,6 @@ from nemoforge.stages.eval.ifeval import (
 )
 from nemoforge.stages.eval.speed import DecodeTiming, time_decode_round_robin
 from nemoforge.stages.result import DatasetRef, StageResult
-from nemoforge.stages.sft.stage import sft_samples
 from nemoforge.stats import (
     Tally,
     clustered_mean_interval,

@@ -53,6 +53,7 @@ from nemoforge.data.reasoning import (
     math_problems,
     read_chat_samples,
     read_preference_pairs,
+    sft_samples,
 )
 from nemoforge.errors import NemoforgeError
 from nemoforge.rewards import combined_rewards
@@ -60,7 +61,6 @@ from nemoforge.stages.eval.generation import generate_chats, generate_ids, pad_i
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stages.rl.losses import clipped_policy_loss, dpo_loss, group_advantages, token_logps
 from nemoforge.stages.rl.rollout import GENERATE_TAG, VLLMRollouts, resolve_engine
-from nemoforge.stages.sft.stage import sft_samples
 from nemoforge.stats import paired_mean_difference
 from nemoforge.training.loop import epoch_batches, train
 from nemoforge.training.runtime import compute_device

@@ -19,13 +19,10 @@ from nemoforge.artifacts import ArtifactStore, digest_path
 from nemoforge.config import Recipe
 from nemoforge.data.packing import token_digest
 from nemoforge.data.reasoning import (
-    SFT_HELDOUT_FRACTION,
-    ChatSample,
     encode_chat,
     from_signed_ids,
-    load_chat_samples,
     pack_chats,
-    split_by_prompt,
+    sft_samples,
     to_signed_ids,
 )
 from nemoforge.stages.eval.generation import pad_id, toggle_compliance
@@ -69,25 +66,6 @@ def heldout_assistant_loss(
         total, count = total + s.item(), count + c.item()
     model.train(was_training)
     return total / max(count, 1.0)
-
-
-def sft_samples(recipe: Recipe, store: ArtifactStore) -> tuple[list[ChatSample], list[ChatSample], str]:
-    """The sft stage's training and held-out chats (split by prompt) and their source name.
-
-    ``data.sft_uri``, or generated arithmetic at ``data.arithmetic``'s difficulty; rl and eval call this to
-    keep their prompts apart from (rl) or inside (eval) the held-out split.
-    """
-    data = recipe.data
-    samples = load_chat_samples(
-        data.sft_uri, recipe.sft.num_samples, seed=recipe.seed, store=store, **data.arithmetic.model_dump()
-    )
-    train, heldout = split_by_prompt(samples, heldout_fraction=SFT_HELDOUT_FRACTION, seed=recipe.sft.seed)
-    task = data.arithmetic
-    source = data.sft_uri or (
-        f"generated://arithmetic?seed={recipe.seed}&n={recipe.sft.num_samples}"
-        f"&steps={task.num_steps}&max_operand={task.max_operand}"
-    )
-    return train, heldout, source
 
 
 def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore) -> StageResult:
