@@ -112,6 +112,18 @@ def prepare_parent_step(recipe: Recipe, run_name: str) -> Ref:
     return ref
 
 
+CORPUS_FIELDS = frozenset(
+    {"corpus_uri", "text_field", "seq_len_tokens", "heldout_fraction", "max_sequences", "teacher_corpus"}
+)
+"""The ``data`` fields that shape the corpus (the reasoning data, e.g. ``data.arithmetic``, does not)."""
+
+
+def corpus_key(recipe: Recipe, inputs: dict[str, Ref]) -> str:
+    """The corpus step's key: :data:`CORPUS_FIELDS`, the seed and the parent (when the corpus is sampled)."""
+    section = {"data": recipe.data.model_dump(mode="json", include=set(CORPUS_FIELDS)), "seed": recipe.seed}
+    return step_key("corpus", section, inputs)
+
+
 def prepare_corpus_step(recipe: Recipe, parent: Ref) -> Ref:
     """Read (or sample from the parent), tokenize, pack and split the corpus; reused by key."""
     from transformers import AutoTokenizer
@@ -120,7 +132,7 @@ def prepare_corpus_step(recipe: Recipe, parent: Ref) -> Ref:
 
     store = store_for(recipe)
     inputs = {"parent": parent} if recipe.data.corpus_uri is None else {}
-    key = step_key("corpus", {"data": recipe.data.model_dump(mode="json"), "seed": recipe.seed}, inputs)
+    key = corpus_key(recipe, inputs)
     index = StepIndex(store, "corpus", key)
     entry = index.read()
     if entry and entry.get("state") == "done" and store.exists(entry["ref"]["uri"]):
