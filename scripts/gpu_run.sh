@@ -6,9 +6,9 @@
 #                                   # NF_SWEEP=1 time the nas cost model at batch 1 and 64 (no weights needed)
 #   bash scripts/gpu_run.sh run     # the last call: reassemble the parent wheel, run, collect
 #
-# Environment: NF_WORKDIR (default /tmp/nf-gpu, which stays while the machine is warm, so a second
-# `run` resumes: finished stages are reused, an interrupted one resumes from its checkpoint); NF_TIMEOUT
-# (seconds for `nemoforge run`, default 480; the run's process group is stopped then); NF_SETS (extra
+# Environment: NF_WORKDIR (default /tmp/nf-gpu, which stays while the machine is warm); NF_TIMEOUT (seconds
+# this call waits for the run, default 480: the run goes on in its own session, and the next `run` call waits
+# for it, then collects the results); NF_SETS (extra
 # `key=value` overrides, space-separated); NF_CHECK_TIMEOUT (scripts/gpu_check.py models, default 120) and
 # NF_CHECK_ARGS (its extra arguments, e.g. "--repeats 2").
 # NF_GSM8K=0 skips the GSM8K test (gsm8k.json; NF_GSM8K_TIMEOUT, default 150 s); NF_TESTS=0 skips the carry
@@ -108,16 +108,29 @@ if [ ! -f "$CORPUS" ]; then
 fi
 
 cd "$ROOT"
-# --- the run, in its own process group, stopped after NF_TIMEOUT seconds
+# --- the run: its own session (it outlives this call while the machine stays warm); this call waits for it
+# at most NF_TIMEOUT seconds, and a later `run` call waits for the same run instead of starting another
 sets=(--set "data.corpus_uri=$CORPUS")
 for s in ${NF_SETS:-}; do sets+=(--set "$s"); done
-say "nemoforge run smollm2-135m-gpu --workdir $WORK ${sets[*]} (limit ${NF_TIMEOUT:-480} s)"
-setsid python3 -m nemoforge.cli run smollm2-135m-gpu --workdir "$WORK" "${sets[@]}" >> "$LOG/run.log" 2>&1 &
-pid=$!
-( sleep "${NF_TIMEOUT:-480}"; kill -TERM -- -"$pid" 2>/dev/null; sleep 10; kill -KILL -- -"$pid" 2>/dev/null ) &
-watchdog=$!
-wait "$pid"; rc=$?
-kill "$watchdog" 2>/dev/null; kill -KILL -- -"$pid" 2>/dev/null
+PIDF=$WORK/run.pid
+if [ -f "$WORK/run.rc" ]; then
+  say "the run has finished already (exit $(cat "$WORK/run.rc"))"
+elif [ -f "$PIDF" ] && kill -0 "$(cat "$PIDF")" 2>/dev/null; then
+  say "waiting for the run in progress (pid $(cat "$PIDF"))"
+else
+  say "nemoforge run smollm2-135m-gpu --workdir $WORK ${sets[*]}"
+  setsid bash -c 'python3 -m nemoforge.cli run smollm2-135m-gpu --workdir "$0" "${@}" >> "$0/logs/run.log" 2>&1; echo $? > "$0/run.rc"' \
+    "$WORK" "${sets[@]}" < /dev/null > /dev/null 2>&1 &
+  echo $! > "$PIDF"
+fi
+deadline=$((SECONDS + ${NF_TIMEOUT:-480}))
+while [ ! -f "$WORK/run.rc" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 5; done
+if [ ! -f "$WORK/run.rc" ]; then
+  python3 -m nemoforge.cli status --workdir "$WORK" 2>&1 | tail -12
+  say "still running after ${NF_TIMEOUT:-480} s: call again (at once: the machine stays warm 30 s) to wait for it"
+  exit 0
+fi
+rc=$(cat "$WORK/run.rc")
 say "nemoforge run exit $rc"
 tail -25 "$LOG/run.log"
 
