@@ -127,6 +127,8 @@ deadline=$((SECONDS + ${NF_TIMEOUT:-480}))
 while [ ! -f "$WORK/run.rc" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 5; done
 if [ ! -f "$WORK/run.rc" ]; then
   python3 -m nemoforge.cli status --workdir "$WORK" 2>&1 | tail -12
+  python3 -m nemoforge.cli status --workdir "$WORK" --json > "$OUT/status.json" 2>>"$LOG/post.err"
+  tar -czf "$OUT/logs.tgz" -C "$WORK" logs 2>/dev/null
   say "still running after ${NF_TIMEOUT:-480} s: call again (at once: the machine stays warm 30 s) to wait for it"
   exit 0
 fi
