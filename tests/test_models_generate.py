@@ -112,6 +112,18 @@ def test_fixed_shape_decode_step_equals_the_growing_cache(child) -> None:
     assert torch.equal(ids, expected)
 
 
+def test_fixed_shape_cache_takes_bf16_keys_over_fp32_weights(child) -> None:
+    """rl decodes its fp32 policy under bf16 autocast: the fixed-shape write casts to the cache dtype (the H100 run's
+    rl stage failed in index_copy_ before it did)."""
+    cache = StaticKVCache(child, 2, 8)
+    cache.write_pos_1 = torch.tensor([3])
+    shape = cache.keys[0].shape
+    k = torch.randn(shape[0], shape[1], 1, shape[3]).to(torch.bfloat16)
+    keys, values = cache.update(k, k, 0)
+    assert keys.dtype == torch.float32 and torch.equal(keys[:, :, 3:4], k.float())
+    assert torch.count_nonzero(keys[:, :, :3]) == 0
+
+
 def test_sampling_is_reproducible_and_eos_stops(parent, prompt: torch.Tensor) -> None:
     def sample(seed: int, **kwargs) -> torch.Tensor:
         return generate(

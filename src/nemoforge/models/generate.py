@@ -58,9 +58,9 @@ class StaticKVCache:
         Raises:
             ValueError: the cache is full.
         """
-        if self.write_pos_1 is not None:
-            self.keys[slot].index_copy_(2, self.write_pos_1, k_BKTDh)
-            self.values[slot].index_copy_(2, self.write_pos_1, v_BKTDh)
+        if self.write_pos_1 is not None:  # cast like the slice write below (bf16 autocast over fp32 weights)
+            self.keys[slot].index_copy_(2, self.write_pos_1, k_BKTDh.to(self.keys[slot].dtype))
+            self.values[slot].index_copy_(2, self.write_pos_1, v_BKTDh.to(self.values[slot].dtype))
             return self.keys[slot], self.values[slot]
         start = self.lengths[slot]
         end = start + k_BKTDh.shape[2]
