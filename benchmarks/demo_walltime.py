@@ -13,11 +13,9 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from demo_run import run_fresh, stage_status
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -30,19 +28,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
 
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    env = {**os.environ, "NEMOFORGE_CACHE": str(args.cache.resolve()), "NEMOFORGE_NO_PROGRESS": "1"}
-    cmd = [sys.executable, "-m", "nemoforge.cli", "run", args.recipe, "--workdir", str(args.workdir), "--quiet"]
-    for item in args.overrides:
-        cmd += ["--set", item]
-    started = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env)
-    total_s = time.perf_counter() - started
-    status = subprocess.run(
-        [sys.executable, "-m", "nemoforge.cli", "status", "--workdir", str(args.workdir), "--json"],
-        check=True, capture_output=True, text=True, env=env,
-    )
-    stages = json.loads(status.stdout)
+    total_s = run_fresh(args.recipe, args.workdir, args.cache, args.overrides)
+    stages = stage_status(args.workdir)
     per_stage = {s["stage"]: round(s["wall_time_s"], 1) for s in stages}
     result = {
         "benchmark": "demo_walltime",

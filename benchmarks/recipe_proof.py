@@ -28,22 +28,13 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from demo_run import run_fresh, stage_status
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def _status(workdir: Path) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [sys.executable, "-m", "nemoforge.cli", "status", "--workdir", str(workdir), "--json"],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    return json.loads(out)
 
 
 def _figure(metrics: dict[str, float], name: str, key: str | None = None) -> dict[str, Any]:
@@ -178,14 +169,7 @@ def main() -> None:
     recipe = load_recipe(args.recipe)
     report: dict[str, Any] = {"benchmark": "recipe_proof", "recipe": args.recipe, "command": " ".join(sys.argv)}
     if args.mode == "run":
-        shutil.rmtree(args.workdir, ignore_errors=True)
-        env = {**os.environ, "NEMOFORGE_CACHE": str(args.cache.resolve()), "NEMOFORGE_NO_PROGRESS": "1"}
-        cmd = [sys.executable, "-m", "nemoforge.cli", "run", args.recipe, "--workdir", str(args.workdir), "--quiet"]
-        for item in args.overrides:
-            cmd += ["--set", item]
-        started = time.perf_counter()
-        subprocess.run(cmd, check=False, env=env)
-        report["total_wall_s"] = time.perf_counter() - started
+        report["total_wall_s"] = run_fresh(args.recipe, args.workdir, args.cache, args.overrides, check=False)
         report |= {"device": f"CPU: {os.cpu_count()} cores, {platform.processor() or platform.machine()}",
                    "versions": _versions(), "overrides": args.overrides}
     if args.device_out:
@@ -197,7 +181,7 @@ def main() -> None:
         lines = env_txt.read_text().splitlines() if env_txt.is_file() else []
         report["device"] = "; ".join(line for line in lines if line.startswith(("gpu:", "cpu:", "versions:")))
     else:
-        rows, models, gsm8k = _status(args.workdir), None, None
+        rows, models, gsm8k = stage_status(args.workdir), None, None
     if not rows:
         sys.exit(f"no pipeline run found in {args.workdir}")
     report |= figures(rows, recipe.model_dump(mode="json"), models, gsm8k)
