@@ -59,7 +59,7 @@ dl=(download -q --no-deps --only-binary=:all: --python-version 3.12 --implementa
 for spec in "${SDIST_WHEELS[@]}"; do
   name=${spec%%==*}
   ls "$CACHE/whl/${name//-/_}-"*.whl >/dev/null 2>&1 ||
-    "${PIP[@]}" wheel -q --no-deps --no-build-isolation "$spec" -w "$CACHE/whl" 2>&1 | grep -v "is ignored" || true
+    "${PIP[@]}" wheel -q --no-deps "$spec" -w "$CACHE/whl" 2>&1 | grep -v "is ignored" || true
 done
 mlflow_whl=$(ls "$CACHE"/whl/mlflow-[0-9]*.whl)
 if unzip -Z1 "$mlflow_whl" "mlflow/server/js/build/*" >/dev/null 2>&1; then
