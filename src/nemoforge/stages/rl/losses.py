@@ -40,13 +40,26 @@ def group_advantages(
     return advantages_PG.view(-1), zero_std_P1.view(-1)
 
 
-def token_logps(model: torch.nn.Module, input_ids_NT: torch.Tensor, attention_mask_NT: torch.Tensor) -> torch.Tensor:
-    """``logp_NT'`` (``T' = T - 1``): log-probability of each next token under ``model`` (float32)."""
+def token_logps(
+    model: torch.nn.Module,
+    input_ids_NT: torch.Tensor,
+    attention_mask_NT: torch.Tensor,
+    *,
+    num_last: int | None = None,
+) -> torch.Tensor:
+    """``logp_NK``: log-probability under ``model`` (float32) of each of the last ``K`` tokens given the ones before.
+
+    ``K = num_last`` (default ``T - 1``: every next token). Only those ``K`` positions' logits are computed
+    (``logits_to_keep``, as TRL does): on a small model the LM head over the vocabulary (49,152 for SmolLM2) is a
+    large share of a GRPO step, and only completion tokens need it.
+    """
+    num_last = input_ids_NT.shape[1] - 1 if num_last is None else num_last
     position_ids_NT = (attention_mask_NT.long().cumsum(-1) - 1).clamp(min=0)
-    logits_NTV = model(
-        input_ids_NT, attention_mask=attention_mask_NT, position_ids=position_ids_NT, use_cache=False
+    logits_NKV = model(
+        input_ids_NT, attention_mask=attention_mask_NT, position_ids=position_ids_NT, use_cache=False,
+        logits_to_keep=num_last + 1,
     ).logits[:, :-1].float()
-    return torch.gather(logits_NTV.log_softmax(-1), 2, input_ids_NT[:, 1:, None]).squeeze(-1)
+    return torch.gather(logits_NKV.log_softmax(-1), 2, input_ids_NT[:, -num_last:, None]).squeeze(-1)
 
 
 def clipped_policy_loss(

@@ -236,22 +236,22 @@ def filter_by_pass_rate(
 def rollout_batch(
     tokenizer: Any, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded prompt + right-padded completion rows: ``(ids_NT, attention_mask_NT, completion_mask_NT')``.
+    """Left-padded prompt + right-padded completion rows: ``(ids_NT, attention_mask_NT, completion_mask_NC)``.
 
-    ``completion_mask_NT'`` (``T' = T - 1``) marks the positions whose next token is a completion token,
-    aligned with :func:`~nemoforge.stages.rl.losses.token_logps`.
+    ``completion_mask_NC`` covers the last ``C`` columns (the completions' width, at least 1) and marks the
+    completion tokens among them, aligned with :func:`~nemoforge.stages.rl.losses.token_logps` called with
+    ``num_last=C``.
     """
     pad = pad_id(tokenizer)
     width_p = max(len(p) for p in prompt_ids)
-    width_c = max(len(c) for c in completion_ids)
+    width_c = max(1, max(len(c) for c in completion_ids))
     ids, attn, comp = [], [], []
     for p, c in zip(prompt_ids, completion_ids, strict=True):
         lp, lc = width_p - len(p), width_c - len(c)
         ids.append([pad] * lp + list(p) + list(c) + [pad] * lc)
         attn.append([0] * lp + [1] * (len(p) + len(c)) + [0] * lc)
-        comp.append([0] * (width_p + width_c) if not c else [0] * width_p + [1] * len(c) + [0] * lc)
-    comp_NT = torch.tensor(comp, dtype=torch.bool)[:, 1:]
-    return torch.tensor(ids), torch.tensor(attn), comp_NT
+        comp.append([1] * len(c) + [0] * lc)
+    return torch.tensor(ids), torch.tensor(attn), torch.tensor(comp, dtype=torch.bool)
 
 
 def make_grpo_loss(
@@ -290,15 +290,15 @@ def make_grpo_loss(
         rewards_N = torch.tensor([float("nan") if r is None else r for r in rewards])
         advantages_N, zero_std_P = group_advantages(rewards_N, cfg.num_generations)
         advantages_N = advantages_N.to(device)
-        ids_NT, attn_NT, comp_NT = (t.to(device) for t in rollout_batch(tokenizer, p_ids, c_ids))
-        logp_NT = token_logps(model, ids_NT, attn_NT)
-        ref_logp_NT = None
+        ids_NT, attn_NT, comp_NC = (t.to(device) for t in rollout_batch(tokenizer, p_ids, c_ids))
+        logp_NC = token_logps(model, ids_NT, attn_NT, num_last=comp_NC.shape[1])
+        ref_logp_NC = None
         if cfg.beta > 0 and ref_model is not None:
             with torch.no_grad():
-                ref_logp_NT = token_logps(ref_model, ids_NT, attn_NT)
+                ref_logp_NC = token_logps(ref_model, ids_NT, attn_NT, num_last=comp_NC.shape[1])
         loss, stats = clipped_policy_loss(
-            logp_NT, logp_NT.detach(), advantages_N, comp_NT, epsilon=cfg.epsilon,
-            epsilon_high=cfg.epsilon_high, ref_logp_NT=ref_logp_NT, beta=cfg.beta,
+            logp_NC, logp_NC.detach(), advantages_N, comp_NC, epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high, ref_logp_NT=ref_logp_NC, beta=cfg.beta,
         )
         metrics = {**reward_metrics(rewards, parts, total_name="reward_mean"), **stats}
         metrics["frac_reward_zero_std"] = zero_std_P.float().mean().item()
