@@ -61,6 +61,8 @@ def figures(
     out |= _figure(ev, "math_pass1_on") | _figure(ev, "math_pass1_off") | _figure(ev, "kl_to_parent")
     out |= _figure(ev, "speedup_b1", "speedup") | _figure(ev, "decode_tokens_per_s")
     out |= _figure(rl, "rl_accuracy_gain", "accuracy_heldout_gain") | _figure(rl, "rl_reward_gain", "reward_heldout_gain")
+    for mode in ("on", "off"):  # per reasoning mode (rl runs from 2026-12-07 on)
+        out |= _figure(rl, f"rl_accuracy_{mode}_gain", f"accuracy_heldout_{mode}_gain")
     for when in ("before", "after"):
         out |= _figure(rl, f"rl_accuracy_{when}", f"reward_accuracy_heldout_{when}")
         out |= _figure(rl, f"rl_reward_{when}", f"reward_heldout_{when}")
@@ -77,7 +79,8 @@ def figures(
             row = models.get(f"decode_b{b}", {})
             child = row.get("cpt") or row.get("nas")
             if child:
-                out[f"speedup_b{b}"] = child["speedup"]
+                # eval's round-robin figure, with its interval, stays speedup_b1; the check's goes beside it
+                out[f"speedup_b{b}" if f"speedup_b{b}" not in out else f"speedup_b{b}_gpu_check"] = child["speedup"]
                 out[f"decode_tokens_per_s_b{b}"] = child["tokens_per_s"]
                 parent[f"decode_tokens_per_s_b{b}"] = row["parent"]["tokens_per_s"]
     if gsm8k:

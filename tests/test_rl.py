@@ -200,3 +200,35 @@ def test_grpo_step_logs_zero_std_groups_and_gives_unscorable_rows_no_gradient(ti
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # β = 0: no gradient at all
+
+
+def test_heldout_gains_split_by_reasoning_mode_show_a_loss_that_the_mean_hides():
+    from nemoforge.stages.rl.stage import heldout_gains
+
+    def rows(on: list[float], off: list[float]) -> list[dict]:
+        return [
+            {"prompt": f"q{i}-{mode}", "reasoning": mode, "reward": v, "rewards": {"accuracy": v}}
+            for mode, values in (("on", on), ("off", off)) for i, v in enumerate(values)
+        ]
+
+    before = rows(on=[1.0] * 8, off=[0.0] * 8)
+    after = rows(on=[1.0] * 4 + [0.0] * 4, off=[1.0] * 4 + [0.0] * 4)
+    m = heldout_gains(before, after)
+    assert m["accuracy_heldout_gain"] == pytest.approx(0.0)
+    assert m["accuracy_heldout_on_gain"] == pytest.approx(-0.5) and m["accuracy_heldout_on_gain_ci_high"] < 0
+    assert m["accuracy_heldout_off_gain"] == pytest.approx(0.5) and m["accuracy_heldout_off_gain_ci_low"] > 0
+
+
+def test_rl_train_modes_set_the_training_prompts_mode_and_the_heldout_keeps_both():
+    from nemoforge.config import load_recipe
+    from nemoforge.errors import RecipeError
+    from nemoforge.stages.rl.stage import rl_problems
+
+    overrides = ["rl.num_prompts=8", "rl.num_heldout_prompts=6", "rl.batch_size=2", "sft.num_samples=40"]
+    train, heldout, _ = rl_problems(load_recipe("smollm2-135m-demo", [*overrides, "rl.train_modes=[on]"]), None)
+    assert [r for _, _, r in train] == ["on"] * 8
+    assert [r for _, _, r in heldout] == ["on", "off"] * 3
+    both, _, _ = rl_problems(load_recipe("smollm2-135m-demo", overrides), None)
+    assert [r for _, _, r in both] == ["on", "off"] * 4 and [q for q, _, _ in both] == [q for q, _, _ in train]
+    with pytest.raises(RecipeError, match="rl.train_modes: List should have at least 1 item"):
+        load_recipe("smollm2-135m-demo", ["rl.train_modes=[]"])

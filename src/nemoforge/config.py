@@ -12,12 +12,21 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nemoforge.errors import RecipeError
+
+
+def _on_off(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads a bare ``on``/``off`` as a boolean: take it back as the reasoning mode."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+ReasoningMode = Annotated[Literal["on", "off"], BeforeValidator(_on_off)]
+"""A reasoning-toggle mode, "detailed thinking on|off"; a YAML ``on``/``off`` (read as a boolean) is accepted."""
 
 STAGES = ("nas", "distill", "cpt", "sft", "rl", "eval", "serve")
 """Pipeline stages in order; one name per stage everywhere (package, component, task, MLflow run)."""
@@ -309,6 +318,12 @@ class RLConfig(TrainConfig):
     reward_weights: dict[str, float] = Field(
         {"accuracy": 1.0, "format": 0.5}, description="Reward functions (nemoforge.rewards.REWARDS) and weights."
     )
+    train_modes: list[ReasoningMode] = Field(
+        ["on", "off"], min_length=1,
+        description="Reasoning modes of the training prompts, alternated over the pool (held-out prompts always "
+        "alternate both, and the gains are reported per mode). LN §5 rewards thinking in the 'on' mode; "
+        "['on'] keeps rollouts that guess an answer without thinking from shaping the policy.",
+    )
     num_prompts: int = Field(64, ge=1, description="Training prompts in the pool (before pass-rate filtering).")
     num_heldout_prompts: int = Field(8, ge=1, description="Held-out prompts scored before and after (mean reward).")
     filter_max_pass_rate: float = Field(
@@ -413,7 +428,7 @@ class EvalConfig(_Section):
     ifeval_num_prompts: int | None = Field(
         24, ge=1, description="IFEval prompts sampled (seeded) from data.ifeval_uri; None: all of them (541)."
     )
-    ifeval_reasoning: Literal["on", "off"] = Field(
+    ifeval_reasoning: ReasoningMode = Field(
         "off",
         description="Toggle mode of the IFEval replies: off is greedy; on samples at temperature/top_p and checks "
         "the text after </think>.",

@@ -70,8 +70,8 @@ Problem = tuple[str, str, Reasoning]
 """``(question, reference answer, reasoning mode)``."""
 
 
-def _with_modes(problems: Sequence[tuple[str, str]]) -> list[Problem]:
-    return [(q, a, "on" if i % 2 == 0 else "off") for i, (q, a) in enumerate(problems)]
+def _with_modes(problems: Sequence[tuple[str, str]], modes: Sequence[Reasoning] = ("on", "off")) -> list[Problem]:
+    return [(q, a, modes[i % len(modes)]) for i, (q, a) in enumerate(problems)]
 
 
 def rl_problems(recipe: Recipe, store: ArtifactStore) -> tuple[list[Problem], list[Problem], str]:
@@ -81,6 +81,7 @@ def rl_problems(recipe: Recipe, store: ArtifactStore) -> tuple[list[Problem], li
     seed than sft's, same ``data.arithmetic`` difficulty), with every prompt of sft's data (its training and
     held-out split, which eval grades) left out; held-out prompts come from ``data.math_eval_uri`` when set,
     else from the pool after the training prompts. Training and held-out prompts never share a question.
+    Training prompts take the ``rl.train_modes`` in turn; held-out prompts alternate "on" and "off".
     """
     cfg = recipe.rl
     need = cfg.num_prompts + (0 if recipe.data.math_eval_uri else cfg.num_heldout_prompts)
@@ -107,7 +108,7 @@ def rl_problems(recipe: Recipe, store: ArtifactStore) -> tuple[list[Problem], li
     source = recipe.data.sft_uri or (
         f"generated://arithmetic?seed={recipe.seed + 1}&steps={task.num_steps}&max_operand={task.max_operand}"
     )
-    return _with_modes(train_problems), _with_modes(heldout[: cfg.num_heldout_prompts]), source
+    return _with_modes(train_problems, cfg.train_modes), _with_modes(heldout[: cfg.num_heldout_prompts]), source
 
 
 def score(
@@ -184,12 +185,18 @@ def heldout_gains(
 
     Returns:
         ``reward_heldout_gain`` (weighted total reward) and, when ``accuracy`` is one of the rewards,
-        ``accuracy_heldout_gain`` (its 0/1 part: held-out accuracy after minus before), each with
-        ``_ci_low`` and ``_ci_high``.
+        ``accuracy_heldout_gain`` (its 0/1 part: held-out accuracy after minus before) and the same per
+        reasoning mode, ``accuracy_heldout_on_gain`` and ``accuracy_heldout_off_gain`` (a gain in one mode can
+        hide a loss in the other), each with ``_ci_low`` and ``_ci_high``.
     """
+    def accuracy(mode: str | None):
+        return lambda s: s["rewards"].get("accuracy") if mode in (None, s["reasoning"]) else None
+
     values = {
         "reward_heldout": lambda sample: sample["reward"],
-        "accuracy_heldout": lambda sample: sample["rewards"].get("accuracy"),
+        "accuracy_heldout": accuracy(None),
+        "accuracy_heldout_on": accuracy("on"),
+        "accuracy_heldout_off": accuracy("off"),
     }
     metrics: dict[str, float] = {}
     for name, value in values.items():
