@@ -129,15 +129,18 @@ def test_cli_serves_a_registry_alias_until_interrupted(serve_exports, tmp_path):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     lineage.register_model(tracking_uri, "smollm2-135m-child", str(child_dir), aliases=["champion"])
     port = free_port()
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "nemoforge.cli", "serve", "models:/smollm2-135m-child@champion", "--port", str(port),
-         "--tracking-uri", tracking_uri, "--workdir", str(tmp_path), "--set", "serve.max_model_len=1024"],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    # stderr to a file, not a pipe: an unread pipe that fills up blocks the CLI's writes, and then its shutdown
+    err_path = tmp_path / "cli.err"
+    with err_path.open("w") as err:
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "nemoforge.cli", "serve", "models:/smollm2-135m-child@champion", "--port", str(port),
+             "--tracking-uri", tracking_uri, "--workdir", str(tmp_path), "--set", "serve.max_model_len=1024"],
+            stderr=err, text=True,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
-            assert cli.poll() is None, cli.stderr.read()
+            assert cli.poll() is None, err_path.read_text()
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as resp:
                     models = json.load(resp)
@@ -146,7 +149,7 @@ def test_cli_serves_a_registry_alias_until_interrupted(serve_exports, tmp_path):
                 time.sleep(1)
         assert models["data"][0]["id"] == "smollm2-135m-child"
         cli.send_signal(signal.SIGINT)
-        assert cli.wait(timeout=120) == 0
+        assert cli.wait(timeout=120) == 0, err_path.read_text()[-2000:]
     finally:
         if cli.poll() is None:
             cli.kill()
