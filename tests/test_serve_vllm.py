@@ -122,7 +122,9 @@ def test_serve_stage_answers_both_modes_logs_metrics_and_stops(serve_exports, tm
     assert vllm_processes(str(child_dir)) == []
 
 
-def test_cli_serves_a_registry_alias_until_interrupted(serve_exports, tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_serves_a_registry_alias_until_interrupted(serve_exports, tmp_path, stop_signal):
+    """Ctrl-C and SIGTERM (what Kubernetes and systemd send) both stop the CLI and the vLLM server it started."""
     from nemoforge import lineage
 
     _, child_dir = serve_exports
@@ -148,7 +150,7 @@ def test_cli_serves_a_registry_alias_until_interrupted(serve_exports, tmp_path):
             except OSError:
                 time.sleep(1)
         assert models["data"][0]["id"] == "smollm2-135m-child"
-        cli.send_signal(signal.SIGINT)
+        cli.send_signal(stop_signal)
         assert cli.wait(timeout=120) == 0, err_path.read_text()[-2000:]
     finally:
         if cli.poll() is None:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -398,11 +399,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         startup_timeout_s=cfg.startup_timeout_s,
     )
     print(f"starting vLLM on {model_dir} (log: {log_path})", file=sys.stderr, flush=True)
+    # SIGTERM (Kubernetes, systemd) stops it as Ctrl-C does: vLLM runs in its own session, so only we can stop it
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.start()
         ready_s = server.wait_ready()
         print(
-            f"serving {server.served_model_name} at {server.base_url}/v1 (ready in {ready_s:.0f} s); Ctrl-C stops it",
+            f"serving {server.served_model_name} at {server.base_url}/v1 (ready in {ready_s:.0f} s); Ctrl-C or SIGTERM stops it",
             file=sys.stderr,
             flush=True,
         )
@@ -413,6 +416,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         server.stop()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """A signal handler that stops the command as Ctrl-C does (KeyboardInterrupt)."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
