@@ -163,3 +163,36 @@ def test_divergence_names_the_step(tmp_path: Path):
             checkpoint_dir=tmp_path,
             desc="nan",
         )
+
+
+class _Planted:
+    """Unpickling this runs ``Path.touch(marker)``: what a crafted ``state.pt`` in the artifact store could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_refuses_a_state_file_that_would_run_code_and_runs_none(tmp_path: Path):
+    import json
+
+    from nemoforge.errors import NemoforgeError
+
+    cfg = TrainConfig(steps=3, batch_size=3, lr=5e-3, warmup_steps=0, checkpoint_every_steps=3)
+    batches = epoch_batches(_rows(), 3, seed=0)
+    train(_tiny_model(), _lm_loss, batches, cfg, checkpoint_dir=tmp_path / "ckpt", desc="first")
+    step_dir = tmp_path / "ckpt" / "step-3"
+    marker = tmp_path / "pwned"
+    state = torch.load(step_dir / "state.pt", weights_only=True)  # what nemoforge writes loads without pickle
+    torch.save({**state, "rng": _Planted(marker)}, step_dir / "state.pt")
+    meta = json.loads((step_dir / "meta.json").read_text())  # the attacker keeps the checkpoint "complete"
+    meta["file_sizes"]["state.pt"] = (step_dir / "state.pt").stat().st_size
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    assert latest_checkpoint(tmp_path / "ckpt") == step_dir
+
+    with pytest.raises(NemoforgeError, match=r"refusing to resume from .*step-3/state.pt"):
+        train(_tiny_model(), _lm_loss, batches, cfg.model_copy(update={"steps": 5}), checkpoint_dir=tmp_path / "ckpt",
+              desc="resume")
+    assert not marker.exists()

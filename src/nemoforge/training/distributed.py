@@ -56,6 +56,7 @@ from nemoforge.training.loop import (
     _restore_rng,
     build_optimizer,
     latest_checkpoint,
+    load_training_state,
     save_checkpoint,
     uses_bf16_autocast,
 )
@@ -379,7 +380,7 @@ class _DeepSpeedEngine:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         # memory-mapped, tensor by tensor: the N ranks of a node share the page cache instead of N copies
-        saved = torch.load(path / "state.pt", weights_only=False, mmap=True)
+        saved = load_training_state(path, mmap=True)
         moments = saved["optimizer"]["state"]  # by index in the optimizer's group order, as self.params
         zero = self.optimizer
         # the torch AdamW (zero.optimizer) keys its state by this rank's flat float32 partitions; it creates

@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import time
@@ -351,13 +352,34 @@ def _load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> TrainState:
     load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
-    saved = torch.load(path / "state.pt", weights_only=False)
+    saved = load_training_state(path)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     _restore_rng(saved["rng"])
     return TrainState(
         step=saved["step"], history=saved["history"], resumed_from_step=saved["step"], checkpoint=path
     )
+
+
+def load_training_state(path: Path, *, mmap: bool = False) -> dict:
+    """``path/state.pt`` (step, history, optimizer, scheduler, RNG) loaded without running any pickled code.
+
+    ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only, so a ``state.pt`` planted
+    under a run's checkpoint prefix cannot execute code on resume (the file holds no other type).
+
+    Raises:
+        NemoforgeError: the file holds anything else (a crafted file, or a checkpoint from a version that
+            pickled other objects), naming it and how to continue.
+    """
+    file = path / "state.pt"
+    try:
+        return torch.load(file, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise NemoforgeError(
+            f"refusing to resume from {file}: it holds objects other than tensors and plain values "
+            f"({str(err).splitlines()[0][:200]}); delete this checkpoint, and its copy under the stage's "
+            "checkpoints/ in the artifact store, to restart the stage from its input"
+        ) from None
 
 
 def _step_dirs(checkpoint_dir: Path) -> list[tuple[int, Path]]:
