@@ -124,7 +124,8 @@ def test_serve_stage_answers_both_modes_logs_metrics_and_stops(serve_exports, tm
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_cli_serves_a_registry_alias_until_interrupted(serve_exports, tmp_path, stop_signal):
-    """Ctrl-C and SIGTERM (what Kubernetes and systemd send) both stop the CLI and the vLLM server it started."""
+    """Ctrl-C and SIGTERM (what Kubernetes and systemd send) both stop the CLI and the vLLM server it started,
+    also when the CLI starts with SIGINT ignored (as a script's background job does)."""
     from nemoforge import lineage
 
     _, child_dir = serve_exports
@@ -137,7 +138,7 @@ def test_cli_serves_a_registry_alias_until_interrupted(serve_exports, tmp_path, 
         cli = subprocess.Popen(
             [sys.executable, "-m", "nemoforge.cli", "serve", "models:/smollm2-135m-child@champion", "--port", str(port),
              "--tracking-uri", tracking_uri, "--workdir", str(tmp_path), "--set", "serve.max_model_len=1024"],
-            stderr=err, text=True,
+            stderr=err, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 900

@@ -399,8 +399,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         startup_timeout_s=cfg.startup_timeout_s,
     )
     print(f"starting vLLM on {model_dir} (log: {log_path})", file=sys.stderr, flush=True)
-    # SIGTERM (Kubernetes, systemd) stops it as Ctrl-C does: vLLM runs in its own session, so only we can stop it
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM (Kubernetes, systemd) stops it as Ctrl-C does: vLLM runs in its own session, so only we can stop it.
+    # SIGINT too, explicitly: a process started in the background of a script (or by a parent that ignores it)
+    # inherits SIGINT ignored, and then Python installs no KeyboardInterrupt handler.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
         ready_s = server.wait_ready()
@@ -416,7 +418,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         server.stop()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _interrupt(signum: int, frame: object) -> None:
