@@ -127,6 +127,8 @@ def test_token_logps_of_the_last_tokens_equal_the_full_sequence_tail_and_the_mas
     torch.testing.assert_close(tail_NC, full_NT[:, -3:], rtol=0, atol=1e-5)
     _, _, empty = rollout_batch(tokenizer, [[5, 6]], [[]])
     assert empty.tolist() == [[False]]
+    with pytest.raises(ValueError, match="num_last must be in"):
+        token_logps(model, ids, attn, num_last=0)
 
 
 def test_grpo_steps_change_params_and_raise_a_learnable_reward(tiny_llama_dir: Path):

@@ -52,8 +52,13 @@ def token_logps(
     ``K = num_last`` (default ``T - 1``: every next token). Only those ``K`` positions' logits are computed
     (``logits_to_keep``, as TRL does): on a small model the LM head over the vocabulary (49,152 for SmolLM2) is a
     large share of a GRPO step, and only completion tokens need it.
+
+    Raises:
+        ValueError: ``num_last`` outside ``[1, T - 1]``.
     """
     num_last = input_ids_NT.shape[1] - 1 if num_last is None else num_last
+    if not 1 <= num_last < input_ids_NT.shape[1]:
+        raise ValueError(f"num_last must be in [1, {input_ids_NT.shape[1] - 1}], got {num_last}")
     position_ids_NT = (attention_mask_NT.long().cumsum(-1) - 1).clamp(min=0)
     logits_NKV = model(
         input_ids_NT, attention_mask=attention_mask_NT, position_ids=position_ids_NT, use_cache=False,
