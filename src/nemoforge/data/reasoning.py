@@ -25,17 +25,17 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from nemoforge.config import ReasoningMode as Reasoning
 from nemoforge.errors import InputNotFoundError, NemoforgeError
 from nemoforge.grading import parse_reference
 
 if TYPE_CHECKING:
     from nemoforge.config import Recipe
 
-Reasoning = Literal["on", "off"]
 SFT_HELDOUT_FRACTION = 0.1
 """Share of SFT prompts held out (toggle compliance; eval's math problems when no math_eval_uri)."""
 SYSTEM_PROMPTS: dict[str, str] = {"on": "detailed thinking on", "off": "detailed thinking off"}
