@@ -156,7 +156,10 @@ def test_cli_serves_a_registry_alias_until_interrupted(serve_exports, tmp_path, 
     finally:
         if cli.poll() is None:
             cli.kill()
-    assert vllm_processes(f"--port {port}") == []
+        left = vllm_processes(f"--port {port}")
+        for row in left:  # a failed stop must not leave a server running through the rest of the suite
+            os.kill(int(row.split()[0]), signal.SIGKILL)
+    assert left == []
 
 
 def test_a_model_vllm_cannot_load_is_one_error_and_no_process(serve_exports, tmp_path):
