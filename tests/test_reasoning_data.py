@@ -130,6 +130,19 @@ def test_generated_arithmetic_difficulty_knobs(num_steps: int, max_operand: int)
     with pytest.raises(NemoforgeError, match="distinct problems"):
         arithmetic_problems(3000, seed=0, num_steps=1, max_operand=2)
 
+def test_terse_traces_are_one_correct_expression_and_leave_the_problems_unchanged():
+    plain = arithmetic_problems(400, seed=3, num_steps=3, max_operand=20)
+    mixed = arithmetic_problems(400, seed=3, num_steps=3, max_operand=20, terse_fraction=0.7)
+    assert [(q, a) for q, _, a in mixed] == [(q, a) for q, _, a in plain]
+    terse = [(t, a) for (_, t, a), (_, full, _) in zip(mixed, plain, strict=True) if t != full]
+    assert 0.63 < len(terse) / 400 < 0.77
+    for thinking, answer in terse:
+        start_line, expression = thinking.split("\n")
+        lhs, rhs = expression.rstrip(".").split(" = ")
+        assert re.fullmatch(r"\d+( [-+] \d+){3}", lhs) and eval(lhs) == int(rhs) == int(answer)
+        assert start_line.split()[3] == lhs.split()[0]
+
+
 def test_toggle_rule():
     assert toggle_compliant("<think>\nx\n</think>\nok", "on")
     assert not toggle_compliant("<think> never closed", "on")

@@ -87,10 +87,17 @@ class ArithmeticTask(_Section):
 
     A start count followed by ``num_steps`` gains or losses, each number in ``[1, max_operand]``. Calibrate
     it to the model: GRPO needs a task the model entering rl solves sometimes but not always (10-60%).
+    ``terse_fraction`` of the sft traces write the whole chain as one expression: a strategy a small model
+    gets wrong far more often, so sft leaves a policy that mixes a reliable and an unreliable way to reason,
+    and the verifiable reward has a behaviour to select (rl's prompts and answers do not depend on it).
     """
 
     num_steps: int = Field(2, ge=1, le=8, description="Chained additions/subtractions per problem.")
     max_operand: int = Field(12, ge=2, description="Largest number in a problem (operands and start count).")
+    terse_fraction: float = Field(
+        0.0, ge=0, le=1,
+        description="Share of the 'on' sft traces written as one expression instead of one operation per line.",
+    )
 
 
 class DataConfig(_Section):

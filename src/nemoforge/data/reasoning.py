@@ -258,13 +258,15 @@ _LOSSES = ["gives away {n}", "loses {n}", "uses {n}", "sells {n}"]
 
 
 def arithmetic_problem(
-    rng: random.Random, *, num_steps: int, max_operand: int
+    rng: random.Random, *, num_steps: int, max_operand: int, terse: bool = False
 ) -> tuple[str, str, str]:
-    """One word problem with its exact step-by-step trace: ``(question, thinking, answer)``.
+    """One word problem with its exact trace: ``(question, thinking, answer)``.
 
     A start count, then ``num_steps`` gains or losses, every number in ``[1, max_operand]`` (a loss never
     takes the count below 0). The two knobs set the difficulty: the number of chained operations and the
-    size of the numbers (how many digits the model must carry).
+    size of the numbers (how many digits the model must carry). The trace works one operation per line, or
+    with ``terse`` the whole chain as one expression (``6 + 34 + 52 - 62 = 30.``): as correct, but a small
+    model must then carry every intermediate count in its head. ``terse`` draws nothing from ``rng``.
 
     Raises:
         ValueError: ``num_steps < 1`` or ``max_operand < 2``.
@@ -273,33 +275,41 @@ def arithmetic_problem(
         raise ValueError(f"need num_steps >= 1 and max_operand >= 2, got {num_steps} and {max_operand}")
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     start = count = rng.randint(1, max_operand)
-    events, lines = [], [f"{name} starts with {start} {item}."]
+    events, lines, terms = [], [f"{name} starts with {start} {item}."], [str(start)]
     for _ in range(num_steps):
         n = rng.randint(1, max_operand)
         if n <= count and rng.random() < 0.5:
             events.append(rng.choice(_LOSSES).format(n=n))
             lines.append(f"{count} - {n} = {count - n}.")
+            terms.append(f"- {n}")
             count -= n
         else:
             events.append(rng.choice(_GAINS).format(n=n))
             lines.append(f"{count} + {n} = {count + n}.")
+            terms.append(f"+ {n}")
             count += n
+    if terse:
+        lines = [lines[0], f"{' '.join(terms)} = {count}."]
     question = f"{name} has {start} {item}. {name} {', then '.join(events)}. How many {item} does {name} have now?"
     return question, "\n".join(lines), str(count)
 
 
 def arithmetic_problems(
-    num_problems: int, *, seed: int, num_steps: int, max_operand: int
+    num_problems: int, *, seed: int, num_steps: int, max_operand: int, terse_fraction: float = 0.0
 ) -> list[tuple[str, str, str]]:
     """``num_problems`` distinct generated problems ``(question, thinking, answer)``, seeded.
+
+    Each trace is terse (:func:`arithmetic_problem`) with probability ``terse_fraction``, drawn from a
+    second seeded generator: the questions and answers are the same whatever the fraction.
 
     Raises:
         NemoforgeError: the difficulty allows fewer distinct problems than asked for.
     """
-    rng = random.Random(seed)
+    rng, style_rng = random.Random(seed), random.Random(f"terse-{seed}")
     seen: dict[str, tuple[str, str, str]] = {}
     for _ in range(20 * num_problems):
-        problem = arithmetic_problem(rng, num_steps=num_steps, max_operand=max_operand)
+        terse = style_rng.random() < terse_fraction
+        problem = arithmetic_problem(rng, num_steps=num_steps, max_operand=max_operand, terse=terse)
         seen.setdefault(problem[0], problem)
         if len(seen) == num_problems:
             return list(seen.values())
@@ -310,11 +320,14 @@ def arithmetic_problems(
 
 
 def arithmetic_samples(
-    num_samples: int, *, seed: int, num_steps: int, max_operand: int
+    num_samples: int, *, seed: int, num_steps: int, max_operand: int, terse_fraction: float = 0.0
 ) -> list[ChatSample]:
     """Paired on/off samples of generated arithmetic problems (``num_samples`` rounded up to even)."""
     samples: list[ChatSample] = []
-    problems = arithmetic_problems((num_samples + 1) // 2, seed=seed, num_steps=num_steps, max_operand=max_operand)
+    problems = arithmetic_problems(
+        (num_samples + 1) // 2, seed=seed, num_steps=num_steps, max_operand=max_operand,
+        terse_fraction=terse_fraction,
+    )
     for question, thinking, answer in problems:
         samples += paired_math_samples(question, thinking, answer)
     return samples
@@ -328,13 +341,17 @@ def load_chat_samples(
     store: Any = None,
     num_steps: int,
     max_operand: int,
+    terse_fraction: float = 0.0,
 ) -> list[ChatSample]:
     """The SFT samples: read from ``uri`` (a local path or a store URI), or generated when ``uri`` is None.
 
-    ``num_steps`` and ``max_operand`` (the recipe's ``data.arithmetic``) set the generated problems' difficulty.
+    ``num_steps``, ``max_operand`` and ``terse_fraction`` (the recipe's ``data.arithmetic``) set the generated
+    problems' difficulty and trace style.
     """
     if uri is None:
-        return arithmetic_samples(num_samples, seed=seed, num_steps=num_steps, max_operand=max_operand)
+        return arithmetic_samples(
+            num_samples, seed=seed, num_steps=num_steps, max_operand=max_operand, terse_fraction=terse_fraction
+        )
     path = store.fetch(uri) if store is not None and "://" in uri else Path(uri)
     return read_chat_samples(Path(path), limit=num_samples)
 
@@ -435,6 +452,6 @@ def sft_samples(recipe: Recipe, store: Any) -> tuple[list[ChatSample], list[Chat
     task = data.arithmetic
     source = data.sft_uri or (
         f"generated://arithmetic?seed={recipe.seed}&n={recipe.sft.num_samples}"
-        f"&steps={task.num_steps}&max_operand={task.max_operand}"
+        f"&steps={task.num_steps}&max_operand={task.max_operand}&terse_fraction={task.terse_fraction}"
     )
     return train, heldout, source
