@@ -17,6 +17,11 @@ models: the run's parent, nas child, distill and cpt outputs (and sft/rl): decod
 gsm8k: the 500 GSM8K test problems (``--gsm8k``) for the parent and the run's final child (rl, else sft, ...):
     reasoning-on pass@1 (one sample at the eval temperature) and reasoning-off greedy, each with its 95% Wilson
     interval, and on-mode toggle compliance; eval's own ``evaluate_model``, so grading is the pipeline's.
+rl: GRPO variants on the run's sft model, one after another, to calibrate rl on a warm machine: each --variant
+    is space-separated recipe overrides (``rl.lr=2e-5 rl.steps=150``) over --recipe and --set; the rl stage's
+    own ``run`` (same code as the pipeline, outputs under <workdir>/artifacts/sweeps/), and per variant its
+    held-out figures (greedy and, with rl.heldout_samples, sampled pass@1, per reasoning mode, with intervals),
+    reward/KL curves and wall time; samples are copied to <workdir>/logs/sweeps/ (logs.tgz).
 mlflow: every run of the experiment: name, stage tag, status, start/end, wall time, metrics, tags, and the
     metric histories (compact), as JSON.
 """
@@ -234,6 +239,46 @@ def cmd_gsm8k(args) -> dict:
     return report
 
 
+# ----------------------------------------------------------------------------------------------- rl
+def cmd_rl(args) -> dict:
+    import shutil
+
+    from nemoforge.artifacts import open_store
+    from nemoforge.config import load_recipe
+    from nemoforge.preflight import resolve_recipe
+    from nemoforge.stages.rl import run
+
+    workdir = args.workdir.resolve()
+    sft_model = _stage_models(workdir)["sft"]
+    report: dict = {"sft_model": str(sft_model), "recipe": args.recipe, "sets": args.set, "variants": []}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i, variant in enumerate(args.variant):
+        sets = [*args.set, *variant.split()]
+        recipe = resolve_recipe(load_recipe(args.recipe, sets), workdir)
+        store = open_store(recipe.storage.artifact_root)
+        name = f"rl-{stamp}-{i}"
+        t = time.perf_counter()
+        result = run(recipe, model_uri=str(sft_model), output_uri=store.join("sweeps", name), store=store)
+        m = result.metrics
+        row = {
+            "variant": variant, "wall_s": time.perf_counter() - t,
+            "metrics": {k: v for k, v in m.items() if k.startswith(("accuracy_heldout", "reward_accuracy_heldout"))},
+            "history": {k: [v for _, v in result.history[k]] for k in ("reward_accuracy", "kl", "completion_tokens")
+                        if k in result.history},
+        }
+        report["variants"].append(row)
+        shutil.copytree(Path(result.outputs["samples"]), workdir / "logs" / "sweeps" / name, dirs_exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        sampled = m.get("accuracy_heldout_sampled_on_gain")
+        print(f"rl {variant:40} greedy on {m.get('accuracy_heldout_on_gain', float('nan')):+.3f} "
+              f"[{m.get('accuracy_heldout_on_gain_ci_low', float('nan')):+.3f}, "
+              f"{m.get('accuracy_heldout_on_gain_ci_high', float('nan')):+.3f}]  all {m['accuracy_heldout_gain']:+.3f}"
+              + (f"  sampled on {sampled:+.3f} ({m['accuracy_heldout_sampled_on_before']:.3f} -> "
+                 f"{m['accuracy_heldout_sampled_on_after']:.3f})" if sampled is not None else "")
+              + f"  ({row['wall_s']:.0f} s)", flush=True)
+    return report
+
+
 # ----------------------------------------------------------------------------------------------- mlflow
 def cmd_mlflow(args) -> dict:
     from mlflow.tracking import MlflowClient
@@ -260,7 +305,7 @@ def cmd_mlflow(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["sweep", "models", "gsm8k", "mlflow"])
+    p.add_argument("mode", choices=["sweep", "models", "gsm8k", "rl", "mlflow"])
     p.add_argument("--workdir", type=Path, default=Path("nemoforge-work/gpu"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
@@ -273,10 +318,14 @@ def main() -> None:
     p.add_argument("--gsm8k", type=Path, help="GSM8K test JSONL (question, answer ending in '#### N')")
     p.add_argument("--gsm8k-tokens", type=int, default=384, help="max new tokens per GSM8K reply")
     p.add_argument("--gsm8k-batch", type=int, default=128)
+    p.add_argument("--recipe", default="smollm2-135m-gpu", help="rl: the recipe the variants override")
+    p.add_argument("--set", action="append", default=[], help="rl: KEY=VALUE override for every variant")
+    p.add_argument("--variant", action="append", default=[], help="rl: space-separated KEY=VALUE overrides")
     args = p.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     t = time.perf_counter()
-    report = {"sweep": cmd_sweep, "models": cmd_models, "gsm8k": cmd_gsm8k, "mlflow": cmd_mlflow}[args.mode](args)
+    modes = {"sweep": cmd_sweep, "models": cmd_models, "gsm8k": cmd_gsm8k, "rl": cmd_rl, "mlflow": cmd_mlflow}
+    report = modes[args.mode](args)
     report["wall_s"] = time.perf_counter() - t
     report["torch"] = torch.__version__
     args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")

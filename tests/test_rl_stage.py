@@ -22,7 +22,7 @@ def test_rl_stage_runs_grpo_then_dpo_and_resumes(tiny_llama_dir: Path, shared_di
         rl={
             "steps": 2, "batch_size": 2, "num_generations": 2, "max_new_tokens": 4, "num_prompts": 4,
             "num_heldout_prompts": 2, "warmup_steps": 0, "checkpoint_every_steps": 2, "filter_samples": 2,
-            "beta": 0.01,
+            "beta": 0.01, "heldout_samples": 2,
             "preference": {"enabled": True, "steps": 2, "batch_size": 2, "num_pairs": 4, "warmup_steps": 0,
                            "max_len_tokens": 64, "lr": 1e-3, "nll_weight": 0.1},
         },
@@ -39,6 +39,13 @@ def test_rl_stage_runs_grpo_then_dpo_and_resumes(tiny_llama_dir: Path, shared_di
     ):
         assert m[gain] == pytest.approx(m[after] - m[before], abs=1e-6)
         assert m[f"{gain}_ci_low"] <= m[gain] <= m[f"{gain}_ci_high"]
+    for mode in ("", "_on", "_off"):  # sampled pass@1, 2 replies per held-out prompt, paired before/after
+        gain = m[f"accuracy_heldout_sampled{mode}_gain"]
+        assert gain == pytest.approx(
+            m[f"accuracy_heldout_sampled{mode}_after"] - m[f"accuracy_heldout_sampled{mode}_before"], abs=1e-6
+        )
+        assert m[f"accuracy_heldout_sampled{mode}_gain_ci_low"] <= gain <= m[f"accuracy_heldout_sampled{mode}_gain_ci_high"]
+    assert (Path(output_uri) / "samples" / "heldout_sampled_after.json").is_file()
     assert [s for s, _ in result.history["reward_mean"]] == [1, 2]
     assert "kl" in result.history and "preference_loss" in result.history
     assert (Path(output_uri) / "checkpoints" / "step-2").is_dir()
@@ -49,6 +56,12 @@ def test_rl_stage_runs_grpo_then_dpo_and_resumes(tiny_llama_dir: Path, shared_di
     again = run(recipe, model_uri=str(tiny_llama_dir), output_uri=output_uri, store=store)
     assert again.tags["resumed_from_step"] == "2"
     assert again.digests["model"] == result.digests["model"]
+
+    # the sampled held-out check draws from its own generator: training is the same without it
+    greedy_only = recipe.model_copy(update={"rl": recipe.rl.model_copy(update={"heldout_samples": 0})})
+    plain = run(greedy_only, model_uri=str(tiny_llama_dir), output_uri=store.join("run-2", "rl"), store=store)
+    assert plain.digests["model"] == result.digests["model"]
+    assert not any("sampled" in k for k in plain.metrics)
 
 
 def test_rl_problems_are_disjoint_from_sft_data_and_each_other(tmp_path: Path):

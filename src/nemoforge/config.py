@@ -341,6 +341,11 @@ class RLConfig(TrainConfig):
     )
     num_prompts: int = Field(64, ge=1, description="Training prompts in the pool (before pass-rate filtering).")
     num_heldout_prompts: int = Field(8, ge=1, description="Held-out prompts scored before and after (mean reward).")
+    heldout_samples: int = Field(
+        0, ge=0,
+        description="Samples per held-out prompt at the rollout temperature for sampled pass@1 before and after "
+        "(the quantity GRPO raises; 0: greedy only).",
+    )
     filter_max_pass_rate: float = Field(
         0.75, gt=0, le=1, description="Drop prompts whose pass rate is at least this (LN §5: 0.75)."
     )

@@ -165,6 +165,37 @@ def heldout_reward(
     return metrics, samples
 
 
+def heldout_sampled_accuracy(
+    model: torch.nn.Module, tokenizer: Any, problems: Sequence[Problem], cfg: RLConfig
+) -> list[dict[str, Any]]:
+    """Sampled pass@1 per held-out prompt: accuracy averaged over ``cfg.heldout_samples`` replies at the rollout
+    temperature and top-p (the expected reward GRPO raises, where greedy accuracy can move either way).
+
+    The replies are drawn from a generator seeded with ``cfg.seed``, its own (the training rollouts' global RNG
+    is untouched), so before and after share their random numbers.
+
+    Returns:
+        One row per prompt, shaped as :func:`heldout_reward`'s samples for :func:`heldout_gains`: ``prompt``,
+        ``reasoning``, ``reward`` and ``rewards["accuracy"]`` (both the mean over the scorable replies; None when
+        none was scorable), ``responses``.
+    """
+    k = cfg.heldout_samples
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    replies = generate_chats(
+        model, tokenizer, [(q, r) for q, _, r in problems for _ in range(k)], max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size * cfg.num_generations,
+        generator=generator,
+    )
+    _, parts = score({"accuracy": 1.0}, replies, [p for p in problems for _ in range(k)])
+    rows = []
+    for i, (q, _, r) in enumerate(problems):
+        rate = _mean_scorable(parts["accuracy"][i * k : (i + 1) * k])
+        rows.append({"prompt": q, "reasoning": r, "reward": rate, "rewards": {"accuracy": rate},
+                     "responses": replies[i * k : (i + 1) * k]})
+    return rows
+
+
 def heldout_gains(
     samples_before: Sequence[dict[str, Any]], samples_after: Sequence[dict[str, Any]]
 ) -> dict[str, float]:
@@ -212,6 +243,22 @@ def heldout_gains(
                 f"{name}_gain": gain.point, f"{name}_gain_ci_low": gain.low, f"{name}_gain_ci_high": gain.high
             }
     return metrics
+
+
+def sampled_metrics(rows_before: Sequence[dict[str, Any]], rows_after: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """``accuracy_heldout_sampled[_on|_off]_{before,after}`` and their gains with 95% intervals
+    (:func:`heldout_gains` on :func:`heldout_sampled_accuracy`'s rows)."""
+    metrics: dict[str, float] = {}
+    for when, rows in (("before", rows_before), ("after", rows_after)):
+        for mode in (None, "on", "off"):
+            rate = _mean_scorable([r["reward"] for r in rows if mode in (None, r["reasoning"])])
+            if rate is not None:
+                metrics[f"accuracy_heldout_sampled{'_' + mode if mode else ''}_{when}"] = rate
+    gains = heldout_gains(rows_before, rows_after)
+    return metrics | {
+        k.replace("accuracy_heldout", "accuracy_heldout_sampled"): v
+        for k, v in gains.items() if k.startswith("accuracy_heldout")
+    }
 
 
 def filter_by_pass_rate(
@@ -395,6 +442,7 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
     train_problems, heldout_problems, source = rl_problems(recipe, store)
     torch.manual_seed(cfg.seed)
     before, samples_before = heldout_reward(model, tokenizer, heldout_problems, cfg)
+    sampled_before = heldout_sampled_accuracy(model, tokenizer, heldout_problems, cfg) if cfg.heldout_samples else []
     kept, pass_rate = filter_by_pass_rate(model, tokenizer, train_problems, cfg)
 
     checkpoints_uri = uri_under(output_uri, "checkpoints")
@@ -466,6 +514,9 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
             metrics["preference_steps"] = float(pstate.step)
 
         after, samples_after = heldout_reward(model, tokenizer, heldout_problems, cfg)
+        sampled = {"before": sampled_before}
+        if cfg.heldout_samples:
+            sampled["after"] = heldout_sampled_accuracy(model, tokenizer, heldout_problems, cfg)
         model_out_uri = uri_under(output_uri, "model")
         export_dir = export_checkpoint(model.to(recipe_dtype(recipe)), tokenizer, work / "model")
         model_digest = digest_path(export_dir)
@@ -477,12 +528,17 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
         store.put(plot_rewards(state.history, work / "reward_curve.png"), plots["reward_curve"])
         store.put(plot_history(state.history, work / "loss_curve.png", "rl: GRPO loss"), plots["loss_curve"])
         samples_uri = uri_under(output_uri, "samples")
-        for name, rows in (("heldout_before", samples_before), ("heldout_after", samples_after)):
+        named_samples = {"heldout_before": samples_before, "heldout_after": samples_after}
+        if cfg.heldout_samples:
+            named_samples |= {"heldout_sampled_before": sampled["before"], "heldout_sampled_after": sampled["after"]}
+        for name, rows in named_samples.items():
             (work / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
             store.put(work / f"{name}.json", uri_under(samples_uri, f"{name}.json"))
 
     metrics |= {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
     metrics |= heldout_gains(samples_before, samples_after)
+    if cfg.heldout_samples:
+        metrics |= sampled_metrics(sampled["before"], sampled["after"])
     metrics |= {"pass_rate_filter": pass_rate, "num_prompts": float(len(kept))}
     metrics = {k: v for k, v in metrics.items() if v == v}  # drop NaN (no filtering)
     digest_rows = json.dumps([list(p) for p in kept]).encode()
