@@ -82,8 +82,9 @@ def digest_path(path: str | Path) -> str:
     """sha256 hex of a local file, or of a directory tree.
 
     A directory's digest is the sha256 of one line ``<relative posix path>\\0<file sha256>\\n`` per
-    file, in sorted path order: it changes when any file's name or content changes, and does not
-    depend on timestamps or on the order the file system lists entries in.
+    file (a LocalStore's ``.<name>.sha256`` records left out), in sorted path order: it changes when any
+    file's name or content changes, and does not depend on timestamps or on the order the file system
+    lists entries in.
 
     Args:
         path: a local file or directory.
