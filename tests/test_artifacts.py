@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import time
 import uuid
@@ -161,6 +162,63 @@ def test_missing_uri_raises_input_not_found(store: ArtifactStore) -> None:
         store.put("/no/such/local/file", store.join("x"))
 
 
+def _flip_one_byte(store: ArtifactStore, uri: str) -> None:
+    """Change one byte of the stored file ``uri`` in place, leaving its recorded sha256 as uploaded."""
+    if isinstance(store, S3Store):
+        import boto3
+
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        client = boto3.client("s3", endpoint_url=store.endpoint_url, region_name="us-east-1")
+        obj = client.get_object(Bucket=bucket, Key=key)
+        data = bytearray(obj["Body"].read())
+        data[100] ^= 0x01
+        client.put_object(Bucket=bucket, Key=key, Body=bytes(data), Metadata=obj["Metadata"])
+    else:
+        with open(uri, "r+b") as f:
+            f.seek(100)
+            byte = f.read(1)[0]
+            f.seek(100)
+            f.write(bytes([byte ^ 0x01]))
+
+
+def test_a_flipped_byte_in_a_stored_model_is_refused_on_fetch(store: ArtifactStore, model_dir: Path) -> None:
+    dir_uri = store.put(model_dir, store.join("run-1", "cpt", "model"))
+    file_uri = f"{dir_uri}/model.safetensors"
+    _flip_one_byte(store, file_uri)
+    recorded = digest_path(model_dir / "model.safetensors")
+    refusal = rf"{re.escape(file_uri)} does not verify against the sha256 recorded at upload \(recorded {recorded}, content [0-9a-f]{{64}}\)"
+    for uri in (dir_uri, file_uri):
+        with pytest.raises(StorageError, match=refusal) as err:
+            store.fetch(uri)
+        assert "\n" not in str(err.value)
+
+
+def test_resume_refuses_a_checkpoint_changed_after_upload(store: ArtifactStore, tmp_path: Path) -> None:
+    """The fetch in front of every stage's resume (training.stage.fetch_latest_checkpoint)."""
+    import json
+
+    from nemoforge.training.stage import fetch_latest_checkpoint
+
+    step = tmp_path / "step-4"
+    step.mkdir()
+    (step / "model.safetensors").write_bytes(os.urandom(500))
+    (step / "state.pt").write_bytes(os.urandom(50))
+    sizes = {"model.safetensors": 500, "state.pt": 50}
+    (step / "meta.json").write_text(json.dumps({"step": 4, "file_sizes": sizes}))
+    checkpoints_uri = store.join("run-1", "cpt", "checkpoints")
+    store.put(step, f"{checkpoints_uri}/step-4")
+    assert fetch_latest_checkpoint(store, checkpoints_uri, tmp_path / "ok") == 4
+
+    _flip_one_byte(store, f"{checkpoints_uri}/step-4/model.safetensors")
+    if isinstance(store, S3Store):
+        import shutil
+
+        shutil.rmtree(store.cache_dir)  # (a verified cached copy of the upload would be used instead)
+    with pytest.raises(StorageError, match=f"{checkpoints_uri}/step-4/model.safetensors does not verify"):
+        fetch_latest_checkpoint(store, checkpoints_uri, tmp_path / "resumed")
+    assert not (tmp_path / "resumed").exists()
+
+
 def test_local_paths_pass_through_either_store(store: ArtifactStore, tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("some text")
@@ -179,6 +237,11 @@ def test_local_store_is_laid_out_like_the_bucket(tmp_path: Path, model_dir: Path
     assert store.put(Path(uri), uri) == uri  # onto itself: verified, untouched
     assert digest_path(uri) == digest_path(model_dir)
     assert not list(Path(uri).rglob(".*partial*"))
+    # each file's sha256 is recorded beside it (as S3 metadata is), out of listings and digests
+    record = Path(uri) / ".model.safetensors.sha256"
+    assert record.read_text().strip() == digest_path(model_dir / "model.safetensors")
+    assert store.list(uri) == [f"{uri}/config.json", f"{uri}/model.safetensors", f"{uri}/sub/tokenizer.json"]
+    assert store.digest(uri) == digest_path(model_dir)
 
 
 def test_local_check_refuses_unwritable_root(tmp_path: Path) -> None:

@@ -355,13 +355,36 @@ def test_kfp_launcher_configmap(rendered) -> None:
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}
 
 
+def verify_remote_code_container(champion_dir: str, repository: str) -> dict[str, Any]:
+    """The init container that refuses a champion whose Python files are not the ones nemoforge ships."""
+    return {
+        "name": "verify-remote-code",
+        "image": f"{repository}:0.1.0",
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python", "-m", "nemoforge.models.remote_code", champion_dir],
+        "env": [{"name": "HOME", "value": "/tmp"}],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+        "volumeMounts": [
+            {"name": "champion", "mountPath": "/mnt/champion", "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+
+
 def test_kserve_serving_of_the_champion(rendered) -> None:
     (isvc,) = by_kind(rendered["full-values.yaml"], "InferenceService")
     predictor = isvc["spec"]["predictor"]
     assert predictor["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
     assert GPU_TOLERATION in predictor["tolerations"]
-    (fetch,) = predictor["initContainers"]
+    fetch, verify = predictor["initContainers"]
     assert fetch["command"][:3] == ["mlflow", "artifacts", "download"]
+    assert verify == verify_remote_code_container("/mnt/champion", "registry.example.com/nemoforge/nemoforge")
     assert "models:/llama-3-1-8b-child@champion" in fetch["command"]
     model = predictor["model"]
     assert model["modelFormat"] == {"name": "huggingface"}
@@ -401,6 +424,7 @@ def test_vllm_deployment_when_kserve_is_absent(rendered) -> None:
     assert vllm["args"][0] == "/mnt/champion/model"
     assert "--served-model-name=smollm2-135m-child" in vllm["args"]
     assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["initContainers"][1] == verify_remote_code_container("/mnt/champion/model", "ghcr.io/nemoforge/nemoforge")
     fetch_env = {e["name"]: e.get("value") for e in pod["initContainers"][0]["env"]}
     assert fetch_env["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com"
     (service,) = [o for o in by_kind(objs, "Service") if o["metadata"]["name"] == "nemoforge-serving"]

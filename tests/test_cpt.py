@@ -49,3 +49,43 @@ def test_cpt_lowers_heldout_loss(tiny_llama_dir: Path, shared_dir: Path, tmp_pat
     again = run(recipe, model_uri=model_uri, corpus_uri=corpus_uri, output_uri=output_uri, store=store)
     assert again.tags["resumed_from_step"] == "6"
     assert again.digests["model"] == result.digests["model"]
+
+
+def test_a_flipped_byte_in_the_store_stops_resume_and_load(
+    tiny_llama_dir: Path, shared_dir: Path, tmp_path: Path
+):
+    """Issue 16 §3: a stored checkpoint or input model whose bytes changed after upload is refused, naming it."""
+    from nemoforge.artifacts import open_store
+    from nemoforge.errors import StorageError
+    from nemoforge.stages.cpt import run
+
+    def flip_one_byte(path: Path) -> None:
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01
+        path.write_bytes(bytes(data))
+
+    store = open_store(str(tmp_path / "store"))
+    corpus_uri = put_corpus(store, shared_dir, tiny_llama_dir, tmp_path)
+    model_uri = put_child(store, tiny_llama_dir, tmp_path)
+    output_uri = store.join("run-1", "cpt")
+    recipe = Recipe(
+        name="test", cpt={"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every_steps": 2}
+    )
+    run(recipe, model_uri=model_uri, corpus_uri=corpus_uri, output_uri=output_uri, store=store)
+
+    checkpoint = f"{output_uri}/checkpoints/step-2/model.safetensors"
+    flip_one_byte(Path(checkpoint))
+    with pytest.raises(
+        StorageError, match=f"^{checkpoint} does not verify against the sha256 recorded at upload"
+    ):
+        run(recipe, model_uri=model_uri, corpus_uri=corpus_uri, output_uri=output_uri, store=store)
+
+    flip_one_byte(Path(model_uri) / "model.safetensors")
+    with pytest.raises(StorageError, match=f"^{model_uri}/model.safetensors does not verify"):
+        run(
+            recipe,
+            model_uri=model_uri,
+            corpus_uri=corpus_uri,
+            output_uri=store.join("run-2", "cpt"),
+            store=store,
+        )

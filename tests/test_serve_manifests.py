@@ -21,6 +21,33 @@ chart_validate = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(chart_validate)
 
 MODEL_URI = "s3://nemoforge/runs/run-1/cpt/model"
+IMAGE = "ghcr.io/nemoforge/serve:0.1.0"
+ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "AWS_ENDPOINT_URL_S3", "value": "http://minio.minio:9000"}]
+FETCH = (
+    "from nemoforge.artifacts import open_store; import os, shutil; "
+    f"src = open_store({MODEL_URI!r}, s3_endpoint_url=os.environ.get('AWS_ENDPOINT_URL_S3'), "
+    f"s3_region='us-east-1').fetch({MODEL_URI!r}); shutil.copytree(src, '/mnt/models', dirs_exist_ok=True)"
+)
+INIT_CONTAINERS = [
+    {
+        "name": "fetch-model",
+        "image": IMAGE,
+        "command": ["python", "-c", FETCH],
+        "env": ENV,
+        "volumeMounts": [{"name": "model", "mountPath": "/mnt/models"}, {"name": "tmp", "mountPath": "/tmp"}],
+    },
+    {
+        "name": "verify-remote-code",
+        "image": IMAGE,
+        "command": ["python", "-m", "nemoforge.models.remote_code", "/mnt/models"],
+        "env": ENV,
+        "volumeMounts": [
+            {"name": "model", "mountPath": "/mnt/models", "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    },
+]
+"""Both manifests: the model is fetched (sha256-verified) and its remote code verified before vLLM starts."""
 GPU_OVERRIDES = [
     "serve.max_model_len=4096",
     "serve.tensor_parallel_size=2",
@@ -51,14 +78,18 @@ def _valid(validator, objects) -> None:
 
 
 def test_inferenceservice_carries_vllm_args_resources_and_scheduling(validator, recipe):
-    isvc = manifests.inferenceservice(recipe, MODEL_URI)
+    isvc = manifests.inferenceservice(recipe, MODEL_URI, image=IMAGE)
     _valid(validator, [isvc])
     predictor = isvc["spec"]["predictor"]
+    assert predictor["initContainers"] == INIT_CONTAINERS
+    assert predictor["volumes"] == [{"name": "model", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
     model = predictor["model"]
-    assert model["storageUri"] == MODEL_URI
+    assert "storageUri" not in model  # KServe's storage initializer would run after our init containers
     assert model["modelFormat"] == {"name": "huggingface"}
+    assert model["volumeMounts"] == INIT_CONTAINERS[1]["volumeMounts"]
     assert model["args"] == [
         "--model_name=nano-child",
+        "--model_dir=/mnt/models",
         "--backend=vllm",
         "--max_model_len=4096",
         "--tensor_parallel_size=2",
@@ -72,14 +103,12 @@ def test_inferenceservice_carries_vllm_args_resources_and_scheduling(validator, 
     assert predictor["tolerations"] == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
-    annotations = isvc["metadata"]["annotations"]
-    assert annotations["serving.kserve.io/s3-endpoint"] == "minio.minio:9000"
-    assert annotations["serving.kserve.io/s3-usehttps"] == "0"
+    assert isvc["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "Standard"}
     assert isvc["metadata"]["name"] == "nano-child"
 
 
 def test_deployment_and_service_run_vllm_on_the_fetched_model(validator, recipe):
-    objects = manifests.deployment(recipe, MODEL_URI, image="ghcr.io/nemoforge/serve:0.1.0")
+    objects = manifests.deployment(recipe, MODEL_URI, image=IMAGE)
     _valid(validator, objects)
     deploy, service = objects
     assert [deploy["kind"], service["kind"]] == ["Deployment", "Service"]
@@ -90,20 +119,21 @@ def test_deployment_and_service_run_vllm_on_the_fetched_model(validator, recipe)
     assert {"--tensor-parallel-size=2", "--max-model-len=4096", "--trust-remote-code",
             "--reasoning-parser=deepseek_r1"} <= set(vllm["args"])  # fmt: skip
     assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "2"
-    assert MODEL_URI in pod["initContainers"][0]["command"][-1]
+    assert pod["initContainers"] == INIT_CONTAINERS
+    assert vllm["volumeMounts"][:2] == INIT_CONTAINERS[1]["volumeMounts"]
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert service["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
 
 
 def test_a_strict_schema_rejects_an_unknown_field(validator, recipe):
-    isvc = manifests.inferenceservice(recipe, MODEL_URI)
+    isvc = manifests.inferenceservice(recipe, MODEL_URI, image=IMAGE)
     isvc["spec"]["predictor"]["model"]["gpus"] = 2
     assert validator.errors(isvc)
 
 
 def test_a_local_model_cannot_go_to_a_cluster(recipe, tmp_path):
     with pytest.raises(NemoforgeError, match="not an s3:// URI"):
-        manifests.inferenceservice(recipe, str(tmp_path))
+        manifests.inferenceservice(recipe, str(tmp_path), image=IMAGE)
 
 
 def test_cli_emits_kserve_for_a_registry_alias(tmp_path, validator):
@@ -117,7 +147,8 @@ def test_cli_emits_kserve_for_a_registry_alias(tmp_path, validator):
     assert main(argv) == 0
     (isvc,) = list(yaml.safe_load_all(out.read_text()))
     _valid(validator, [isvc])
-    assert isvc["spec"]["predictor"]["model"]["storageUri"] == MODEL_URI
+    assert isvc["spec"]["predictor"]["initContainers"][0]["command"][-1] == INIT_CONTAINERS[0]["command"][-1]
+    assert isvc["spec"]["predictor"]["initContainers"][1]["command"] == INIT_CONTAINERS[1]["command"]
 
     out = tmp_path / "deploy.yaml"
     assert main(argv[:3] + ["deployment", "-o", str(out)] + argv[6:]) == 0

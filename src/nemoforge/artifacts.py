@@ -9,8 +9,13 @@ accepted) or ``s3://bucket/key``. ``pathlib`` never touches an ``s3://`` string 
 ``//``). Either store also reads and writes the other kind of URI (a local corpus with an S3 root, an
 ``s3://`` corpus with a local root); ``root_uri`` and :meth:`ArtifactStore.join` decide where outputs go.
 
-Uploads are verified: the size, and the sha256 of the content, which an S3 object also carries as
-user metadata (``x-amz-meta-sha256``) so that :meth:`S3Store.fetch` re-verifies what it downloads.
+Uploads are verified: the size, and the sha256 of the content, which is also recorded with the file:
+an S3 object carries it as user metadata (``x-amz-meta-sha256``), a LocalStore file in a hidden record
+beside it (``.<name>.sha256``, left out of listings and digests). :meth:`ArtifactStore.fetch` checks
+every file that has a record against it on the way in (models, checkpoints, corpora), so a file changed
+after upload (a flipped byte, a replaced ``model.safetensors``) is refused before anything loads it. A
+file with no record (placed outside the store, or stored before records existed) is not checked; a
+writer that can also rewrite the record is not caught here (lineage keeps the digests of stage outputs).
 Large files go up in parts (boto3 ``TransferConfig``); requests are retried with backoff (botocore
 ``standard`` retry mode) but a refused or unreachable endpoint fails within seconds.
 """
@@ -35,6 +40,8 @@ log = logging.getLogger(__name__)
 _CHUNK_BYTES = 8 * 2**20
 _PARTIAL_MARK = ".partial-"
 """Temp files are ``.<name>.partial-<random>`` beside their destination; listings skip them."""
+_RECORD_SUFFIX = ".sha256"
+"""A LocalStore file's recorded sha256 is in ``.<name>.sha256`` beside it; listings and digests skip it."""
 
 
 # -------------------------------------------------------------------------------------------- digests
@@ -46,18 +53,38 @@ def _sha256_file(path: Path) -> str:
     return sha.hexdigest()
 
 
+def _record_path(path: Path) -> Path:
+    """Where a LocalStore records the sha256 of ``path``."""
+    return path.with_name(f".{path.name}{_RECORD_SUFFIX}")
+
+
+def _is_record(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(_RECORD_SUFFIX)
+
+
 def _tree_files(root: Path) -> list[tuple[str, Path]]:
-    """``(relative posix path, path)`` of every file under ``root``, sorted by relative path."""
-    files = [(p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file()]
+    """``(relative posix path, path)`` of every file under ``root`` (sha256 records left out), sorted by path."""
+    files = [
+        (p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file() and not _is_record(p)
+    ]
     return sorted(files)
+
+
+def _changed_since_upload(uri: str, recorded: str, content: str) -> StorageError:
+    """The one-line refusal of a fetched file whose content is not what was uploaded."""
+    return StorageError(
+        f"{uri} does not verify against the sha256 recorded at upload (recorded {recorded}, content {content}): "
+        "it is corrupt or was changed after upload; re-run the step that wrote it"
+    )
 
 
 def digest_path(path: str | Path) -> str:
     """sha256 hex of a local file, or of a directory tree.
 
     A directory's digest is the sha256 of one line ``<relative posix path>\\0<file sha256>\\n`` per
-    file, in sorted path order: it changes when any file's name or content changes, and does not
-    depend on timestamps or on the order the file system lists entries in.
+    file (a LocalStore's ``.<name>.sha256`` records left out), in sorted path order: it changes when any
+    file's name or content changes, and does not depend on timestamps or on the order the file system
+    lists entries in.
 
     Args:
         path: a local file or directory.
@@ -162,15 +189,17 @@ class ArtifactStore(ABC):
         return uri
 
     def fetch(self, uri: str) -> Path:
-        """A local path holding the file or directory at ``uri``.
+        """A local path holding the file or directory at ``uri``, each file checked against its recorded sha256.
 
-        A local URI comes back as its own path (no copy); an ``s3://`` URI is downloaded into the
-        local cache (``$NEMOFORGE_CACHE/s3``, else ``~/.cache/nemoforge/s3``), where a file already
-        cached is reused only when it still matches the object's sha256.
+        A local URI comes back as its own path (no copy) once every file that has a record matches it;
+        an ``s3://`` URI is downloaded into the local cache (``$NEMOFORGE_CACHE/s3``, else
+        ``~/.cache/nemoforge/s3``), where a file already cached is reused only when it still matches the
+        object's sha256, and a download must match it.
 
         Raises:
             InputNotFoundError: nothing exists at ``uri``.
-            StorageError: the store cannot be reached, or a download does not verify.
+            StorageError: the store cannot be reached, or a file does not match the sha256 recorded at upload
+                (one line naming the file's URI).
         """
         return self._route(uri)._fetch(uri)
 
@@ -372,7 +401,9 @@ class LocalStore(ArtifactStore):
     def _put_file(self, path: Path, uri: str) -> None:
         dest = _local_path(uri)
         if dest.exists() and dest.resolve() == path.resolve():
-            return  # already in place: written straight into the store by its producer
+            # already in place (written straight into the store by its producer): record what is there
+            self._record(uri, _sha256_file(dest))
+            return
         with _replacing(uri) as tmp:
             sha = hashlib.sha256()
             with open(path, "rb") as src, open(tmp, "wb") as dst:
@@ -381,11 +412,26 @@ class LocalStore(ArtifactStore):
                     dst.write(chunk)
             if tmp.stat().st_size != path.stat().st_size or _sha256_file(tmp) != sha.hexdigest():
                 raise StorageError(f"copy of {path} to {uri} does not verify (size or sha256): retry")
+        self._record(uri, sha.hexdigest())
+
+    @staticmethod
+    def _record(uri: str, sha: str) -> None:
+        """Write the record of the file ``uri``'s sha256 (``.<name>.sha256`` beside it)."""
+        with _replacing(str(_record_path(_local_path(uri)))) as tmp:
+            tmp.write_text(sha + "\n")
 
     def _fetch(self, uri: str) -> Path:
         path = _local_path(uri)
         if not path.exists():
             raise InputNotFoundError(f"{uri} does not exist")
+        files = [("", path)] if path.is_file() else _tree_files(path)
+        for rel, file in files:
+            record = _record_path(file)
+            if _PARTIAL_MARK in file.name or not record.is_file():
+                continue
+            recorded, content = record.read_text().strip(), _sha256_file(file)
+            if content != recorded:
+                raise _changed_since_upload(f"{uri.rstrip('/')}/{rel}" if rel else uri, recorded, content)
         return path
 
     def _read_bytes(self, uri: str) -> bytes:
@@ -399,6 +445,7 @@ class LocalStore(ArtifactStore):
             tmp.write_bytes(data)
             if tmp.read_bytes() != data:
                 raise StorageError(f"write of {uri} does not verify: retry")
+        self._record(uri, hashlib.sha256(data).hexdigest())
 
 
 # --------------------------------------------------------------------------------------------- S3
@@ -672,10 +719,11 @@ class S3Store(ArtifactStore):
             return
         with _replacing(str(dest)) as tmp:
             self._client.download_file(bucket, key, str(tmp), Config=self._transfer)
-            if tmp.stat().st_size != size or (sha and _sha256_file(tmp) != sha):
+            if sha and (content := _sha256_file(tmp)) != sha:
+                raise _changed_since_upload(uri, sha, content)
+            if tmp.stat().st_size != size:
                 raise StorageError(
-                    f"download of {uri} does not verify against its size/sha256: the object changed "
-                    "during the download or is corrupt; retry"
+                    f"download of {uri} does not verify against its size ({size} bytes): retry"
                 )
 
     def _read_bytes(self, uri: str) -> bytes:

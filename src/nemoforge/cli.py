@@ -370,11 +370,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tracking_uri = args.tracking_uri or recipe.tracking.mlflow_uri or f"sqlite:///{workdir / 'mlflow.db'}"
         model_uri = lineage.registered_model_source(tracking_uri, model_uri)
     if args.emit:
-        if args.emit == "kserve":
-            objects = [manifests.inferenceservice(recipe, model_uri)]
-        else:
-            from nemoforge_components.images import image_ref
+        from nemoforge_components.images import image_ref
 
+        if args.emit == "kserve":
+            objects = [manifests.inferenceservice(recipe, model_uri, image=image_ref("serve"))]
+        else:
             objects = manifests.deployment(recipe, model_uri, image=image_ref("serve"))
         text = manifests.to_yaml(objects)
         if args.output:

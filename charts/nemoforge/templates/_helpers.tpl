@@ -185,6 +185,30 @@ imagePullSecrets:
       mountPath: /tmp
 {{- end }}
 
+{{/* After the champion is downloaded, and before vLLM runs its Python files (trust_remote_code): the
+     checkpoint's configuration_decilm.py / modeling_decilm.py must be byte-identical (sha256) to the ones
+     the nemoforge image ships, else the pod does not start (issue 16; nemoforge.models.remote_code). */}}
+{{- define "nemoforge.remoteCodeVerifier" -}}
+- name: verify-remote-code
+  image: {{ include "nemoforge.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: [python, -m, nemoforge.models.remote_code, {{ include "nemoforge.championDir" . | quote }}]
+  env:
+    - name: HOME
+      value: /tmp
+  securityContext:
+    {{- include "nemoforge.containerSecurityContext" . | nindent 4 }}
+  resources:
+    requests: {cpu: 100m, memory: 256Mi}
+    limits: {cpu: "1", memory: 1Gi}
+  volumeMounts:
+    - name: champion
+      mountPath: /mnt/champion
+      readOnly: true
+    - name: tmp
+      mountPath: /tmp
+{{- end }}
+
 {{/* vLLM engine flags shared by both serving modes (underscores: KServe's HF server takes
      them as-is and vLLM accepts either spelling). */}}
 {{- define "nemoforge.vllmEngineArgs" -}}

@@ -21,6 +21,7 @@ from nemoforge.models.block_configs import parent_block_configs
 from nemoforge.models.hf.configuration_decilm import BlockConfig, DeciLMConfig
 from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM
 from nemoforge.models.parent import check_hf_dir
+from nemoforge.models.remote_code import verify_remote_code
 
 # Top-level keys that are per layer in DeciLM, or describe the source class rather than the architecture.
 _NOT_COPIED = {
@@ -62,14 +63,19 @@ def load_causal_lm(path: Path | str, dtype: torch.dtype = torch.float32) -> Deci
     """Load a checkpoint directory as a ``DeciLMForCausalLM`` in ``dtype`` (eval mode).
 
     A ``llama`` checkpoint is converted (all-parent); a ``nemotron-nas`` one (a nemoforge export) is loaded directly.
+    Our own classes load it, not its Python files; those are still verified
+    (:func:`~nemoforge.models.remote_code.verify_remote_code`), so a tampered export is refused at its first load
+    rather than handed on to a ``trust_remote_code`` load (vLLM) that would run them.
 
     Raises:
         InputNotFoundError: the directory, its config.json or its weights are missing.
-        NemoforgeError: the checkpoint is neither a Llama nor a nemotron-nas model.
+        NemoforgeError: the checkpoint is neither a Llama nor a nemotron-nas model, or its Python files are not
+            the ones this nemoforge ships.
     """
     path = check_hf_dir(Path(path))
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type == "nemotron-nas":
+        verify_remote_code(path)
         return DeciLMForCausalLM.from_pretrained(path, dtype=dtype).eval()
     if model_type == "llama":
         return llama_to_decilm(LlamaForCausalLM.from_pretrained(path, dtype=dtype))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nemoforge.errors import NemoforgeError
+from nemoforge.models.remote_code import verify_remote_code
 from nemoforge.serving.engine import vllm_env, vllm_python
 
 _CHILD = Path(__file__).with_name("_vllm_greedy_main.py")
@@ -47,8 +48,10 @@ def vllm_greedy(
         timeout_s: seconds before the child is killed.
 
     Raises:
-        NemoforgeError: vLLM failed to load or run the model; the message carries its last log lines.
+        NemoforgeError: the checkpoint's Python files are not the ones this nemoforge ships (checked before vLLM
+            runs them), or vLLM failed to load or run the model; the message carries its last log lines.
     """
+    verify_remote_code(model_dir)
     with tempfile.TemporaryDirectory(prefix="nemoforge-greedy-") as tmp:
         request, result = Path(tmp, "request.json"), Path(tmp, "result.json")
         request.write_text(

@@ -4,12 +4,17 @@ Both run vLLM with the recipe's ``serve`` settings (served model name, max model
 parallel size, trust remote code, reasoning parser) and its ``resources.serve`` (GPUs, CPU, memory,
 node selector, tolerations). See ../shared/reference/platform.md §3.
 
-- ``inferenceservice``: KServe's Hugging Face runtime with the vLLM backend; ``storageUri`` (s3://)
-  is downloaded by KServe's storage initializer to ``/mnt/models``. KServe's runtime takes
-  underscore-style engine flags; the reasoning parser is passed through as a vLLM frontend flag.
-- ``deployment``: the pinned serve image (vLLM + nemoforge). An init container downloads the model
-  through nemoforge's artifact store (S3 endpoint and credentials from the pod's environment), the
-  main container runs vLLM's OpenAI server on it.
+Both pods start with the same two init containers of the pinned serve image (vLLM + nemoforge):
+``fetch-model`` downloads the model through nemoforge's artifact store (each file verified against its
+recorded sha256; S3 endpoint and credentials from the pod's environment) into ``/mnt/models``, and
+``verify-remote-code`` refuses it unless its Python files are the ones nemoforge ships
+(:mod:`nemoforge.models.remote_code`): vLLM runs them (``trust_remote_code``), so it starts only after both.
+
+- ``inferenceservice``: KServe's Hugging Face runtime with the vLLM backend on ``--model_dir=/mnt/models``
+  (no ``storageUri``: KServe's storage initializer would run after our init containers, unverified).
+  KServe's runtime takes underscore-style engine flags; the reasoning parser is passed through as a vLLM
+  frontend flag.
+- ``deployment``: the serve image's vLLM OpenAI server on ``/mnt/models``.
 """
 
 from __future__ import annotations
@@ -77,8 +82,49 @@ def _check_storage_uri(model_uri: str) -> None:
         )
 
 
-def inferenceservice(recipe: Recipe, model_uri: str, *, name: str | None = None) -> dict[str, Any]:
+def model_init_containers(recipe: Recipe, model_uri: str, *, image: str) -> list[dict[str, Any]]:
+    """``fetch-model`` (``model_uri`` into the ``model`` volume at ``/mnt/models``) and ``verify-remote-code``.
+
+    Args:
+        recipe: ``storage.s3_endpoint_url`` and ``storage.s3_region``.
+        model_uri: the model's s3:// URI.
+        image: an image holding nemoforge (the pinned ``serve`` image).
+    """
+    fetch = (
+        "from nemoforge.artifacts import open_store; import os, shutil; "
+        f"src = open_store({model_uri!r}, s3_endpoint_url=os.environ.get('AWS_ENDPOINT_URL_S3'), "
+        f"s3_region={recipe.storage.s3_region!r}).fetch({model_uri!r}); "
+        f"shutil.copytree(src, {MODEL_DIR!r}, dirs_exist_ok=True)"
+    )
+    verify = ["python", "-m", "nemoforge.models.remote_code", MODEL_DIR]
+    return [
+        {"name": "fetch-model", "image": image, "command": ["python", "-c", fetch], "env": _env(recipe),
+         "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}, {"name": "tmp", "mountPath": "/tmp"}]},
+        {"name": "verify-remote-code", "image": image, "command": verify, "env": _env(recipe),
+         "volumeMounts": _model_mounts()},
+    ]  # fmt: skip
+
+
+def _env(recipe: Recipe) -> list[dict[str, str]]:
+    env = [{"name": "HOME", "value": "/tmp"}]
+    if recipe.storage.s3_endpoint_url:
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": recipe.storage.s3_endpoint_url})
+    return env
+
+
+def _model_mounts() -> list[dict[str, Any]]:
+    """The verified model (read-only) and a writable /tmp; new dicts each call (no YAML anchors)."""
+    return [{"name": "model", "mountPath": MODEL_DIR, "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}]
+
+
+def _model_volumes() -> list[dict[str, Any]]:
+    return [{"name": "model", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
+
+
+def inferenceservice(recipe: Recipe, model_uri: str, *, image: str, name: str | None = None) -> dict[str, Any]:
     """A KServe v1beta1 InferenceService serving ``model_uri`` (s3://) with the vLLM backend.
+
+    ``image`` holds nemoforge (the pinned ``serve`` image): it runs :func:`model_init_containers`.
 
     Raises:
         NemoforgeError: ``model_uri`` is not an s3:// URI.
@@ -86,21 +132,22 @@ def inferenceservice(recipe: Recipe, model_uri: str, *, name: str | None = None)
     _check_storage_uri(model_uri)
     res = recipe.resources.serve
     served = _served_name(recipe)
-    annotations = {
-        "serving.kserve.io/deploymentMode": "Standard",
-        "serving.kserve.io/s3-region": recipe.storage.s3_region,
-    }
-    if endpoint := recipe.storage.s3_endpoint_url:
-        annotations["serving.kserve.io/s3-endpoint"] = re.sub(r"^https?://", "", endpoint)
-        annotations["serving.kserve.io/s3-usehttps"] = "0" if endpoint.startswith("http://") else "1"
     predictor: dict[str, Any] = {
         "minReplicas": 1,
+        "initContainers": model_init_containers(recipe, model_uri, image=image),
         "model": {
             "modelFormat": {"name": "huggingface"},
-            "storageUri": model_uri,
-            "args": [f"--model_name={served}", "--backend=vllm", *vllm_args(recipe, style="kserve")],
+            "args": [
+                f"--model_name={served}",
+                f"--model_dir={MODEL_DIR}",
+                "--backend=vllm",
+                *vllm_args(recipe, style="kserve"),
+            ],
+            "env": _env(recipe),
             "resources": _resources(res),
+            "volumeMounts": _model_mounts(),
         },
+        "volumes": _model_volumes(),
         **_scheduling(res),
     }
     if recipe.resources.service_account:
@@ -108,7 +155,10 @@ def inferenceservice(recipe: Recipe, model_uri: str, *, name: str | None = None)
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
-        "metadata": {"name": k8s_name(name or served), "annotations": annotations},
+        "metadata": {
+            "name": k8s_name(name or served),
+            "annotations": {"serving.kserve.io/deploymentMode": "Standard"},
+        },
         "spec": {"predictor": predictor},
     }
 
@@ -126,29 +176,9 @@ def deployment(recipe: Recipe, model_uri: str, *, image: str, name: str | None =
     served = _served_name(recipe)
     name = k8s_name(name or served)
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "serving"}
-    env = [{"name": "HOME", "value": "/tmp"}]
-    if recipe.storage.s3_endpoint_url:
-        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": recipe.storage.s3_endpoint_url})
-    fetch = (
-        "from nemoforge.artifacts import open_store; import os, shutil; "
-        f"src = open_store({model_uri!r}, s3_endpoint_url=os.environ.get('AWS_ENDPOINT_URL_S3'), "
-        f"s3_region={recipe.storage.s3_region!r}).fetch({model_uri!r}); "
-        f"shutil.copytree(src, {MODEL_DIR!r}, dirs_exist_ok=True)"
-    )
     probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10}
     pod: dict[str, Any] = {
-        "initContainers": [
-            {
-                "name": "fetch-model",
-                "image": image,
-                "command": ["python", "-c", fetch],
-                "env": env,
-                "volumeMounts": [
-                    {"name": "model", "mountPath": MODEL_DIR},
-                    {"name": "tmp", "mountPath": "/tmp"},
-                ],
-            }
-        ],
+        "initContainers": model_init_containers(recipe, model_uri, image=image),
         "containers": [
             {
                 "name": "vllm",
@@ -161,22 +191,17 @@ def deployment(recipe: Recipe, model_uri: str, *, image: str, name: str | None =
                     f"--port={PORT}",
                     *vllm_args(recipe, style="vllm"),
                 ],
-                "env": env,
+                "env": _env(recipe),
                 "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
                 "startupProbe": {**probe, "failureThreshold": 90},
                 "readinessProbe": probe,
                 "livenessProbe": {**probe, "periodSeconds": 20, "failureThreshold": 6},
                 "resources": _resources(res),
-                "volumeMounts": [
-                    {"name": "model", "mountPath": MODEL_DIR, "readOnly": True},
-                    {"name": "tmp", "mountPath": "/tmp"},
-                    {"name": "dshm", "mountPath": "/dev/shm"},
-                ],
+                "volumeMounts": [*_model_mounts(), {"name": "dshm", "mountPath": "/dev/shm"}],
             }
         ],
         "volumes": [
-            {"name": "model", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
+            *_model_volumes(),
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{max(res.shm_gib, 2)}Gi"}},
         ],
         **_scheduling(res),

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from nemoforge.errors import NemoforgeError
+from nemoforge.models.remote_code import verify_remote_code
 from nemoforge.serving.engine import vllm_env, vllm_python, vllm_version
 
 # An exception line ("ValueError: ...") or pydantic's detail line ("  Value error, ...").
@@ -123,9 +124,12 @@ class VLLMServer:
 
         Raises:
             ServeError: the port is in use, or vLLM is not installed.
+            NemoforgeError: the checkpoint's Python files are not the ones this nemoforge ships (vLLM would run
+                them: ``--trust-remote-code``).
         """
         if not (self.model_dir / "config.json").is_file():
             raise ServeError(f"{self.model_dir} is not a checkpoint directory (no config.json)")
+        verify_remote_code(self.model_dir)
         check_port_free(self.port, self.host)
         vllm_version()  # a clear error when vLLM is missing, before a long start
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

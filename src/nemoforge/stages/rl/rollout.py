@@ -80,24 +80,31 @@ class VLLMRollouts:
         max_model_len: longest prompt + completion the engine reserves for.
         seed: the engine's seed.
         kv_cache_gib: ``VLLM_CPU_KVCACHE_SPACE`` when not set already.
+
+    Raises:
+        NemoforgeError: the export's Python files are not the ones nemoforge ships (checked before vLLM, which
+            runs them, is imported: :func:`~nemoforge.models.remote_code.verify_remote_code`).
     """
 
     def __init__(
         self, model: torch.nn.Module, tokenizer: Any, *, max_model_len: int, seed: int = 0, kv_cache_gib: int = 1
     ) -> None:
         from nemoforge.models.export import export_checkpoint
+        from nemoforge.models.remote_code import verify_remote_code
 
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: its model reachable
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         os.environ.setdefault("DO_NOT_TRACK", "1")
-        from vllm import LLM
 
         self.eos = tokenizer.eos_token_id
         self._dir = Path(tempfile.mkdtemp(prefix="nemoforge-rollout-"))
         dtype = next(model.parameters()).dtype
         try:
             export_checkpoint(model, tokenizer, self._dir / "policy")
+            verify_remote_code(self._dir / "policy")  # vLLM runs its Python files (trust_remote_code)
+            from vllm import LLM
+
             self.llm = LLM(
                 model=str(self._dir / "policy"),
                 trust_remote_code=True,
