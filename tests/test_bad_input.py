@@ -88,6 +88,7 @@ def test_bad_input_is_one_line(argv_of, first_line, max_s, tmp_path: Path, tiny_
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith("nemoforge: error: " + first_line.format(t=tmp_path, w=workdir, port=port)), err[0]
     assert elapsed_s < max_s
+    assert not (workdir / "artifacts").exists() and not (workdir / "mlflow.db").exists()
     if workdir.is_dir():
         assert sorted(p.name for p in workdir.iterdir() if p.name != "cache") == []
 
