@@ -30,37 +30,46 @@ def _tiny_parent(tiny: Path) -> list[str]:
     return ["--set", "model.parent.source=hf-dir", "--set", f"model.parent.path={tiny}"]
 
 
-# (id, argv after `run RECIPE --workdir W`, as a function of (tmp_path, tiny parent dir), first line, max seconds)
+DEMO = "smollm2-135m-demo"
+
+# (id, [RECIPE, *args] of `run RECIPE --workdir W *args`, as a function of (tmp_path, tiny parent dir), first line, max seconds)
 ROWS = [
     ("corpus-not-utf8",
-     lambda t, _: ["--set", f"data.corpus_uri={t / 'latin1.txt'}"],
+     lambda t, _: [DEMO, "--set", f"data.corpus_uri={t / 'latin1.txt'}"],
      "{t}/latin1.txt is not UTF-8 text (it holds byte 0xe9): convert it (iconv -t UTF-8) or fix data.corpus_uri", 10),
     ("corpus-jsonl-without-text-field",
-     lambda t, _: ["--set", f"data.corpus_uri={t / 'rows.jsonl'}"],
+     lambda t, _: [DEMO, "--set", f"data.corpus_uri={t / 'rows.jsonl'}"],
      "{t}/rows.jsonl:1 has no field 'text' (it has ['body']): set data.text_field", 10),
+    ("corpus-empty",
+     lambda t, _: [DEMO, "--set", f"data.corpus_uri={t / 'empty.txt'}"],
+     "data.corpus_uri {t}/empty.txt holds no text: give a non-empty .txt/.jsonl corpus", 10),
+    ("recipe-not-yaml",
+     lambda t, _: [str(t / "broken.yaml")],
+     "recipe {t}/broken.yaml is not valid YAML: expected the node content, but found '<stream end>' "
+     "(line 3, column 1)", 10),
     ("s3-endpoint-not-a-url",
-     lambda t, _: ["--set", "storage.artifact_root=s3://b/runs", "--set", "storage.s3_endpoint_url=not-a-url"],
-     "invalid recipe smollm2-135m-demo: storage.s3_endpoint_url: 'not-a-url' is not an S3 endpoint URL: "
+     lambda t, _: [DEMO, "--set", "storage.artifact_root=s3://b/runs", "--set", "storage.s3_endpoint_url=not-a-url"],
+     f"invalid recipe {DEMO}: storage.s3_endpoint_url: 'not-a-url' is not an S3 endpoint URL: "
      "give http(s)://host[:port], e.g. http://127.0.0.1:9000", 10),
     ("s3-endpoint-refuses-without-credentials",
-     lambda t, _: ["--set", "storage.artifact_root=s3://b/runs", "--set", "storage.s3_endpoint_url=http://127.0.0.1:{port}"],
+     lambda t, _: [DEMO, "--set", "storage.artifact_root=s3://b/runs", "--set", "storage.s3_endpoint_url=http://127.0.0.1:{port}"],
      "cannot reach S3 endpoint http://127.0.0.1:{port} for s3://b/runs (EndpointConnectionError): "
      "start the S3/MinIO server or fix storage.s3_endpoint_url", 15),
     ("workdir-is-a-file",
-     lambda t, _: [],
+     lambda t, _: [DEMO],
      "--workdir {w}: {w} is a file, not a directory: give a directory", 10),
     ("unknown-set-key",
-     lambda t, _: ["--set", "distill.stepz=3"],
-     "invalid recipe smollm2-135m-demo: distill.stepz: unknown key; remove it or fix its spelling "
+     lambda t, _: [DEMO, "--set", "distill.stepz=3"],
+     f"invalid recipe {DEMO}: distill.stepz: unknown key; remove it or fix its spelling "
      "(see `nemoforge run --help` for sections)", 10),
     ("impossible-memory-budget",
-     lambda t, tiny: [*_tiny_parent(tiny), "--set", "nas.memory_budget_gib=0.0001"],
+     lambda t, tiny: [DEMO, *_tiny_parent(tiny), "--set", "nas.memory_budget_gib=0.0001"],
      "nas.memory_budget_gib=0.0001 is below what any child needs", 10),
     ("reasoning-parser-unknown",
-     lambda t, tiny: [*_tiny_parent(tiny), "--set", "serve.enabled=true", "--set", "serve.reasoning_parser=nope"],
+     lambda t, tiny: [DEMO, *_tiny_parent(tiny), "--set", "serve.enabled=true", "--set", "serve.reasoning_parser=nope"],
      "serve.reasoning_parser='nope' is not a vLLM reasoning parser: use one of", 60),
     ("reasoning-parser-cannot-start",
-     lambda t, tiny: [*_tiny_parent(tiny), "--set", "serve.enabled=true", "--set", "serve.reasoning_parser=deepseek_r1"],
+     lambda t, tiny: [DEMO, *_tiny_parent(tiny), "--set", "serve.enabled=true", "--set", "serve.reasoning_parser=deepseek_r1"],
      "serve.reasoning_parser='deepseek_r1' cannot start for this model (RuntimeError: ", 60),
 ]  # fmt: skip
 
@@ -69,6 +78,8 @@ ROWS = [
 def test_bad_input_is_one_line(argv_of, first_line, max_s, tmp_path: Path, tiny_llama_dir: Path, capsys, monkeypatch):
     (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
     (tmp_path / "rows.jsonl").write_text('{"body": "no text field here"}\n')
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "broken.yaml").write_text("name: x\nmodel: [\n")
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
@@ -81,7 +92,7 @@ def test_bad_input_is_one_line(argv_of, first_line, max_s, tmp_path: Path, tiny_
     argv = [a.format(port=port) for a in argv_of(tmp_path, tiny_llama_dir)]
 
     started = time.monotonic()
-    rc = main(["run", "smollm2-135m-demo", "--workdir", str(workdir), *argv])
+    rc = main(["run", argv[0], "--workdir", str(workdir), *argv[1:]])
     elapsed_s = time.monotonic() - started
 
     err = capsys.readouterr().err.strip().splitlines()
@@ -114,3 +125,11 @@ def test_read_only_workdir_with_artifact_root_elsewhere(tmp_path: Path) -> None:
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
     assert err[0] == f"nemoforge: error: --workdir {workdir}: {workdir} is not writable: give a writable directory"
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_serve_refuses_a_reasoning_parser_the_model_cannot_start(tiny_llama_dir: Path, tmp_path: Path, capsys):
+    rc = main(["serve", str(tiny_llama_dir), "--workdir", str(tmp_path), "--set", "serve.reasoning_parser=deepseek_r1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("nemoforge: error: serve.reasoning_parser='deepseek_r1' cannot start for this model")
+    assert not (tmp_path / "serve").exists()  # refused before vLLM was started

@@ -688,8 +688,13 @@ def _read_recipe_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
         text = resource.read_text()
     try:
         data = yaml.safe_load(text) or {}
+    except yaml.MarkedYAMLError as err:  # pyyaml's message spans lines: keep the problem and where it is
+        mark = err.problem_mark
+        raise RecipeError(
+            f"recipe {name_or_path} is not valid YAML: {err.problem} (line {mark.line + 1}, column {mark.column + 1})"
+        ) from None
     except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {name_or_path} is not valid YAML: {err}") from err
+        raise RecipeError(f"recipe {name_or_path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {name_or_path} must be a YAML mapping at the top level")
     return data, name_or_path

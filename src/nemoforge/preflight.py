@@ -136,7 +136,7 @@ def check_corpus(recipe: Recipe) -> None:
     """Read a local ``data.corpus_uri`` through to its end, as the corpus step will (I/O only, no tokenizer).
 
     Raises:
-        InputNotFoundError: the path does not exist or holds no .txt/.jsonl file.
+        InputNotFoundError: the path does not exist, holds no .txt/.jsonl file or no text.
         NemoforgeError: a file is not UTF-8, a JSONL line is not JSON or lacks ``data.text_field``.
     """
     corpus = recipe.data.corpus_uri
@@ -145,8 +145,8 @@ def check_corpus(recipe: Recipe) -> None:
     if not Path(corpus).exists():
         raise InputNotFoundError(f"data.corpus_uri {corpus} does not exist: give a .txt/.jsonl file or directory")
     documents, _ = read_documents(corpus, text_field=recipe.data.text_field)
-    for _ in documents:
-        pass
+    if not sum(1 for _ in documents):
+        raise InputNotFoundError(f"data.corpus_uri {corpus} holds no text: give a non-empty .txt/.jsonl corpus")
 
 
 def check_math_data(recipe: Recipe) -> None:
