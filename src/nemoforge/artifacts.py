@@ -611,12 +611,22 @@ class S3Store(ArtifactStore):
 
     # ------------------------------------------------------------------------------ backend
     def check(self) -> None:
+        from botocore import UNSIGNED
         from botocore.config import Config
         from botocore.exceptions import ClientError
 
         with self._errors(self.root_uri):
             # one attempt: a preflight should answer within the connect timeout
             once = self._config.merge(Config(retries={"mode": "standard", "total_max_attempts": 1}))
+            if self._session.get_credentials() is None:
+                # unsigned, so that an endpoint that refuses is named as such rather than the credentials blamed
+                unsigned = self._session.client(
+                    "s3", endpoint_url=self.endpoint_url, config=once.merge(Config(signature_version=UNSIGNED))
+                )
+                try:
+                    unsigned.head_bucket(Bucket=self.bucket)
+                except ClientError:
+                    pass  # the endpoint answered: the missing credentials are the problem (raised below)
             client = self._session.client("s3", endpoint_url=self.endpoint_url, config=once)
             try:
                 client.head_bucket(Bucket=self.bucket)

@@ -163,19 +163,6 @@ def _local_environment(workdir: Path, debug: bool) -> None:
         os.environ["NEMOFORGE_DEBUG"] = "1"
 
 
-def _parent_config(recipe: Recipe) -> dict | None:
-    from nemoforge.runner import cache_dir
-
-    parent = recipe.model.parent
-    if parent.source == "hf-dir":
-        path = Path(parent.path) / "config.json"
-    else:
-        from nemoforge.models.parent import conversion_dir
-
-        path = conversion_dir(parent, cache_dir() / "parent") / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _failure_reason(recipe: Recipe, error_file: Path, err: RuntimeError) -> str:
     """The failing step's own one-line message, else the stage error in MLflow, else kfp's summary."""
     from nemoforge import lineage
@@ -190,13 +177,15 @@ def _failure_reason(recipe: Recipe, error_file: Path, err: RuntimeError) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from nemoforge import lineage
-    from nemoforge.preflight import check_budget, check_inputs, resolve_recipe
+    from nemoforge.preflight import check_inputs, check_parent, check_workdir, resolve_recipe
+    from nemoforge.runner import cache_dir
 
     workdir = args.workdir.expanduser().resolve()
     recipe = resolve_recipe(load_recipe(args.recipe, args.overrides), workdir)
+    check_workdir(workdir)
     _local_environment(workdir, args.debug)
+    check_parent(recipe, cache_dir() / "parent")
     check_inputs(recipe)
-    check_budget(recipe, _parent_config(recipe))
     workdir.mkdir(parents=True, exist_ok=True)
 
     from kfp import local
@@ -386,6 +375,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     store = open_store(model_uri, s3_endpoint_url=recipe.storage.s3_endpoint_url, s3_region=recipe.storage.s3_region)
     model_dir = store.fetch(model_uri)
     cfg = recipe.serve
+    if cfg.reasoning_parser:
+        from nemoforge.serving.engine import check_reasoning_parser
+
+        check_reasoning_parser(cfg.reasoning_parser, str(model_dir))
     log_path = args.workdir.expanduser().resolve() / "serve" / f"server-{int(time.time())}.log"
     server = VLLMServer(
         model_dir,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -624,8 +625,17 @@ class StorageConfig(_Section):
     artifact_root: str | None = Field(
         None, description="Artifact store root: a local directory or s3://bucket/prefix (None: <workdir>/artifacts)."
     )
-    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto); None: AWS default.")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint, http(s)://host[:port] (MinIO, moto); None: AWS default."
+    )
     s3_region: str = Field("us-east-1", description="S3 region.")
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_is_url(cls, url: str | None) -> str | None:
+        if url is not None and not re.fullmatch(r"https?://[^/\s:]+(:\d+)?(/\S*)?", url):
+            raise ValueError(f"{url!r} is not an S3 endpoint URL: give http(s)://host[:port], e.g. http://127.0.0.1:9000")
+        return url
 
 
 # ---------------------------------------------------------------------------------------------- root
@@ -683,8 +693,13 @@ def _read_recipe_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
         text = resource.read_text()
     try:
         data = yaml.safe_load(text) or {}
+    except yaml.MarkedYAMLError as err:  # pyyaml's message spans lines: keep the problem and where it is
+        mark = err.problem_mark
+        raise RecipeError(
+            f"recipe {name_or_path} is not valid YAML: {err.problem} (line {mark.line + 1}, column {mark.column + 1})"
+        ) from None
     except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {name_or_path} is not valid YAML: {err}") from err
+        raise RecipeError(f"recipe {name_or_path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {name_or_path} must be a YAML mapping at the top level")
     return data, name_or_path

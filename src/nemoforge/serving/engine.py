@@ -13,7 +13,7 @@ import subprocess
 import sys
 from functools import cache
 
-from nemoforge.errors import NemoforgeError
+from nemoforge.errors import NemoforgeError, RecipeError
 
 INSTALL_HINT = "install it with `bash scripts/bootstrap.sh serve` (or point $NEMOFORGE_VLLM_PYTHON at a Python that has it)"
 
@@ -57,3 +57,49 @@ def vllm_env(kv_cache_gib: int | None = None) -> dict[str, str]:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
+
+
+_PARSER_PROBE = """
+import json, sys
+from transformers import AutoTokenizer
+from vllm.reasoning import ReasoningParserManager
+name, tokenizer_dir = sys.argv[1:]
+known = ReasoningParserManager.list_registered()
+error = None
+if name in known:
+    try:
+        ReasoningParserManager.get_reasoning_parser(name)(AutoTokenizer.from_pretrained(tokenizer_dir))
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}"
+print(json.dumps({"known": known, "error": error}))
+"""
+
+
+def check_reasoning_parser(name: str, tokenizer_dir: str) -> None:
+    """Check that vLLM has a reasoning parser ``name`` and that it starts with this model's tokenizer.
+
+    vLLM builds the parser from the tokenizer when the server starts; a parser that needs tokens the
+    vocabulary lacks (``deepseek_r1`` needs ``<think>``/``</think>`` as single tokens) stops the server
+    there. This builds it the same way, in :func:`vllm_python` (~10 s), without starting a server.
+
+    Raises:
+        RecipeError: the parser is unknown (the message lists vLLM's) or cannot start with the tokenizer of
+            ``tokenizer_dir`` (vLLM's reason).
+        NemoforgeError: vLLM cannot be imported.
+    """
+    import json
+
+    proc = subprocess.run(
+        [vllm_python(), "-c", _PARSER_PROBE, name, tokenizer_dir],
+        capture_output=True, text=True, env=vllm_env(), timeout=300,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise NemoforgeError(f"vLLM cannot be imported by {vllm_python()} ({last}): {INSTALL_HINT}")
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    if name not in probe["known"]:
+        raise RecipeError(f"serve.reasoning_parser={name!r} is not a vLLM reasoning parser: use one of "
+                             f"{', '.join(probe['known'])}, or leave it unset")  # fmt: skip
+    if probe["error"]:
+        raise RecipeError(f"serve.reasoning_parser={name!r} cannot start for this model ({probe['error']}): "
+                             "leave it unset (the client splits <think>...</think> itself)")  # fmt: skip
