@@ -21,7 +21,9 @@ rl: GRPO variants on the run's sft model, one after another, to calibrate rl on 
     is space-separated recipe overrides (``rl.lr=2e-5 rl.steps=150``) over --recipe and --set; the rl stage's
     own ``run`` (same code as the pipeline, outputs under <workdir>/artifacts/sweeps/), and per variant its
     held-out figures (greedy and, with rl.heldout_samples, sampled pass@1, per reasoning mode, with intervals),
-    reward/KL curves and wall time; samples are copied to <workdir>/logs/sweeps/ (logs.tgz).
+    reward/KL curves and wall time; samples are copied to <workdir>/logs/sweeps/ (logs.tgz). A variant that
+    overrides ``data.*`` or ``sft.*`` (``data.arithmetic.num_steps=4``: another task) first runs the sft stage
+    on the run's cpt model with those overrides, and rl starts from that.
 mlflow: every run of the experiment: name, stage tag, status, start/end, wall time, metrics, tags, and the
     metric histories (compact), as JSON.
 """
@@ -240,17 +242,38 @@ def cmd_gsm8k(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- rl
+def _exported_greedy(recipe, store, model_uri: str) -> dict[str, float]:
+    """Greedy held-out accuracy per reasoning mode of rl's export reloaded as eval loads it (``recipe.dtype``),
+    beside rl's own figure on its in-memory float32 policy: updates below the export dtype's resolution vanish."""
+    from transformers import AutoTokenizer
+
+    from nemoforge.models.convert import load_causal_lm
+    from nemoforge.stages.rl.stage import heldout_reward, rl_problems
+    from nemoforge.training.runtime import compute_device
+    from nemoforge.training.stage import recipe_dtype
+
+    path = store.fetch(model_uri)
+    model = load_causal_lm(path, dtype=recipe_dtype(recipe)).to(compute_device()).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, config=model.config)
+    _, heldout, _ = rl_problems(recipe, store)
+    _, samples = heldout_reward(model, tokenizer, heldout, recipe.rl)
+    del model
+    torch.cuda.empty_cache()
+    return {mode: statistics.fmean(s["rewards"]["accuracy"] for s in samples if s["reasoning"] == mode)
+            for mode in ("on", "off")}
+
+
 def cmd_rl(args) -> dict:
     import shutil
 
     from nemoforge.artifacts import open_store
     from nemoforge.config import load_recipe
     from nemoforge.preflight import resolve_recipe
-    from nemoforge.stages.rl import run
+    from nemoforge.stages import rl, sft
 
     workdir = args.workdir.resolve()
-    sft_model = _stage_models(workdir)["sft"]
-    report: dict = {"sft_model": str(sft_model), "recipe": args.recipe, "sets": args.set, "variants": []}
+    models = _stage_models(workdir)
+    report: dict = {"sft_model": str(models["sft"]), "recipe": args.recipe, "sets": args.set, "variants": []}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for i, variant in enumerate(args.variant):
         sets = [*args.set, *variant.split()]
@@ -258,10 +281,18 @@ def cmd_rl(args) -> dict:
         store = open_store(recipe.storage.artifact_root)
         name = f"rl-{stamp}-{i}"
         t = time.perf_counter()
-        result = run(recipe, model_uri=str(sft_model), output_uri=store.join("sweeps", name), store=store)
+        row: dict = {"variant": variant}
+        start = str(models["sft"])
+        if any(kv.startswith(("data.", "sft.")) for kv in variant.split()):
+            tuned = sft.run(recipe, model_uri=str(models["cpt"]), output_uri=store.join("sweeps", name, "sft"), store=store)
+            start = tuned.outputs["model"]
+            row["sft"] = {k: v for k, v in tuned.metrics.items() if k.startswith(("toggle", "loss_heldout"))}
+            row["sft_wall_s"] = time.perf_counter() - t
+        result = rl.run(recipe, model_uri=start, output_uri=store.join("sweeps", name, "rl"), store=store)
         m = result.metrics
-        row = {
-            "variant": variant, "wall_s": time.perf_counter() - t,
+        row["exported_greedy"] = _exported_greedy(recipe, store, result.outputs["model"])
+        row |= {
+            "wall_s": time.perf_counter() - t,
             "metrics": {k: v for k, v in m.items() if k.startswith(("accuracy_heldout", "reward_accuracy_heldout"))},
             "history": {k: [v for _, v in result.history[k]] for k in ("reward_accuracy", "kl", "completion_tokens")
                         if k in result.history},
@@ -275,7 +306,7 @@ def cmd_rl(args) -> dict:
               f"{m.get('accuracy_heldout_on_gain_ci_high', float('nan')):+.3f}]  all {m['accuracy_heldout_gain']:+.3f}"
               + (f"  sampled on {sampled:+.3f} ({m['accuracy_heldout_sampled_on_before']:.3f} -> "
                  f"{m['accuracy_heldout_sampled_on_after']:.3f})" if sampled is not None else "")
-              + f"  ({row['wall_s']:.0f} s)", flush=True)
+              + f"  exported greedy on {row['exported_greedy']['on']:.3f}  ({row['wall_s']:.0f} s)", flush=True)
     return report
 
 
