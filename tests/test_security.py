@@ -11,7 +11,6 @@ a manifest must come from a Secret by reference.
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import moto_s3
 from test_pipeline import _tiny_args
 
 from nemoforge.config import builtin_recipes, load_recipe
@@ -116,19 +116,10 @@ def test_manifests_carry_no_secret_and_refer_to_secrets(secret_env, tmp_path: Pa
 
 # -------------------------------------------------------------------------------- a real run
 @pytest.fixture
-def s3_endpoint(secret_env, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def s3_endpoint(secret_env) -> Iterator[str]:
     """moto's S3 server in this process; the marker is the secret key every request is signed with."""
-    from moto.server import ThreadedMotoServer
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nemoforge-test")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_s3(MARKERS["AWS_SECRET_ACCESS_KEY"]) as endpoint:
+        yield endpoint
 
 
 @pytest.mark.slow
