@@ -639,6 +639,19 @@ class StorageConfig(_Section):
 
 
 # ---------------------------------------------------------------------------------------------- root
+_URI_USERINFO = re.compile(r"^[a-z][a-z0-9+.-]*://[^/?#]*@", re.IGNORECASE)
+"""``scheme://user[:password]@host``: credentials inside a URI."""
+
+
+def _fields_with_credentials(tree: Any, path: str = "") -> list[str]:
+    """The field paths of ``tree`` (a recipe dump) whose value is a URI with credentials in it."""
+    if isinstance(tree, dict):
+        return [f for key, value in tree.items() for f in _fields_with_credentials(value, f"{path}{key}.")]
+    if isinstance(tree, list):
+        return [f for i, value in enumerate(tree) for f in _fields_with_credentials(value, f"{path}{i}.")]
+    return [path.rstrip(".")] if isinstance(tree, str) and _URI_USERINFO.match(tree) else []
+
+
 class Recipe(_Section):
     """One pipeline run's whole configuration: ``{model, data, nas, distill, cpt, sft, rl, eval, resources, ...}``."""
 
@@ -658,6 +671,20 @@ class Recipe(_Section):
     resources: ResourcesConfig = ResourcesConfig()
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _check_no_credentials(self) -> Recipe:
+        # The recipe is logged to MLflow (recipe.json, params), printed in every task log and compiled into
+        # the pipeline YAML and TrainJob manifests: a secret in it would land in all of them.
+        found = _fields_with_credentials(self.model_dump(mode="json"))
+        if found:
+            raise ValueError(
+                f"{', '.join(found)}: credentials in a URI (user:password@host) would be logged and compiled into "
+                "manifests: remove them and give them through the environment from a Kubernetes "
+                "Secret (MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/_PASSWORD; AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY)"
+            )
+        return self
 
     def enabled_stages(self) -> list[str]:
         return [s for s in STAGES if getattr(self, s).enabled]
