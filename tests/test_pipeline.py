@@ -248,7 +248,8 @@ def test_local_run_end_to_end_then_skip_unchanged_then_force_reuses(
 @pytest.mark.slow
 def test_failed_step_keeps_earlier_outputs_and_resumes(tiny_llama_dir: Path, shared_dir: Path, tmp_path: Path, capsys):
     corpus_dir = tmp_path / "corpus"
-    corpus_dir.mkdir()  # exists, so preflight passes, but holds no text: the corpus step fails
+    corpus_dir.mkdir()  # its text passes preflight but is too short to pack: the corpus step fails
+    (corpus_dir / "shakespeare.txt").write_text("Too short to pack.\n")
     workdir = tmp_path / "work"
     args = _tiny_args(tiny_llama_dir, corpus_dir, workdir, "distill.enabled=false", "cpt.enabled=false")
     assert main(args) == 1
