@@ -152,6 +152,51 @@ def test_missing_uri_raises_input_not_found(store: ArtifactStore) -> None:
         store.put("/no/such/local/file", store.join("x"))
 
 
+def test_delete_removes_a_file_or_a_whole_prefix_only(store: ArtifactStore, model_dir: Path) -> None:
+    for step in (1, 10):
+        store.put(model_dir, store.join("ckpt", f"step-{step}"))
+    store.delete(store.join("ckpt", "step-1"))
+    assert not store.exists(store.join("ckpt", "step-1"))
+    assert len(store.list(store.join("ckpt", "step-10"))) == 3  # step-1 is not a prefix of step-10 here
+    store.delete(store.join("ckpt", "step-10", "config.json"))
+    assert store.list(store.join("ckpt")) == [
+        store.join("ckpt", "step-10", "model.safetensors"),
+        store.join("ckpt", "step-10", "sub", "tokenizer.json"),
+    ]
+    store.delete(store.join("ckpt", "nothing"))  # nothing there: no-op
+
+
+def _fake_checkpoint(root: Path, step: int) -> Path:
+    """A ``step-N`` directory that passes ``is_complete_checkpoint`` (random bytes, sizes in meta.json)."""
+    import json
+
+    path = root / f"step-{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(os.urandom(500))
+    (path / "state.pt").write_bytes(os.urandom(50))
+    sizes = {"model.safetensors": 500, "state.pt": 50}
+    (path / "meta.json").write_text(json.dumps({"step": step, "file_sizes": sizes}))
+    return path
+
+
+def test_checkpoint_uploader_keeps_the_newest_k_and_resume_takes_the_newest(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    from nemoforge.training.stage import checkpoint_uploader, fetch_latest_checkpoint, stored_steps
+
+    checkpoints_uri = store.join("run-1", "cpt", "checkpoints")
+    upload = checkpoint_uploader(store, checkpoints_uri, keep=2)
+    store.put(_fake_checkpoint(tmp_path / "earlier", 12), f"{checkpoints_uri}/step-12")
+    store.delete(f"{checkpoints_uri}/step-12/meta.json")  # an earlier attempt's half upload: not counted
+    for step in (2, 4, 6, 8, 10):
+        upload(_fake_checkpoint(tmp_path / "local", step))
+    assert stored_steps(store, checkpoints_uri) == [8, 10, 12]
+    assert fetch_latest_checkpoint(store, checkpoints_uri, tmp_path / "resumed") == 10
+
+    checkpoint_uploader(store, checkpoints_uri, keep=1)(_fake_checkpoint(tmp_path / "later", 11))
+    assert stored_steps(store, checkpoints_uri) == [11, 12]
+
+
 def _flip_one_byte(store: ArtifactStore, uri: str) -> None:
     """Change one byte of the stored file ``uri`` in place, leaving its recorded sha256 as uploaded."""
     if isinstance(store, S3Store):
@@ -185,16 +230,9 @@ def test_a_flipped_byte_in_a_stored_model_is_refused_on_fetch(store: ArtifactSto
 
 def test_resume_refuses_a_checkpoint_changed_after_upload(store: ArtifactStore, tmp_path: Path) -> None:
     """The fetch in front of every stage's resume (training.stage.fetch_latest_checkpoint)."""
-    import json
-
     from nemoforge.training.stage import fetch_latest_checkpoint
 
-    step = tmp_path / "step-4"
-    step.mkdir()
-    (step / "model.safetensors").write_bytes(os.urandom(500))
-    (step / "state.pt").write_bytes(os.urandom(50))
-    sizes = {"model.safetensors": 500, "state.pt": 50}
-    (step / "meta.json").write_text(json.dumps({"step": 4, "file_sizes": sizes}))
+    step = _fake_checkpoint(tmp_path, 4)
     checkpoints_uri = store.join("run-1", "cpt", "checkpoints")
     store.put(step, f"{checkpoints_uri}/step-4")
     assert fetch_latest_checkpoint(store, checkpoints_uri, tmp_path / "ok") == 4

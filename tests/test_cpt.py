@@ -89,3 +89,56 @@ def test_a_flipped_byte_in_the_store_stops_resume_and_load(
             output_uri=store.join("run-2", "cpt"),
             store=store,
         )
+
+
+def test_cpt_metrics_reach_mlflow_while_it_trains(
+    tiny_llama_dir: Path, shared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Issue 15 §5: through the runner, a stage killed after step 2 keeps its points; the resume adds the rest."""
+    from mlflow import MlflowClient
+
+    from nemoforge import runner
+    from nemoforge.artifacts import open_store
+    from nemoforge.training import stage as training_stage
+
+    store = open_store(str(tmp_path / "store"))
+    inputs = {
+        "model": {"uri": put_child(store, tiny_llama_dir, tmp_path), "digest": "m"},
+        "corpus": {"uri": put_corpus(store, shared_dir, tiny_llama_dir, tmp_path), "digest": "c"},
+    }
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    recipe = Recipe(
+        name="test",
+        cpt={"steps": 4, "batch_size": 2, "warmup_steps": 1, "checkpoint_every_steps": 2},
+        tracking={"mlflow_uri": tracking_uri},
+        storage={"artifact_root": str(tmp_path / "store")},
+    )
+    uploader = training_stage.checkpoint_uploader
+
+    def killed_after_upload(*args, **kwargs):
+        upload = uploader(*args, **kwargs)
+
+        def kill(path: Path) -> None:
+            upload(path)
+            raise KeyboardInterrupt  # what SIGINT does mid-stage, after the step-2 checkpoint
+
+        return kill
+
+    monkeypatch.setattr(training_stage, "checkpoint_uploader", killed_after_upload)
+    with pytest.raises(KeyboardInterrupt):
+        runner.execute_stage("cpt", recipe, "run-1", inputs)
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs(client.get_experiment_by_name("nemoforge").experiment_id, "tags.`nemoforge.stage` = 'cpt'")
+    assert run.info.status == "KILLED"
+    killed = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in killed] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "tokens_per_s")] == [1, 2]
+
+    monkeypatch.setattr(training_stage, "checkpoint_uploader", uploader)
+    result, _ = runner.execute_stage("cpt", recipe, "run-1", inputs)
+    assert result.tags["resumed_from_step"] == "2"
+    points = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in points] == [1, 2, 3, 4]  # the killed attempt's points are not doubled
+    assert points[:2] == sorted(killed, key=lambda m: m.step)
+    stamps = [m.timestamp for m in points]
+    assert stamps == sorted(stamps) and stamps[2] > stamps[1]  # logged as they came, not at one end time

@@ -78,3 +78,27 @@ def test_status_names_every_failed_gate_criterion(tmp_path: Path, capsys):
     assert "gate failed" in out and "toggle_on_ci_low" not in out  # intervals stay out of the key metrics
     assert "- retention math_pass1_on=0 >= 0.8 (child 0, parent 0.042)" in out
     assert "- toggle_on=0.125 (95% CI 0.04 to 0.31) >= 0.9" in out
+
+
+def test_status_lists_the_gate_metrics_first_and_fits_the_terminal(tmp_path: Path, capsys, monkeypatch):
+    from nemoforge import lineage
+    from nemoforge.cli import key_metrics, main
+
+    metrics = {"decode_tokens_per_s": 9.0, "ifeval_prompt_strict": 0.3, "kl_to_parent": 0.1, "lm_loss": 2.0,
+               "lm_top1": 0.4, "math_pass1_off": 0.2, "math_pass1_on": 0.25, "parent_lm_top1": 0.45,
+               "speedup": 1.4, "speedup_ci_low": 1.3, "toggle_off": 0.95, "toggle_on": 0.9}
+    assert [k for k, _ in key_metrics("eval", metrics)] == [
+        "toggle_on", "toggle_off", "math_pass1_on", "math_pass1_off", "speedup",
+        "decode_tokens_per_s", "ifeval_prompt_strict", "kl_to_parent",
+    ]
+    assert [k for k, _ in key_metrics("cpt", {"b": 1.0, "a": 2.0})] == ["a", "b"]
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with lineage.stage_run(uri, "nemoforge", "run-1", "eval", Recipe(name="test", tracking={"mlflow_uri": uri})) as t:
+        t.log_result(StageResult(metrics=metrics, outputs={"model": f"{tmp_path}/store/run-1/rl/model"}))
+    monkeypatch.setenv("COLUMNS", "90")
+    capsys.readouterr()
+    assert main(["status", "--workdir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 90
+    assert "toggle_on=0.9" in "".join(lines)

@@ -73,7 +73,7 @@ def test_stage_runs_nest_under_the_pipeline_run(
     with lineage.stage_run(
         tracking_uri, experiment, "run-1", "nas", recipe, input_uris={"parent_uri": "/models/parent"}
     ) as tracker:
-        tracker.log_metric("loss", 3.0, step=1)  # live, then again in the result's history
+        tracker.log_metrics(1, {"loss": 3.0})  # live, then again in the result's history
         tracker.log_result(_nas_result(workdir, model_uri))
     with lineage.stage_run(
         tracking_uri, experiment, "run-1", "distill", recipe, input_uris={"model_uri": model_uri}
@@ -142,7 +142,7 @@ def test_rerun_after_failure_restarts_the_same_run(
         pytest.raises(RuntimeError, match="out of memory"),
         lineage.stage_run(tracking_uri, experiment, "run-2", "nas", recipe) as first,
     ):
-        first.log_metric("loss", 4.0, step=1)
+        first.log_metrics(1, {"loss": 4.0})
         raise RuntimeError("out of memory\nat step 2")
     failed = client.get_run(first.run_id)
     assert failed.info.status == "FAILED"

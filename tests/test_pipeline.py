@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -262,3 +263,20 @@ def test_failed_step_keeps_earlier_outputs_and_resumes(tiny_llama_dir: Path, sha
     (corpus_dir / "shakespeare.txt").write_text((shared_dir / "data/corpus/tinyshakespeare.txt").read_text()[:200_000])
     assert main(args) == 0
     assert (parents[0] / "config.json").stat().st_mtime == before  # the parent was reused, not rewritten
+
+
+@pytest.mark.slow
+def test_quiet_run_keeps_the_executor_input_off_the_console(
+    tiny_llama_dir: Path, shared_dir: Path, tmp_path: Path, capsys
+):
+    """Issue 15 §4: `run --quiet` prints progress and results; the executor's records go to the workdir's log."""
+    from nemoforge.cli import EXECUTOR_LOG
+
+    workdir = tmp_path / "work"
+    corpus = shared_dir / "data" / "corpus" / "tinyshakespeare.txt"
+    assert main(_tiny_args(tiny_llama_dir, corpus, workdir, "cpt.enabled=false")) == 0
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)  # kfp.local colours the task names
+    for detail in ("executorInput", "outputFile", "[KFP Executor"):
+        assert detail not in out
+    assert "Task 'distill' finished with status SUCCESS" in out and "smollm2-135m-demo finished in" in out
+    assert "outputFile" in (workdir / EXECUTOR_LOG).read_text()

@@ -106,7 +106,7 @@ def test_two_ranks_give_the_one_rank_parameters_and_only_rank_0_writes(tmp_path:
     assert [c["value"] for c in calls if c["kind"] == "checkpoint"] == ["step-3", "step-6"]
     assert not (tmp_path / "calls-rank1.jsonl").exists()
     assert _steps_in(tmp_path / "work" / "rank-1") == []
-    assert _steps_in(tmp_path / "work" / "rank-0") == ["step-6"]
+    assert _steps_in(tmp_path / "work" / "rank-0") == ["step-3", "step-6"]  # keep_checkpoints=2
     assert _steps_in(tmp_path / "store" / "checkpoints") == ["step-3", "step-6"]
 
 

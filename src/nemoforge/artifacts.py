@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -188,6 +189,16 @@ class ArtifactStore(ABC):
                 backend._put_file(file, f"{uri.rstrip('/')}/{rel}")
         return uri
 
+    def delete(self, uri: str) -> None:
+        """Delete the file at ``uri``, or every file under the directory/prefix ``uri/``; nothing there: no-op.
+
+        A prefix is matched whole: deleting ``.../step-1`` leaves ``.../step-10`` alone.
+
+        Raises:
+            StorageError: the store cannot be reached or refuses.
+        """
+        self._route(uri)._delete(uri)
+
     def fetch(self, uri: str) -> Path:
         """A local path holding the file or directory at ``uri``, each file checked against its recorded sha256.
 
@@ -278,6 +289,9 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def _put_file(self, path: Path, uri: str) -> None: ...
+
+    @abstractmethod
+    def _delete(self, uri: str) -> None: ...
 
     @abstractmethod
     def _fetch(self, uri: str) -> Path: ...
@@ -413,6 +427,17 @@ class LocalStore(ArtifactStore):
             if tmp.stat().st_size != path.stat().st_size or _sha256_file(tmp) != sha.hexdigest():
                 raise StorageError(f"copy of {path} to {uri} does not verify (size or sha256): retry")
         self._record(uri, sha.hexdigest())
+
+    def _delete(self, uri: str) -> None:
+        path = _local_path(uri)
+        try:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.is_file():
+                path.unlink()
+                _record_path(path).unlink(missing_ok=True)
+        except OSError as err:
+            raise StorageError(f"cannot delete {uri} ({err.strerror}): check its permissions") from None
 
     @staticmethod
     def _record(uri: str, sha: str) -> None:
@@ -693,6 +718,20 @@ class S3Store(ArtifactStore):
             raise StorageError(
                 f"upload of {path} to {uri} does not verify ({size} bytes sent, {got} stored): retry"
             )
+
+    def _delete(self, uri: str) -> None:
+        bucket = _split_s3(uri)[0]
+        keys = [u.removeprefix(f"s3://{bucket}/") for u in self._list(uri)]
+        with self._errors(uri):
+            for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+                batch = [{"Key": k} for k in keys[start : start + 1000]]
+                failed = self._client.delete_objects(Bucket=bucket, Delete={"Objects": batch}).get("Errors", [])
+                if failed:
+                    first = failed[0]
+                    raise StorageError(
+                        f"{self._where()} did not delete s3://{bucket}/{first['Key']} ({first.get('Code')}): "
+                        "check the bucket's permissions"
+                    )
 
     def _fetch(self, uri: str) -> Path:
         bucket, key = _split_s3(uri)

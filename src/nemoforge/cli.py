@@ -12,10 +12,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -26,6 +27,8 @@ from nemoforge.config import STAGES, Recipe, builtin_recipes, load_recipe
 from nemoforge.errors import NemoforgeError
 
 DEFAULT_WORKDIR = Path("nemoforge-work")
+EXECUTOR_LOG = "kfp-executor.log"
+"""Under the workdir: the KFP executor's records (each task's executor input) that `run --quiet` keeps off the console."""
 
 _RECIPE_HELP = (
     "a built-in recipe name ({names}) or a path to a recipe YAML; sections: name, description, seed, dtype, "
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(run)
     run.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="embedded default's root (%(default)s)")
-    run.add_argument("--quiet", action="store_true", help="hide the per-task logs of kfp.local")
+    run.add_argument("--quiet", action="store_true", help=f"keep the KFP executor's records (each task's executor input JSON) off the console: they go to WORKDIR/{EXECUTOR_LOG}; the stages' progress, results and errors still show")
     run.add_argument("--force", action="store_true", help=_FORCE_HELP)
 
     comp = sub.add_parser(
@@ -190,11 +193,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from kfp import local
 
+    from nemoforge.quiet import executor_records_to
     from nemoforge_pipelines import build_pipeline
 
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-    if args.quiet:
-        logging.getLogger("kfp").setLevel(logging.WARNING)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(workdir / "kfp"),
@@ -206,8 +208,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ["NEMOFORGE_ERROR_FILE"] = str(error_file)
     started = time.time()
     pipeline = build_pipeline(recipe)
+    console = executor_records_to(workdir / EXECUTOR_LOG) if args.quiet else contextlib.nullcontext()
     try:
-        pipeline(recipe_json=recipe.to_json(), force=args.force)
+        with console:
+            pipeline(recipe_json=recipe.to_json(), force=args.force)
     except RuntimeError as err:
         print(f"nemoforge: error: {_failure_reason(recipe, error_file, err)}", file=sys.stderr)
         print(
@@ -302,6 +306,20 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- status
+KEY_METRICS = {"eval": ("toggle_on", "toggle_off", "math_pass1_on", "math_pass1_off", "speedup")}
+"""Per stage, the metrics `status` lists first (the promotion gate's), before the rest in name order."""
+_NUM_STATUS_METRICS = 8
+
+
+def key_metrics(stage: str, metrics: dict[str, float]) -> list[tuple[str, float]]:
+    """The first :data:`_NUM_STATUS_METRICS` of a stage's metrics for `status`: :data:`KEY_METRICS` in their order,
+    then the others by name; 95% interval bounds (``*_ci_low``/``*_ci_high``) left out."""
+    shown = {k: v for k, v in metrics.items() if not k.endswith(("_ci_low", "_ci_high"))}
+    first = [k for k in KEY_METRICS.get(stage, ()) if k in shown]
+    rest = sorted(k for k in shown if k not in first)
+    return [(k, shown[k]) for k in first + rest][:_NUM_STATUS_METRICS]
+
+
 def _print_status(stages: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -313,8 +331,7 @@ def _print_status(stages: list[dict]) -> None:
     for column in ("stage", "state", "wall s", "key metrics", "outputs"):
         table.add_column(column, overflow="fold")
     for s in stages:
-        key_metrics = {k: v for k, v in s.get("metrics", {}).items() if not k.endswith(("_ci_low", "_ci_high"))}
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(key_metrics.items())[:8])
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in key_metrics(s["stage"], s.get("metrics", {})))
         outputs = "\n".join(f"{k}: {v}" for k, v in s.get("outputs", {}).items())
         state = s["state"] + (" (reused)" if s.get("reused") else "")
         if s.get("gate"):
@@ -323,7 +340,8 @@ def _print_status(stages: list[dict]) -> None:
             state += f"\n{s['error']}"
         wall = s.get("wall_time_s")
         table.add_row(s["stage"], state, f"{wall:.0f}" if wall is not None else "-", metrics, outputs)
-    Console(width=160).print(table)
+    # the terminal's width ($COLUMNS first); 160 when the output is not a terminal (a file, a pipe)
+    Console(width=shutil.get_terminal_size((160, 24)).columns).print(table)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

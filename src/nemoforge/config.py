@@ -224,6 +224,12 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     checkpoint_every_steps: int = Field(10, ge=1, description="Save a resumable checkpoint every N steps.")
+    keep_checkpoints: int = Field(
+        2,
+        ge=1,
+        description="Newest checkpoints kept, locally and in the artifact store (older ones are deleted once a "
+        "newer one is stored); each is about 12 bytes per trained parameter (float32 weights and AdamW moments).",
+    )
     log_every_steps: int = Field(1, ge=1, description="Log metrics every N steps.")
     heldout_sequences: int = Field(
         32, ge=1, description="Held-out sequences scored before and after training (loss, perplexity, KL)."

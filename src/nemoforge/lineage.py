@@ -312,15 +312,20 @@ class StageTracker:
         self._stage = stage
         self._recipe = recipe
 
-    def log_metric(self, name: str, value: float, step: int = 0) -> None:
-        """Log one metric point now (live progress, e.g. the loss every few steps).
+    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Log metric points now, stamped with the wall clock: live progress while the stage runs.
+
+        The signature of :data:`~nemoforge.training.loop.LogFn`, so the runner hands this method to a
+        training stage as its ``on_log``; a stage killed later keeps every point logged so far.
 
         Args:
-            name: metric name with its unit where it has one (``loss``, ``tokens_per_s``).
-            value: the value.
             step: optimizer step (or any increasing index).
+            metrics: values by name, with the unit in the name where there is one (``loss``, ``tokens_per_s``).
         """
-        self._client.log_metric(self.run_id, name, float(value), timestamp=_now_ms(), step=step)
+        now = _now_ms()
+        self._client.log_batch(
+            self.run_id, metrics=[Metric(name, float(v), now, int(step)) for name, v in metrics.items()]
+        )
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set small string tags on the stage run (values are converted with ``str``)."""
@@ -330,7 +335,7 @@ class StageTracker:
         """Log a stage's :class:`StageResult` into its run; safe to call again with the same result.
 
         Metrics go in at step 0 and ``history`` as step metrics (points already logged with the same
-        step and value, e.g. live via :meth:`log_metric` or by an earlier attempt, are not repeated);
+        step and value, e.g. live via :meth:`log_metrics` or by an earlier attempt, are not repeated);
         each dataset through ``log_input`` with its digest and source URI; plots as artifacts under
         ``plots/``; outputs and digests as tags; ``outputs["model"]`` as an external LoggedModel that
         the final metrics are attached to.

@@ -273,6 +273,12 @@ def _stage_fn(stage: str) -> Callable[..., StageResult]:
     return run
 
 
+LIVE_METRICS_STAGES = ("distill", "cpt", "sft", "rl")
+"""The stages that train with :func:`nemoforge.training.loop.train`: their ``run()`` takes ``on_log``, which
+:func:`execute_stage` wires to the stage's MLflow run, so the loss, the reward and tokens/s reach MLflow while
+they train (and stay there when the stage is killed)."""
+
+
 def _key_section(recipe: Recipe, stage: str) -> Any:
     """What a stage's key covers from the recipe: its section; the reasoning stages also read their data
     (``data.sft_uri``, ``data.math_eval_uri``, ``data.preference_uri``), the seed, and sft's held-out split."""
@@ -296,6 +302,9 @@ def execute_stage(
     on_output: Callable[[str | None], None] | None = None,
 ) -> tuple[StageResult, Ref]:
     """Run (or reuse) one stage inside its MLflow run; return its result and its model reference.
+
+    A training stage (:data:`LIVE_METRICS_STAGES`) logs its metrics to that run every ``log_every_steps``
+    updates, with the step and the wall-clock time, as it trains; the rest of its result at the end.
 
     Args:
         stage: ``nas``, ``distill``, ``cpt``, ``sft``, ``rl``, ``eval`` (or ``serve``).
@@ -335,7 +344,8 @@ def execute_stage(
             tracker.set_tags({"nemoforge.output_uri": output_uri, "nemoforge.step_key": key})
             if on_output is not None:
                 on_output(output_uri)
-            result = _stage_fn(stage)(recipe, **input_uris, output_uri=output_uri, store=store)
+            live = {"on_log": tracker.log_metrics} if stage in LIVE_METRICS_STAGES else {}
+            result = _stage_fn(stage)(recipe, **input_uris, output_uri=output_uri, store=store, **live)
             store.write_json(f"{output_uri.rstrip('/')}/result.json", result_to_json(result))
             index.write(state="done", output_uri=output_uri, result=result_to_json(result))
         tracker.log_result(result)

@@ -268,7 +268,9 @@ class _DDPEngine:
     def save(self, checkpoint_dir: Path, state: TrainState, ctx: DistContext) -> Path | None:
         if not ctx.is_main:
             return None
-        return save_checkpoint(checkpoint_dir, state, self.model, self.optimizer, self.scheduler)
+        return save_checkpoint(
+            checkpoint_dir, state, self.model, self.optimizer, self.scheduler, keep=self.cfg.keep_checkpoints
+        )
 
     def load(self, path: Path) -> TrainState:
         return _load_checkpoint(path, self.model, self.optimizer, self.scheduler)
@@ -373,7 +375,12 @@ class _DeepSpeedEngine:
             "param_groups": [{**hyper, "lr": self.lr(), "params": idx} for idx, hyper in self.groups],
         }
         return save_checkpoint(
-            checkpoint_dir, state, _FullState(full | buffers), _FullState(optimizer_state), self.scheduler
+            checkpoint_dir,
+            state,
+            _FullState(full | buffers),
+            _FullState(optimizer_state),
+            self.scheduler,
+            keep=self.cfg.keep_checkpoints,
         )
 
     def load(self, path: Path) -> TrainState:

@@ -43,6 +43,9 @@ LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str,
 BatchFn = Callable[[int], torch.Tensor]
 """``batches(i) -> input_ids_BT`` (LongTensor) for 0-based update ``i``; deterministic in ``i``."""
 
+LogFn = Callable[[int, dict[str, float]], None]
+"""``on_log(step, metrics)``: where a stage's live metrics go (the runner wires it to the stage's MLflow run)."""
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _FILES = ("model.safetensors", "state.pt")
 
@@ -116,7 +119,7 @@ def train(
     *,
     checkpoint_dir: Path,
     desc: str,
-    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    on_log: LogFn | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
     flops_per_token: float | None = None,
 ) -> TrainState:
@@ -127,8 +130,8 @@ def train(
     default on CUDA, while the CPU runs in the model's dtype). Activation checkpointing and
     per-layer ``torch.compile`` are on for the run when the config asks
     (:func:`~nemoforge.training.perf.training_features`). A checkpoint is written every
-    ``cfg.checkpoint_every_steps`` updates and after the last one; older local checkpoints are removed once a
-    newer one is complete. Every ``cfg.log_every_steps`` updates, ``tokens_per_s`` (tokens of the batches
+    ``cfg.checkpoint_every_steps`` updates and after the last one; of the local checkpoints, the newest
+    ``cfg.keep_checkpoints`` are kept once a newer one is complete. Every ``cfg.log_every_steps`` updates, ``tokens_per_s`` (tokens of the batches
     over the wall time of their steps, checkpoint writing excluded) and, given ``flops_per_token`` and a
     peak (``cfg.peak_flops_per_s`` or :func:`~nemoforge.training.flops.peak_flops_per_s`), ``mfu`` are logged.
 
@@ -204,7 +207,9 @@ def train(
                     if on_log is not None:
                         on_log(state.step, metrics)
                 if state.step % cfg.checkpoint_every_steps == 0 or state.step == cfg.steps:
-                    state.checkpoint = save_checkpoint(checkpoint_dir, state, model, optimizer, scheduler)
+                    state.checkpoint = save_checkpoint(
+                        checkpoint_dir, state, model, optimizer, scheduler, keep=cfg.keep_checkpoints
+                    )
                     if on_checkpoint is not None:
                         on_checkpoint(state.checkpoint)
     finally:
@@ -314,11 +319,14 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    keep: int,
 ) -> Path:
-    """Write ``checkpoint_dir/step-<state.step>`` atomically (temp dir + rename); drop older checkpoints.
+    """Write ``checkpoint_dir/step-<state.step>`` atomically (temp dir + rename); keep the newest ``keep``.
 
-    Only the newest checkpoint is kept: one is enough to resume, and each holds the model and two AdamW
-    moments (about 12 bytes per parameter in float32).
+    Resuming needs only the newest; older ones (``TrainConfig.keep_checkpoints - 1`` of them) are a fallback.
+    Each holds the model and two AdamW moments (about 12 bytes per parameter in float32), so the checkpoints
+    are most of a run's disk.
     """
     final = checkpoint_dir / f"step-{state.step}"
     tmp = checkpoint_dir / f".tmp-step-{state.step}-{os.getpid()}"
@@ -339,9 +347,9 @@ def save_checkpoint(
     (tmp / "meta.json").write_text(json.dumps({"step": state.step, "file_sizes": sizes}) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for step, path in _step_dirs(checkpoint_dir):
-        if step < state.step:
-            shutil.rmtree(path, ignore_errors=True)
+    # a higher step-M/ is a half-written leftover of an earlier attempt (else it had been resumed from): never counted
+    for _, path in sorted(d for d in _step_dirs(checkpoint_dir) if d[0] <= state.step)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
     return final
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stats import paired_mean_difference
 from nemoforge.training.evaluate import heldout_means, heldout_row_scores
 from nemoforge.training.flops import training_flops_per_token
-from nemoforge.training.loop import LossFn, TrainState, epoch_batches, is_complete_checkpoint, train
+from nemoforge.training.loop import LogFn, LossFn, TrainState, epoch_batches, is_complete_checkpoint, train
 from nemoforge.training.perf import mask_packed_documents
 from nemoforge.training.runtime import compute_device
 
@@ -62,17 +63,44 @@ def fetch_latest_checkpoint(store: ArtifactStore, checkpoints_uri: str, local_di
     Returns:
         N of the copied checkpoint, 0 when there is none.
     """
-    if not store.exists(checkpoints_uri):
-        return 0
-    prefix = checkpoints_uri.rstrip("/")
-    steps = {int(m.group(1)) for uri in store.list(prefix) if (m := _STEP_URI.match(uri[len(prefix) :]))}
-    for step in sorted(steps, reverse=True):
-        source = store.fetch(f"{prefix}/step-{step}")
+    for step in reversed(stored_steps(store, checkpoints_uri)):
+        source = store.fetch(uri_under(checkpoints_uri, f"step-{step}"))
         if is_complete_checkpoint(source):
             local_dir.mkdir(parents=True, exist_ok=True)
             shutil.copytree(source, local_dir / f"step-{step}", dirs_exist_ok=True)
             return step
     return 0
+
+
+def stored_steps(store: ArtifactStore, checkpoints_uri: str) -> list[int]:
+    """The N of every ``step-N/`` under ``checkpoints_uri`` in the store (complete or not), ascending."""
+    if not store.exists(checkpoints_uri):
+        return []
+    prefix = checkpoints_uri.rstrip("/")
+    return sorted({int(m.group(1)) for uri in store.list(prefix) if (m := _STEP_URI.match(uri[len(prefix) :]))})
+
+
+def checkpoint_uploader(store: ArtifactStore, checkpoints_uri: str, keep: int) -> Callable[[Path], None]:
+    """An ``on_checkpoint`` for :func:`~nemoforge.training.loop.train` that bounds the store's disk use.
+
+    It uploads each new ``step-N/`` to ``checkpoints_uri/step-N`` and, once that upload is verified, deletes
+    every older ``step-M/`` there but the newest ``keep`` (``TrainConfig.keep_checkpoints``), so the store
+    holds at most ``keep`` checkpoints of a stage (each about 12 bytes per parameter: weights and two AdamW
+    moments in float32) besides its exported model. Pruning follows a verified upload, so the newest
+    complete checkpoint, the one a resumed run fetches, is never the one deleted.
+
+    Raises:
+        StorageError: (when called) the upload or a delete fails.
+    """
+
+    def upload(path: Path) -> None:
+        store.put(path, uri_under(checkpoints_uri, path.name))
+        newest = int(path.name.removeprefix("step-"))
+        # a higher step-M/ is a half-uploaded leftover of an earlier attempt: never counted, later overwritten
+        for step in [s for s in stored_steps(store, checkpoints_uri) if s <= newest][:-keep]:
+            store.delete(uri_under(checkpoints_uri, f"step-{step}"))
+
+    return upload
 
 
 def plot_history(history: dict[str, list[tuple[int, float]]], path: Path, title: str) -> Path:
@@ -126,6 +154,7 @@ def run_training_stage(
     store: ArtifactStore,
     loss_fn: LossFn,
     teacher: torch.nn.Module | None = None,
+    on_log: LogFn | None = None,
 ) -> StageResult:
     """Train the model at ``model_uri`` on the corpus with ``loss_fn``; export, upload, report.
 
@@ -148,6 +177,8 @@ def run_training_stage(
         store: the artifact store.
         loss_fn: ``loss_fn(model, input_ids_BT) -> (loss, parts)``.
         teacher: the frozen parent, on the training device, for ``kl_div_heldout``.
+        on_log: called as ``on_log(step, metrics)`` while training, every ``cfg.log_every_steps`` updates
+            (the runner logs them to the stage's MLflow run); None: only the returned history.
 
     Returns:
         metrics ``<name>_before``/``<name>_after`` for ``loss_heldout``, ``perplexity_heldout`` (and
@@ -192,7 +223,8 @@ def run_training_stage(
             cfg,
             checkpoint_dir=work / "checkpoints",
             desc=stage,
-            on_checkpoint=lambda path: store.put(path, uri_under(checkpoints_uri, path.name)),
+            on_log=on_log,
+            on_checkpoint=checkpoint_uploader(store, checkpoints_uri, cfg.keep_checkpoints),
             flops_per_token=training_flops_per_token(model.config, corpus.train_ids_NT.shape[1]),
         )
         from nemoforge.training.distributed import is_main_process

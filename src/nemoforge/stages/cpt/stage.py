@@ -12,6 +12,7 @@ import torch
 from nemoforge.artifacts import ArtifactStore
 from nemoforge.config import Recipe
 from nemoforge.stages.result import StageResult
+from nemoforge.training.loop import LogFn
 from nemoforge.training.losses import causal_lm_loss
 from nemoforge.training.stage import run_training_stage
 
@@ -28,7 +29,13 @@ def _lm_loss(
 
 
 def run(
-    recipe: Recipe, *, model_uri: str, corpus_uri: str, output_uri: str, store: ArtifactStore
+    recipe: Recipe,
+    *,
+    model_uri: str,
+    corpus_uri: str,
+    output_uri: str,
+    store: ArtifactStore,
+    on_log: LogFn | None = None,
 ) -> StageResult:
     """Continue pretraining the model at ``model_uri`` on the corpus with ``recipe.cpt``.
 
@@ -38,6 +45,8 @@ def run(
         corpus_uri: the corpus written by the corpus step.
         output_uri: where the checkpoints, the exported model and the plot go.
         store: the artifact store.
+        on_log: called as ``on_log(step, metrics)`` while training, every ``cpt.log_every_steps`` updates
+            (the runner logs them to the stage's MLflow run); None: only the returned history.
 
     Returns:
         See :func:`~nemoforge.training.stage.run_training_stage`; ``perplexity_heldout_before``/``_after``.
@@ -54,4 +63,5 @@ def run(
         output_uri=output_uri,
         store=store,
         loss_fn=functools.partial(_lm_loss, compiled=recipe.cpt.compile),
+        on_log=on_log,
     )

@@ -15,6 +15,7 @@ import torch
 from nemoforge.artifacts import ArtifactStore
 from nemoforge.config import Recipe
 from nemoforge.stages.result import StageResult
+from nemoforge.training.loop import LogFn
 from nemoforge.training.losses import gkd_loss
 from nemoforge.training.runtime import compute_device
 from nemoforge.training.stage import load_teacher, recipe_dtype, run_training_stage
@@ -28,6 +29,7 @@ def run(
     corpus_uri: str,
     output_uri: str,
     store: ArtifactStore,
+    on_log: LogFn | None = None,
 ) -> StageResult:
     """Distill the model at ``model_uri`` from the parent at ``parent_uri`` with ``recipe.distill``.
 
@@ -38,6 +40,8 @@ def run(
         corpus_uri: the corpus written by the corpus step.
         output_uri: where the checkpoints, the exported model and the plot go.
         store: the artifact store.
+        on_log: called as ``on_log(step, metrics)`` while training, every ``distill.log_every_steps`` updates
+            (the runner logs them to the stage's MLflow run); None: only the returned history.
 
     Returns:
         See :func:`~nemoforge.training.stage.run_training_stage`; ``kl_div_heldout_before``/``_after`` are
@@ -76,4 +80,5 @@ def run(
         store=store,
         loss_fn=loss_fn,
         teacher=parent,
+        on_log=on_log,
     )

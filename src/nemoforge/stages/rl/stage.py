@@ -62,9 +62,15 @@ from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stages.rl.losses import clipped_policy_loss, dpo_loss, group_advantages, token_logps
 from nemoforge.stages.rl.rollout import GENERATE_TAG, VLLMRollouts, resolve_engine
 from nemoforge.stats import paired_mean_difference
-from nemoforge.training.loop import epoch_batches, train
+from nemoforge.training.loop import LogFn, epoch_batches, train
 from nemoforge.training.runtime import compute_device
-from nemoforge.training.stage import fetch_latest_checkpoint, plot_history, recipe_dtype, uri_under
+from nemoforge.training.stage import (
+    checkpoint_uploader,
+    fetch_latest_checkpoint,
+    plot_history,
+    recipe_dtype,
+    uri_under,
+)
 
 Problem = tuple[str, str, Reasoning]
 """``(question, reference answer, reasoning mode)``."""
@@ -386,6 +392,19 @@ def preference_rows(
     return ids, mask
 
 
+def _rl_names(by_name: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Metrics (or their histories) under rl's names: ``prefix`` + name, and no ``tokens_per_s`` (a batch holds
+    prompts, not tokens)."""
+    return {f"{prefix}{k}": v for k, v in by_name.items() if k != "tokens_per_s"}
+
+
+def _history_names(on_log: LogFn | None, prefix: str) -> LogFn | None:
+    """``on_log`` that logs under :func:`_rl_names`, so live points and the returned history share names."""
+    if on_log is None:
+        return None
+    return lambda step, metrics: on_log(step, _rl_names(metrics, prefix))
+
+
 def plot_rewards(history: dict[str, list[tuple[int, float]]], path: Path) -> Path:
     """PNG of the rollout rewards per GRPO step."""
     fig = Figure(figsize=(7, 4), dpi=100)
@@ -403,7 +422,9 @@ def plot_rewards(history: dict[str, list[tuple[int, float]]], path: Path) -> Pat
     return path
 
 
-def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore) -> StageResult:
+def run(
+    recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore, on_log: LogFn | None = None
+) -> StageResult:
     """GRPO on math prompts with verifiable rewards, then (``rl.preference.enabled``) DPO on preference pairs.
 
     Args:
@@ -412,6 +433,9 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
         model_uri: the model to train (sft's export).
         output_uri: where checkpoints, the export, plots and samples go.
         store: the artifact store.
+        on_log: called as ``on_log(step, metrics)`` while training, every ``rl.log_every_steps`` updates,
+            under the history's names
+            (the runner logs them to the stage's MLflow run); None: only the returned history.
 
     Returns:
         metrics ``reward_heldout_{before,after}`` (and per reward), ``reward_heldout_gain`` and
@@ -468,12 +492,13 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
                 cfg,
                 checkpoint_dir=work / "checkpoints",
                 desc="rl",
-                on_checkpoint=lambda path: store.put(path, uri_under(checkpoints_uri, path.name)),
+                on_log=_history_names(on_log, ""),
+                on_checkpoint=checkpoint_uploader(store, checkpoints_uri, cfg.keep_checkpoints),
             )
         finally:
             if rollouts is not None:
                 rollouts.close()
-        history |= {k: v for k, v in state.history.items() if k != "tokens_per_s"}  # prompts, not tokens, per step
+        history |= _rl_names(state.history, "")
         metrics["train_steps"] = float(state.step)
         resumed = state.resumed_from_step
 
@@ -506,9 +531,10 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
                 pcfg,
                 checkpoint_dir=work / "checkpoints-preference",
                 desc="rl/preference",
-                on_checkpoint=lambda path: store.put(path, uri_under(pref_checkpoints_uri, path.name)),
+                on_log=_history_names(on_log, "preference_"),
+                on_checkpoint=checkpoint_uploader(store, pref_checkpoints_uri, pcfg.keep_checkpoints),
             )
-            history |= {f"preference_{k}": v for k, v in pstate.history.items() if k != "tokens_per_s"}
+            history |= _rl_names(pstate.history, "preference_")
             metrics["preference_loss_final"] = pstate.history["loss"][-1][1]
             metrics["preference_reward_accuracy_final"] = pstate.history["reward_accuracy"][-1][1]
             metrics["preference_steps"] = float(pstate.step)

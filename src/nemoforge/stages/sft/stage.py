@@ -28,10 +28,16 @@ from nemoforge.data.reasoning import (
 from nemoforge.stages.eval.generation import pad_id, toggle_compliance
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.training.flops import training_flops_per_token
-from nemoforge.training.loop import epoch_batches, train
+from nemoforge.training.loop import LogFn, epoch_batches, train
 from nemoforge.training.losses import causal_lm_loss_BT
 from nemoforge.training.runtime import compute_device
-from nemoforge.training.stage import fetch_latest_checkpoint, plot_history, recipe_dtype, uri_under
+from nemoforge.training.stage import (
+    checkpoint_uploader,
+    fetch_latest_checkpoint,
+    plot_history,
+    recipe_dtype,
+    uri_under,
+)
 
 
 def masked_ce_sum_count(
@@ -68,7 +74,9 @@ def heldout_assistant_loss(
     return total / max(count, 1.0)
 
 
-def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore) -> StageResult:
+def run(
+    recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore, on_log: LogFn | None = None
+) -> StageResult:
     """Fine-tune the model at ``model_uri`` on toggle chats (``recipe.data.sft_uri`` or the generated set).
 
     Args:
@@ -76,6 +84,8 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
         model_uri: the model to fine-tune (the newest upstream export).
         output_uri: where checkpoints, the export, plots and samples go.
         store: the artifact store.
+        on_log: called as ``on_log(step, metrics)`` while training, every ``sft.log_every_steps`` updates
+            (the runner logs them to the stage's MLflow run); None: only the returned history.
 
     Returns:
         metrics ``loss_heldout_{before,after}`` (assistant-token CE), ``toggle_on/off/toggle_{before,after}``,
@@ -125,7 +135,8 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
             cfg,
             checkpoint_dir=work / "checkpoints",
             desc="sft",
-            on_checkpoint=lambda path: store.put(path, uri_under(checkpoints_uri, path.name)),
+            on_log=on_log,
+            on_checkpoint=checkpoint_uploader(store, checkpoints_uri, cfg.keep_checkpoints),
             flops_per_token=training_flops_per_token(model.config, train_ids_NT.shape[1]),
         )
         after, replies_after = measure()
