@@ -103,7 +103,7 @@ class _Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path: Path):
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path: Path, capsys):
     cfg = TrainConfig(steps=7, batch_size=3, lr=5e-3, warmup_steps=2, checkpoint_every_steps=3)
     batches = epoch_batches(_rows(), 3, seed=0)  # 8 rows / 3 per step: epochs cross batch boundaries
 
@@ -131,8 +131,10 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path: Path):
 
     # as in a new process: a different init, overwritten by the resume
     resumed_model = _tiny_model(seed=123, dropout=0.2)
+    capsys.readouterr()
     resumed = train(resumed_model, _lm_loss, batches, cfg, checkpoint_dir=tmp_path / "cut", desc="resumed")
     assert resumed.resumed_from_step == 3 and resumed.step == 7
+    assert "resuming resumed from step 3 of 7" in capsys.readouterr().err
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(resumed_model.state_dict()[name], value, rtol=0, atol=1e-6)
     assert [v for _, v in resumed.history["loss"]] == pytest.approx(

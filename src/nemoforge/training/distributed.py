@@ -54,6 +54,7 @@ from nemoforge.training.loop import (
     TrainState,
     _load_checkpoint,
     _restore_rng,
+    announce_resume,
     build_optimizer,
     latest_checkpoint,
     load_training_state,
@@ -486,6 +487,8 @@ def train_distributed(
     use_deepspeed = engine_kind() == "deepspeed"
     engine = (_DeepSpeedEngine if use_deepspeed else _DDPEngine)(model, loss_fn, cfg, ctx, device)
     state = _resume(engine, checkpoint_dir, ctx)
+    if state.step and ctx.is_main:
+        announce_resume(desc, state.step, cfg.steps)
     reduce_device = device if ctx.backend == "nccl" else torch.device("cpu")
     autocast = uses_bf16_autocast(device, cfg)
     peak = cfg.peak_flops_per_s or peak_flops_per_s(device)

@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -171,6 +172,7 @@ def train(
         state = TrainState(step=0)
     else:
         state = _load_checkpoint(latest, model, optimizer, scheduler)
+        announce_resume(desc, state.step, cfg.steps)
 
     model.train()
     peak = cfg.peak_flops_per_s or peak_flops_per_s(device)
@@ -351,6 +353,11 @@ def save_checkpoint(
     for _, path in sorted(d for d in _step_dirs(checkpoint_dir) if d[0] <= state.step)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def announce_resume(desc: str, step: int, steps: int) -> None:
+    """Say on the console (stderr, above any progress bar) that training goes on from a checkpoint."""
+    tqdm.write(f"resuming {desc} from step {step} of {steps} (its newest checkpoint)", file=sys.stderr)
 
 
 def _load_checkpoint(
