@@ -272,6 +272,14 @@ def test_local_store_is_laid_out_like_the_bucket(tmp_path: Path, model_dir: Path
     assert store.digest(uri) == digest_path(model_dir)
 
 
+def test_local_check_leaves_no_folder_it_made(tmp_path: Path) -> None:
+    open_store(str(tmp_path / "work" / "artifacts")).check()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    open_store(str(tmp_path / "kept")).check()
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
 def test_local_check_refuses_unwritable_root(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")

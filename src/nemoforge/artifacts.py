@@ -385,11 +385,16 @@ class LocalStore(ArtifactStore):
         return self._s3
 
     def check(self) -> None:
+        """Write and remove a probe file under the root; folders made for the probe are removed too, so a
+        check before a run that then fails leaves nothing behind."""
         root = Path(self.root_uri)
+        made = [d for d in (root, *root.parents) if not d.exists()]
         try:
             root.mkdir(parents=True, exist_ok=True)
             probe = _partial_path(root / "check")
             probe.unlink()
+            for folder in made:  # deepest first
+                folder.rmdir()
         except OSError as err:
             raise StorageError(
                 f"artifact root {self.root_uri} is not a writable directory ({err.strerror}): "
