@@ -160,3 +160,13 @@ def test_cli_names_a_missing_registry_alias(tmp_path, capsys):
     code = main(["serve", "models:/nothing@champion", "--emit", "kserve", "--tracking-uri", tracking_uri])
     assert code == 2
     assert "models:/nothing@champion is not in the model registry" in capsys.readouterr().err
+
+
+def test_cli_serve_from_a_workdir_without_registry_creates_nothing(tmp_path, capsys):
+    workdir = tmp_path / "empty"
+    workdir.mkdir()
+    code = main(["serve", "models:/nothing@champion", "--emit", "kserve", "--workdir", str(workdir)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "no registry under --workdir" in err[0] and "nemoforge run" in err[0]
+    assert list(workdir.iterdir()) == []

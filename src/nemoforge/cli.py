@@ -374,7 +374,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from nemoforge import lineage
 
         workdir = args.workdir.expanduser().resolve()
-        tracking_uri = args.tracking_uri or recipe.tracking.mlflow_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+        tracking_uri = args.tracking_uri or recipe.tracking.mlflow_uri
+        if tracking_uri is None:
+            if not (workdir / "mlflow.db").is_file():  # opening it would create an empty registry
+                raise NemoforgeError(
+                    f"{model_uri}: no registry under --workdir {args.workdir} (no mlflow.db): run "
+                    f"`nemoforge run RECIPE --workdir {args.workdir}` first, or pass --tracking-uri"
+                )
+            tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
         model_uri = lineage.registered_model_source(tracking_uri, model_uri)
     if args.emit:
         from nemoforge_components.images import image_ref
