@@ -26,7 +26,7 @@ ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "AWS_ENDPOINT_URL_S3", "value
 FETCH = (
     "from nemoforge.artifacts import open_store; import os, shutil; "
     f"src = open_store({MODEL_URI!r}, s3_endpoint_url=os.environ.get('AWS_ENDPOINT_URL_S3'), "
-    f"s3_region='us-east-1').fetch({MODEL_URI!r}); shutil.copytree(src, '/mnt/models', dirs_exist_ok=True)"
+    f"s3_region='us-east-1', s3_checksums='when_required').fetch({MODEL_URI!r}); shutil.copytree(src, '/mnt/models', dirs_exist_ok=True)"
 )
 INIT_CONTAINERS = [
     {

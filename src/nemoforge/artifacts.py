@@ -32,9 +32,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from nemoforge.errors import InputNotFoundError, StorageError
+
+S3Checksums = Literal["when_required", "when_supported"]
+"""botocore's checksum modes (``storage.s3_checksums``)."""
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +310,11 @@ class ArtifactStore(ABC):
 
 
 def open_store(
-    root_uri: str, *, s3_endpoint_url: str | None = None, s3_region: str = "us-east-1"
+    root_uri: str,
+    *,
+    s3_endpoint_url: str | None = None,
+    s3_region: str = "us-east-1",
+    s3_checksums: S3Checksums = "when_required",
 ) -> ArtifactStore:
     """Open the artifact store rooted at ``root_uri``.
 
@@ -316,6 +323,7 @@ def open_store(
         s3_endpoint_url: S3 API endpoint (MinIO, Ceph, moto: ``http://host:port``); None: AWS.
             Also used by a LocalStore for ``s3://`` inputs.
         s3_region: S3 region name.
+        s3_checksums: the S3 client's checksum behaviour (:class:`S3Store` ``checksums``).
 
     Returns:
         A :class:`LocalStore` or an :class:`S3Store`. Nothing is contacted yet: call
@@ -325,9 +333,9 @@ def open_store(
         StorageError: an unsupported scheme, or an ``s3://`` URI without a bucket.
     """
     if _is_s3(root_uri):
-        return S3Store(root_uri, endpoint_url=s3_endpoint_url, region=s3_region)
+        return S3Store(root_uri, endpoint_url=s3_endpoint_url, region=s3_region, checksums=s3_checksums)
     _local_path(root_uri)  # refuses other schemes
-    return LocalStore(root_uri, s3_endpoint_url=s3_endpoint_url, s3_region=s3_region)
+    return LocalStore(root_uri, s3_endpoint_url=s3_endpoint_url, s3_region=s3_region, s3_checksums=s3_checksums)
 
 
 # ------------------------------------------------------------------------------------------ local
@@ -370,10 +378,18 @@ class LocalStore(ArtifactStore):
         s3_region: region for those URIs.
     """
 
-    def __init__(self, root_uri: str, *, s3_endpoint_url: str | None = None, s3_region: str = "us-east-1"):
+    def __init__(
+        self,
+        root_uri: str,
+        *,
+        s3_endpoint_url: str | None = None,
+        s3_region: str = "us-east-1",
+        s3_checksums: S3Checksums = "when_required",
+    ):
         self.root_uri = str(_local_path(root_uri).resolve())
         self._s3_endpoint_url = s3_endpoint_url
         self._s3_region = s3_region
+        self._s3_checksums = s3_checksums
         self._s3: S3Store | None = None
 
     def _route(self, uri: str) -> ArtifactStore:
@@ -381,7 +397,9 @@ class LocalStore(ArtifactStore):
             return self
         if self._s3 is None:
             bucket_root = "/".join(uri.split("/")[:3])
-            self._s3 = S3Store(bucket_root, endpoint_url=self._s3_endpoint_url, region=self._s3_region)
+            self._s3 = S3Store(
+                bucket_root, endpoint_url=self._s3_endpoint_url, region=self._s3_region, checksums=self._s3_checksums
+            )
         return self._s3
 
     def check(self) -> None:
@@ -512,6 +530,10 @@ class S3Store(ArtifactStore):
         read_timeout_s: seconds to wait on a socket read.
         cache_dir: where :meth:`fetch` downloads to (default ``$NEMOFORGE_CACHE/s3``, else
             ``~/.cache/nemoforge/s3``).
+        checksums: botocore's ``request_checksum_calculation`` and ``response_checksum_validation``:
+            ``when_required`` (no CRC headers unless an operation requires them: the behaviour before boto3
+            1.36, accepted by S3-compatible stores that reject the newer headers) or ``when_supported``
+            (boto3 >= 1.36's default: a CRC checksum on every upload, validated on download).
 
     Raises:
         StorageError: ``root_uri`` has no bucket.
@@ -529,6 +551,7 @@ class S3Store(ArtifactStore):
         connect_timeout_s: float = 3.0,
         read_timeout_s: float = 60.0,
         cache_dir: str | Path | None = None,
+        checksums: S3Checksums = "when_required",
     ):
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -550,6 +573,8 @@ class S3Store(ArtifactStore):
             retries={"mode": "standard", "total_max_attempts": max_attempts},
             # MinIO and most S3-compatible servers want path-style addressing
             s3={"addressing_style": "path"} if endpoint_url else {},
+            request_checksum_calculation=checksums,
+            response_checksum_validation=checksums,
         )
         self._client = self._session.client("s3", endpoint_url=endpoint_url, config=self._config)
         self._local: LocalStore | None = None

@@ -397,7 +397,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             print(text, end="")
         return 0
-    store = open_store(model_uri, s3_endpoint_url=recipe.storage.s3_endpoint_url, s3_region=recipe.storage.s3_region)
+    storage = recipe.storage
+    store = open_store(
+        model_uri, s3_endpoint_url=storage.s3_endpoint_url, s3_region=storage.s3_region,
+        s3_checksums=storage.s3_checksums,
+    )
     model_dir = store.fetch(model_uri)
     cfg = recipe.serve
     if cfg.reasoning_parser:

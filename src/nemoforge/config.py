@@ -635,6 +635,13 @@ class StorageConfig(_Section):
         None, description="S3 endpoint, http(s)://host[:port] (MinIO, moto); None: AWS default."
     )
     s3_region: str = Field("us-east-1", description="S3 region.")
+    s3_checksums: Literal["when_required", "when_supported"] = Field(
+        "when_required",
+        description="botocore's request checksum calculation and response validation: when_required (the "
+        "behaviour before boto3 1.36, which S3-compatible stores accept) or when_supported (CRC checksums on "
+        "every request, which AWS S3 accepts and some S3-compatible stores refuse). nemoforge checks each "
+        "object's sha256 either way.",
+    )
 
     @field_validator("s3_endpoint_url")
     @classmethod

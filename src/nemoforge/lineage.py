@@ -408,7 +408,8 @@ class StageTracker:
             storage = self._recipe.storage
             bucket_root = "/".join(uri.split("/")[:3])
             store = open_store(
-                bucket_root, s3_endpoint_url=storage.s3_endpoint_url, s3_region=storage.s3_region
+                bucket_root, s3_endpoint_url=storage.s3_endpoint_url, s3_region=storage.s3_region,
+                s3_checksums=storage.s3_checksums,
             )
             path = store.fetch(uri)
         else:

@@ -194,7 +194,8 @@ def check_inputs(recipe: Recipe) -> None:
 
         bucket_root = "/".join(corpus.split("/")[:3])
         corpus_store = open_store(
-            bucket_root, s3_endpoint_url=recipe.storage.s3_endpoint_url, s3_region=recipe.storage.s3_region
+            bucket_root, s3_endpoint_url=recipe.storage.s3_endpoint_url, s3_region=recipe.storage.s3_region,
+            s3_checksums=recipe.storage.s3_checksums,
         )
         if not corpus_store.exists(corpus):
             raise InputNotFoundError(f"data.corpus_uri {corpus} does not exist")

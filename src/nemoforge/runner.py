@@ -38,6 +38,7 @@ def store_for(recipe: Recipe) -> ArtifactStore:
         recipe.storage.artifact_root,
         s3_endpoint_url=recipe.storage.s3_endpoint_url,
         s3_region=recipe.storage.s3_region,
+        s3_checksums=recipe.storage.s3_checksums,
     )
 
 

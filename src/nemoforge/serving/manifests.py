@@ -93,7 +93,7 @@ def model_init_containers(recipe: Recipe, model_uri: str, *, image: str) -> list
     fetch = (
         "from nemoforge.artifacts import open_store; import os, shutil; "
         f"src = open_store({model_uri!r}, s3_endpoint_url=os.environ.get('AWS_ENDPOINT_URL_S3'), "
-        f"s3_region={recipe.storage.s3_region!r}).fetch({model_uri!r}); "
+        f"s3_region={recipe.storage.s3_region!r}, s3_checksums={recipe.storage.s3_checksums!r}).fetch({model_uri!r}); "
         f"shutil.copytree(src, {MODEL_DIR!r}, dirs_exist_ok=True)"
     )
     verify = ["python", "-m", "nemoforge.models.remote_code", MODEL_DIR]
