@@ -465,6 +465,8 @@ def _dataset_input(ref: DatasetRef) -> DatasetInput:
 
 
 def _error_line(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or a signal named by nemoforge.signals
+        return f"stopped by {exc or 'SIGINT'}"
     text = " ".join(str(exc).split())
     if not isinstance(exc, NemoforgeError):
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -618,6 +620,34 @@ def finish_pipeline_run(tracking_uri: str | None, experiment: str, pipeline_run:
             f"no pipeline run {pipeline_run!r} in MLflow experiment {experiment!r} at {tracking_uri}"
         )
     client.set_terminated(parent.info.run_id, status)
+
+
+def kill_pipeline_run(tracking_uri: str | None, experiment: str, reason: str, *, started_after_ms: int) -> str | None:
+    """End the newest pipeline run started after ``started_after_ms`` as KILLED, with its stage runs still RUNNING.
+
+    What ``nemoforge run`` does when a signal stops it: the stage that was running has usually ended its own run
+    KILLED already, and the exit handler has ended the parent FAILED; this records the signal as the reason
+    (tag ``nemoforge.error`` on each run it ends) and covers a stage process that died before it could.
+
+    Args:
+        tracking_uri: MLflow tracking URI.
+        experiment: experiment name.
+        reason: one line, e.g. ``stopped by SIGTERM``.
+        started_after_ms: the command's start (epoch ms): an older pipeline run is not this command's.
+
+    Returns:
+        The pipeline run's name, or None when this command had not opened one yet.
+    """
+    client = _client(tracking_uri)
+    experiment_obj = client.get_experiment_by_name(experiment)
+    parent = _find_parent(client, experiment_obj.experiment_id, None) if experiment_obj else None
+    if parent is None or parent.info.start_time < started_after_ms:
+        return None
+    running = [r for r in _stage_runs(client, parent.info.experiment_id, parent.info.run_id) if r.info.status == "RUNNING"]
+    for run in [*running, parent]:
+        client.set_tag(run.info.run_id, TAG_ERROR, reason)
+        client.set_terminated(run.info.run_id, "KILLED")
+    return parent.data.tags.get(TAG_PIPELINE_RUN)
 
 
 def set_pipeline_tags(tracking_uri: str | None, experiment: str, pipeline_run: str, tags: Mapping[str, str]) -> None:

@@ -475,11 +475,20 @@ def user_errors() -> Iterator[None]:
 
     Under ``nemoforge run`` the failing step's message (for any other exception: its type and message,
     the traceback staying in the task log) is also written to ``$NEMOFORGE_ERROR_FILE``, so the CLI can
-    repeat it after kfp.local's summary.
+    repeat it after kfp.local's summary. SIGTERM and SIGINT stop the step as Ctrl-C does
+    (:func:`nemoforge.signals.interrupt_on_signals`: its MLflow run ends KILLED); it then exits with the shell's
+    code for the signal (143, 130) after one line.
     """
+    from nemoforge.signals import exit_code, interrupt_on_signals
+
     error_file = os.environ.get("NEMOFORGE_ERROR_FILE")
     try:
-        yield
+        with interrupt_on_signals():
+            yield
+    except KeyboardInterrupt as stop:
+        signal_name = str(stop) or "SIGINT"
+        sys.stderr.write(f"nemoforge: stopped by {signal_name}\n")
+        raise SystemExit(exit_code(signal_name)) from None
     except NemoforgeError as err:
         if error_file:
             Path(error_file).write_text(f"{err}\n")
