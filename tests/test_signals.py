@@ -1,11 +1,13 @@
 """Issue 15 §1: SIGTERM and SIGINT stop a real `nemoforge run` with its whole process tree, and MLflow and
-`nemoforge status` say that the stage and the pipeline run were KILLED."""
+`nemoforge status` say that the stage and the pipeline run were KILLED; runs whose command died without a word
+(SIGKILL, a crash) are ended by the next `nemoforge run`."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +19,9 @@ from conftest import REPO
 from test_pipeline import _tiny_args
 
 from nemoforge import lineage
-from nemoforge.cli import main
+from nemoforge.cli import _end_abandoned_runs, main
+from nemoforge.config import Recipe
+from nemoforge.signals import owner_alive, owner_id
 
 LONG_CPT = ["nas.enabled=false", "distill.enabled=false", "cpt.steps=5000", "cpt.checkpoint_every_steps=5000"]
 """The parent, the corpus, then a cpt far too long to finish before the signal."""
@@ -101,3 +105,44 @@ def _sid(pid: int) -> int | None:
         return os.getsid(pid)
     except ProcessLookupError:
         return None
+
+
+def _gone_owner() -> str:
+    """The owner id of a process that has exited."""
+    proc = subprocess.Popen(["true"])
+    owner = f"{socket.gethostname()} {proc.pid} {psutil.Process(proc.pid).create_time():.2f}"
+    proc.wait()
+    return owner
+
+
+def test_owner_alive_tells_a_gone_process_from_a_live_one():
+    assert owner_alive(owner_id())
+    assert not owner_alive(_gone_owner())
+    pid, started = owner_id().split()[-2:]
+    assert not owner_alive(f"{socket.gethostname()} {pid} {float(started) - 60:.2f}")  # the pid, reused
+    assert owner_alive(f"another-host {pid} {started}")  # cannot be seen from here: left alone
+
+
+def test_next_run_ends_the_runs_of_a_command_that_is_gone(tmp_path: Path):
+    """A `nemoforge run` killed with SIGKILL left its pipeline run and stage run RUNNING: the next one ends them
+    FAILED with the reason, and leaves the runs of live commands (and other hosts') alone."""
+    recipe = Recipe(name="signals-test", tracking={"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    uri, experiment = recipe.tracking.mlflow_uri, recipe.tracking.experiment
+    gone = _gone_owner()
+    owners = {"gone": gone, "live": owner_id(), "remote": f"another-host {gone.split(' ', 1)[1]}"}
+    unfinished = []  # entered, never left (kept referenced: a collected one would end its run KILLED)
+    for run_name, owner in owners.items():
+        lineage.open_pipeline_run(uri, experiment, run_name, recipe)
+        lineage.set_pipeline_tags(uri, experiment, run_name, {lineage.TAG_OWNER: owner})
+        unfinished.append(lineage.stage_run(uri, experiment, run_name, "cpt", recipe))
+        unfinished[-1].__enter__()
+
+    _end_abandoned_runs(recipe)
+
+    for run_name in owners:
+        [cpt] = lineage.pipeline_status(uri, experiment, run_name)
+        if run_name == "gone":
+            assert (cpt["state"], cpt["pipeline_state"]) == ("FAILED", "FAILED")
+            assert cpt["error"] == f"abandoned: the `nemoforge run` that ran it (pid {gone.split()[-2]}) is gone"
+        else:
+            assert (cpt["state"], cpt["pipeline_state"]) == ("RUNNING", "RUNNING")

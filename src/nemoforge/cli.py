@@ -177,18 +177,32 @@ def _failure_reason(recipe: Recipe, error_file: Path, err: RuntimeError) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines()[0]
 
 
-def _stopped(recipe: Recipe, args: argparse.Namespace, signal_name: str, started: float) -> int:
-    """After SIGTERM or SIGINT stopped the run (its process tree is gone): record it in MLflow, say so, and
-    return the shell's exit code for the signal."""
+def _end_abandoned_runs(recipe: Recipe) -> None:
+    """End as FAILED the pipeline runs left RUNNING by a `nemoforge run` that is gone (SIGKILL, a crash)."""
+    from nemoforge import lineage
+    from nemoforge.signals import owner_alive
+
+    tracking, experiment = recipe.tracking.mlflow_uri, recipe.tracking.experiment
+    for run_name, owner in lineage.pipeline_run_owners(tracking, experiment, running_only=True).items():
+        if not owner_alive(owner):
+            reason = f"abandoned: the `nemoforge run` that ran it (pid {owner.split()[-2]}) is gone"
+            lineage.finish_pipeline_run(tracking, experiment, run_name, "FAILED", reason)
+            print(f"nemoforge: pipeline run {run_name} marked FAILED: {reason}", file=sys.stderr)
+
+
+def _stopped(recipe: Recipe, args: argparse.Namespace, signal_name: str, owner: str) -> int:
+    """After SIGTERM or SIGINT stopped the run (its process tree is gone): end this command's pipeline run and its
+    stage runs still RUNNING as KILLED, say so, and return the shell's exit code for the signal."""
     from nemoforge import lineage
     from nemoforge.signals import exit_code
 
     reason = f"stopped by {signal_name}"
-    run_name = lineage.kill_pipeline_run(
-        recipe.tracking.mlflow_uri, recipe.tracking.experiment, reason, started_after_ms=int(started * 1000)
-    )
+    tracking, experiment = recipe.tracking.mlflow_uri, recipe.tracking.experiment
+    mine = [name for name, o in lineage.pipeline_run_owners(tracking, experiment, running_only=False).items() if o == owner]
+    for run_name in mine:
+        lineage.finish_pipeline_run(tracking, experiment, run_name, "KILLED", reason)
     print(
-        f"nemoforge: {reason}" + (f": pipeline run {run_name} marked KILLED" if run_name else "")
+        f"nemoforge: {reason}" + "".join(f": pipeline run {name} marked KILLED" for name in mine)
         + f"; re-run `nemoforge run {args.recipe}` to resume (see `nemoforge status --workdir {args.workdir}`)",
         file=sys.stderr,
     )
@@ -198,7 +212,7 @@ def _stopped(recipe: Recipe, args: argparse.Namespace, signal_name: str, started
 def cmd_run(args: argparse.Namespace) -> int:
     from nemoforge import lineage
     from nemoforge.preflight import check_inputs, check_parent, check_workdir, resolve_recipe
-    from nemoforge.runner import cache_dir
+    from nemoforge.runner import OWNER_ENV, cache_dir
 
     workdir = args.workdir.expanduser().resolve()
     recipe = resolve_recipe(load_recipe(args.recipe, args.overrides), workdir)
@@ -211,7 +225,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kfp import local
 
     from nemoforge.quiet import executor_records_to
-    from nemoforge.signals import ProcessTreeStop
+    from nemoforge.signals import ProcessTreeStop, owner_id
     from nemoforge_pipelines import build_pipeline
 
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
@@ -224,6 +238,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     error_file = workdir / "last-error.txt"
     error_file.unlink(missing_ok=True)
     os.environ["NEMOFORGE_ERROR_FILE"] = str(error_file)
+    owner = os.environ[OWNER_ENV] = owner_id()
+    _end_abandoned_runs(recipe)
     started = time.time()
     pipeline = build_pipeline(recipe)
     console = executor_records_to(workdir / EXECUTOR_LOG) if args.quiet else contextlib.nullcontext()
@@ -233,7 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             pipeline(recipe_json=recipe.to_json(), force=args.force)
     except (RuntimeError, KeyboardInterrupt) as err:
         if stop.signal_name is not None:
-            return _stopped(recipe, args, stop.signal_name, started)
+            return _stopped(recipe, args, stop.signal_name, owner)
         if isinstance(err, KeyboardInterrupt):
             raise
         print(f"nemoforge: error: {_failure_reason(recipe, error_file, err)}", file=sys.stderr)

@@ -78,6 +78,8 @@ TAG_INPUT_DIGEST = "nemoforge.input_digest."
 """On parent runs and the model versions they register: the digest of each pipeline input (runner.input_digests)."""
 TAG_OUTCOME = "nemoforge.outcome"
 """On parent runs: ``retrain`` or ``skipped`` (inputs unchanged since the champion), with ``nemoforge.outcome_reason``."""
+TAG_OWNER = "nemoforge.owner"
+"""On parent runs of ``nemoforge run``: the command's process (:func:`nemoforge.signals.owner_id`)."""
 
 MAX_DATASET_DIGEST_CHARS = 36
 """MLflow stores at most 36 characters of a dataset digest; the full sha256 goes in an input tag."""
@@ -597,14 +599,17 @@ def open_pipeline_run(tracking_uri: str | None, experiment: str, pipeline_run: s
     return _open_parent(client, ensure_experiment(tracking_uri, experiment), pipeline_run, recipe)
 
 
-def finish_pipeline_run(tracking_uri: str | None, experiment: str, pipeline_run: str, status: str) -> None:
-    """End the parent run of ``pipeline_run``.
+def finish_pipeline_run(
+    tracking_uri: str | None, experiment: str, pipeline_run: str, status: str, reason: str | None = None
+) -> None:
+    """End the parent run of ``pipeline_run``, and its stage runs still RUNNING, as ``status``.
 
     Args:
         tracking_uri: MLflow tracking URI.
         experiment: experiment name.
         pipeline_run: the pipeline run's name.
         status: ``FINISHED``, ``FAILED`` or ``KILLED``.
+        reason: one line for tag ``nemoforge.error`` on each run it ends (e.g. ``stopped by SIGTERM``).
 
     Raises:
         ValueError: ``status`` is not one of those.
@@ -619,35 +624,28 @@ def finish_pipeline_run(tracking_uri: str | None, experiment: str, pipeline_run:
         raise InputNotFoundError(
             f"no pipeline run {pipeline_run!r} in MLflow experiment {experiment!r} at {tracking_uri}"
         )
-    client.set_terminated(parent.info.run_id, status)
+    stages = _stage_runs(client, parent.info.experiment_id, parent.info.run_id)
+    for run in [*(r for r in stages if r.info.status == "RUNNING"), parent]:
+        if reason is not None:
+            client.set_tag(run.info.run_id, TAG_ERROR, reason)
+        client.set_terminated(run.info.run_id, status)
 
 
-def kill_pipeline_run(tracking_uri: str | None, experiment: str, reason: str, *, started_after_ms: int) -> str | None:
-    """End the newest pipeline run started after ``started_after_ms`` as KILLED, with its stage runs still RUNNING.
-
-    What ``nemoforge run`` does when a signal stops it: the stage that was running has usually ended its own run
-    KILLED already, and the exit handler has ended the parent FAILED; this records the signal as the reason
-    (tag ``nemoforge.error`` on each run it ends) and covers a stage process that died before it could.
+def pipeline_run_owners(tracking_uri: str | None, experiment: str, *, running_only: bool) -> dict[str, str]:
+    """The owner (tag ``nemoforge.owner``) of each pipeline run that has one, by run name.
 
     Args:
         tracking_uri: MLflow tracking URI.
         experiment: experiment name.
-        reason: one line, e.g. ``stopped by SIGTERM``.
-        started_after_ms: the command's start (epoch ms): an older pipeline run is not this command's.
-
-    Returns:
-        The pipeline run's name, or None when this command had not opened one yet.
+        running_only: only the runs still RUNNING.
     """
     client = _client(tracking_uri)
     experiment_obj = client.get_experiment_by_name(experiment)
-    parent = _find_parent(client, experiment_obj.experiment_id, None) if experiment_obj else None
-    if parent is None or parent.info.start_time < started_after_ms:
-        return None
-    running = [r for r in _stage_runs(client, parent.info.experiment_id, parent.info.run_id) if r.info.status == "RUNNING"]
-    for run in [*running, parent]:
-        client.set_tag(run.info.run_id, TAG_ERROR, reason)
-        client.set_terminated(run.info.run_id, "KILLED")
-    return parent.data.tags.get(TAG_PIPELINE_RUN)
+    if experiment_obj is None:
+        return {}
+    filters = [f"tags.`{TAG_KIND}` = 'pipeline'"] + (["attributes.status = 'RUNNING'"] if running_only else [])
+    runs = client.search_runs([experiment_obj.experiment_id], filter_string=" and ".join(filters))
+    return {r.data.tags[TAG_PIPELINE_RUN]: r.data.tags[TAG_OWNER] for r in runs if TAG_OWNER in r.data.tags}
 
 
 def set_pipeline_tags(tracking_uri: str | None, experiment: str, pipeline_run: str, tags: Mapping[str, str]) -> None:

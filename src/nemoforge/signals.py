@@ -8,12 +8,16 @@ SubprocessRunner), which may start children of its own (vLLM in its own session,
   ``with`` blocks run (its MLflow run ends KILLED, a vLLM server is stopped);
 - in the command, :class:`ProcessTreeStop` forwards the signal to the running task, waits for it, then ends
   whatever is left of the process tree.
+
+SIGKILL, a crash or a power cut leave no one to say how a run ended: each pipeline run records its command
+(:func:`owner_id`), and the next ``nemoforge run`` ends the runs whose command is gone (:func:`owner_alive`).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -122,3 +126,19 @@ def _gone_is_fine() -> Iterator[None]:
         yield
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         pass
+
+
+def owner_id() -> str:
+    """This process as ``<host> <pid> <start time (epoch s)>``: unique, even once the pid is reused."""
+    return f"{socket.gethostname()} {os.getpid()} {psutil.Process(os.getpid()).create_time():.2f}"
+
+
+def owner_alive(owner: str) -> bool:
+    """Whether the process of an :func:`owner_id` may still run: True for another host's (it cannot be seen)."""
+    host, pid, started = owner.rsplit(" ", 2)
+    if host != socket.gethostname():
+        return True
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.2f}" == started
+    except psutil.NoSuchProcess:
+        return False
