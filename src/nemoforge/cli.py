@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
 import time
 import warnings
@@ -178,10 +177,42 @@ def _failure_reason(recipe: Recipe, error_file: Path, err: RuntimeError) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines()[0]
 
 
+def _end_abandoned_runs(recipe: Recipe) -> None:
+    """End as FAILED the pipeline runs left RUNNING by a `nemoforge run` that is gone (SIGKILL, a crash)."""
+    from nemoforge import lineage
+    from nemoforge.signals import owner_alive
+
+    tracking, experiment = recipe.tracking.mlflow_uri, recipe.tracking.experiment
+    for run_name, owner in lineage.pipeline_run_owners(tracking, experiment, running_only=True).items():
+        if not owner_alive(owner):
+            reason = f"abandoned: the `nemoforge run` that ran it (pid {owner.split()[-2]}) is gone"
+            lineage.finish_pipeline_run(tracking, experiment, run_name, "FAILED", reason)
+            print(f"nemoforge: pipeline run {run_name} marked FAILED: {reason}", file=sys.stderr)
+
+
+def _stopped(recipe: Recipe, args: argparse.Namespace, signal_name: str, owner: str) -> int:
+    """After SIGTERM or SIGINT stopped the run (its process tree is gone): end this command's pipeline run and its
+    stage runs still RUNNING as KILLED, say so, and return the shell's exit code for the signal."""
+    from nemoforge import lineage
+    from nemoforge.signals import exit_code
+
+    reason = f"stopped by {signal_name}"
+    tracking, experiment = recipe.tracking.mlflow_uri, recipe.tracking.experiment
+    mine = [name for name, o in lineage.pipeline_run_owners(tracking, experiment, running_only=False).items() if o == owner]
+    for run_name in mine:
+        lineage.finish_pipeline_run(tracking, experiment, run_name, "KILLED", reason)
+    print(
+        f"nemoforge: {reason}" + "".join(f": pipeline run {name} marked KILLED" for name in mine)
+        + f"; re-run `nemoforge run {args.recipe}` to resume (see `nemoforge status --workdir {args.workdir}`)",
+        file=sys.stderr,
+    )
+    return exit_code(signal_name)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from nemoforge import lineage
     from nemoforge.preflight import check_inputs, check_parent, check_workdir, resolve_recipe
-    from nemoforge.runner import cache_dir
+    from nemoforge.runner import OWNER_ENV, cache_dir
 
     workdir = args.workdir.expanduser().resolve()
     recipe = resolve_recipe(load_recipe(args.recipe, args.overrides), workdir)
@@ -194,6 +225,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kfp import local
 
     from nemoforge.quiet import executor_records_to
+    from nemoforge.signals import ProcessTreeStop, owner_id
     from nemoforge_pipelines import build_pipeline
 
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
@@ -206,13 +238,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     error_file = workdir / "last-error.txt"
     error_file.unlink(missing_ok=True)
     os.environ["NEMOFORGE_ERROR_FILE"] = str(error_file)
+    owner = os.environ[OWNER_ENV] = owner_id()
+    _end_abandoned_runs(recipe)
     started = time.time()
     pipeline = build_pipeline(recipe)
     console = executor_records_to(workdir / EXECUTOR_LOG) if args.quiet else contextlib.nullcontext()
+    stop = ProcessTreeStop()
     try:
-        with console:
+        with console, stop:
             pipeline(recipe_json=recipe.to_json(), force=args.force)
-    except RuntimeError as err:
+    except (RuntimeError, KeyboardInterrupt) as err:
+        if stop.signal_name is not None:
+            return _stopped(recipe, args, stop.signal_name, owner)
+        if isinstance(err, KeyboardInterrupt):
+            raise
         print(f"nemoforge: error: {_failure_reason(recipe, error_file, err)}", file=sys.stderr)
         print(
             f"nemoforge: earlier stages' outputs are kept; fix the problem and re-run `nemoforge run {args.recipe}` "
@@ -366,6 +405,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from nemoforge.artifacts import open_store
     from nemoforge.serving import manifests
     from nemoforge.serving.server import VLLMServer, free_port
+    from nemoforge.signals import interrupt_on_signals
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     recipe = load_recipe(args.recipe, args.overrides)
@@ -422,31 +462,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     print(f"starting vLLM on {model_dir} (log: {log_path})", file=sys.stderr, flush=True)
     # SIGTERM (Kubernetes, systemd) stops it as Ctrl-C does: vLLM runs in its own session, so only we can stop it.
-    # SIGINT too, explicitly: a process started in the background of a script (or by a parent that ignores it)
-    # inherits SIGINT ignored, and then Python installs no KeyboardInterrupt handler.
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        server.start()
-        ready_s = server.wait_ready()
-        print(
-            f"serving {server.served_model_name} at {server.base_url}/v1 (ready in {ready_s:.0f} s); Ctrl-C or SIGTERM stops it",
-            file=sys.stderr,
-            flush=True,
-        )
-        code = server.process.wait()
-        raise NemoforgeError(f"vLLM exited with code {code} (log: {log_path})")
-    except KeyboardInterrupt:
-        print("stopping vLLM", file=sys.stderr)
-        return 0
-    finally:
-        server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    """A signal handler that stops the command as Ctrl-C does (KeyboardInterrupt)."""
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    with interrupt_on_signals():
+        try:
+            server.start()
+            ready_s = server.wait_ready()
+            print(
+                f"serving {server.served_model_name} at {server.base_url}/v1 (ready in {ready_s:.0f} s); "
+                "Ctrl-C or SIGTERM stops it",
+                file=sys.stderr,
+                flush=True,
+            )
+            code = server.process.wait()
+            raise NemoforgeError(f"vLLM exited with code {code} (log: {log_path})")
+        except KeyboardInterrupt:
+            print("stopping vLLM", file=sys.stderr)
+            return 0
+        finally:
+            server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,8 @@ TAG_INPUT_DIGEST = "nemoforge.input_digest."
 """On parent runs and the model versions they register: the digest of each pipeline input (runner.input_digests)."""
 TAG_OUTCOME = "nemoforge.outcome"
 """On parent runs: ``retrain`` or ``skipped`` (inputs unchanged since the champion), with ``nemoforge.outcome_reason``."""
+TAG_OWNER = "nemoforge.owner"
+"""On parent runs of ``nemoforge run``: the command's process (:func:`nemoforge.signals.owner_id`)."""
 
 MAX_DATASET_DIGEST_CHARS = 36
 """MLflow stores at most 36 characters of a dataset digest; the full sha256 goes in an input tag."""
@@ -466,6 +468,8 @@ def _dataset_input(ref: DatasetRef) -> DatasetInput:
 
 
 def _error_line(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or a signal named by nemoforge.signals
+        return f"stopped by {exc or 'SIGINT'}"
     text = " ".join(str(exc).split())
     if not isinstance(exc, NemoforgeError):
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -596,14 +600,17 @@ def open_pipeline_run(tracking_uri: str | None, experiment: str, pipeline_run: s
     return _open_parent(client, ensure_experiment(tracking_uri, experiment), pipeline_run, recipe)
 
 
-def finish_pipeline_run(tracking_uri: str | None, experiment: str, pipeline_run: str, status: str) -> None:
-    """End the parent run of ``pipeline_run``.
+def finish_pipeline_run(
+    tracking_uri: str | None, experiment: str, pipeline_run: str, status: str, reason: str | None = None
+) -> None:
+    """End the parent run of ``pipeline_run``, and its stage runs still RUNNING, as ``status``.
 
     Args:
         tracking_uri: MLflow tracking URI.
         experiment: experiment name.
         pipeline_run: the pipeline run's name.
         status: ``FINISHED``, ``FAILED`` or ``KILLED``.
+        reason: one line for tag ``nemoforge.error`` on each run it ends (e.g. ``stopped by SIGTERM``).
 
     Raises:
         ValueError: ``status`` is not one of those.
@@ -618,7 +625,28 @@ def finish_pipeline_run(tracking_uri: str | None, experiment: str, pipeline_run:
         raise InputNotFoundError(
             f"no pipeline run {pipeline_run!r} in MLflow experiment {experiment!r} at {tracking_uri}"
         )
-    client.set_terminated(parent.info.run_id, status)
+    stages = _stage_runs(client, parent.info.experiment_id, parent.info.run_id)
+    for run in [*(r for r in stages if r.info.status == "RUNNING"), parent]:
+        if reason is not None:
+            client.set_tag(run.info.run_id, TAG_ERROR, reason)
+        client.set_terminated(run.info.run_id, status)
+
+
+def pipeline_run_owners(tracking_uri: str | None, experiment: str, *, running_only: bool) -> dict[str, str]:
+    """The owner (tag ``nemoforge.owner``) of each pipeline run that has one, by run name.
+
+    Args:
+        tracking_uri: MLflow tracking URI.
+        experiment: experiment name.
+        running_only: only the runs still RUNNING.
+    """
+    client = _client(tracking_uri)
+    experiment_obj = client.get_experiment_by_name(experiment)
+    if experiment_obj is None:
+        return {}
+    filters = [f"tags.`{TAG_KIND}` = 'pipeline'"] + (["attributes.status = 'RUNNING'"] if running_only else [])
+    runs = client.search_runs([experiment_obj.experiment_id], filter_string=" and ".join(filters))
+    return {r.data.tags[TAG_PIPELINE_RUN]: r.data.tags[TAG_OWNER] for r in runs if TAG_OWNER in r.data.tags}
 
 
 def set_pipeline_tags(tracking_uri: str | None, experiment: str, pipeline_run: str, tags: Mapping[str, str]) -> None:

@@ -227,11 +227,16 @@ def retrain_decision(recipe: Recipe, digests: dict[str, str], force: bool) -> tu
     return False, f"inputs unchanged since champion {name} v{version} (pipeline run {source})"
 
 
+OWNER_ENV = "NEMOFORGE_OWNER"
+"""Set by ``nemoforge run`` for its tasks: the command's :func:`nemoforge.signals.owner_id`."""
+
+
 def check_inputs_step(recipe: Recipe, run_name: str, force: bool) -> str:
     """The pipeline's first task: record the input digests on the parent run and decide whether to run.
 
     Opens the MLflow parent run and tags it with ``nemoforge.input_digest.<input>``, ``nemoforge.outcome``
-    (``retrain`` or ``skipped``) and ``nemoforge.outcome_reason``; prints the decision as one line.
+    (``retrain`` or ``skipped``), ``nemoforge.outcome_reason`` and, under ``nemoforge run``, ``nemoforge.owner``
+    (``$NEMOFORGE_OWNER``); prints the decision as one line.
 
     Returns:
         ``"run"`` or ``"skip"`` (the pipeline's later tasks run only on ``"run"``).
@@ -244,6 +249,8 @@ def check_inputs_step(recipe: Recipe, run_name: str, force: bool) -> str:
     lineage.open_pipeline_run(tracking, experiment, run_name, recipe)
     tags = {f"{lineage.TAG_INPUT_DIGEST}{k}": v for k, v in digests.items()}
     tags.update({lineage.TAG_OUTCOME: "retrain" if run else "skipped", "nemoforge.outcome_reason": reason})
+    if OWNER_ENV in os.environ:
+        tags[lineage.TAG_OWNER] = os.environ[OWNER_ENV]
     lineage.set_pipeline_tags(tracking, experiment, run_name, tags)
     if run:
         print(f"nemoforge: retraining: {reason}", flush=True)
@@ -476,11 +483,20 @@ def user_errors() -> Iterator[None]:
 
     Under ``nemoforge run`` the failing step's message (for any other exception: its type and message,
     the traceback staying in the task log) is also written to ``$NEMOFORGE_ERROR_FILE``, so the CLI can
-    repeat it after kfp.local's summary.
+    repeat it after kfp.local's summary. SIGTERM and SIGINT stop the step as Ctrl-C does
+    (:func:`nemoforge.signals.interrupt_on_signals`: its MLflow run ends KILLED); it then exits with the shell's
+    code for the signal (143, 130) after one line.
     """
+    from nemoforge.signals import exit_code, interrupt_on_signals
+
     error_file = os.environ.get("NEMOFORGE_ERROR_FILE")
     try:
-        yield
+        with interrupt_on_signals():
+            yield
+    except KeyboardInterrupt as stop:
+        signal_name = str(stop) or "SIGINT"
+        sys.stderr.write(f"nemoforge: stopped by {signal_name}\n")
+        raise SystemExit(exit_code(signal_name)) from None
     except NemoforgeError as err:
         if error_file:
             Path(error_file).write_text(f"{err}\n")
