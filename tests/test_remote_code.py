@@ -100,8 +100,9 @@ def test_cli_serve_refuses_in_one_line(tampered, tmp_path: Path, capsys):
 
     model_dir, sha = tampered
     assert main(["serve", str(model_dir), "--workdir", str(tmp_path)]) == 2
-    starting, error = capsys.readouterr().err.strip().splitlines()  # "starting vLLM on ...", then the refusal
+    (error,) = capsys.readouterr().err.strip().splitlines()  # the refusal only: vLLM never announced
     assert error.startswith("nemoforge: error: ") and re.search(refusal(sha), error), error
+    assert not (tmp_path / "serve").exists()
 
 
 def test_vllm_greedy_refuses_before_the_child_starts(tampered, monkeypatch):
@@ -146,7 +147,8 @@ def test_init_container_command_refuses(tampered, export_dir: Path):
     cmd = [sys.executable, "-m", "nemoforge.models.remote_code"]
     bad = subprocess.run([*cmd, str(model_dir)], capture_output=True, text=True, env=_env())
     assert bad.returncode == 1 and bad.stdout == ""
-    assert len(bad.stderr.strip().splitlines()) == 1 and re.search(refusal(sha), bad.stderr), bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and bad.stderr.startswith("nemoforge: error: ")
+    assert re.search(refusal(sha), bad.stderr), bad.stderr
     good = subprocess.run([*cmd, str(export_dir)], capture_output=True, text=True, env=_env())
     assert good.returncode == 0, good.stderr
 

@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status",
         help="show the latest pipeline run: per stage state, wall time, key metrics, artifact URIs",
+        description="The latest (or --run) pipeline run of the workdir's MLflow store, one row per stage: its "
+        "state (RUNNING, FINISHED, FAILED, KILLED; a reused stage says so), wall time, key metrics (eval: "
+        "toggle compliance, pass@1 and speedup first) and artifact URIs, and the promotion gate's outcome.",
     )
     status.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="embedded default's root (%(default)s)")
     status.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<workdir>/mlflow.db)")
@@ -460,11 +463,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reasoning_parser=cfg.reasoning_parser,
         startup_timeout_s=cfg.startup_timeout_s,
     )
-    print(f"starting vLLM on {model_dir} (log: {log_path})", file=sys.stderr, flush=True)
     # SIGTERM (Kubernetes, systemd) stops it as Ctrl-C does: vLLM runs in its own session, so only we can stop it.
     with interrupt_on_signals():
         try:
-            server.start()
+            server.start()  # checks first (checkpoint, remote code, port, vLLM): a refusal is one line
+            print(f"starting vLLM on {model_dir} (log: {log_path})", file=sys.stderr, flush=True)
             ready_s = server.wait_ready()
             print(
                 f"serving {server.served_model_name} at {server.base_url}/v1 (ready in {ready_s:.0f} s); "

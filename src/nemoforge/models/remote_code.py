@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
     try:
         verify_remote_code(argv[0])
     except NemoforgeError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"nemoforge: error: {err}", file=sys.stderr)
         return 1
     print(f"remote code in {argv[0]} matches nemoforge's {', '.join(SHIPPED_MODULES)}")
     return 0
