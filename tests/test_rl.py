@@ -281,3 +281,18 @@ def test_grpo_through_the_stage_loss_and_the_train_loop_raises_a_learnable_rewar
     assert any(not torch.equal(a, b) for a, b in zip(params_before, model.parameters(), strict=True))
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
     assert after > before + 0.2, (before, after)
+
+
+def test_preference_rows_leave_out_pairs_whose_response_is_cut_away(tiny_llama_dir: Path):
+    from transformers import AutoTokenizer
+
+    from nemoforge.errors import NemoforgeError
+    from nemoforge.stages.rl.stage import preference_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    short = ("Fix: teh", "the", "teh")
+    long = ("word " * 200, "yes", "no")
+    ids_2PT, mask_2PT = preference_rows(tokenizer, [long, short, long], max_len=48)
+    assert ids_2PT.shape[0] == 2 and mask_2PT[:, 1:].sum(-1).min() >= 1  # the short pair only, both responses
+    with pytest.raises(NemoforgeError, match="max_len_tokens=48 cuts every preference response away"):
+        preference_rows(tokenizer, [long], max_len=48)

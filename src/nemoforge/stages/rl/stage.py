@@ -380,12 +380,22 @@ def preference_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected chats (reasoning off) as ``(ids_2PT, mask_2PT)``: rows 2i chosen, 2i+1 rejected.
 
-    Padding is -1 in ids (attention 0); ``mask`` marks response tokens.
+    Padding is -1 in ids (attention 0); ``mask`` marks response tokens. A pair whose chosen or rejected
+    response is cut away entirely by ``max_len`` (a prompt that long) is left out: it has no response to
+    score (its per-token NLL would divide by zero).
+
+    Raises:
+        NemoforgeError: ``max_len`` leaves no pair a response.
     """
     rows = []
     for prompt, chosen, rejected in pairs:
-        for response in (chosen, rejected):
-            rows.append(encode_chat(tokenizer, ChatSample(prompt, response, "off"), max_len))
+        pair = [encode_chat(tokenizer, ChatSample(prompt, r, "off"), max_len) for r in (chosen, rejected)]
+        if all(any(mask[1:]) for _, mask in pair):
+            rows += pair
+    if not rows:
+        raise NemoforgeError(
+            f"rl.preference.max_len_tokens={max_len} cuts every preference response away: raise it"
+        )
     width = max(len(ids) for ids, _ in rows)
     ids = torch.tensor([ids + [-1] * (width - len(ids)) for ids, _ in rows])
     mask = torch.tensor([m + [0] * (width - len(m)) for _, m in rows], dtype=torch.bool)
@@ -527,7 +537,7 @@ def run(
             pstate = train(
                 model,
                 pref_loss,
-                epoch_batches(torch.arange(len(pairs))[:, None], pcfg.batch_size, seed=pcfg.seed),
+                epoch_batches(torch.arange(ids_2PT.shape[0] // 2)[:, None], pcfg.batch_size, seed=pcfg.seed),
                 pcfg,
                 checkpoint_dir=work / "checkpoints-preference",
                 desc="rl/preference",
