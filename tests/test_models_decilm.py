@@ -48,8 +48,8 @@ def tiny_llama(tiny_llama_dir: Path) -> LlamaForCausalLM:
 
 
 @pytest.fixture(scope="module")
-def input_ids() -> torch.Tensor:
-    return torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+def input_ids(tiny_llama: LlamaForCausalLM) -> torch.Tensor:
+    return torch.randint(0, tiny_llama.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
 # ------------------------------------------------------------------------------------------- ffn_mult

@@ -29,8 +29,8 @@ def child(parent: DeciLMForCausalLM) -> DeciLMForCausalLM:
 
 
 @pytest.fixture(scope="module")
-def prompt() -> torch.Tensor:
-    return torch.randint(0, 49152, (1, 9), generator=torch.Generator().manual_seed(2))
+def prompt(parent: DeciLMForCausalLM) -> torch.Tensor:
+    return torch.randint(0, parent.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
 
 
 def greedy_without_cache(model: DeciLMForCausalLM, ids_BT: torch.Tensor, num_new: int) -> torch.Tensor:
@@ -70,8 +70,8 @@ def test_cached_logits_equal_full_forward(child, prompt: torch.Tensor) -> None:
 def test_left_padded_batch_matches_single_prompts(child) -> None:
     gen = torch.Generator().manual_seed(3)
     short, long = (
-        torch.randint(0, 49152, (1, 5), generator=gen),
-        torch.randint(0, 49152, (1, 8), generator=gen),
+        torch.randint(0, child.config.vocab_size, (1, 5), generator=gen),
+        torch.randint(0, child.config.vocab_size, (1, 8), generator=gen),
     )
     batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1), long])
     mask = torch.ones_like(batch)
@@ -84,7 +84,7 @@ def test_left_padded_batch_matches_single_prompts(child) -> None:
 def test_fixed_shape_decode_step_equals_the_growing_cache(child) -> None:
     """The arithmetic of the CUDA-graph step (cache over all S_max slots + mask), run eagerly, left padding too."""
     gen = torch.Generator().manual_seed(4)
-    batch = torch.randint(0, 49152, (2, 7), generator=gen)
+    batch = torch.randint(0, child.config.vocab_size, (2, 7), generator=gen)
     mask = torch.ones_like(batch)
     mask[0, :2] = 0
     num_new = 5

@@ -86,7 +86,7 @@ def test_partial_recompute_equals_full_forward_of_replaced_model(parent, library
     """Replace-1-block scores from cached layer inputs equal a full forward of the modified model."""
     _, results = trained
     narrow = {w: r.mlp(parent) for w, r in results.items()}
-    heldout_ids = torch.randint(0, 4000, (2, 40), generator=torch.Generator().manual_seed(2))
+    heldout_ids = torch.randint(0, parent.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
     heldout = parent_pass(parent, heldout_ids)
     with torch.no_grad():
         assert torch.allclose(heldout.probs_NTV, parent(heldout_ids).logits.softmax(-1), atol=1e-6)
@@ -126,7 +126,7 @@ def test_build_child_has_no_tensors_for_no_op(parent, library, trained) -> None:
 
 def test_score_is_kl_and_cross_entropy(parent) -> None:
     """The logsumexp form of the score equals KL(p || q) and the next-token cross-entropy computed directly."""
-    ids = torch.randint(0, 4000, (2, 12), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, parent.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
     heldout = parent_pass(parent, ids)
     logits = 3.0 * torch.randn(2, 12, heldout.probs_NTV.shape[-1], generator=torch.Generator().manual_seed(4))
     kl, lm_loss = heldout.score(logits)

@@ -91,7 +91,7 @@ def test_bytes_add_up_to_the_child(parent, library, costs: CostTable) -> None:
 @torch.no_grad()
 def test_fixed_length_cache_runs_the_real_decode_step(parent) -> None:
     """The timed decode step computes what a real decode at KV length P computes."""
-    ids = torch.randint(0, 4000, (2, 17), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, parent.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
     real = StaticKVCache(parent, 2, 17)
     parent(ids[:, :16], past_key_values=real, use_cache=True)
     expected = parent(ids[:, 16:], past_key_values=real, use_cache=True).logits

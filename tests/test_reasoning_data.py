@@ -32,10 +32,10 @@ from nemoforge.errors import NemoforgeError
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
+def tokenizer(tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_dir)
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
 
 
 def test_chat_template_puts_system_prompt_first_and_think_block_in_the_answer(tokenizer):

@@ -24,7 +24,7 @@ def test_rl_stage_runs_grpo_then_dpo_and_resumes(tiny_llama_dir: Path, shared_di
             "num_heldout_prompts": 2, "warmup_steps": 0, "checkpoint_every_steps": 2, "filter_samples": 2,
             "beta": 0.01, "heldout_samples": 2,
             "preference": {"enabled": True, "steps": 2, "batch_size": 2, "num_pairs": 4, "warmup_steps": 0,
-                           "max_len_tokens": 64, "lr": 1e-3, "nll_weight": 0.1},
+                           "max_len_tokens": 128, "lr": 1e-3, "nll_weight": 0.1},
         },
     )
     result = run(recipe, model_uri=str(tiny_llama_dir), output_uri=output_uri, store=store)

@@ -4,7 +4,7 @@ The engine of the parity test is a module fixture; the GRPO test closes it and t
 (one in-process engine at a time; the second start is cheaper, vLLM being imported already). ~55 s in all
 with `taskset -c 1` on the busy 2-core machine (~80 s cold). The model is a small random one with head size
 32: vLLM's CPU attention takes no head size below 32, so conftest's tiny Llama (head size 16) cannot be used.
-Skipped when vLLM cannot be imported.
+Skipped when vLLM cannot be imported; marked slow (it starts the real engine).
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import pytest
 
 from nemoforge.config import Recipe
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
-def vllm_llama_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random LlamaForCausalLM (hidden 64, 2 layers, 2 heads of 32 / 1 KV, FFN 256), SmolLM2's tokenizer.
+def vllm_llama_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random LlamaForCausalLM (hidden 64, 2 layers, 2 heads of 32 / 1 KV, FFN 256), the tiny Llama's tokenizer.
 
     initializer_range 0.2 (not 0.02) keeps the greedy argmax clear of near-ties between the two engines.
     """
@@ -29,7 +31,7 @@ def vllm_llama_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
     if not vllm_importable():
         pytest.skip("vLLM cannot be imported")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, rope_theta=10000.0,
