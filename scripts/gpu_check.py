@@ -259,16 +259,17 @@ def _exported_greedy(recipe, store, model_uri: str) -> dict[str, float]:
     _, samples = heldout_reward(model, tokenizer, heldout, recipe.rl)
     del model
     torch.cuda.empty_cache()
-    return {mode: statistics.fmean(s["rewards"]["accuracy"] for s in samples if s["reasoning"] == mode)
+    scored = [s for s in samples if s["rewards"]["accuracy"] is not None]
+    return {mode: statistics.fmean(s["rewards"]["accuracy"] for s in scored if s["reasoning"] == mode)
             for mode in ("on", "off")}
 
 
 def cmd_rl(args) -> dict:
     import shutil
 
-    from nemoforge.artifacts import open_store
     from nemoforge.config import load_recipe
     from nemoforge.preflight import resolve_recipe
+    from nemoforge.runner import store_for
     from nemoforge.stages import rl, sft
 
     workdir = args.workdir.resolve()
@@ -278,7 +279,7 @@ def cmd_rl(args) -> dict:
     for i, variant in enumerate(args.variant):
         sets = [*args.set, *variant.split()]
         recipe = resolve_recipe(load_recipe(args.recipe, sets), workdir)
-        store = open_store(recipe.storage.artifact_root)
+        store = store_for(recipe)
         name = f"rl-{stamp}-{i}"
         t = time.perf_counter()
         row: dict = {"variant": variant}
