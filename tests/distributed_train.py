@@ -50,6 +50,19 @@ def main() -> int:
     parser.add_argument("--stop-at", type=int, default=-1)
     args = parser.parse_args()
 
+    from nemoforge.training import distributed
+
+    ctx = distributed.init_from_env()
+    try:
+        return run(args, ctx)
+    finally:
+        # as nemoforge.cluster.worker does: every rank reaches the end before any leaves the group (a rank
+        # that exits while another's gloo/DeepSpeed threads still talk to it can abort with SIGABRT)
+        distributed.barrier()
+        distributed.shutdown()
+
+
+def run(args: argparse.Namespace, ctx) -> int:
     from nemoforge.artifacts import LocalStore
     from nemoforge.config import TrainConfig
     from nemoforge.training import distributed
@@ -57,7 +70,6 @@ def main() -> int:
     from nemoforge.training.losses import causal_lm_loss_BT
     from nemoforge.training.stage import fetch_latest_checkpoint
 
-    ctx = distributed.init_from_env()
     rank = ctx.rank if ctx else 0
     store = LocalStore(str(args.store))
     local_dir = args.work / f"rank-{rank}"
