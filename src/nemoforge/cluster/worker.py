@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                 output_uri = distributed.broadcast_from_main(None)
                 if output_uri is not None:
                     join_stage(args.stage, recipe, inputs, output_uri)
+            # every rank is done before any leaves the group: a rank that exits while another's gloo or
+            # DeepSpeed threads still talk to it can abort (SIGABRT); after an error, no barrier (it would hang)
+            distributed.barrier()
         finally:
             distributed.shutdown()
     return 0
