@@ -24,7 +24,8 @@ global torch RNG, so a resumed run draws the same seeds) or ``auto`` (vllm when 
 used is the stage run's ``rollout_engine`` tag. Held-out reward and pass-rate filtering always use
 ``generate``.
 Prompts whose pass rate (over ``filter_samples`` samples) is at least ``filter_max_pass_rate`` are
-dropped first (LN §5). Written under ``output_uri``: ``checkpoints/step-N/``,
+dropped first (LN §5). The held-out "after" figures score the weights as exported (rounded to the recipe's
+dtype: :func:`~nemoforge.training.stage.round_to_dtype`), as "before" scores sft's export. Written under ``output_uri``: ``checkpoints/step-N/``,
 ``checkpoints-preference/step-N/``, ``model/``, ``plots/``, ``samples/heldout_{before,after}.json``.
 
 Shape legend: ``B`` prompts, ``G`` generations per prompt, ``N = B * G`` sequences, ``T`` tokens.
@@ -69,6 +70,7 @@ from nemoforge.training.stage import (
     fetch_latest_checkpoint,
     plot_history,
     recipe_dtype,
+    round_to_dtype,
     uri_under,
 )
 
@@ -549,6 +551,8 @@ def run(
             metrics["preference_reward_accuracy_final"] = pstate.history["reward_accuracy"][-1][1]
             metrics["preference_steps"] = float(pstate.step)
 
+        # held-out "after" scores the weights that are exported (recipe dtype), as "before" scored sft's export
+        round_to_dtype(model, recipe_dtype(recipe))
         after, samples_after = heldout_reward(model, tokenizer, heldout_problems, cfg)
         sampled = {"before": sampled_before}
         if cfg.heldout_samples:
