@@ -8,8 +8,6 @@ data under ``nemoforge/recipes/``; ``--set key.path=value`` overrides fields of 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from importlib import resources
 from pathlib import Path
@@ -701,11 +699,6 @@ class Recipe(_Section):
 
     def enabled_stages(self) -> list[str]:
         return [s for s in STAGES if getattr(self, s).enabled]
-
-    def section_digest(self, section: str) -> str:
-        """sha256 of one section's resolved JSON: the stage's cache key part from the recipe."""
-        payload = json.dumps(getattr(self, section).model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()
 
     def to_json(self) -> str:
         return self.model_dump_json()
