@@ -22,7 +22,7 @@ def _result(tmp_path: Path, model_dir: Path, name: str, gate: str, pass1: float)
 def test_register_moves_champion_only_when_the_gate_passed(tiny_llama_dir: Path, tmp_path: Path):
     from mlflow import MlflowClient
 
-    from nemoforge.runner import register_evaluated_model
+    from nemoforge.runner.register import register_evaluated_model
     from nemoforge.stages.eval.stage import champion_uri
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -54,7 +54,7 @@ def test_register_moves_champion_only_when_the_gate_passed(tiny_llama_dir: Path,
 
 def test_status_names_every_failed_gate_criterion(tmp_path: Path, capsys):
     from nemoforge import lineage
-    from nemoforge.cli import main
+    from nemoforge_cli.main import main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     recipe = Recipe(name="test", tracking={"mlflow_uri": uri})
@@ -82,7 +82,7 @@ def test_status_names_every_failed_gate_criterion(tmp_path: Path, capsys):
 
 def test_status_lists_the_gate_metrics_first_and_fits_the_terminal(tmp_path: Path, capsys, monkeypatch):
     from nemoforge import lineage
-    from nemoforge.cli import key_metrics, main
+    from nemoforge_cli.main import key_metrics, main
 
     metrics = {"decode_tokens_per_s": 9.0, "ifeval_prompt_strict": 0.3, "kl_to_parent": 0.1, "lm_loss": 2.0,
                "lm_top1": 0.4, "math_pass1_off": 0.2, "math_pass1_on": 0.25, "parent_lm_top1": 0.45,

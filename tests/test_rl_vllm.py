@@ -71,7 +71,7 @@ def _prompts(tokenizer) -> list[list[int]]:
 def test_pushed_weights_make_vllm_greedy_equal_ours(policy_and_engine):
     import torch
 
-    from nemoforge.stages.eval.generation import generate_ids
+    from nemoforge.models.generate import generate_ids
 
     model, tokenizer, engine = policy_and_engine
     prompts = _prompts(tokenizer)
@@ -97,7 +97,8 @@ def test_pushed_weights_make_vllm_greedy_equal_ours(policy_and_engine):
 def test_grpo_with_vllm_rollouts_completes_and_tags_the_run(policy_and_engine, vllm_llama_dir: Path, tmp_path: Path):
     """Runs after the parity test: the module's engine is closed first (one in-process engine at a time)."""
     from nemoforge import lineage
-    from nemoforge.runner import execute_stage, store_for
+    from nemoforge.runner.execute import execute_stage
+    from nemoforge.runner.index import store_for
 
     policy_and_engine[2].close()
     recipe = Recipe(

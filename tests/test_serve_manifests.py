@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nemoforge.cli import main
 from nemoforge.config import load_recipe
 from nemoforge.errors import NemoforgeError
 from nemoforge.serving import manifests
+from nemoforge_cli.main import main
 
 pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
 

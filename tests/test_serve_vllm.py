@@ -86,7 +86,8 @@ def test_vllm_greedy_tokens_match_ours_on_parent_and_child(serve_exports):
 def test_serve_stage_answers_both_modes_logs_metrics_and_stops(serve_exports, tmp_path):
     """Through the runner: MLflow stage run with TTFT/tokens/s, responses.json, and no server left."""
     from nemoforge import lineage
-    from nemoforge.runner import execute_stage, store_for
+    from nemoforge.runner.execute import execute_stage
+    from nemoforge.runner.index import store_for
 
     _, child_dir = serve_exports
     recipe = load_recipe(
@@ -136,7 +137,7 @@ def test_cli_serves_a_registry_alias_until_interrupted(serve_exports, tmp_path, 
     err_path = tmp_path / "cli.err"
     with err_path.open("w") as err:
         cli = subprocess.Popen(
-            [sys.executable, "-m", "nemoforge.cli", "serve", "models:/smollm2-135m-child@champion", "--port", str(port),
+            [sys.executable, "-m", "nemoforge_cli", "serve", "models:/smollm2-135m-child@champion", "--port", str(port),
              "--tracking-uri", tracking_uri, "--workdir", str(tmp_path), "--set", "serve.max_model_len=1024"],
             stderr=err, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )  # fmt: skip

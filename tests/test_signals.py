@@ -19,9 +19,9 @@ from conftest import REPO
 from test_pipeline import _tiny_args
 
 from nemoforge import lineage
-from nemoforge.cli import _end_abandoned_runs, main
 from nemoforge.config import Recipe
 from nemoforge.signals import owner_alive, owner_id
+from nemoforge_cli.main import _end_abandoned_runs, main
 
 LONG_CPT = ["nas.enabled=false", "distill.enabled=false", "cpt.steps=5000", "cpt.checkpoint_every_steps=5000"]
 """The parent, the corpus, then a cpt far too long to finish before the signal."""
@@ -62,7 +62,7 @@ def test_signal_stops_the_process_tree_and_marks_the_runs_killed(
     workdir = tmp_path / "work"
     corpus = shared_dir / "data" / "corpus" / "tinyshakespeare.txt"
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{REPO}"}  # the subprocesses import this checkout
-    command = [sys.executable, "-m", "nemoforge.cli", *_tiny_args(tiny_llama_dir, corpus, workdir, *LONG_CPT)]
+    command = [sys.executable, "-m", "nemoforge_cli", *_tiny_args(tiny_llama_dir, corpus, workdir, *LONG_CPT)]
     # its own session, as a shell job (or a pod's main process) has: Ctrl-C reaches that group, not pytest
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip

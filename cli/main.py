@@ -215,7 +215,8 @@ def _stopped(recipe: Recipe, args: argparse.Namespace, signal_name: str, owner: 
 def cmd_run(args: argparse.Namespace) -> int:
     from nemoforge import lineage
     from nemoforge.preflight import check_inputs, check_parent, check_workdir, resolve_recipe
-    from nemoforge.runner import OWNER_ENV, cache_dir
+    from nemoforge.runner.index import cache_dir
+    from nemoforge.runner.retrain import OWNER_ENV
 
     workdir = args.workdir.expanduser().resolve()
     recipe = resolve_recipe(load_recipe(args.recipe, args.overrides), workdir)
@@ -227,8 +228,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from kfp import local
 
-    from nemoforge.quiet import executor_records_to
     from nemoforge.signals import ProcessTreeStop, owner_id
+    from nemoforge_cli.quiet import executor_records_to
     from nemoforge_pipelines import build_pipeline
 
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
@@ -290,8 +291,7 @@ def _publish(args: argparse.Namespace):
     """Load, check and compile the recipe, connect, upload a new pipeline version: (recipe, client, published)."""
     import tempfile
 
-    from nemoforge.cluster import kfp_api
-    from nemoforge_pipelines import compile_recipe
+    from nemoforge_pipelines import compile_recipe, kfp_api
 
     recipe = load_recipe(args.recipe, args.overrides)
     kfp_api.check_cluster_recipe(recipe)
@@ -305,7 +305,7 @@ def _publish(args: argparse.Namespace):
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from nemoforge.cluster import kfp_api
+    from nemoforge_pipelines import kfp_api
 
     recipe, client, published = _publish(args)
     run = kfp_api.submit(client, recipe, published, args.experiment, args.namespace, force=args.force)
@@ -314,7 +314,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from nemoforge.cluster import kfp_api
+    from nemoforge_pipelines import kfp_api
 
     modes = [m for m in ("recipe", "list", "disable") if getattr(args, m)]
     if len(modes) != 1:
