@@ -174,7 +174,7 @@ def _failure_reason(recipe: Recipe, error_file: Path, err: RuntimeError) -> str:
 
     if error_file.is_file():
         return error_file.read_text().strip()
-    failed = [s for s in lineage.pipeline_status(recipe.tracking.mlflow_uri, recipe.tracking.experiment) if s.get("error")]
+    failed = [s for s in lineage.pipeline_status(lineage.Lineage.for_recipe(recipe)) if s.get("error")]
     if failed:
         return f"stage {failed[-1]['stage']}: {failed[-1]['error']}"
     return re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines()[0]
@@ -185,11 +185,11 @@ def _end_abandoned_runs(recipe: Recipe) -> None:
     from nemoforge import lineage
     from nemoforge.signals import owner_alive
 
-    tracking, experiment = recipe.tracking.mlflow_uri, recipe.tracking.experiment
-    for run_name, owner in lineage.pipeline_run_owners(tracking, experiment, running_only=True).items():
+    runs = lineage.Lineage.for_recipe(recipe)
+    for run_name, owner in runs.pipeline_run_owners(running_only=True).items():
         if not owner_alive(owner):
             reason = f"abandoned: the `nemoforge run` that ran it (pid {owner.split()[-2]}) is gone"
-            lineage.finish_pipeline_run(tracking, experiment, run_name, "FAILED", reason)
+            runs.finish_pipeline_run(run_name, "FAILED", reason)
             print(f"nemoforge: pipeline run {run_name} marked FAILED: {reason}", file=sys.stderr)
 
 
@@ -200,10 +200,10 @@ def _stopped(recipe: Recipe, args: argparse.Namespace, signal_name: str, owner: 
     from nemoforge.signals import exit_code
 
     reason = f"stopped by {signal_name}"
-    tracking, experiment = recipe.tracking.mlflow_uri, recipe.tracking.experiment
-    mine = [name for name, o in lineage.pipeline_run_owners(tracking, experiment, running_only=False).items() if o == owner]
+    runs = lineage.Lineage.for_recipe(recipe)
+    mine = [name for name, o in runs.pipeline_run_owners(running_only=False).items() if o == owner]
     for run_name in mine:
-        lineage.finish_pipeline_run(tracking, experiment, run_name, "KILLED", reason)
+        runs.finish_pipeline_run(run_name, "KILLED", reason)
     print(
         f"nemoforge: {reason}" + "".join(f": pipeline run {name} marked KILLED" for name in mine)
         + f"; re-run `nemoforge run {args.recipe}` to resume (see `nemoforge status --workdir {args.workdir}`)",
@@ -263,13 +263,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    outcome = lineage.pipeline_run_tags(recipe.tracking.mlflow_uri, recipe.tracking.experiment)
+    runs = lineage.Lineage.for_recipe(recipe)
+    outcome = runs.pipeline_run_tags()
     if outcome.get(lineage.TAG_OUTCOME) == "skipped":
         print(f"\nnemoforge: {recipe.name} skipped in {time.time() - started:.0f} s: "
               f"{outcome.get('nemoforge.outcome_reason')} (--force retrains)")
         return 0
     print(f"\nnemoforge: {recipe.name} finished in {time.time() - started:.0f} s")
-    _print_status(lineage.pipeline_status(recipe.tracking.mlflow_uri, recipe.tracking.experiment))
+    _print_status(lineage.pipeline_status(runs))
     print(f"\nMLflow UI: mlflow ui --backend-store-uri {recipe.tracking.mlflow_uri}")
     return 0
 
@@ -394,7 +395,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     tracking_uri = args.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     if not args.tracking_uri and not (workdir / "mlflow.db").is_file():
         raise NemoforgeError(f"no runs under {workdir}: run `nemoforge run RECIPE --workdir {args.workdir}` first")
-    stages = lineage.pipeline_status(tracking_uri, args.experiment, args.run_name)
+    stages = lineage.pipeline_status(lineage.Lineage(tracking_uri, args.experiment), args.run_name)
     order = {name: i for i, name in enumerate(STAGES)}
     stages.sort(key=lambda s: order.get(s["stage"], len(order)))
     if args.json:
@@ -425,7 +426,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     f"`nemoforge run RECIPE --workdir {args.workdir}` first, or pass --tracking-uri"
                 )
             tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
-        model_uri = lineage.registered_model_source(tracking_uri, model_uri)
+        model_uri = lineage.Registry(tracking_uri).registered_model_source(model_uri)
     if args.emit:
         from nemoforge_components.images import image_ref
 

@@ -23,7 +23,9 @@ def _fill(output: Any, ref: dict[str, Any]) -> dict[str, Any]:
     return ref
 
 
-def run_task(step: str, recipe_json: str, run_name: str | None, inputs: dict[str, Any], output: Any) -> dict[str, Any]:
+def run_task(
+    step: str, recipe_json: str, run_name: str | None, inputs: dict[str, Any], output: Any
+) -> dict[str, Any]:
     """A step in this task's own pod: :func:`nemoforge.runner.execute.run_step`.
 
     Args:

@@ -196,7 +196,7 @@ def _stage_models(workdir: Path) -> dict[str, Path]:
     """The run's parent and each finished stage's exported model, by stage name."""
     from nemoforge import lineage
 
-    stages = {s["stage"]: s for s in lineage.pipeline_status(f"sqlite:///{workdir / 'mlflow.db'}", "nemoforge")}
+    stages = {s["stage"]: s for s in lineage.pipeline_status(lineage.Lineage(f"sqlite:///{workdir / 'mlflow.db'}", "nemoforge"))}
     paths = {"parent": sorted((workdir / "artifacts" / "models").glob("parent-*"))[-1]}
     for st in ("nas", "distill", "cpt", "sft", "rl"):
         if st in stages and "model" in stages[st].get("outputs", {}):

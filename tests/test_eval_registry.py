@@ -64,10 +64,10 @@ def test_status_names_every_failed_gate_criterion(tmp_path: Path, capsys):
         "fail: toggle_on=0.125 (95% CI 0.04 to 0.31) >= 0.9",
         "ok: no champion yet",
     ]
-    with lineage.stage_run(uri, "nemoforge", "run-1", "eval", recipe) as tracker:
+    with lineage.Lineage(uri, "nemoforge").stage_run("run-1", "eval", recipe) as tracker:
         tracker.log_result(StageResult(metrics={"gate_passed": 0.0, "toggle_on": 0.125, "toggle_on_ci_low": 0.04},
                                        tags={"gate": "failed", "gate_checks": "; ".join(checks)}))
-    (status,) = lineage.pipeline_status(uri, "nemoforge")
+    (status,) = lineage.pipeline_status(lineage.Lineage(uri, "nemoforge"))
     assert status["gate"] == "failed"
     assert status["gate_failed"] == [
         "retention math_pass1_on=0 >= 0.8 (child 0, parent 0.042)", "toggle_on=0.125 (95% CI 0.04 to 0.31) >= 0.9"
@@ -94,7 +94,8 @@ def test_status_lists_the_gate_metrics_first_and_fits_the_terminal(tmp_path: Pat
     assert [k for k, _ in key_metrics("cpt", {"b": 1.0, "a": 2.0})] == ["a", "b"]
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with lineage.stage_run(uri, "nemoforge", "run-1", "eval", Recipe(name="test", tracking={"mlflow_uri": uri})) as t:
+    recipe = Recipe(name="test", tracking={"mlflow_uri": uri})
+    with lineage.Lineage(uri, "nemoforge").stage_run("run-1", "eval", recipe) as t:
         t.log_result(StageResult(metrics=metrics, outputs={"model": f"{tmp_path}/store/run-1/rl/model"}))
     monkeypatch.setenv("COLUMNS", "90")
     capsys.readouterr()

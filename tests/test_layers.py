@@ -76,6 +76,20 @@ def test_a_stage_package_imports_no_other_stage():
             continue
         for name in names:
             other = name.split(".")
-            if other[:2] == ["nemoforge", "stages"] and len(other) > 2 and other[2] in stage_packages - {parts[2]}:
+            if (
+                other[:2] == ["nemoforge", "stages"]
+                and len(other) > 2
+                and other[2] in stage_packages - {parts[2]}
+            ):
                 wrong.add((module, name))
+    assert not wrong
+
+
+def test_only_the_lineage_package_imports_mlflow():
+    wrong = {
+        (module, name)
+        for module, names in _library().items()
+        for name in names
+        if name.split(".")[0] == "mlflow" and not module.startswith("nemoforge.lineage")
+    }
     assert not wrong

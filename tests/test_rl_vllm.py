@@ -113,7 +113,7 @@ def test_grpo_with_vllm_rollouts_completes_and_tags_the_run(policy_and_engine, v
     )  # fmt: skip
     store = store_for(recipe)
     model_uri = store.put(vllm_llama_dir, store.join("models", "sft"))
-    lineage.open_pipeline_run(recipe.tracking.mlflow_uri, recipe.tracking.experiment, "run-1", recipe)
+    lineage.Lineage.for_recipe(recipe).open_pipeline_run("run-1", recipe)
     result, _ = execute_stage("rl", recipe, "run-1", {"model": {"uri": model_uri, "digest": "x"}})
     assert result.metrics["train_steps"] == 2
     assert [s for s, _ in result.history["reward_mean"]] == [1, 2]
@@ -122,7 +122,7 @@ def test_grpo_with_vllm_rollouts_completes_and_tags_the_run(policy_and_engine, v
     assert result.tags["rollout_engine"] == "vllm"
     (rl,) = [
         s
-        for s in lineage.pipeline_status(recipe.tracking.mlflow_uri, recipe.tracking.experiment, "run-1")
+        for s in lineage.pipeline_status(lineage.Lineage.for_recipe(recipe), "run-1")
         if s["stage"] == "rl"
     ]
     assert rl["state"] == "FINISHED"

@@ -140,7 +140,7 @@ def test_cli_emits_kserve_for_a_registry_alias(tmp_path, validator):
     from nemoforge import lineage
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    lineage.register_model(tracking_uri, "smollm2-135m-child", MODEL_URI, aliases=["champion"])
+    lineage.Registry(tracking_uri).register_model("smollm2-135m-child", MODEL_URI, aliases=["champion"])
     out = tmp_path / "isvc.yaml"
     argv = ["serve", "models:/smollm2-135m-child@champion", "--emit", "kserve", "-o", str(out),
             "--tracking-uri", tracking_uri] + [a for o in GPU_OVERRIDES for a in ("--set", o)]  # fmt: skip

@@ -103,7 +103,7 @@ def test_serve_stage_answers_both_modes_logs_metrics_and_stops(serve_exports, tm
     )
     store = store_for(recipe)
     model_uri = store.put(child_dir, store.join("models", "child"))
-    lineage.open_pipeline_run(recipe.tracking.mlflow_uri, recipe.tracking.experiment, "run-1", recipe)
+    lineage.Lineage(recipe.tracking.mlflow_uri, recipe.tracking.experiment).open_pipeline_run("run-1", recipe)
     result, ref = execute_stage("serve", recipe, "run-1", {"model": {"uri": model_uri, "digest": "x"}})
     assert ref["uri"] == model_uri
     responses = store.read_json(result.outputs["responses"])
@@ -115,7 +115,9 @@ def test_serve_stage_answers_both_modes_logs_metrics_and_stops(serve_exports, tm
         assert result.metrics[f"output_tokens_per_s_{mode}"] > 0
     (serve,) = [
         s
-        for s in lineage.pipeline_status(recipe.tracking.mlflow_uri, recipe.tracking.experiment, "run-1")
+        for s in lineage.pipeline_status(
+            lineage.Lineage(recipe.tracking.mlflow_uri, recipe.tracking.experiment), "run-1"
+        )
         if s["stage"] == "serve"
     ]
     assert serve["state"] == "FINISHED" and serve["metrics"]["ttft_s_on"] > 0
@@ -131,7 +133,7 @@ def test_cli_serves_a_registry_alias_until_interrupted(serve_exports, tmp_path, 
 
     _, child_dir = serve_exports
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    lineage.register_model(tracking_uri, "smollm2-135m-child", str(child_dir), aliases=["champion"])
+    lineage.Registry(tracking_uri).register_model("smollm2-135m-child", str(child_dir), aliases=["champion"])
     port = free_port()
     # stderr to a file, not a pipe: an unread pipe that fills up blocks the CLI's writes, and then its shutdown
     err_path = tmp_path / "cli.err"

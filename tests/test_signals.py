@@ -36,7 +36,8 @@ def _wait_for_training(proc: subprocess.Popen, workdir: Path, timeout_s: float =
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"nemoforge run exited early with code {proc.returncode}"
         if (workdir / "artifacts" / "index" / "cpt").is_dir():
-            stages = lineage.pipeline_status(f"sqlite:///{workdir / 'mlflow.db'}", "nemoforge")
+            runs = lineage.Lineage(f"sqlite:///{workdir / 'mlflow.db'}", "nemoforge")
+            stages = lineage.pipeline_status(runs)
             if any(s["stage"] == "cpt" and s["state"] == "RUNNING" and s["metrics"] for s in stages):
                 return
         time.sleep(1)
@@ -132,15 +133,15 @@ def test_next_run_ends_the_runs_of_a_command_that_is_gone(tmp_path: Path):
     owners = {"gone": gone, "live": owner_id(), "remote": f"another-host {gone.split(' ', 1)[1]}"}
     unfinished = []  # entered, never left (kept referenced: a collected one would end its run KILLED)
     for run_name, owner in owners.items():
-        lineage.open_pipeline_run(uri, experiment, run_name, recipe)
-        lineage.set_pipeline_tags(uri, experiment, run_name, {lineage.TAG_OWNER: owner})
-        unfinished.append(lineage.stage_run(uri, experiment, run_name, "cpt", recipe))
+        lineage.Lineage(uri, experiment).open_pipeline_run(run_name, recipe)
+        lineage.Lineage(uri, experiment).set_pipeline_tags(run_name, {lineage.TAG_OWNER: owner})
+        unfinished.append(lineage.Lineage(uri, experiment).stage_run(run_name, "cpt", recipe))
         unfinished[-1].__enter__()
 
     _end_abandoned_runs(recipe)
 
     for run_name in owners:
-        [cpt] = lineage.pipeline_status(uri, experiment, run_name)
+        [cpt] = lineage.pipeline_status(lineage.Lineage(uri, experiment), run_name)
         if run_name == "gone":
             assert (cpt["state"], cpt["pipeline_state"]) == ("FAILED", "FAILED")
             assert cpt["error"] == f"abandoned: the `nemoforge run` that ran it (pid {gone.split()[-2]}) is gone"

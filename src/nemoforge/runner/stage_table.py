@@ -76,7 +76,9 @@ STAGE_TABLE: dict[str, StageEntry] = {
         StageEntry("cpt", "nemoforge.stages.cpt", trains=True),
         StageEntry("sft", "nemoforge.stages.sft", trains=True, reads_reasoning_data=True),
         StageEntry("rl", "nemoforge.stages.rl", trains=True, reads_reasoning_data=True),
-        StageEntry("eval", "nemoforge.stages.eval", reads_reasoning_data=True, output=register_evaluated_model),
+        StageEntry(
+            "eval", "nemoforge.stages.eval", reads_reasoning_data=True, output=register_evaluated_model
+        ),
         StageEntry("serve", "nemoforge.stages.serve", output=_serve_output),
     )
 }

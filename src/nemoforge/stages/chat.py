@@ -42,7 +42,12 @@ def generate_chats(
 
 
 def toggle_compliance(
-    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
 ) -> tuple[dict[str, float], list[dict[str, str]]]:
     """Share of greedy replies that follow their mode (:func:`~nemoforge.data.reasoning.toggle_compliant`).
 
