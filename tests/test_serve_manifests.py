@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nemoforge.cli import main
 from nemoforge.config import load_recipe
 from nemoforge.errors import NemoforgeError
 from nemoforge.serving import manifests
+from nemoforge_cli.main import main
 
 pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
 
@@ -140,7 +140,7 @@ def test_cli_emits_kserve_for_a_registry_alias(tmp_path, validator):
     from nemoforge import lineage
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    lineage.register_model(tracking_uri, "smollm2-135m-child", MODEL_URI, aliases=["champion"])
+    lineage.Registry(tracking_uri).register_model("smollm2-135m-child", MODEL_URI, aliases=["champion"])
     out = tmp_path / "isvc.yaml"
     argv = ["serve", "models:/smollm2-135m-child@champion", "--emit", "kserve", "-o", str(out),
             "--tracking-uri", tracking_uri] + [a for o in GPU_OVERRIDES for a in ("--set", o)]  # fmt: skip

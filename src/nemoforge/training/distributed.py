@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from nemoforge.config import TrainConfig
 from nemoforge.errors import NemoforgeError
+from nemoforge.runtime import no_progress
 from nemoforge.training.flops import mfu, peak_flops_per_s
 from nemoforge.training.loop import (
     BatchFn,
@@ -62,7 +63,6 @@ from nemoforge.training.loop import (
     uses_bf16_autocast,
 )
 from nemoforge.training.perf import training_features
-from nemoforge.training.runtime import no_progress
 
 ENGINE_ENV = "NEMOFORGE_DISTRIBUTED_ENGINE"
 """``auto`` (default: DeepSpeed when importable and CUDA is present, else DDP), ``ddp`` or ``deepspeed``."""

@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 
 from nemoforge.config import TrainConfig
 from nemoforge.errors import NemoforgeError
+from nemoforge.runtime import no_progress
 from nemoforge.training.flops import mfu, peak_flops_per_s
 from nemoforge.training.perf import training_features
-from nemoforge.training.runtime import no_progress
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 """``loss_fn(model, input_ids_BT) -> (scalar loss to minimize, extra metrics to log, e.g. loss parts)``."""

@@ -52,9 +52,11 @@ from nemoforge.data.reasoning import (
     toggle_compliant,
 )
 from nemoforge.errors import NemoforgeError
+from nemoforge.models.generate import left_pad, pad_id
 from nemoforge.rewards import accuracy_reward
+from nemoforge.runtime import compute_device
+from nemoforge.stages.chat import generate_chats
 from nemoforge.stages.eval.gate import champion_baseline, promotion_gate
-from nemoforge.stages.eval.generation import generate_chats, left_pad, pad_id
 from nemoforge.stages.eval.heldout import next_token_scores
 from nemoforge.stages.eval.ifeval import (
     IFEvalPrompt,
@@ -65,6 +67,7 @@ from nemoforge.stages.eval.ifeval import (
 )
 from nemoforge.stages.eval.speed import DecodeTiming, time_decode_round_robin
 from nemoforge.stages.result import DatasetRef, StageResult
+from nemoforge.stages.training import uri_under
 from nemoforge.stats import (
     Tally,
     clustered_mean_interval,
@@ -74,8 +77,6 @@ from nemoforge.stats import (
     ratio,
 )
 from nemoforge.training.losses import kl_div_BT
-from nemoforge.training.runtime import compute_device
-from nemoforge.training.stage import uri_under
 
 TABLE_METRICS = (
     "math_pass1_on", "math_pass1_off", "toggle_on", "toggle_off", "ifeval_prompt_strict", "ifeval_instruction_strict",

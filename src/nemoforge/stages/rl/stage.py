@@ -57,15 +57,14 @@ from nemoforge.data.reasoning import (
     sft_samples,
 )
 from nemoforge.errors import NemoforgeError
+from nemoforge.models.generate import generate_ids, pad_id
 from nemoforge.rewards import combined_rewards
-from nemoforge.stages.eval.generation import generate_chats, generate_ids, pad_id
+from nemoforge.runtime import compute_device
+from nemoforge.stages.chat import generate_chats
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stages.rl.losses import clipped_policy_loss, dpo_loss, group_advantages, token_logps
 from nemoforge.stages.rl.rollout import GENERATE_TAG, VLLMRollouts, resolve_engine
-from nemoforge.stats import paired_mean_difference
-from nemoforge.training.loop import LogFn, epoch_batches, train
-from nemoforge.training.runtime import compute_device
-from nemoforge.training.stage import (
+from nemoforge.stages.training import (
     checkpoint_uploader,
     fetch_latest_checkpoint,
     plot_history,
@@ -73,6 +72,8 @@ from nemoforge.training.stage import (
     round_to_dtype,
     uri_under,
 )
+from nemoforge.stats import paired_mean_difference
+from nemoforge.training.loop import LogFn, epoch_batches, train
 
 Problem = tuple[str, str, Reasoning]
 """``(question, reference answer, reasoning mode)``."""

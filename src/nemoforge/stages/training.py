@@ -1,4 +1,4 @@
-"""What the training stages (distill, cpt) share around :func:`~nemoforge.training.loop.train`.
+"""What the training stages (distill, cpt; sft and rl in part) share around :func:`~nemoforge.training.loop.train`.
 
 :func:`run_training_stage` is a stage's whole body except its loss: fetch the corpus and the model,
 score the held-out rows before, restore the newest checkpoint from the store, train (uploading each
@@ -25,13 +25,13 @@ from nemoforge.artifacts import ArtifactStore, digest_path
 from nemoforge.config import CorpusTrainConfig, Recipe
 from nemoforge.data.corpus import load_corpus
 from nemoforge.data.packing import token_digest
+from nemoforge.runtime import compute_device
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stats import paired_mean_difference
 from nemoforge.training.evaluate import heldout_means, heldout_row_scores
 from nemoforge.training.flops import training_flops_per_token
 from nemoforge.training.loop import LogFn, LossFn, TrainState, epoch_batches, is_complete_checkpoint, train
 from nemoforge.training.perf import mask_packed_documents
-from nemoforge.training.runtime import compute_device
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _STEP_URI = re.compile(r"/step-(\d+)/")
