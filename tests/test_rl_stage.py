@@ -89,7 +89,7 @@ def test_round_to_dtype_makes_the_export_lossless(tiny_llama_dir: Path):
     import torch
 
     from nemoforge.models.convert import load_causal_lm
-    from nemoforge.training.stage import round_to_dtype
+    from nemoforge.stages.training import round_to_dtype
 
     model = load_causal_lm(tiny_llama_dir, dtype=torch.float32)
     with torch.no_grad():

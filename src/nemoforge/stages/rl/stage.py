@@ -25,7 +25,7 @@ used is the stage run's ``rollout_engine`` tag. Held-out reward and pass-rate fi
 ``generate``.
 Prompts whose pass rate (over ``filter_samples`` samples) is at least ``filter_max_pass_rate`` are
 dropped first (LN §5). The held-out "after" figures score the weights as exported (rounded to the recipe's
-dtype: :func:`~nemoforge.training.stage.round_to_dtype`), as "before" scores sft's export. Written under ``output_uri``: ``checkpoints/step-N/``,
+dtype: :func:`~nemoforge.stages.training.round_to_dtype`), as "before" scores sft's export. Written under ``output_uri``: ``checkpoints/step-N/``,
 ``checkpoints-preference/step-N/``, ``model/``, ``plots/``, ``samples/heldout_{before,after}.json``.
 
 Shape legend: ``B`` prompts, ``G`` generations per prompt, ``N = B * G`` sequences, ``T`` tokens.
