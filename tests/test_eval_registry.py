@@ -22,8 +22,7 @@ def _result(tmp_path: Path, model_dir: Path, name: str, gate: str, pass1: float)
 def test_register_moves_champion_only_when_the_gate_passed(tiny_llama_dir: Path, tmp_path: Path):
     from mlflow import MlflowClient
 
-    from nemoforge.runner.register import register_evaluated_model
-    from nemoforge.stages.eval.stage import champion_uri
+    from nemoforge.runner.register import champion_record, register_evaluated_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     recipe = Recipe(name="test", tracking={"mlflow_uri": uri}, storage={"artifact_root": str(tmp_path / "store")})
@@ -43,13 +42,15 @@ def test_register_moves_champion_only_when_the_gate_passed(tiny_llama_dir: Path,
     tags = client.get_model_version(name, "2").tags
     assert tags["nemoforge.gate"] == "failed" and tags["nemoforge.pipeline_run"] == "run-2"
     assert tags["nemoforge.upstream.model"] == "/m/rl" and tags["nemoforge.metric.math_pass1_on"] == "0.1"
+    assert tags["nemoforge.eval_settings"] == "settings-of-run-2"
 
-    from nemoforge.artifacts import open_store
-
-    store = open_store(str(tmp_path / "store"))
-    record = store.read_json(champion_uri(store, name))  # the failed run-2 left the champion where it was
-    assert record["version"] == 1 and record["model_uri"] == str(tiny_llama_dir)
-    assert record["eval_settings"] == "settings-of-run-1" and record["metrics"]["math_pass1_on"] == 0.5
+    # the registry is the champion's one record: the failed run-2 left it where it was
+    record = champion_record(recipe)
+    assert record == {
+        "version": 1, "model_uri": str(tiny_llama_dir.resolve()),
+        "metrics": {"math_pass1_on": 0.5, "decode_tokens_per_s": 10.0}, "eval_settings": "settings-of-run-1",
+    }
+    assert not (tmp_path / "store" / "registry").exists()  # no second record in the store
 
 
 def test_status_names_every_failed_gate_criterion(tmp_path: Path, capsys):

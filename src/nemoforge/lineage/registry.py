@@ -81,14 +81,21 @@ class Registry:
 
     def aliased_version(self, name: str, alias: str) -> tuple[int, dict[str, str]] | None:
         """The version that ``alias`` of registered model ``name`` points at and its tags; None when there is none."""
-        client = self.client
+        found = self.aliased_source(name, alias)
+        return None if found is None else (found[0], found[2])
+
+    def aliased_source(self, name: str, alias: str) -> tuple[int, str, dict[str, str]] | None:
+        """``(version, source, tags)`` of the version that ``alias`` of ``name`` points at; None when there is none.
+
+        ``source`` is the model URI the version was registered from (:meth:`register_model`).
+        """
         try:
-            version = client.get_model_version_by_alias(name, alias)
+            version = self.client.get_model_version_by_alias(name, alias)
         except MlflowException as err:
             if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
                 return None
             raise
-        return int(version.version), dict(version.tags)
+        return int(version.version), version.source, dict(version.tags)
 
     def registered_model_source(self, uri: str) -> str:
         """The store URI behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the version's source).

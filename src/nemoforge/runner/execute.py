@@ -143,7 +143,8 @@ def execute_stage(
             if on_output is not None:
                 on_output(output_uri)
             live = {"on_log": tracker.log_metrics} if spec.trains else {}
-            result = spec.run_fn()(recipe, **input_uris, output_uri=output_uri, store=store, **live)
+            context = spec.context(recipe) if spec.context else {}
+            result = spec.run_fn()(recipe, **input_uris, output_uri=output_uri, store=store, **live, **context)
             store.write_json(f"{output_uri.rstrip('/')}/result.json", result_to_json(result))
             index.write(state="done", output_uri=output_uri, result=result_to_json(result))
         tracker.log_result(result)
@@ -158,8 +159,9 @@ def join_stage(stage: str, recipe: Recipe, inputs: dict[str, Ref], output_uri: s
     :mod:`nemoforge.training.distributed`).
     """
     input_uris = {f"{name}_uri": ref["uri"] for name, ref in inputs.items()}
-    run = stage_entry(stage).run_fn()
-    return run(recipe, **input_uris, output_uri=output_uri, store=store_for(recipe))
+    spec = stage_entry(stage)
+    context = spec.context(recipe) if spec.context else {}
+    return spec.run_fn()(recipe, **input_uris, output_uri=output_uri, store=store_for(recipe), **context)
 
 
 def run_step(step: str, recipe: Recipe, run_name: str | None, inputs: dict[str, Ref]) -> Ref:

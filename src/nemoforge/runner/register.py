@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from nemoforge.config import Recipe
 from nemoforge.runner.index import Ref, model_ref, store_for
 from nemoforge.stages.result import StageResult
+
+TAG_METRIC = "nemoforge.metric."
+"""Prefix of a registered version's eval metric tags (values as Python float reprs: exact)."""
+TAG_EVAL_SETTINGS = "nemoforge.eval_settings"
+"""A registered version's tag: the digest of the eval settings its metrics were measured under."""
 
 
 def register_evaluated_model(
@@ -14,8 +21,8 @@ def register_evaluated_model(
 
     The eval stage decided the gate (tags ``gate``, ``gate_checks``); this records it: a new version of
     ``recipe.model.name`` tagged with the pipeline run, the upstream model and parent, the gate and the eval
-    metrics. On promotion the champion's record (version, model URI, metrics, and the digest of the eval settings
-    they were measured under) is written to the store, where the next eval's gate reads it.
+    metrics (full precision) and the digest of the eval settings they were measured under: the registry is
+    the one record of the champion, which the next eval's gate reads (:func:`champion_record`).
     A failed gate is an outcome (the version stays ``challenger``), not an error. Registration happens once
     per eval output: a reused eval result returns its earlier record.
 
@@ -23,7 +30,6 @@ def register_evaluated_model(
         The model reference extended with ``registered_name``, ``version``, ``aliases``, ``gate``.
     """
     from nemoforge import lineage
-    from nemoforge.stages.eval.stage import champion_uri
 
     store = store_for(recipe)
     record_uri = result.outputs["registration"]
@@ -38,7 +44,8 @@ def register_evaluated_model(
         "nemoforge.upstream.model": inputs["model"]["uri"],
         "nemoforge.upstream.model_sha256": inputs["model"]["digest"],
         "nemoforge.upstream.parent": inputs["parent"]["uri"],
-        **{f"nemoforge.metric.{k}": f"{v:.6g}" for k, v in result.metrics.items()},
+        TAG_EVAL_SETTINGS: result.tags.get("eval_settings", ""),
+        **{f"{TAG_METRIC}{k}": repr(float(v)) for k, v in result.metrics.items()},
     }
     # the pipeline run's input digests (check_inputs_step): what the next scheduled run compares with
     run_tags = lineage.Lineage.for_recipe(recipe).pipeline_run_tags(run_name)
@@ -51,13 +58,34 @@ def register_evaluated_model(
         "aliases": aliases,
         "gate": tags["nemoforge.gate"],
     }
-    if passed:
-        champion = {
-            "version": version,
-            "model_uri": result.outputs["model"],
-            "metrics": result.metrics,
-            "eval_settings": result.tags.get("eval_settings"),
-        }
-        store.write_json(champion_uri(store, recipe.model.name), champion | {"pipeline_run": run_name})
     store.write_json(record_uri, record)
     return model_ref(result, **record)
+
+
+def champion_record(recipe: Recipe) -> dict[str, Any] | None:
+    """The current champion of ``recipe.model.name`` as the eval gate compares with it; None when there is none.
+
+    Read from the MLflow registry, the one record of the champion: the version alias ``champion`` points at,
+    its source (the model URI), its eval metrics and the digest of the eval settings they were measured under
+    (its tags, :func:`register_evaluated_model`).
+
+    Returns:
+        ``{"version", "model_uri", "metrics", "eval_settings"}`` (``eval_settings`` None when not recorded).
+    """
+    from nemoforge import lineage
+
+    found = lineage.Registry(recipe.tracking.mlflow_uri).aliased_source(recipe.model.name, "champion")
+    if found is None:
+        return None
+    version, source, tags = found
+    return {
+        "version": version,
+        "model_uri": source,
+        "metrics": {k.removeprefix(TAG_METRIC): float(v) for k, v in tags.items() if k.startswith(TAG_METRIC)},
+        "eval_settings": tags.get(TAG_EVAL_SETTINGS) or None,
+    }
+
+
+def champion_inputs(recipe: Recipe) -> dict[str, Any]:
+    """eval's keyword arguments from the registry: ``champion`` (:func:`champion_record`)."""
+    return {"champion": champion_record(recipe)}

@@ -14,7 +14,7 @@ from typing import Any
 
 from nemoforge.config import Recipe
 from nemoforge.runner.index import Ref, model_ref, step_key
-from nemoforge.runner.register import register_evaluated_model
+from nemoforge.runner.register import champion_inputs, register_evaluated_model
 from nemoforge.stages.result import StageResult
 
 OutputRef = Callable[[Recipe, str, StageResult, dict[str, Ref]], Ref]
@@ -43,6 +43,8 @@ class StageEntry:
         reads_reasoning_data: its key also covers ``data`` (``data.sft_uri``, ``data.math_eval_uri``,
             ``data.preference_uri``, ...), the seed and sft's section (the held-out split it re-derives).
         output: what its task outputs (default: the model reference; eval registers the model first).
+        context: keyword arguments of its ``run()`` that the runner looks up when the stage runs (eval: the
+            current champion, from the MLflow registry), so the stage itself stays free of MLflow.
     """
 
     name: str
@@ -50,6 +52,7 @@ class StageEntry:
     trains: bool = False
     reads_reasoning_data: bool = False
     output: OutputRef = _model_output
+    context: Callable[[Recipe], dict[str, Any]] | None = None
 
     def run_fn(self) -> Callable[..., StageResult]:
         """The stage's ``run()`` (its module is imported now)."""
@@ -77,7 +80,8 @@ STAGE_TABLE: dict[str, StageEntry] = {
         StageEntry("sft", "nemoforge.stages.sft", trains=True, reads_reasoning_data=True),
         StageEntry("rl", "nemoforge.stages.rl", trains=True, reads_reasoning_data=True),
         StageEntry(
-            "eval", "nemoforge.stages.eval", reads_reasoning_data=True, output=register_evaluated_model
+            "eval", "nemoforge.stages.eval", reads_reasoning_data=True, output=register_evaluated_model,
+            context=champion_inputs,
         ),
         StageEntry("serve", "nemoforge.stages.serve", output=_serve_output),
     )
