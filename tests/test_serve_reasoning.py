@@ -13,25 +13,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
+from conftest import vllm_processes
 
 from nemoforge.serving.server import free_port
 from nemoforge.serving.think import PARSER_NAME, split_think
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _needs_vllm():
-    from nemoforge.errors import NemoforgeError
-    from nemoforge.serving.engine import vllm_version
-
-    try:
-        vllm_version()
-    except NemoforgeError as err:
-        pytest.skip(str(err))
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("needs_vllm")]
 
 
 REPLIES = [
@@ -179,11 +168,4 @@ def test_openai_client_reads_reasoning_and_content_from_nemoforge_serve(smollm2_
                 cli.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 cli.kill()
-    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if f"--port {port}".encode() in _read(p)]
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes().replace(b"\0", b" ")
-    except OSError:
-        return b""
+    assert vllm_processes(f"--port {port}") == []

@@ -1,9 +1,10 @@
 """Split a reply into reasoning and answer by the text of its think tags, streamed or whole (LN §3 toggle).
 
 A Llama-Nemotron reply in "detailed thinking on" mode opens with ``<think>…</think>`` and then answers; in
-"off" mode it answers directly. vLLM's token-based reasoning parsers (``deepseek_r1``, ``qwen3``) need
-``<think>``/``</think>`` as single tokens of the vocabulary and treat a reply without ``</think>`` as all
-reasoning; SmolLM2's tokenizer spells the tags in several tokens. This module decides on the **text**:
+"off" mode it answers directly. Of vLLM 0.32's parsers, ``deepseek_r1`` needs ``<think>``/``</think>`` as
+single tokens of the vocabulary (SmolLM2's tokenizer spells them in several) and ``qwen3`` treats a reply
+without ``</think>`` as all reasoning (an "off" answer arrives with ``content: null``; docs/serving.md).
+This module decides on the **text**:
 
 - a reply whose first non-blank characters are ``<think>``: the text inside the block is reasoning, the
   text after ``</think>`` is the answer, verbatim (vLLM's convention: the newline after the tag stays);
@@ -15,8 +16,8 @@ reasoning; SmolLM2's tokenizer spells the tags in several tokens. This module de
 While streaming, text that may still turn into a tag (a leading ``<th``, a trailing ``</thi``, blanks
 before the first tag) is held back until the next characters decide it; everything else is sent at
 once. :func:`split_think` with ``final=False`` returns only what can be sent, so two calls on successive
-texts differ by a delta to send (:func:`think_delta`), and the deltas of a stream add up to the
-``final=True`` split of the whole reply. Standard library only: vLLM's plugin
+texts differ by a delta to send (:func:`think_delta`), and the deltas of a stream, with what was still held
+back at its end, add up to the ``final=True`` split of the whole reply. Standard library only: vLLM's plugin
 (:mod:`nemoforge.serving.vllm_reasoning`) and the tests import it without each other.
 """
 
