@@ -73,7 +73,8 @@ except Exception as err:
 known = ReasoningParserManager.list_registered()
 if name in known:
     try:
-        ReasoningParserManager.get_reasoning_parser(name)(AutoTokenizer.from_pretrained(tokenizer_dir))
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)  # None asks [y/N]
+        ReasoningParserManager.get_reasoning_parser(name)(tokenizer)
     except Exception as err:
         error = f"{type(err).__name__}: {err}"
 print(json.dumps({"known": known, "error": error, "plugin_error": plugin_error}))
@@ -89,6 +90,9 @@ def check_reasoning_parser(name: str, tokenizer_dir: str) -> None:
     importing nemoforge's plugin (:data:`~nemoforge.serving.think.PARSER_NAME`, which starts with any
     tokenizer: it reads the tags in the text).
 
+    The tokenizer is loaded without running the checkpoint's Python files (a nemotron-nas export's tokenizer
+    is a plain one; with ``trust_remote_code`` unset transformers would stop at an interactive prompt).
+
     Raises:
         RecipeError: the parser is unknown (the message lists vLLM's) or cannot start with the tokenizer of
             ``tokenizer_dir`` (vLLM's reason).
@@ -98,7 +102,7 @@ def check_reasoning_parser(name: str, tokenizer_dir: str) -> None:
 
     proc = subprocess.run(
         [vllm_python(), "-c", _PARSER_PROBE, name, tokenizer_dir, PARSER_PLUGIN],
-        capture_output=True, text=True, env=vllm_env(), timeout=300,
+        capture_output=True, text=True, env=vllm_env(), timeout=300, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
