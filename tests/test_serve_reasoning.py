@@ -63,6 +63,13 @@ def test_vllm_stream_wrapper_gives_the_whole_reply_split(smollm2_dir):
             for field in streamed:
                 streamed[field] += (getattr(msg, field, None) or "") if msg else ""
         assert streamed == {"reasoning": want_reasoning or "", "content": want_content or ""}, reply
+    # usage.completion_tokens_details.reasoning_tokens: the tokens through the one that completes "</think>"
+    reasoner = parser_cls(tokenizer, None).reasoning_parser
+    ids = tokenizer.encode(REPLIES[0], add_special_tokens=False)
+    num = reasoner.count_reasoning_tokens(ids)
+    assert "</think>" in tokenizer.decode(ids[:num]) and "</think>" not in tokenizer.decode(ids[: num - 1])
+    assert tokenizer.decode(reasoner.extract_content_ids(ids)) == "\nThe answer is 19."
+    assert reasoner.count_reasoning_tokens(tokenizer.encode("The answer is 19.", add_special_tokens=False)) == 0
 
 
 # Two worked examples teach the 135M parent the format; greedy decoding follows it (checked in fp32).

@@ -35,7 +35,7 @@ from nemoforge.serving.think import (
     think_delta,
 )
 
-_TAG_WINDOW_TOKENS = 16  # more than any tokenizer spends on "</think>" (SmolLM2: 4 tokens)
+_TAG_WINDOW_TOKENS = 16  # more than any tokenizer spends on "</think>" (SmolLM2: 3 tokens)
 
 
 class ThinkTextReasoningParser(ReasoningParser):
