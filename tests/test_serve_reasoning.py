@@ -69,7 +69,9 @@ def test_vllm_stream_wrapper_gives_the_whole_reply_split(smollm2_dir):
     num = reasoner.count_reasoning_tokens(ids)
     assert "</think>" in tokenizer.decode(ids[:num]) and "</think>" not in tokenizer.decode(ids[: num - 1])
     assert tokenizer.decode(reasoner.extract_content_ids(ids)) == "\nThe answer is 19."
-    assert reasoner.count_reasoning_tokens(tokenizer.encode("The answer is 19.", add_special_tokens=False)) == 0
+    assert (
+        reasoner.count_reasoning_tokens(tokenizer.encode("The answer is 19.", add_special_tokens=False)) == 0
+    )
 
 
 # Two worked examples teach the 135M parent the format; greedy decoding follows it (checked in fp32).
@@ -146,7 +148,10 @@ def test_openai_client_reads_reasoning_and_content_from_nemoforge_serve(smollm2_
             if c.choices
         ]
         cut_message = cut.choices[0].message
-        replies["cut"] = {"reasoning": (cut_message.model_extra or {}).get("reasoning"), "content": cut_message.content}
+        replies["cut"] = {
+            "reasoning": (cut_message.model_extra or {}).get("reasoning"),
+            "content": cut_message.content,
+        }
         print(json.dumps(replies, indent=1))  # what docs/serving.md quotes
         on, off = replies["on"], replies["off"]
         assert on["reasoning"] and "7" in on["reasoning"] and "<think>" not in on["reasoning"]
