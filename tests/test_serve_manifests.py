@@ -170,3 +170,14 @@ def test_cli_serve_from_a_workdir_without_registry_creates_nothing(tmp_path, cap
     assert code == 2 and len(err) == 1
     assert "no registry under --workdir" in err[0] and "nemoforge run" in err[0]
     assert list(workdir.iterdir()) == []
+
+
+def test_the_default_reasoning_parser_comes_with_its_plugin():
+    """nemoforge_think (the default) is a plugin: both manifests load it from the serve image's nemoforge."""
+    recipe = load_recipe("smollm2-135m-demo", [o for o in GPU_OVERRIDES if "reasoning_parser" not in o])
+    assert manifests.vllm_args(recipe, style="vllm")[-3:-1] == [
+        "--reasoning-parser=nemoforge_think",
+        "--reasoning-parser-plugin=nemoforge.serving.vllm_reasoning",
+    ]
+    isvc = manifests.inferenceservice(recipe, MODEL_URI, image=IMAGE)
+    assert "--reasoning_parser_plugin=nemoforge.serving.vllm_reasoning" in isvc["spec"]["predictor"]["model"]["args"]

@@ -16,36 +16,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import vllm_processes
 
 from nemoforge.config import load_recipe
 from nemoforge.serving.server import ServeError, VLLMServer, free_port
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _needs_vllm():
-    from nemoforge.errors import NemoforgeError
-    from nemoforge.serving.engine import vllm_version
-
-    try:
-        vllm_version()
-    except NemoforgeError as err:
-        pytest.skip(str(err))
-
-
-def vllm_processes(marker: str) -> list[str]:
-    """Live (non-zombie) processes whose command line contains ``marker``."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if marker in cmdline and state != "Z" and int(proc.name) != os.getpid():
-            found.append(f"{proc.name} {cmdline[:120]}")
-    return found
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("needs_vllm")]
 
 
 def _prompts(model_dir: Path) -> list[list[int]]:

@@ -481,9 +481,11 @@ class ServeConfig(_Section):
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one server shards the model over.")
     reasoning_parser: str | None = Field(
-        None,
-        description="vLLM --reasoning-parser (e.g. deepseek_r1); None: the client splits <think>...</think> "
-        "out of the answer itself (the deepseek_r1 parser calls an untagged answer reasoning).",
+        "nemoforge_think",
+        description="vLLM --reasoning-parser: the reply's think block goes to the API's reasoning field, the "
+        "answer to content. nemoforge_think (default) reads <think>...</think> as text (nemoforge's plugin; an "
+        "untagged 'off' reply is all content); deepseek_r1 needs the tags as single tokens, qwen3 calls an "
+        "untagged reply reasoning (docs/serving.md); None: no parser, the tags stay in content.",
     )
     served_model_name: str | None = Field(None, description="Model name of the API (None: model.name).")
     prompt: str = Field("What is 12 + 7? Answer briefly.", description="User message sent once per reasoning mode.")
