@@ -98,7 +98,7 @@ def test_openai_client_reads_reasoning_and_content_from_nemoforge_serve(smollm2_
     err_path = tmp_path / "cli.err"
     with err_path.open("w") as err:
         cli = subprocess.Popen(
-            [sys.executable, "-m", "nemoforge.cli", "serve", str(smollm2_dir), "--port", str(port),
+            [sys.executable, "-m", "nemoforge_cli", "serve", str(smollm2_dir), "--port", str(port),
              "--workdir", str(tmp_path), "--set", "serve.max_model_len=1024", "--set", "serve.dtype=float32"],
             stderr=err, text=True,
         )  # fmt: skip
