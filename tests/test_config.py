@@ -127,3 +127,9 @@ def test_gpu_recipe_meets_the_gpu_proof_sizes():
     assert gate.min_speedup >= 1.5 and gate.min_retention["lm_top1"] >= 0.95
     assert min(gate.min_toggle_on, gate.min_toggle_off) >= 0.95
     assert all(getattr(recipe.resources, s).gpu_count == 1 for s in recipe.enabled_stages())
+
+
+def test_preference_pass_without_its_data_fails_at_validation():
+    with pytest.raises(RecipeError, match=r"rl.preference.enabled needs data.preference_uri .* set it, or set"):
+        load_recipe("smollm2-135m-demo", ["rl.preference.enabled=true"])
+    load_recipe("smollm2-135m-demo", ["rl.preference.enabled=true", "rl.enabled=false"])  # rl off: nothing to check

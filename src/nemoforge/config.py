@@ -686,6 +686,15 @@ class Recipe(_Section):
     storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")
+    def _check_preference_data(self) -> Recipe:
+        if self.rl.enabled and self.rl.preference.enabled and self.data.preference_uri is None:
+            raise ValueError(
+                "rl.preference.enabled needs data.preference_uri (JSONL with prompt/chosen/rejected): set it, or "
+                "set rl.preference.enabled=false"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_no_credentials(self) -> Recipe:
         # The recipe is logged to MLflow (recipe.json, params), printed in every task log and compiled into
         # the pipeline YAML and TrainJob manifests: a secret in it would land in all of them.

@@ -458,7 +458,7 @@ def run(
 
     Raises:
         InputNotFoundError: an input URI does not exist.
-        NemoforgeError: not enough prompts, no preference data while enabled, or training diverged.
+        NemoforgeError: not enough prompts, or training diverged.
     """
     from transformers import AutoTokenizer
 
@@ -473,8 +473,6 @@ def run(
     ref_model = None
     if cfg.beta > 0 or cfg.preference.enabled:
         ref_model = load_causal_lm(model_dir, dtype=torch.float32).to(device).eval().requires_grad_(False)
-    if cfg.preference.enabled and recipe.data.preference_uri is None:
-        raise NemoforgeError("rl.preference.enabled needs data.preference_uri (JSONL with chosen/rejected)")
 
     train_problems, heldout_problems, source = rl_problems(recipe, store)
     torch.manual_seed(cfg.seed)
