@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from nemoforge.artifacts import ArtifactStore, digest_path
+from nemoforge.artifacts import ArtifactStore, digest_path, join_uri
 from nemoforge.config import CorpusTrainConfig, Recipe
 from nemoforge.data.corpus import load_corpus
 from nemoforge.data.packing import token_digest
-from nemoforge.runtime import compute_device
+from nemoforge.runtime import compute_device, recipe_dtype
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stats import paired_mean_difference
 from nemoforge.training.evaluate import heldout_means, heldout_row_scores
@@ -33,13 +33,7 @@ from nemoforge.training.flops import training_flops_per_token
 from nemoforge.training.loop import LogFn, LossFn, TrainState, epoch_batches, is_complete_checkpoint, train
 from nemoforge.training.perf import mask_packed_documents
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _STEP_URI = re.compile(r"/step-(\d+)/")
-
-
-def recipe_dtype(recipe: Recipe) -> torch.dtype:
-    """``recipe.dtype`` as a torch dtype (inference, teacher and export dtype)."""
-    return _DTYPES[recipe.dtype]
 
 
 def round_to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -62,11 +56,6 @@ def load_teacher(model_dir: Path, *, dtype: torch.dtype, device: torch.device) -
     return load_causal_lm(model_dir, dtype=dtype).to(device).eval().requires_grad_(False)
 
 
-def uri_under(uri: str, *parts: str) -> str:
-    """``uri/part/...`` for any store URI (local path or ``s3://``), without touching pathlib."""
-    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
-
-
 def fetch_latest_checkpoint(store: ArtifactStore, checkpoints_uri: str, local_dir: Path) -> int:
     """Copy the newest complete ``step-N`` checkpoint under ``checkpoints_uri`` into ``local_dir``.
 
@@ -77,7 +66,7 @@ def fetch_latest_checkpoint(store: ArtifactStore, checkpoints_uri: str, local_di
         N of the copied checkpoint, 0 when there is none.
     """
     for step in reversed(stored_steps(store, checkpoints_uri)):
-        source = store.fetch(uri_under(checkpoints_uri, f"step-{step}"))
+        source = store.fetch(join_uri(checkpoints_uri, f"step-{step}"))
         if is_complete_checkpoint(source):
             local_dir.mkdir(parents=True, exist_ok=True)
             shutil.copytree(source, local_dir / f"step-{step}", dirs_exist_ok=True)
@@ -107,11 +96,11 @@ def checkpoint_uploader(store: ArtifactStore, checkpoints_uri: str, keep: int) -
     """
 
     def upload(path: Path) -> None:
-        store.put(path, uri_under(checkpoints_uri, path.name))
+        store.put(path, join_uri(checkpoints_uri, path.name))
         newest = int(path.name.removeprefix("step-"))
         # a higher step-M/ is a half-uploaded leftover of an earlier attempt: never counted, later overwritten
         for step in [s for s in stored_steps(store, checkpoints_uri) if s <= newest][:-keep]:
-            store.delete(uri_under(checkpoints_uri, f"step-{step}"))
+            store.delete(join_uri(checkpoints_uri, f"step-{step}"))
 
     return upload
 
@@ -225,7 +214,7 @@ def run_training_stage(
         masks = [mask_packed_documents(m, tokenizer.eos_token_id) for m in (model, teacher) if m is not None]
     before = heldout_row_scores(model, heldout_NT, batch_size=cfg.batch_size, teacher=teacher)
 
-    checkpoints_uri = uri_under(output_uri, "checkpoints")
+    checkpoints_uri = join_uri(output_uri, "checkpoints")
     with tempfile.TemporaryDirectory(prefix=f"nemoforge-{stage}-") as tmp:
         work = Path(tmp)
         fetch_latest_checkpoint(store, checkpoints_uri, work / "checkpoints")
@@ -248,11 +237,11 @@ def run_training_stage(
         for handle in masks:
             handle.remove()
 
-        model_out_uri = uri_under(output_uri, "model")
+        model_out_uri = join_uri(output_uri, "model")
         export_dir = export_checkpoint(model.to(recipe_dtype(recipe)), tokenizer, work / "model")
         model_digest = digest_path(export_dir)
         store.put(export_dir, model_out_uri)
-        plot_uri = uri_under(output_uri, "plots", "loss_curve.png")
+        plot_uri = join_uri(output_uri, "plots", "loss_curve.png")
         store.put(plot_history(state.history, work / "loss_curve.png", f"{stage}: training loss"), plot_uri)
 
     num_params = sum(p.numel() for p in model.parameters())

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from nemoforge.artifacts import ArtifactStore, digest_path
+from nemoforge.artifacts import ArtifactStore, digest_path, join_uri
 from nemoforge.config import Recipe, RLConfig
 from nemoforge.data.reasoning import (
     ChatSample,
@@ -59,7 +59,7 @@ from nemoforge.data.reasoning import (
 from nemoforge.errors import NemoforgeError
 from nemoforge.models.generate import generate_ids, pad_id
 from nemoforge.rewards import combined_rewards
-from nemoforge.runtime import compute_device
+from nemoforge.runtime import compute_device, recipe_dtype
 from nemoforge.stages.chat import generate_chats
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stages.rl.losses import clipped_policy_loss, dpo_loss, group_advantages, token_logps
@@ -68,9 +68,7 @@ from nemoforge.stages.training import (
     checkpoint_uploader,
     fetch_latest_checkpoint,
     plot_history,
-    recipe_dtype,
     round_to_dtype,
-    uri_under,
 )
 from nemoforge.stats import paired_mean_difference
 from nemoforge.training.loop import LogFn, epoch_batches, train
@@ -482,8 +480,8 @@ def run(
     sampled_before = heldout_sampled_accuracy(model, tokenizer, heldout_problems, cfg) if cfg.heldout_samples else []
     kept, pass_rate = filter_by_pass_rate(model, tokenizer, train_problems, cfg)
 
-    checkpoints_uri = uri_under(output_uri, "checkpoints")
-    pref_checkpoints_uri = uri_under(output_uri, "checkpoints-preference")
+    checkpoints_uri = join_uri(output_uri, "checkpoints")
+    pref_checkpoints_uri = join_uri(output_uri, "checkpoints-preference")
     history: dict[str, list[tuple[int, float]]] = {}
     metrics: dict[str, float] = {}
     engine = resolve_engine(cfg.rollout_engine)
@@ -558,23 +556,23 @@ def run(
         sampled = {"before": sampled_before}
         if cfg.heldout_samples:
             sampled["after"] = heldout_sampled_accuracy(model, tokenizer, heldout_problems, cfg)
-        model_out_uri = uri_under(output_uri, "model")
+        model_out_uri = join_uri(output_uri, "model")
         export_dir = export_checkpoint(model.to(recipe_dtype(recipe)), tokenizer, work / "model")
         model_digest = digest_path(export_dir)
         store.put(export_dir, model_out_uri)
         plots = {
-            "reward_curve": uri_under(output_uri, "plots", "reward_curve.png"),
-            "loss_curve": uri_under(output_uri, "plots", "loss_curve.png"),
+            "reward_curve": join_uri(output_uri, "plots", "reward_curve.png"),
+            "loss_curve": join_uri(output_uri, "plots", "loss_curve.png"),
         }
         store.put(plot_rewards(state.history, work / "reward_curve.png"), plots["reward_curve"])
         store.put(plot_history(state.history, work / "loss_curve.png", "rl: GRPO loss"), plots["loss_curve"])
-        samples_uri = uri_under(output_uri, "samples")
+        samples_uri = join_uri(output_uri, "samples")
         named_samples = {"heldout_before": samples_before, "heldout_after": samples_after}
         if cfg.heldout_samples:
             named_samples |= {"heldout_sampled_before": sampled["before"], "heldout_sampled_after": sampled["after"]}
         for name, rows in named_samples.items():
             (work / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
-            store.put(work / f"{name}.json", uri_under(samples_uri, f"{name}.json"))
+            store.put(work / f"{name}.json", join_uri(samples_uri, f"{name}.json"))
 
     metrics |= {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
     metrics |= heldout_gains(samples_before, samples_after)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nemoforge.artifacts import ArtifactStore, digest_path
+from nemoforge.artifacts import ArtifactStore, digest_path, join_uri
 from nemoforge.config import Recipe
 from nemoforge.data.packing import token_digest
 from nemoforge.data.reasoning import (
@@ -26,15 +26,13 @@ from nemoforge.data.reasoning import (
     to_signed_ids,
 )
 from nemoforge.models.generate import pad_id
-from nemoforge.runtime import compute_device
+from nemoforge.runtime import compute_device, recipe_dtype
 from nemoforge.stages.chat import toggle_compliance
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stages.training import (
     checkpoint_uploader,
     fetch_latest_checkpoint,
     plot_history,
-    recipe_dtype,
-    uri_under,
 )
 from nemoforge.training.flops import training_flops_per_token
 from nemoforge.training.loop import LogFn, epoch_batches, train
@@ -125,7 +123,7 @@ def run(
         return {"loss_heldout": loss, **toggle}, replies
 
     before, replies_before = measure()
-    checkpoints_uri = uri_under(output_uri, "checkpoints")
+    checkpoints_uri = join_uri(output_uri, "checkpoints")
     with tempfile.TemporaryDirectory(prefix="nemoforge-sft-") as tmp:
         work = Path(tmp)
         fetch_latest_checkpoint(store, checkpoints_uri, work / "checkpoints")
@@ -142,16 +140,16 @@ def run(
         )
         after, replies_after = measure()
 
-        model_out_uri = uri_under(output_uri, "model")
+        model_out_uri = join_uri(output_uri, "model")
         export_dir = export_checkpoint(model.to(recipe_dtype(recipe)), tokenizer, work / "model")
         model_digest = digest_path(export_dir)
         store.put(export_dir, model_out_uri)
-        plot_uri = uri_under(output_uri, "plots", "loss_curve.png")
+        plot_uri = join_uri(output_uri, "plots", "loss_curve.png")
         store.put(plot_history(state.history, work / "loss_curve.png", "sft: assistant-token loss"), plot_uri)
-        samples_uri = uri_under(output_uri, "samples")
+        samples_uri = join_uri(output_uri, "samples")
         for name, replies in (("toggle_before", replies_before), ("toggle_after", replies_after)):
             (work / f"{name}.json").write_text(json.dumps(replies, indent=1) + "\n")
-            store.put(work / f"{name}.json", uri_under(samples_uri, f"{name}.json"))
+            store.put(work / f"{name}.json", join_uri(samples_uri, f"{name}.json"))
 
     num_params = sum(p.numel() for p in model.parameters())
     metrics = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
