@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nemoforge.artifacts import ArtifactStore, digest_path, join_uri
+from nemoforge.artifacts import ArtifactStore, join_uri
 from nemoforge.config import Recipe
 from nemoforge.data.packing import token_digest
 from nemoforge.data.reasoning import (
@@ -26,11 +26,12 @@ from nemoforge.data.reasoning import (
     to_signed_ids,
 )
 from nemoforge.models.generate import pad_id
-from nemoforge.runtime import compute_device, recipe_dtype
+from nemoforge.runtime import compute_device
 from nemoforge.stages.chat import toggle_compliance
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stages.training import (
     checkpoint_uploader,
+    export_model,
     fetch_latest_checkpoint,
     plot_history,
 )
@@ -98,7 +99,6 @@ def run(
     from transformers import AutoTokenizer
 
     from nemoforge.models.convert import load_causal_lm
-    from nemoforge.models.export import export_checkpoint
 
     cfg = recipe.sft
     device = compute_device()
@@ -140,10 +140,7 @@ def run(
         )
         after, replies_after = measure()
 
-        model_out_uri = join_uri(output_uri, "model")
-        export_dir = export_checkpoint(model.to(recipe_dtype(recipe)), tokenizer, work / "model")
-        model_digest = digest_path(export_dir)
-        store.put(export_dir, model_out_uri)
+        exported = export_model(model, tokenizer, recipe, output_uri=output_uri, store=store, work=work)
         plot_uri = join_uri(output_uri, "plots", "loss_curve.png")
         store.put(plot_history(state.history, work / "loss_curve.png", "sft: assistant-token loss"), plot_uri)
         samples_uri = join_uri(output_uri, "samples")
@@ -162,8 +159,8 @@ def run(
     return StageResult(
         metrics=metrics,
         history=state.history,
-        outputs={"model": model_out_uri, "checkpoints": checkpoints_uri, "samples": samples_uri},
-        digests={"model": model_digest},
+        outputs={"model": exported.uri, "checkpoints": checkpoints_uri, "samples": samples_uri},
+        digests={"model": exported.digest},
         plots={"loss_curve": plot_uri},
         datasets=[
             DatasetRef("sft-train", source, token_digest(train_ids_NT, train_mask_NT), len(train_samples), "training"),
