@@ -214,15 +214,15 @@ def _stopped(recipe: Recipe, args: argparse.Namespace, signal_name: str, owner: 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from nemoforge import lineage
+    from nemoforge.artifacts import cache_root
     from nemoforge.preflight import check_inputs, check_parent, check_workdir, resolve_recipe
-    from nemoforge.runner.index import cache_dir
     from nemoforge.runner.retrain import OWNER_ENV
 
     workdir = args.workdir.expanduser().resolve()
     recipe = resolve_recipe(load_recipe(args.recipe, args.overrides), workdir)
     check_workdir(workdir)
     _local_environment(workdir, args.debug)
-    check_parent(recipe, cache_dir() / "parent")
+    check_parent(recipe, cache_root() / "parent")
     check_inputs(recipe)
     workdir.mkdir(parents=True, exist_ok=True)
 

@@ -38,10 +38,12 @@ def _apply_resources(task: dsl.PipelineTask, res: StageResources, cluster: Resou
         task.set_retry(num_retries=res.retries, backoff_duration=f"{res.retry_backoff_s}s", backoff_factor=2.0)
     if res.shm_gib:
         kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=f"{res.shm_gib}Gi")
-    task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu)
-    task.set_memory_request(res.memory).set_memory_limit(res.memory)
-    if res.gpu_count:
-        task.set_accelerator_type(res.accelerator_type).set_accelerator_limit(res.gpu_count)
+    quantities = res.quantities()
+    cpu, memory = quantities.pop("cpu"), quantities.pop("memory")
+    task.set_cpu_request(cpu).set_cpu_limit(cpu)
+    task.set_memory_request(memory).set_memory_limit(memory)
+    for accelerator, count in quantities.items():  # the stage's GPUs, when it has any
+        task.set_accelerator_type(accelerator).set_accelerator_limit(count)
     for label, value in res.node_selector.items():
         kubernetes.add_node_selector(task, label_key=label, label_value=value)
     for tol in res.tolerations:

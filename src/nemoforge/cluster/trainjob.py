@@ -100,13 +100,6 @@ def deepspeed_config(train: TrainConfig, res: StageResources) -> dict[str, Any]:
     }
 
 
-def _quantities(res: StageResources) -> dict[str, str]:
-    quantities = {"cpu": res.cpu, "memory": res.memory}
-    if res.gpu_count:
-        quantities[res.accelerator_type] = str(res.gpu_count)
-    return quantities
-
-
 def pod_patch(recipe: Recipe, res: StageResources) -> dict[str, Any]:
     """The Pod spec fields of the ``node`` pods that the runtime does not take from ``spec.trainer``."""
     spec: dict[str, Any] = {}
@@ -174,7 +167,7 @@ def build_trainjob(
         metadata["ownerReferences"] = [
             {"apiVersion": "v1", "kind": "Pod", "name": owner["name"], "uid": owner["uid"], "blockOwnerDeletion": False}
         ]
-    quantities = _quantities(res)
+    quantities = res.quantities()
     job: dict[str, Any] = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "TrainJob",
