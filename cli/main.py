@@ -277,13 +277,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------- compile
 def cmd_compile(args: argparse.Namespace) -> int:
-    from nemoforge_pipelines import compile_recipe
+    from nemoforge_pipelines import compile_recipe, unpinned_images
 
     recipe = load_recipe(args.recipe, args.overrides)
     warnings.filterwarnings("ignore", category=FutureWarning)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     compile_recipe(recipe, args.output)
     print(f"wrote {args.output} (pipeline nemoforge-{recipe.name}: {', '.join(recipe.enabled_stages())})")
+    for image, tasks in unpinned_images(args.output).items():
+        print(
+            f"warning: tasks {', '.join(tasks)} run in {image}, not a pinned nemoforge image (python:3.11-slim, "
+            "the demo's base_image, holds neither kfp nor nemoforge): this YAML runs under `nemoforge run` but not "
+            "on a cluster as it stands unless that image holds nemoforge; set --set resources.image_set=train "
+            "(pinned images: components/images/images.yaml) or a resources.base_image built with nemoforge",
+            file=sys.stderr,
+        )
     return 0
 
 
