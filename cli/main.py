@@ -357,8 +357,16 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- status
-KEY_METRICS = {"eval": ("toggle_on", "toggle_off", "math_pass1_on", "math_pass1_off", "speedup")}
-"""Per stage, the metrics `status` lists first (the promotion gate's), before the rest in name order."""
+KEY_METRICS = {
+    "nas": ("speedup", "kl_div_heldout", "kl_div_predicted"),
+    "distill": ("kl_div_heldout_drop", "kl_div_heldout_after", "loss_heldout_after"),
+    "cpt": ("loss_heldout_drop", "loss_heldout_after"),
+    "sft": ("toggle_on_after", "toggle_off_after", "loss_heldout_after"),
+    "rl": ("accuracy_heldout_sampled_gain", "accuracy_heldout_gain", "reward_heldout_gain", "reward_heldout_after"),
+    "eval": ("toggle_on", "toggle_off", "math_pass1_on", "math_pass1_off", "speedup"),
+}
+"""Per stage, the metrics `status` lists first (what the stage is for; eval: the promotion gate's), before the
+rest in name order."""
 _NUM_STATUS_METRICS = 8
 
 
@@ -371,12 +379,33 @@ def key_metrics(stage: str, metrics: dict[str, float]) -> list[tuple[str, float]
     return [(k, shown[k]) for k in first + rest][:_NUM_STATUS_METRICS]
 
 
-def _print_status(stages: list[dict]) -> None:
+def status_head(summary: dict | None, champions: list[tuple[str, int, dict[str, str]]]) -> list[str]:
+    """The lines above the stage table: the pipeline run's state and outcome, its inputs, each champion."""
+    if summary is None:
+        return ["no pipeline run found"]
+    outcome = summary.get("outcome") or "not decided yet"
+    if summary.get("outcome_reason"):
+        outcome += f": {summary['outcome_reason']}"
+    lines = [f"pipeline run {summary['pipeline_run']}: {summary['state']}, {outcome}"]
+    if summary.get("inputs"):
+        lines.append("inputs: " + ", ".join(f"{k} {v[:12]}" for k, v in summary["inputs"].items()))
+    for name, version, tags in champions:
+        run = tags.get("nemoforge.pipeline_run", "?")
+        lines.append(f"champion: {name} v{version} (pipeline run {run}; models:/{name}@champion)")
+    if not champions:
+        lines.append("champion: none yet")
+    return lines
+
+
+def _print_status(summary: dict | None, stages: list[dict], champions: list) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    print("\n".join(status_head(summary, champions)))
+    if summary is None:
+        return
     if not stages:
-        print("no pipeline run found")
+        print("no stage ran in this pipeline run" + (" (skipped)" if summary.get("outcome") == "skipped" else ""))
         return
     table = Table(title=f"pipeline run {stages[0].get('pipeline_run', '')}")
     for column in ("stage", "state", "wall s", "key metrics", "outputs"):
@@ -403,13 +432,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     tracking_uri = args.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     if not args.tracking_uri and not (workdir / "mlflow.db").is_file():
         raise NemoforgeError(f"no runs under {workdir}: run `nemoforge run RECIPE --workdir {args.workdir}` first")
-    stages = lineage.pipeline_status(lineage.Lineage(tracking_uri, args.experiment), args.run_name)
+    runs = lineage.Lineage(tracking_uri, args.experiment)
+    stages = lineage.pipeline_status(runs, args.run_name)
     order = {name: i for i, name in enumerate(STAGES)}
     stages.sort(key=lambda s: order.get(s["stage"], len(order)))
     if args.json:
         print(json.dumps(stages, indent=2, default=str))
     else:
-        _print_status(stages)
+        summary = lineage.pipeline_summary(runs, args.run_name)
+        _print_status(summary, stages, lineage.Registry(tracking_uri).champions())
     return 0
 
 

@@ -104,3 +104,39 @@ def test_status_lists_the_gate_metrics_first_and_fits_the_terminal(tmp_path: Pat
     lines = capsys.readouterr().out.splitlines()
     assert max(len(line) for line in lines) <= 90
     assert "toggle_on=0.9" in "".join(lines)
+
+
+def test_status_heads_with_the_runs_outcome_inputs_and_champion_also_after_a_skip(
+    tiny_llama_dir: Path, tmp_path: Path, capsys
+):
+    from nemoforge import lineage
+    from nemoforge.runner.register import register_evaluated_model
+    from nemoforge_cli.main import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    recipe = Recipe(name="test", tracking={"mlflow_uri": uri}, storage={"artifact_root": str(tmp_path / "store")})
+    runs = lineage.Lineage(uri, "nemoforge")
+    runs.open_pipeline_run("run-1", recipe)
+    runs.set_pipeline_tags("run-1", {lineage.TAG_OUTCOME: "retrain", "nemoforge.outcome_reason": "no champion yet",
+                                     f"{lineage.TAG_INPUT_DIGEST}corpus": "c" * 64})
+    with runs.stage_run("run-1", "eval", recipe) as tracker:
+        tracker.log_result(StageResult(metrics={"speedup": 1.5, "toggle_on": 1.0, "a_metric": 0.0},
+                                       tags={"gate": "passed", "gate_checks": "ok: all"}))
+    inputs = {"model": {"uri": "/m/rl", "digest": "d"}, "parent": {"uri": "/m/parent", "digest": "p"}}
+    register_evaluated_model(recipe, "run-1", _result(tmp_path, tiny_llama_dir, "run-1", "passed", 0.5), inputs)
+    runs.finish_pipeline_run("run-1", "FINISHED")
+    capsys.readouterr()
+    assert main(["status", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("pipeline run run-1: FINISHED, retrain: no champion yet\ninputs: corpus cccccccccccc\n")
+    assert f"champion: {recipe.model.name} v1 (pipeline run run-1; models:/{recipe.model.name}@champion)" in out
+    assert out.index("toggle_on=1") < out.index("speedup=1.5") < out.index("a_metric=0")  # the stage's figures first
+
+    reason = f"inputs unchanged since champion {recipe.model.name} v1 (pipeline run run-1)"
+    runs.open_pipeline_run("run-2", recipe)
+    runs.set_pipeline_tags("run-2", {lineage.TAG_OUTCOME: "skipped", "nemoforge.outcome_reason": reason})
+    runs.finish_pipeline_run("run-2", "FINISHED")
+    assert main(["status", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"pipeline run run-2: FINISHED, skipped: {reason}\n")
+    assert "no stage ran in this pipeline run (skipped)" in out and "champion: " in out

@@ -2,7 +2,8 @@
 
 - :mod:`~nemoforge.lineage.runs`: :class:`Lineage` (``Lineage(tracking_uri, experiment)``): one parent run per
   pipeline run, a nested run per stage (:meth:`Lineage.stage_run` yields a :class:`StageTracker`).
-- :mod:`~nemoforge.lineage.status`: :func:`pipeline_status`, what ``nemoforge status`` shows.
+- :mod:`~nemoforge.lineage.status`: :func:`pipeline_status` and :func:`pipeline_summary`, what ``nemoforge status``
+  shows.
 - :mod:`~nemoforge.lineage.registry`: :class:`Registry` (``Registry(tracking_uri)``): model versions and aliases.
 - :mod:`~nemoforge.lineage.client`: the client, and the tags that find runs.
 """
@@ -10,7 +11,7 @@
 from nemoforge.lineage.client import MAX_DATASET_DIGEST_CHARS, TAG_INPUT_DIGEST, TAG_OUTCOME, TAG_OWNER
 from nemoforge.lineage.registry import Registry
 from nemoforge.lineage.runs import Lineage, StageTracker
-from nemoforge.lineage.status import pipeline_status
+from nemoforge.lineage.status import pipeline_status, pipeline_summary
 
 __all__ = [
     "MAX_DATASET_DIGEST_CHARS",
@@ -21,4 +22,5 @@ __all__ = [
     "Registry",
     "StageTracker",
     "pipeline_status",
+    "pipeline_summary",
 ]

@@ -97,6 +97,15 @@ class Registry:
             raise
         return int(version.version), version.source, dict(version.tags)
 
+    def champions(self) -> list[tuple[str, int, dict[str, str]]]:
+        """``(name, version, tags)`` of every registered model's ``champion`` version, by name."""
+        found = []
+        for model in sorted(self.client.search_registered_models(), key=lambda m: m.name):
+            version = (model.aliases or {}).get("champion")
+            if version is not None:
+                found.append((model.name, int(version), dict(self.client.get_model_version(model.name, version).tags)))
+        return found
+
     def registered_model_source(self, uri: str) -> str:
         """The store URI behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the version's source).
 

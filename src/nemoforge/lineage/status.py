@@ -11,6 +11,8 @@ from nemoforge.config import STAGES
 from nemoforge.lineage.client import (
     TAG_ATTEMPT_START_MS,
     TAG_ERROR,
+    TAG_INPUT_DIGEST,
+    TAG_OUTCOME,
     TAG_OUTPUT,
     TAG_PIPELINE_RUN,
     TAG_STAGE,
@@ -56,6 +58,38 @@ def pipeline_status(lineage: Lineage, pipeline_run: str | None = None) -> list[d
         latest.values(), key=lambda r: (order.get(r.data.tags[TAG_STAGE], len(order)), _attempt_start_ms(r))
     )
     return [_stage_status(run, parent) for run in runs]
+
+
+def pipeline_summary(lineage: Lineage, pipeline_run: str | None = None) -> dict[str, Any] | None:
+    """The pipeline run itself, for the head of ``nemoforge status``; None when the experiment has none.
+
+    Args:
+        lineage: the experiment's runs.
+        pipeline_run: a pipeline run's name; None: the most recently started one.
+
+    Returns:
+        ``pipeline_run``, ``state`` (the parent run's: ``RUNNING``, ``FINISHED``, ``FAILED``, ``KILLED``),
+        ``outcome`` (the first task's decision, ``retrain`` or ``skipped``; None before it decided),
+        ``outcome_reason`` (e.g. ``inputs unchanged since champion NAME v1 (pipeline run ...)``), ``inputs``
+        (each input's digest by name: ``parent``, ``corpus``, ``recipe``, ...), ``start_time``, ``end_time``.
+
+    Raises:
+        InputNotFoundError: ``pipeline_run`` names no run in the experiment.
+    """
+    parent = lineage.existing_parent(pipeline_run) if pipeline_run is not None else lineage.find_parent(None)
+    if parent is None:
+        return None
+    tags = parent.data.tags
+    ended = parent.info.status in TERMINAL
+    return {
+        "pipeline_run": tags.get(TAG_PIPELINE_RUN),
+        "state": parent.info.status,
+        "outcome": tags.get(TAG_OUTCOME),
+        "outcome_reason": tags.get("nemoforge.outcome_reason"),
+        "inputs": {k.removeprefix(TAG_INPUT_DIGEST): v for k, v in sorted(tags.items()) if k.startswith(TAG_INPUT_DIGEST)},
+        "start_time": _iso(parent.info.start_time),
+        "end_time": _iso(parent.info.end_time if ended else None),
+    }
 
 
 def _iso(ms: int | None) -> str | None:
