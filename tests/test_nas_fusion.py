@@ -165,3 +165,34 @@ def test_ffn_fusion_config_is_off_by_default_and_validated() -> None:
     assert load_recipe("smollm2-135m-demo", ["nas.ffn_fusion.kl_budget=0"]).nas.ffn_fusion.kl_budget == 0
     with pytest.raises(RecipeError, match=r"nas\.ffn_fusion\.kl_budget: .*greater than or equal to 0"):
         load_recipe("smollm2-135m-demo", ["nas.ffn_fusion.kl_budget=-0.1"])
+
+
+def test_cost_model_predicts_the_fused_child() -> None:
+    """Measured widths are looked up; a fused (summed) width lies on the line through the measured ones."""
+    from nemoforge.stages.nas.cost import CostTable, Latency
+
+    costs = CostTable(
+        measurement={"decode_tokens": 10},
+        attention=Latency(5.0, 0.5),
+        ffn={256: Latency(2.0, 0.2), 512: Latency(3.0, 0.3), 768: Latency(4.0, 0.4)},  # 1 + w / 256 ms
+        fixed=Latency(1.0, 0.1),
+        parent_measured=Latency(0.0, 0.0),
+        attention_param_bytes=0,
+        ffn_param_bytes={},
+        fixed_param_bytes=0,
+        attention_kv_bytes=0,
+    )
+    assert costs.ffn_latency(512) == Latency(3.0, 0.3)
+    fused = costs.ffn_latency(2304)
+    assert fused.prefill_ms == pytest.approx(10.0) and fused.decode_ms == pytest.approx(1.0)
+    config = DeciLMConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=4,
+        block_configs=blocks([(2, 256), (None, 512), (None, 512), (None, None)]),
+    )
+    unfused = costs.predicted_config(config)
+    assert unfused.prefill_ms == pytest.approx(1 + 5 + 2 + 3 + 3)
+    config.block_configs[1:] = blocks([(None, 1024)])
+    config.num_hidden_layers = 2
+    assert costs.predicted_config(config).prefill_ms == pytest.approx(1 + 5 + 2 + 5)  # one intercept saved

@@ -206,6 +206,9 @@ def test_ffn_fusion_step_fuses_the_chosen_child_and_records_it(
     assert report["kl_div_heldout_before"] == m["kl_div_heldout_unfused"] > 0
     assert report["kl_div_heldout_after"] == m["kl_div_heldout"]
     assert child.config.num_hidden_layers == 2 and child.config.intermediate_size_of(1) == 2304
+    assert (
+        m["child_latency_ms_fused"] > 0 and m["speedup_fused"] > 0
+    )  # the cost model's view of the fused child
     # the export is the fused child: it scores the reported KL to the parent
     parent = load_causal_lm(tiny_llama_dir)
     heldout_ids = torch.load(workdir / "corpus" / "heldout.pt")[:2, :32]

@@ -265,6 +265,14 @@ def run(
     )
     if fusion_metrics:
         result.tags["ffn_fusion"] = fusion_metrics["summary"]
+        # the cost model's prediction for the exported (fused) child; child_latency_ms stays the MIP's (unfused)
+        fused_latency = costs.predicted_config(child.config)
+        result.metrics.update(
+            child_latency_ms_fused=fused_latency.request_ms(costs.decode_tokens),
+            child_prefill_ms_fused=fused_latency.prefill_ms,
+            child_decode_ms_fused=fused_latency.decode_ms,
+            speedup_fused=parent.latency_ms / fused_latency.request_ms(costs.decode_tokens),
+        )
     log.info(
         "nas: child %s, predicted latency %.1f of %.1f ms (x%.2f), held-out KL %.4f",
         result.tags["block_configs"],
