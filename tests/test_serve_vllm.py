@@ -213,17 +213,6 @@ def test_vllm_serves_an_ffn_fused_child_with_greedy_parity(smollm2_dir: Path, tm
         "intermediate_size": 4072,
     }
     assert config["block_configs"][17]["ffn"]["ffn_mult"] == 8.0
-    chats = [
-        [{"role": "user", "content": "What is the capital of France?"}],
-        [{"role": "system", "content": "detailed thinking off"}, {"role": "user", "content": "Name three colors."}],
-    ]  # fmt: skip
-    prompts = [
-        list(
-            tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)[
-                "input_ids"
-            ]
-        )
-        for c in chats
-    ] + [tokenizer("The history of the Roman empire", add_special_tokens=False)["input_ids"]]
+    prompts = _prompts(out)
     report = greedy_parity(out, prompts, 24)
     assert report.matches == len(prompts), report.first_mismatch()
