@@ -92,6 +92,46 @@ def test_block_configs_have_attribute_access_and_serialize_as_dicts() -> None:
     assert DeciLMConfig.from_dict(saved).block_configs == config.block_configs
 
 
+def test_ffn_given_by_intermediate_size_loads_without_an_ffn_mult_attribute() -> None:
+    """Published Nemotron checkpoints give some FFN widths as ``intermediate_size``; vLLM reads it when
+    ``hasattr(ffn, "ffn_mult")`` is False, so such a block must not grow an ``ffn_mult``."""
+    blocks = [
+        {"attention": {"n_heads_in_group": 2}, "ffn": {"no_op": False, "intermediate_size": 96}},
+        {"attention": {"no_op": True}, "ffn": {"ffn_mult": 4.0, "intermediate_size": 256}},  # agree
+        {"attention": {"no_op": True}, "ffn": {"ffn_mult": 4.0}},
+    ]
+    config = DeciLMConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=3, block_configs=blocks)
+    ffn = config.block_configs[0].ffn
+    assert not hasattr(ffn, "ffn_mult") and ffn.intermediate_size == 96
+    assert [config.intermediate_size_of(i) for i in range(3)] == [96, 256, 256]
+    saved = json.loads(config.to_json_string())
+    assert saved["block_configs"][0]["ffn"] == {
+        "no_op": False,
+        "replace_with_linear": False,
+        "intermediate_size": 96,
+    }
+    assert saved["block_configs"][1]["ffn"]["intermediate_size"] == 256
+    assert "intermediate_size" not in saved["block_configs"][2]["ffn"]
+    reloaded = DeciLMConfig.from_dict(saved)
+    assert (
+        reloaded.block_configs == config.block_configs
+        and reloaded.block_configs[0] != config.block_configs[1]
+    )
+    assert summarize(config.block_configs, 64) == "attn 1/3, ffn {256: 2, 96: 1}"
+    model = DeciLMForCausalLM(config)
+    assert model.model.layers[0].mlp.gate_proj.weight.shape == (96, 64)
+
+
+def test_ffn_mult_and_intermediate_size_that_disagree_name_the_layer() -> None:
+    blocks = [
+        {"attention": {"n_heads_in_group": 2}, "ffn": {"ffn_mult": 4.0}},
+        {"attention": {"no_op": True}, "ffn": {"ffn_mult": 4.0, "intermediate_size": 512}},
+    ]
+    with pytest.raises(ValueError, match="layer 1 ffn gives ffn_mult=4.0") as err:
+        DeciLMConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, block_configs=blocks)
+    assert "\n" not in str(err.value) and "intermediate_size=512" in str(err.value)
+
+
 @pytest.mark.parametrize(
     ("blocks", "kwargs", "match"),
     [
@@ -104,6 +144,7 @@ def test_block_configs_have_attribute_access_and_serialize_as_dicts() -> None:
         ([{"attention": {"n_heads_in_group": 3}, "ffn": {"ffn_mult": 1.0}}], {}, "does not divide"),
         ([{"attention": {}, "ffn": {"ffn_mult": 1.0}}], {}, "n_heads_in_group"),
         ([{"attention": {"n_heads_in_group": 1}, "ffn": {}}], {}, "ffn_mult"),
+        ([{"attention": {"n_heads_in_group": 1}, "ffn": {"intermediate_size": 0}}], {}, "intermediate_size"),
         (
             [{"attention": {"n_heads_in_group": 1, "window_length": 128}, "ffn": {"ffn_mult": 1.0}}],
             {},

@@ -132,3 +132,29 @@ def test_exporter_refuses_incomplete_or_extra_tensors(child, tokenizer, tmp_path
     with pytest.raises(ValueError, match="refusing to write an incomplete checkpoint"):
         export_checkpoint(broken, tokenizer, tmp_path / "broken")
     assert not (tmp_path / "broken").exists()
+
+
+def test_checkpoint_with_intermediate_size_instead_of_ffn_mult_loads(
+    child, tokenizer, tmp_path: Path
+) -> None:
+    """A nemotron-nas config whose FFN blocks give ``intermediate_size`` (published Nemotron checkpoints do) loads
+    in nemoforge and through the exported remote code; a block whose two widths disagree fails naming its layer."""
+    out = export_checkpoint(child, tokenizer, tmp_path / "child")
+    config = json.loads((out / "config.json").read_text())
+    for i, block in enumerate(config["block_configs"]):
+        if not block["ffn"]["no_op"]:
+            block["ffn"]["intermediate_size"] = child.config.intermediate_size_of(i)
+            del block["ffn"]["ffn_mult"]
+    (out / "config.json").write_text(json.dumps(config))
+    ids = torch.randint(0, child.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(load_causal_lm(out)(ids).logits, child(ids).logits)
+        assert torch.equal(reloaded(ids).logits, child(ids).logits)
+    config["block_configs"][3]["ffn"]["ffn_mult"] = 4.0  # 256 at hidden 64 vs intermediate_size 256: agree
+    (out / "config.json").write_text(json.dumps(config))
+    assert load_causal_lm(out).config.intermediate_size_of(3) == 256
+    config["block_configs"][3]["ffn"]["ffn_mult"] = 12.0  # 512
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="layer 3 ffn gives ffn_mult=12.0 .* intermediate_size=256"):
+        load_causal_lm(out)

@@ -159,3 +159,62 @@ def test_infeasible_budget_fails_before_bld(workdir: Path, tiny_llama_dir: Path,
         RecipeError, match=r"nas\.latency_budget_ratio=0\.01 is infeasible.*smallest feasible ratio"
     ):
         run_stage(workdir, tiny_llama_dir, recipe(latency_budget_ratio=0.01), out="infeasible")
+
+
+@pytest.mark.parametrize("case", ["fused", "nothing to fuse"])
+def test_ffn_fusion_step_fuses_the_chosen_child_and_records_it(
+    workdir: Path, tiny_llama_dir: Path, result, monkeypatch, case: str
+) -> None:
+    """With ``nas.ffn_fusion`` on, the stage reuses every phase (fusion is not in the key), fuses the child the MIP
+    picked (forced here: layers 1-3 attention-free, or all-parent) and records the fusion in metrics, outputs, tags."""
+    import dataclasses
+    import shutil
+
+    from nemoforge.stages.nas.library import Variant
+
+    out = f"out-{case.replace(' ', '-')}"
+    shutil.copytree(workdir / "out", workdir / out)
+    libraries = []
+    build_library, search = run_module.build_library, run_module.search
+    monkeypatch.setattr(
+        run_module, "build_library", lambda *a: libraries.append(build_library(*a)) or libraries[-1]
+    )
+
+    def forced(*args, **kwargs):
+        library, solutions = libraries[-1], search(*args, **kwargs)
+        free = Variant(attention_no_op=True, ffn_size=library.parent_ffn_size)
+        choice = [
+            row.index(free if case == "fused" and i > 0 else library.parent)
+            for i, row in enumerate(library.variants)
+        ]
+        return [dataclasses.replace(solutions[0], choice=tuple(choice)), *solutions[1:]]
+
+    monkeypatch.setattr(run_module, "search", forced)
+    monkeypatch.setattr(run_module, "distill_layer", lambda *a, **k: pytest.fail("BLD ran again"))
+    fused = run_stage(workdir, tiny_llama_dir, recipe(ffn_fusion={"enabled": True, "kl_budget": 100.0}), out)
+    m, report = fused.metrics, json.loads((workdir / out / "ffn_fusion.json").read_text())
+    child = load_causal_lm(workdir / out / "model")
+    if case == "nothing to fuse":
+        assert report["status"] == "nothing to fuse" and fused.tags["ffn_fusion"] == "nothing to fuse"
+        assert m["ffn_fusion_layers_removed"] == 0 and child.config.num_hidden_layers == 4
+        assert m["kl_div_heldout"] == m["kl_div_heldout_unfused"]
+        return
+    assert fused.outputs["ffn_fusion"].endswith("ffn_fusion.json")
+    assert fused.tags["ffn_fusion"] == "layers 1-3 -> 1 (ffn 768+768+768 = 2304)"
+    assert m["ffn_fusion_num_runs_fused"] == 1 and m["ffn_fusion_layers_removed"] == 2
+    assert [r["layers"] for r in report["runs"]] == [[1, 2, 3]] and report["runs"][0]["widths"] == [768] * 3
+    assert report["kl_div_heldout_before"] == m["kl_div_heldout_unfused"] > 0
+    assert report["kl_div_heldout_after"] == m["kl_div_heldout"]
+    assert child.config.num_hidden_layers == 2 and child.config.intermediate_size_of(1) == 2304
+    assert (
+        m["child_latency_ms_fused"] > 0 and m["speedup_fused"] > 0
+    )  # the cost model's view of the fused child
+    # the export is the fused child: it scores the reported KL to the parent
+    parent = load_causal_lm(tiny_llama_dir)
+    heldout_ids = torch.load(workdir / "corpus" / "heldout.pt")[:2, :32]
+    with torch.no_grad():
+        kl, _ = parent_pass(parent, heldout_ids).score(child(heldout_ids).logits)
+    assert kl == pytest.approx(m["kl_div_heldout"], abs=1e-5)
+    print(
+        f"\nnas + ffn_fusion (tiny): KL to parent unfused {m['kl_div_heldout_unfused']:.4f}, fused {kl:.4f}"
+    )

@@ -157,3 +157,41 @@ def test_a_model_vllm_cannot_load_is_one_error_and_no_process(serve_exports, tmp
     # vLLM's own reason on the first line (an export without auto_map), not an install problem
     assert "does not recognize this architecture" in str(err.value).splitlines()[0]
     assert vllm_processes(str(broken)) == []
+
+
+def test_vllm_serves_an_ffn_fused_child_with_greedy_parity(smollm2_dir: Path, tmp_path: Path) -> None:
+    """FFN Fusion (issue 14): run 8..11 (FFN 1536, 1000 given as intermediate_size, none, 1536) fuses to 4072
+    channels, which no ffn_mult reaches: written as intermediate_size, read so by vLLM; run 20..21 fuses to 3072 =
+    ffn_mult 8.0. Greedy tokens of stock vLLM equal ours (the transformers remote code) on 3 prompts."""
+    from transformers import AutoTokenizer
+
+    from nemoforge.models.block_configs import block_config
+    from nemoforge.models.convert import child_from_parent, load_causal_lm
+    from nemoforge.models.export import export_checkpoint
+    from nemoforge.models.hf.configuration_decilm import AttentionConfig, BlockConfig, FFNConfig
+    from nemoforge.serving.parity import greedy_parity
+    from nemoforge.stages.nas.fusion import attention_free_runs, fuse_runs
+
+    parent = load_causal_lm(smollm2_dir)
+    blocks = list(parent.config.block_configs)
+    D = parent.config.hidden_size
+    free = AttentionConfig(no_op=True)
+    blocks[8] = blocks[11] = blocks[20] = blocks[21] = block_config(None, 1536, D)
+    blocks[9] = BlockConfig(free, FFNConfig(intermediate_size=1000))
+    blocks[10] = block_config(None, None, D)
+    child = child_from_parent(parent, blocks)
+    fused = fuse_runs(child, attention_free_runs(child.config))
+    del parent, child
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    out = export_checkpoint(fused, tokenizer, tmp_path / "fused")
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 30 - 3 - 1
+    assert config["block_configs"][8]["ffn"] == {
+        "no_op": False,
+        "replace_with_linear": False,
+        "intermediate_size": 4072,
+    }
+    assert config["block_configs"][17]["ffn"]["ffn_mult"] == 8.0
+    prompts = _prompts(out)
+    report = greedy_parity(out, prompts, 24)
+    assert report.matches == len(prompts), report.first_mismatch()

@@ -170,6 +170,19 @@ class CostConfig(_Section):
     kv_bytes: int = Field(2, ge=1, le=4, description="Bytes per KV-cache element (2 = bf16).")
 
 
+class FFNFusionConfig(_Section):
+    """FFN Fusion after the MIP (arXiv 2503.18908; LN-Ultra arXiv 2505.00949 §2): runs of consecutive attention-free
+    layers become one FFN of summed width, computed in parallel on the run's input."""
+
+    enabled: bool = Field(False, description="Fuse attention-free runs of the chosen child.")
+    kl_budget: float = Field(
+        0.05,
+        ge=0,
+        description="Most summed replace-and-score KL(child || fused) in nats per token that the fused runs may "
+        "cost on held-out text; runs are taken cheapest first while the sum fits.",
+    )
+
+
 class NASConfig(_Section):
     enabled: bool = True
     ffn_intermediate_sizes: list[int] = Field(
@@ -194,6 +207,7 @@ class NASConfig(_Section):
     bld: BLDConfig = BLDConfig()
     scoring: ScoringConfig = ScoringConfig()
     cost: CostConfig = CostConfig()
+    ffn_fusion: FFNFusionConfig = FFNFusionConfig()
     seed: int = 0
 
     @model_validator(mode="after")

@@ -40,8 +40,17 @@ def ffn_mult_for(intermediate_size: int, hidden_size: int) -> float:
 
 
 def intermediate_size(ffn: FFNConfig, hidden_size: int) -> int:
-    """FFN width of a block in channels (0 for ``no_op``)."""
-    return 0 if ffn.no_op else ffn_mult_to_intermediate_size(ffn.ffn_mult, hidden_size)
+    """FFN width of a block in channels (0 for ``no_op``): from ``ffn_mult`` when present, else ``intermediate_size``."""
+    return ffn.width(hidden_size)
+
+
+def ffn_config(width: int, hidden_size: int) -> FFNConfig:
+    """A kept FFN of ``width`` channels as stock vLLM reads it: ``ffn_mult`` when one reaches the width exactly
+    (``ffn_mult_for``), else ``intermediate_size`` alone (no ``ffn_mult`` attribute; recipe.md §3.4)."""
+    try:
+        return FFNConfig(ffn_mult=ffn_mult_for(width, hidden_size))
+    except ValueError:
+        return FFNConfig(intermediate_size=width)
 
 
 def block_config(
@@ -119,13 +128,19 @@ def summarize(block_configs: Sequence[BlockConfig], hidden_size: int | None = No
         hidden_size: when given, FFN widths are channels; otherwise they are ``ffn_mult`` values (``x4.0``).
     """
     num_attention = sum(not b.attention.no_op for b in block_configs)
-    widths = Counter(
-        None if b.ffn.no_op else (intermediate_size(b.ffn, hidden_size) if hidden_size else b.ffn.ffn_mult)
-        for b in block_configs
-    )
+
+    def label(ffn: FFNConfig) -> str | None:
+        if ffn.no_op:
+            return None
+        if hidden_size:
+            return str(intermediate_size(ffn, hidden_size))
+        # a block given by intermediate_size alone has no ffn_mult: shown in channels
+        return f"x{ffn.ffn_mult}" if hasattr(ffn, "ffn_mult") else str(ffn.intermediate_size)
+
+    widths = Counter(label(b.ffn) for b in block_configs)
     parts = [
-        f"{w if hidden_size else f'x{w}'}: {widths[w]}"
-        for w in sorted((w for w in widths if w), reverse=True)
+        f"{w}: {widths[w]}"
+        for w in sorted((w for w in widths if w), key=lambda w: float(w.lstrip("x")), reverse=True)
     ]
     if widths[None]:
         parts.append(f"no_op: {widths[None]}")

@@ -11,6 +11,7 @@ Schema (one ``BlockConfig`` per layer, read by attribute as vLLM's ``nemotron_na
     block.attention.n_heads_in_group  int    GQA group size: num_kv_heads = num_attention_heads // n_heads_in_group
     block.ffn.no_op                   bool   the layer has no FFN sub-block (and no post_attention_layernorm)
     block.ffn.ffn_mult                float  FFN width multiplier, see ``ffn_mult_to_intermediate_size``
+    block.ffn.intermediate_size       int    FFN width in channels, for a block without ffn_mult (vLLM reads it then)
     *.replace_with_linear             bool   part of the schema, always False: stock vLLM cannot serve it
 
 Sources: Puzzle (arXiv 2411.19146) §3 search space; nemoforge ../shared/reference/recipe.md §3.2-3.4.
@@ -46,8 +47,9 @@ def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
     return -(-intermediate_size // 256) * 256
 
 
-def _split_known(cls: type, data: dict[str, Any], neutral: dict[str, Any], where: str) -> dict[str, Any]:
-    known = {f.name for f in dataclasses.fields(cls)}
+def _split_known(
+    known: tuple[str, ...], data: dict[str, Any], neutral: dict[str, Any], where: str
+) -> dict[str, Any]:
     kwargs = {}
     for key, value in data.items():
         if key in known:
@@ -87,37 +89,85 @@ class AttentionConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AttentionConfig:
-        return cls(**_split_known(cls, data, _NEUTRAL_ATTENTION_KEYS, "attention"))
+        return cls(
+            **_split_known(
+                tuple(f.name for f in dataclasses.fields(cls)), data, _NEUTRAL_ATTENTION_KEYS, "attention"
+            )
+        )
 
 
-@dataclasses.dataclass
 class FFNConfig:
-    """FFN sub-block of one layer: ``no_op`` (removed) or a SwiGLU MLP of width given by ``ffn_mult``.
+    """FFN sub-block of one layer: ``no_op`` (removed) or a SwiGLU MLP whose width is given by ``ffn_mult`` and/or
+    ``intermediate_size``.
 
-    ``ffn_mult`` is rounded to 6 decimals (as in the released checkpoints); the width is
-    ``ffn_mult_to_intermediate_size(ffn_mult, hidden_size)``.
+    ``ffn_mult`` is rounded to 6 decimals (as in the released checkpoints); its width is
+    ``ffn_mult_to_intermediate_size(ffn_mult, hidden_size)``. ``intermediate_size`` gives the width in channels
+    directly (published Nemotron checkpoints do for widths no ``ffn_mult`` reaches). A block given by
+    ``intermediate_size`` alone has **no** ``ffn_mult`` attribute: stock vLLM's ``nemotron_nas.py`` reads
+    ``ffn.ffn_mult`` when ``hasattr`` finds it, else ``ffn.intermediate_size``. Not a dataclass for that reason
+    (a dataclass field always exists); ``to_dict``, ``==`` and ``repr`` cover the keys present. Whether both keys
+    agree needs ``hidden_size`` and is checked by :class:`DeciLMConfig`.
 
     Raises:
-        ValueError: ``replace_with_linear`` is set, or a kept block lacks a positive ``ffn_mult``.
+        ValueError: ``replace_with_linear`` is set, or a kept block lacks a positive ``ffn_mult`` and a positive
+            ``intermediate_size``.
     """
 
-    no_op: bool = False
-    replace_with_linear: bool = False
-    ffn_mult: float | None = None
+    _KEYS = ("no_op", "replace_with_linear", "ffn_mult", "intermediate_size")
 
-    def __post_init__(self) -> None:
-        if self.replace_with_linear:
+    def __init__(
+        self,
+        no_op: bool = False,
+        replace_with_linear: bool = False,
+        ffn_mult: float | None = None,
+        intermediate_size: int | None = None,
+    ) -> None:
+        if replace_with_linear:
             raise ValueError("ffn.replace_with_linear is not supported (stock vLLM cannot serve it)")
+        self.no_op = bool(no_op)
+        self.replace_with_linear = False
+        self.intermediate_size = None
         if self.no_op:
-            self.ffn_mult = None
-        elif self.ffn_mult is None or float(self.ffn_mult) <= 0:
-            raise ValueError(f"ffn.ffn_mult must be a positive float, got {self.ffn_mult!r}")
-        else:
-            self.ffn_mult = round(float(self.ffn_mult), 6)
+            self.ffn_mult = None  # canonical form: a removed block carries no width
+            return
+        if ffn_mult is None and intermediate_size is None:
+            raise ValueError(
+                "ffn.ffn_mult must be a positive float, got None (or give ffn.intermediate_size)"
+            )
+        if ffn_mult is not None:
+            if float(ffn_mult) <= 0:
+                raise ValueError(f"ffn.ffn_mult must be a positive float, got {ffn_mult!r}")
+            self.ffn_mult = round(float(ffn_mult), 6)
+        if intermediate_size is not None:
+            if int(intermediate_size) != intermediate_size or int(intermediate_size) < 1:
+                raise ValueError(f"ffn.intermediate_size must be a positive int, got {intermediate_size!r}")
+            self.intermediate_size = int(intermediate_size)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FFNConfig:
-        return cls(**_split_known(cls, data, _NEUTRAL_FFN_KEYS, "ffn"))
+        return cls(**_split_known(cls._KEYS, data, _NEUTRAL_FFN_KEYS, "ffn"))
+
+    def width(self, hidden_size: int) -> int:
+        """Intermediate size in channels (0 for ``no_op``): from ``ffn_mult`` when present, else ``intermediate_size``."""
+        if self.no_op:
+            return 0
+        if hasattr(self, "ffn_mult"):
+            return ffn_mult_to_intermediate_size(self.ffn_mult, hidden_size)
+        return self.intermediate_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json entry: ``intermediate_size`` only when given, ``ffn_mult`` only when present."""
+        return {
+            k: getattr(self, k)
+            for k in self._KEYS
+            if hasattr(self, k) and not (k == "intermediate_size" and self.intermediate_size is None)
+        }
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FFNConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"FFNConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
 
 
 @dataclasses.dataclass
@@ -144,7 +194,7 @@ class BlockConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"attention": dataclasses.asdict(self.attention), "ffn": self.ffn.to_dict()}
 
 
 class DeciLMConfig(PreTrainedConfig):
@@ -206,6 +256,15 @@ class DeciLMConfig(PreTrainedConfig):
                         f"DeciLMConfig: layer {i} n_heads_in_group={group} does not divide "
                         f"num_attention_heads={self.num_attention_heads}"
                     )
+                ffn = block.ffn
+                if hasattr(ffn, "ffn_mult") and ffn.intermediate_size is not None:
+                    from_mult = ffn_mult_to_intermediate_size(ffn.ffn_mult, self.hidden_size)
+                    if from_mult != ffn.intermediate_size:
+                        raise ValueError(
+                            f"DeciLMConfig: layer {i} ffn gives ffn_mult={ffn.ffn_mult} (intermediate size "
+                            f"{from_mult} at hidden size {self.hidden_size}) and intermediate_size="
+                            f"{ffn.intermediate_size}, which disagree: give one of them"
+                        )
         super().__post_init__(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -221,8 +280,7 @@ class DeciLMConfig(PreTrainedConfig):
 
     def intermediate_size_of(self, layer_idx: int) -> int:
         """FFN intermediate size of layer ``layer_idx`` (0 when its FFN is ``no_op``)."""
-        ffn = self.block_configs[layer_idx].ffn
-        return 0 if ffn.no_op else ffn_mult_to_intermediate_size(ffn.ffn_mult, self.hidden_size)
+        return self.block_configs[layer_idx].ffn.width(self.hidden_size)
 
 
 __all__ = ["AttentionConfig", "BlockConfig", "DeciLMConfig", "FFNConfig", "ffn_mult_to_intermediate_size"]

@@ -49,6 +49,7 @@ from nemoforge.stages.nas.library import BlockLibrary, Variant
 
 if TYPE_CHECKING:
     from nemoforge.config import CostConfig
+    from nemoforge.models.hf.configuration_decilm import DeciLMConfig
 
 WARMUP_CALLS = 2
 # Short calls (a decode step of one sub-block) are repeated until one timing lasts this long.
@@ -132,6 +133,47 @@ class CostTable:
         total = self.fixed
         for variant in variants:
             total = total + self.latency(variant)
+        return total
+
+    def ffn_latency(self, width: int) -> Latency:
+        """Latency of an FFN sub-block of ``width`` channels: measured when the table has the width, else the
+        least-squares line ``a + b * width`` through the measured widths (prefill and decode fitted apart).
+
+        Widths outside the library come from FFN Fusion (a run's summed width). The intercept ``a`` is the
+        per-layer cost independent of width (norm, residual, kernel launches): what fusing layers saves.
+
+        Raises:
+            ValueError: the table has fewer than two widths to fit a line through.
+        """
+        if width in self.ffn:
+            return self.ffn[width]
+        if len(self.ffn) < 2:
+            raise ValueError(
+                f"FFN width {width} was not measured and {len(self.ffn)} width(s) cannot fit a line"
+            )
+        widths = list(self.ffn)
+        mean_w = sum(widths) / len(widths)
+        var_w = sum((w - mean_w) ** 2 for w in widths)
+
+        def fit(values: list[float]) -> float:
+            mean_v = sum(values) / len(values)
+            slope = sum((w - mean_w) * (v - mean_v) for w, v in zip(widths, values, strict=True)) / var_w
+            return mean_v + slope * (width - mean_w)
+
+        return Latency(
+            fit([self.ffn[w].prefill_ms for w in widths]), fit([self.ffn[w].decode_ms for w in widths])
+        )
+
+    def predicted_config(self, config: DeciLMConfig) -> Latency:
+        """Predicted latency of any model of the library's parent: fixed + per layer its attention (the parent's,
+        the only kept attention in the library) and its FFN by :meth:`ffn_latency` (e.g. an FFN-fused child)."""
+        total = self.fixed
+        for i in range(config.num_hidden_layers):
+            if not config.block_configs[i].attention.no_op:
+                total = total + self.attention
+            width = config.intermediate_size_of(i)
+            if width:
+                total = total + self.ffn_latency(width)
         return total
 
     def to_json(self) -> dict:

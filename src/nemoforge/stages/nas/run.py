@@ -7,12 +7,16 @@
     cost     (§4.1)        latency per sub-block shape measured on the pod's GPU (else CPU); parameter, KV bytes
     MIP      (§4.2, App.B) one variant per layer under the latency/memory budget; N diverse solutions; a sweep
     child                  solution 1 built from parent attention + BLD-trained FFNs, exported as nemotron-nas
+    fusion   (FFN Fusion,  optional, ``nas.ffn_fusion``: runs of attention-free layers of the child fused into one
+             LN-Ultra §2)  wide FFN each within a KL budget (``fusion.py``); the fused child is the one exported
 
 Outputs under ``output_uri``: ``model/`` (the child checkpoint), ``block_library.json`` (NVlabs/puzzle layout
 with a measurement header), ``solutions.json``, ``pareto.png``, and the resumable phase results ``bld/``
-(trained FFN weights per layer), ``scores/`` (per layer) and ``costs.json``. Each phase result carries a key
+(trained FFN weights per layer), ``scores/`` (per layer) and ``costs.json``; with fusion on, ``ffn_fusion.json``
+(the runs, their layers, widths and KL, and the held-out KL to the parent before and after). Each phase result carries a key
 of the recipe's nas section, the dtype and the inputs, and is reused on a re-run only when the key matches, so an
-interrupted stage resumes from the last finished layer of the phase it was in.
+interrupted stage resumes from the last finished layer of the phase it was in. Fusion runs after the phases and
+is not part of the key, so turning it on or changing its budget reuses them all.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM, DeciLMMLP
 from nemoforge.runtime import compute_device, no_progress, recipe_dtype
 from nemoforge.stages.nas.bld import BLDResult, distill_layer, parent_activations
 from nemoforge.stages.nas.cost import CostTable, device_name, measure_costs
+from nemoforge.stages.nas.fusion import ffn_fusion
 from nemoforge.stages.nas.library import BlockLibrary, Variant, build_library
 from nemoforge.stages.nas.mip import Option, Solution, check_budgets, evaluate, pareto_front, search
 from nemoforge.stages.nas.plots import plot_pareto
@@ -141,6 +146,14 @@ def run(
         "solutions": phase.uri("solutions.json"),
         "bld": phase.uri("bld"),
     }
+    fusion_metrics = {}
+    if nas.ffn_fusion.enabled:
+        child, fusion_metrics = _fusion_step(
+            child, heldout, nas.ffn_fusion.kl_budget, child_kl, child_lm_loss
+        )
+        child_kl, child_lm_loss = fusion_metrics["kl_div_heldout"], fusion_metrics["lm_loss_heldout"]
+        outputs["ffn_fusion"] = phase.uri("ffn_fusion.json")
+        store.write_json(outputs["ffn_fusion"], fusion_metrics.pop("report"))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = export_checkpoint(child, tokenizer, Path(tmp) / "model")
         digests = {"model": digest_path(model_dir)}
@@ -162,6 +175,7 @@ def run(
     result.metrics.update(
         _child_metrics(recipe, model, child, library, costs, found, bld, heldout, child_kl, child_lm_loss, budget_ms)
     )
+    result.metrics.update({k: v for k, v in fusion_metrics.items() if k != "summary"})
     result.metrics.update(timings)
     result.history["bld_loss"] = _mean_curve([r.losses for layer in bld for r in layer.values()])
     result.datasets.extend(
@@ -178,6 +192,16 @@ def run(
             "device": costs.measurement["device"],
         }
     )
+    if fusion_metrics:
+        result.tags["ffn_fusion"] = fusion_metrics["summary"]
+        # the cost model's prediction for the exported (fused) child; child_latency_ms stays the MIP's (unfused)
+        fused_latency = costs.predicted_config(child.config)
+        result.metrics.update(
+            child_latency_ms_fused=fused_latency.request_ms(costs.decode_tokens),
+            child_prefill_ms_fused=fused_latency.prefill_ms,
+            child_decode_ms_fused=fused_latency.decode_ms,
+            speedup_fused=parent.latency_ms / fused_latency.request_ms(costs.decode_tokens),
+        )
     log.info(
         "nas: child %s, predicted latency %.1f of %.1f ms (x%.2f), held-out KL %.4f",
         result.tags["block_configs"],
@@ -221,7 +245,7 @@ def _load_inputs(
     corpus = load_corpus(store.fetch(corpus_uri))
     library = build_library(model.config, nas)
     key_source = {
-        "nas": nas.model_dump(mode="json"),
+        "nas": nas.model_dump(mode="json", exclude={"ffn_fusion"}),
         "dtype": recipe.dtype,
         "parent": parent_uri,
         "corpus": corpus.digest,
@@ -446,6 +470,47 @@ def _cost_phase(model: DeciLMForCausalLM, library: BlockLibrary, recipe: Recipe,
 
 
 # ------------------------------------------------------------------------------------------------- child
+def _fusion_step(
+    child: DeciLMForCausalLM, heldout: ParentPass, kl_budget: float, kl_before: float, lm_loss_before: float
+) -> tuple[DeciLMForCausalLM, dict]:
+    """FFN Fusion of the chosen child (``fusion.ffn_fusion``) on the held-out scoring sequences.
+
+    Returns:
+        The (possibly unchanged) child and a dict of metrics: ``kl_div_heldout`` / ``lm_loss_heldout`` after fusion,
+        ``kl_div_heldout_unfused`` / ``lm_loss_heldout_unfused`` before, ``ffn_fusion_num_runs_fused``,
+        ``ffn_fusion_layers_removed``, ``ffn_fusion_kl_div_vs_unfused``; plus ``report`` (the JSON written as
+        ``ffn_fusion.json``, with the KL to the parent before/after) and ``summary`` (a one-line tag).
+    """
+    fused, report = ffn_fusion(child, heldout.input_ids_NT, kl_budget)
+    kl_after, lm_loss_after = kl_before, lm_loss_before
+    if fused is not child:
+        with torch.no_grad():
+            kl_after, lm_loss_after = heldout.score(fused(heldout.input_ids_NT).logits)
+    report.update(
+        kl_div_heldout_before=kl_before,
+        kl_div_heldout_after=kl_after,
+        lm_loss_heldout_before=lm_loss_before,
+        lm_loss_heldout_after=lm_loss_after,
+    )
+    runs = [r for r in report["runs"] if r["fused"]]
+    summary = "; ".join(
+        f"layers {r['start']}-{r['stop'] - 1} -> {r['fused_layer']} (ffn {'+'.join(map(str, r['widths']))}"
+        f" = {r['fused_width']})"
+        for r in runs
+    )
+    return fused, {
+        "kl_div_heldout": kl_after,
+        "lm_loss_heldout": lm_loss_after,
+        "kl_div_heldout_unfused": kl_before,
+        "lm_loss_heldout_unfused": lm_loss_before,
+        "ffn_fusion_num_runs_fused": float(len(runs)),
+        "ffn_fusion_layers_removed": float(report["num_layers_before"] - report["num_layers_after"]),
+        "ffn_fusion_kl_div_vs_unfused": report["kl_div_fused_vs_child"],
+        "report": report,
+        "summary": summary or report["status"],
+    }
+
+
 @torch.no_grad()
 def build_child(
     parent: DeciLMForCausalLM,
