@@ -2,7 +2,7 @@
 
     python benchmarks/serve_throughput.py [--parent DIR --child DIR] [--max-tokens 64] [--requests 8]
 
-Without --parent/--child it exports SmolLM2-135M-Instruct twice (nemoforge.serving.parity): the
+Without --parent/--child it exports SmolLM2-135M-Instruct twice (nemoforge.models.examples): the
 all-parent nemotron-nas checkpoint and a heterogeneous child (2 no-op attentions, 2 FFNs narrowed
 1536 -> 1024, 1 no-op FFN; untrained, so only its speed means anything). Each model gets its own
 server (bf16, --enforce-eager, VLLM_CPU_KVCACHE_SPACE=2); one warm-up request, then --requests
@@ -32,8 +32,8 @@ PROMPT = "Explain in a few sentences why the sky is blue."
 
 def _exports(cache: Path) -> tuple[Path, Path]:
     from nemoforge.config import ParentModel
+    from nemoforge.models.examples import export_parent_and_child
     from nemoforge.models.parent import prepare_parent
-    from nemoforge.serving.parity import export_parent_and_child
 
     return export_parent_and_child(prepare_parent(ParentModel(), cache / "parent"), cache / "serve-exports")
 

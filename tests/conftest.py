@@ -160,8 +160,8 @@ def tiny_llama_dir(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="session")
 def serve_exports(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """nemotron-nas exports of SmolLM2: (all-parent, heterogeneous child) — see nemoforge.serving.parity."""
-    from nemoforge.serving.parity import export_parent_and_child
+    """nemotron-nas exports of SmolLM2: (all-parent, heterogeneous child) — see nemoforge.models.examples."""
+    from nemoforge.models.examples import export_parent_and_child
 
     return export_parent_and_child(smollm2_dir, tmp_path_factory.mktemp("serve-exports"))
 

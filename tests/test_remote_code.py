@@ -106,7 +106,7 @@ def test_cli_serve_refuses_in_one_line(tampered, tmp_path: Path, capsys):
 
 
 def test_vllm_greedy_refuses_before_the_child_starts(tampered, monkeypatch):
-    from nemoforge.serving import greedy
+    import vllm_greedy as greedy
 
     model_dir, sha = tampered
     monkeypatch.setattr(greedy.subprocess, "run", lambda *a, **k: pytest.fail("vLLM child started"))

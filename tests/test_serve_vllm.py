@@ -45,7 +45,7 @@ def _prompts(model_dir: Path) -> list[list[int]]:
 
 def test_vllm_greedy_tokens_match_ours_on_parent_and_child(serve_exports):
     """fp32: vLLM's nemotron_nas.py and our DeciLMForCausalLM pick the same 24 tokens per prompt."""
-    from nemoforge.serving.parity import greedy_parity
+    from vllm_greedy import greedy_parity
 
     parent_dir, child_dir = serve_exports
     config = json.loads((child_dir / "config.json").read_text())
@@ -164,12 +164,12 @@ def test_vllm_serves_an_ffn_fused_child_with_greedy_parity(smollm2_dir: Path, tm
     channels, which no ffn_mult reaches: written as intermediate_size, read so by vLLM; run 20..21 fuses to 3072 =
     ffn_mult 8.0. Greedy tokens of stock vLLM equal ours (the transformers remote code) on 3 prompts."""
     from transformers import AutoTokenizer
+    from vllm_greedy import greedy_parity
 
     from nemoforge.models.block_configs import block_config
     from nemoforge.models.convert import child_from_parent, load_causal_lm
     from nemoforge.models.export import export_checkpoint
     from nemoforge.models.hf.configuration_decilm import AttentionConfig, BlockConfig, FFNConfig
-    from nemoforge.serving.parity import greedy_parity
     from nemoforge.stages.nas.fusion import attention_free_runs, fuse_runs
 
     parent = load_causal_lm(smollm2_dir)

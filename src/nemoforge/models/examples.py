@@ -1,23 +1,17 @@
-"""Export parity with stock vLLM: our model's greedy tokens vs vLLM's on the same checkpoint.
+"""Example checkpoints of a parent for speed and serving checks (untrained: only their speed means anything).
 
-The smoke test of recipe.md §3.7 step 5, and the fixtures it needs: an all-parent export and a
-heterogeneous child of one parent (no-op attention on some layers but never layer 0, narrowed FFNs,
-one no-op FFN), both written by :func:`nemoforge.models.export.export_checkpoint`.
+An all-parent nemotron-nas export and a heterogeneous child of one parent (no-op attention on some layers but
+never layer 0, narrowed FFNs, one no-op FFN), both written by :func:`nemoforge.models.export.export_checkpoint`;
+used by ``benchmarks/serve_throughput.py`` and the vLLM parity tests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from nemoforge.models.block_configs import block_config
 from nemoforge.models.convert import child_from_parent, load_causal_lm
 from nemoforge.models.export import export_checkpoint
-from nemoforge.models.generate import generate
-from nemoforge.serving.greedy import vllm_greedy
 
 
 def heterogeneous_block_configs(config) -> list:
@@ -62,37 +56,3 @@ def export_parent_and_child(parent_dir: Path, out_root: Path) -> tuple[Path, Pat
     export_checkpoint(child, tokenizer, child_out)
     export_checkpoint(parent, tokenizer, parent_out)
     return parent_out, child_out
-
-
-@dataclass(frozen=True)
-class ParityReport:
-    """Greedy tokens per prompt from nemoforge's model and vLLM; ``matches`` counts equal sequences."""
-
-    ours: list[list[int]]
-    vllm: list[list[int]]
-
-    @property
-    def matches(self) -> int:
-        return sum(a == b for a, b in zip(self.ours, self.vllm, strict=True))
-
-    def first_mismatch(self) -> str | None:
-        for k, (a, b) in enumerate(zip(self.ours, self.vllm, strict=True)):
-            if a != b:
-                pos = next(i for i, (x, y) in enumerate(zip(a + [None], b + [None], strict=False)) if x != y)
-                return f"prompt {k}: token {pos}: ours {a[pos : pos + 4]} vs vLLM {b[pos : pos + 4]}"
-        return None
-
-
-def greedy_parity(
-    export_dir: Path, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, dtype: str = "float32"
-) -> ParityReport:
-    """Greedy-decode ``prompts`` with our ``DeciLMForCausalLM`` and with vLLM on the same export (EOS ignored)."""
-    torch_dtype = getattr(torch, dtype)
-    model = load_causal_lm(export_dir, dtype=torch_dtype)
-    ours = []
-    for ids in prompts:
-        ids_BT = torch.tensor([list(ids)], dtype=torch.long)
-        out_BT = generate(model, ids_BT, max_new_tokens, temperature=0.0, eos_token_id=None)
-        ours.append(out_BT[0, len(ids) :].tolist())
-    del model
-    return ParityReport(ours=ours, vllm=vllm_greedy(export_dir, prompts, max_new_tokens, dtype=dtype).tokens)

@@ -1,7 +1,7 @@
-"""Greedy decoding through stock vLLM, for export parity checks (recipe.md §3.7 step 5).
+"""Greedy decoding through stock vLLM, and parity with ours (recipe.md §3.7 step 5), for the tests.
 
-The engine runs in a child process (:mod:`nemoforge.serving._vllm_greedy_main`), so the caller never
-imports vLLM and gets all of its memory back when the call returns.
+The engine runs in a child process (``_vllm_greedy_main.py`` beside this file), so the caller never imports
+vLLM and gets all of its memory back when the call returns.
 """
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from nemoforge.errors import NemoforgeError
+from nemoforge.models.convert import load_causal_lm
+from nemoforge.models.generate import generate
 from nemoforge.models.remote_code import verify_remote_code
 from nemoforge.serving.engine import vllm_env, vllm_python
 
@@ -78,3 +82,37 @@ def vllm_greedy(
             raise NemoforgeError(f"vLLM could not decode with {model_dir} (exit {proc.returncode}):\n{tail}")
         data = json.loads(result.read_text())
     return GreedyOutput(tokens=data["tokens"], logprobs=data["logprobs"])
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """Greedy tokens per prompt from nemoforge's model and vLLM; ``matches`` counts equal sequences."""
+
+    ours: list[list[int]]
+    vllm: list[list[int]]
+
+    @property
+    def matches(self) -> int:
+        return sum(a == b for a, b in zip(self.ours, self.vllm, strict=True))
+
+    def first_mismatch(self) -> str | None:
+        for k, (a, b) in enumerate(zip(self.ours, self.vllm, strict=True)):
+            if a != b:
+                pos = next(i for i, (x, y) in enumerate(zip(a + [None], b + [None], strict=False)) if x != y)
+                return f"prompt {k}: token {pos}: ours {a[pos : pos + 4]} vs vLLM {b[pos : pos + 4]}"
+        return None
+
+
+def greedy_parity(
+    export_dir: Path, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, dtype: str = "float32"
+) -> ParityReport:
+    """Greedy-decode ``prompts`` with our ``DeciLMForCausalLM`` and with vLLM on the same export (EOS ignored)."""
+    torch_dtype = getattr(torch, dtype)
+    model = load_causal_lm(export_dir, dtype=torch_dtype)
+    ours = []
+    for ids in prompts:
+        ids_BT = torch.tensor([list(ids)], dtype=torch.long)
+        out_BT = generate(model, ids_BT, max_new_tokens, temperature=0.0, eos_token_id=None)
+        ours.append(out_BT[0, len(ids) :].tolist())
+    del model
+    return ParityReport(ours=ours, vllm=vllm_greedy(export_dir, prompts, max_new_tokens, dtype=dtype).tokens)
