@@ -9,8 +9,10 @@ while the engine trains.
 Checkpoints hold the full, consolidated state in the single-process layout (:mod:`~nemoforge.training.checkpoint`):
 every parameter in float32 and both AdamW moments, gathered from the ZeRO partitions one parameter at a time,
 so a run checkpointed on ``N`` ranks resumes on any other ``N``, including 1. Loading writes them back into
-the partitions through ZeRO's own accessors, plus two private ZeRO internals named where they are used
-(the tests run ZeRO-2 and ZeRO-3 on gloo in CI, so a DeepSpeed upgrade that moves them fails there).
+the partitions through ``deepspeed.utils.safe_set_full_*`` and ZeRO optimizer internals (the flat float32
+partitions, ``_lazy_init_hp_params_optimizer_state``, ``_reassign_or_swap_out_partitioned_parameters``), so
+tests/test_training_distributed.py runs ZeRO-2 and ZeRO-3 on gloo in CI: a DeepSpeed upgrade that moves them
+fails there.
 """
 
 from __future__ import annotations
