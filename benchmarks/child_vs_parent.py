@@ -63,7 +63,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     workdir = args.workdir.resolve()
-    stages = {s["stage"]: s for s in lineage.pipeline_status(f"sqlite:///{workdir / 'mlflow.db'}", "nemoforge", args.run)}
+    stages = {s["stage"]: s for s in lineage.pipeline_status(lineage.Lineage(f"sqlite:///{workdir / 'mlflow.db'}", "nemoforge"), args.run)}
     parents = sorted((workdir / "artifacts" / "models").glob("parent-*"))
     corpora = sorted((workdir / "artifacts" / "corpus").iterdir(), key=lambda p: p.stat().st_mtime)
     models = {"parent": parents[-1]}

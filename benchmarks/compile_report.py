@@ -33,7 +33,7 @@ def measure(name: str, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "nemoforge.cli", "compile", name, "-o", f"{tmp}/cli.yaml"],
+            [sys.executable, "-m", "nemoforge_cli", "compile", name, "-o", f"{tmp}/cli.yaml"],
             check=True, capture_output=True,
         )  # fmt: skip
         cli_s = time.perf_counter() - started

@@ -20,7 +20,7 @@ def run_fresh(recipe: str, workdir: Path, cache: Path, overrides: list[str], *, 
     """
     shutil.rmtree(workdir, ignore_errors=True)
     env = {**os.environ, "NEMOFORGE_CACHE": str(cache.resolve()), "NEMOFORGE_NO_PROGRESS": "1"}
-    cmd = [sys.executable, "-m", "nemoforge.cli", "run", recipe, "--workdir", str(workdir), "--quiet"]
+    cmd = [sys.executable, "-m", "nemoforge_cli", "run", recipe, "--workdir", str(workdir), "--quiet"]
     for item in overrides:
         cmd += ["--set", item]
     started = time.perf_counter()
@@ -31,7 +31,7 @@ def run_fresh(recipe: str, workdir: Path, cache: Path, overrides: list[str], *, 
 def stage_status(workdir: Path) -> list[dict[str, Any]]:
     """``nemoforge status --json`` of the workdir's latest pipeline run: one dict per stage."""
     out = subprocess.run(
-        [sys.executable, "-m", "nemoforge.cli", "status", "--workdir", str(workdir), "--json"],
+        [sys.executable, "-m", "nemoforge_cli", "status", "--workdir", str(workdir), "--json"],
         check=True, capture_output=True, text=True,
     ).stdout
     return json.loads(out)

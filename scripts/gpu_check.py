@@ -196,7 +196,7 @@ def _stage_models(workdir: Path) -> dict[str, Path]:
     """The run's parent and each finished stage's exported model, by stage name."""
     from nemoforge import lineage
 
-    stages = {s["stage"]: s for s in lineage.pipeline_status(f"sqlite:///{workdir / 'mlflow.db'}", "nemoforge")}
+    stages = {s["stage"]: s for s in lineage.pipeline_status(lineage.Lineage(f"sqlite:///{workdir / 'mlflow.db'}", "nemoforge"))}
     paths = {"parent": sorted((workdir / "artifacts" / "models").glob("parent-*"))[-1]}
     for st in ("nas", "distill", "cpt", "sft", "rl"):
         if st in stages and "model" in stages[st].get("outputs", {}):
@@ -248,9 +248,9 @@ def _exported_greedy(recipe, store, model_uri: str) -> dict[str, float]:
     from transformers import AutoTokenizer
 
     from nemoforge.models.convert import load_causal_lm
+    from nemoforge.runtime import compute_device
     from nemoforge.stages.rl.stage import heldout_reward, rl_problems
-    from nemoforge.training.runtime import compute_device
-    from nemoforge.training.stage import recipe_dtype
+    from nemoforge.stages.training import recipe_dtype
 
     path = store.fetch(model_uri)
     model = load_causal_lm(path, dtype=recipe_dtype(recipe)).to(compute_device()).eval()
@@ -269,7 +269,7 @@ def cmd_rl(args) -> dict:
 
     from nemoforge.config import load_recipe
     from nemoforge.preflight import resolve_recipe
-    from nemoforge.runner import store_for
+    from nemoforge.runner.index import store_for
     from nemoforge.stages import rl, sft
 
     workdir = args.workdir.resolve()

@@ -50,6 +50,7 @@ fi
 mkdir -p /tmp/nf-path
 ln -sfn "$SRC/pipelines" /tmp/nf-path/nemoforge_pipelines
 ln -sfn "$SRC/components" /tmp/nf-path/nemoforge_components
+ln -sfn "$SRC/cli" /tmp/nf-path/nemoforge_cli
 export PYTHONPATH=$SRC/src:/tmp/nf-path:$SITE
 
 # --- wheels (once per machine)
@@ -61,7 +62,7 @@ if [ ! -f "$SITE/.done" ]; then
 fi
 IMPORTS="import pydantic, gguf, highspy, math_verify, kfp, kfp.local, kfp.kubernetes, mlflow, sqlalchemy, alembic
 import mlflow.store.model_registry.dbmodels.models
-from nemoforge.cli import main
+from nemoforge_cli.main import main
 import nemoforge_pipelines, nemoforge.runner, nemoforge.lineage"
 if [ -f "$SITE/.imports-ok" ]; then :
 elif ! python3 -c "$IMPORTS" 2>"$LOG/import.err"; then
@@ -133,15 +134,15 @@ elif [ -f "$PIDF" ] && kill -0 "$(cat "$PIDF")" 2>/dev/null; then
   say "waiting for the run in progress (pid $(cat "$PIDF"))"
 else
   say "nemoforge run smollm2-135m-gpu --workdir $WORK ${sets[*]}"
-  setsid bash -c 'python3 -m nemoforge.cli run smollm2-135m-gpu --workdir "$0" "${@}" >> "$0/logs/run.log" 2>&1; echo $? > "$0/run.rc"' \
+  setsid bash -c 'python3 -m nemoforge_cli run smollm2-135m-gpu --workdir "$0" "${@}" >> "$0/logs/run.log" 2>&1; echo $? > "$0/run.rc"' \
     "$WORK" "${sets[@]}" < /dev/null > /dev/null 2>&1 &
   echo $! > "$PIDF"
 fi
 deadline=$((SECONDS + ${NF_TIMEOUT:-480}))
 while [ ! -f "$WORK/run.rc" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 5; done
 if [ ! -f "$WORK/run.rc" ]; then
-  python3 -m nemoforge.cli status --workdir "$WORK" 2>&1 | tail -12
-  python3 -m nemoforge.cli status --workdir "$WORK" --json > "$OUT/status.json" 2>>"$LOG/post.err"
+  python3 -m nemoforge_cli status --workdir "$WORK" 2>&1 | tail -12
+  python3 -m nemoforge_cli status --workdir "$WORK" --json > "$OUT/status.json" 2>>"$LOG/post.err"
   tar -czf "$OUT/logs.tgz" -C "$WORK" logs 2>/dev/null
   say "still running after ${NF_TIMEOUT:-480} s: call again (at once: the machine stays warm 30 s) to wait for it"
   exit 0
@@ -151,7 +152,7 @@ say "nemoforge run exit $rc"
 tail -25 "$LOG/run.log"
 
 # --- results
-python3 -m nemoforge.cli status --workdir "$WORK" --json > "$OUT/status.json" 2>>"$LOG/post.err"
+python3 -m nemoforge_cli status --workdir "$WORK" --json > "$OUT/status.json" 2>>"$LOG/post.err"
 python3 scripts/gpu_check.py mlflow --workdir "$WORK" --out "$LOG/mlflow.json" 2>>"$LOG/post.err"
 if [ "${NF_CHECK:-1}" = 1 ]; then
   timeout -k 5 "${NF_CHECK_TIMEOUT:-120}" python3 scripts/gpu_check.py models --workdir "$WORK" \

@@ -43,6 +43,32 @@ def moto_s3(secret_access_key: str = "testing") -> Iterator[str]:
             server.stop()
 
 
+def vllm_processes(marker: str) -> list[str]:
+    """Live (non-zombie) processes whose command line contains ``marker``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if marker in cmdline and state != "Z" and int(proc.name) != os.getpid():
+            found.append(f"{proc.name} {cmdline[:120]}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def needs_vllm() -> None:
+    """Skip the module's tests when vLLM cannot be imported by the interpreter that runs it."""
+    from nemoforge.errors import NemoforgeError
+    from nemoforge.serving.engine import vllm_version
+
+    try:
+        vllm_version()
+    except NemoforgeError as err:
+        pytest.skip(str(err))
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():

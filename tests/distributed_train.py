@@ -65,10 +65,10 @@ def main() -> int:
 def run(args: argparse.Namespace, ctx) -> int:
     from nemoforge.artifacts import LocalStore
     from nemoforge.config import TrainConfig
+    from nemoforge.stages.training import fetch_latest_checkpoint
     from nemoforge.training import distributed
     from nemoforge.training.loop import epoch_batches, train
     from nemoforge.training.losses import causal_lm_loss_BT
-    from nemoforge.training.stage import fetch_latest_checkpoint
 
     rank = ctx.rank if ctx else 0
     store = LocalStore(str(args.store))

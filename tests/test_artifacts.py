@@ -183,7 +183,7 @@ def _fake_checkpoint(root: Path, step: int) -> Path:
 def test_checkpoint_uploader_keeps_the_newest_k_and_resume_takes_the_newest(
     store: ArtifactStore, tmp_path: Path
 ) -> None:
-    from nemoforge.training.stage import checkpoint_uploader, fetch_latest_checkpoint, stored_steps
+    from nemoforge.stages.training import checkpoint_uploader, fetch_latest_checkpoint, stored_steps
 
     checkpoints_uri = store.join("run-1", "cpt", "checkpoints")
     upload = checkpoint_uploader(store, checkpoints_uri, keep=2)
@@ -230,8 +230,8 @@ def test_a_flipped_byte_in_a_stored_model_is_refused_on_fetch(store: ArtifactSto
 
 
 def test_resume_refuses_a_checkpoint_changed_after_upload(store: ArtifactStore, tmp_path: Path) -> None:
-    """The fetch in front of every stage's resume (training.stage.fetch_latest_checkpoint)."""
-    from nemoforge.training.stage import fetch_latest_checkpoint
+    """The fetch in front of every stage's resume (stages.training.fetch_latest_checkpoint)."""
+    from nemoforge.stages.training import fetch_latest_checkpoint
 
     step = _fake_checkpoint(tmp_path, 4)
     checkpoints_uri = store.join("run-1", "cpt", "checkpoints")
@@ -376,7 +376,7 @@ def test_local_store_reads_s3_uris_through_its_endpoint(s3_endpoint: str, tmp_pa
 def test_s3_checksum_headers_follow_storage_s3_checksums(s3_endpoint: str, tmp_path: Path, mode: str) -> None:
     """The exact upload request: CRC checksum headers only when the recipe asks for them (boto3 >= 1.36 sends
     them by default, and some S3-compatible stores refuse them); the sha256 metadata and check either way."""
-    from nemoforge.runner import store_for
+    from nemoforge.runner.index import store_for
 
     bucket = _new_bucket(s3_endpoint)
     recipe = Recipe(

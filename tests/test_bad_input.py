@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nemoforge.cli import main
+from nemoforge_cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def test_read_only_workdir_with_artifact_root_elsewhere(tmp_path: Path) -> None:
     writes, so the directory is bind-mounted read-only in a private mount namespace (unshare -m)."""
     workdir = tmp_path / "ro"
     workdir.mkdir()
-    cmd = [sys.executable, "-m", "nemoforge.cli", "run", "smollm2-135m-demo", "--workdir", str(workdir),
+    cmd = [sys.executable, "-m", "nemoforge_cli", "run", "smollm2-135m-demo", "--workdir", str(workdir),
            "--set", f"storage.artifact_root={tmp_path / 'artifacts'}"]  # fmt: skip
     if os.geteuid() == 0:
         if shutil.which("unshare") is None:

@@ -19,7 +19,7 @@ import jsonschema
 import pytest
 import yaml
 
-from nemoforge.cli import main
+from nemoforge_cli.main import main
 
 TOKEN = "kfp-bearer-xyz"
 CLUSTER_SETS = [

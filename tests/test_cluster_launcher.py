@@ -16,7 +16,7 @@ from nemoforge.cluster.launcher import KubeAPI, TrainJobFailed, TrainJobs, launc
 from nemoforge.cluster.trainjob import build_trainjob
 from nemoforge.config import load_recipe
 from nemoforge.errors import NemoforgeError
-from nemoforge.runner import StepIndex, result_to_json, step_key, store_for
+from nemoforge.runner.index import StepIndex, result_to_json, step_key, store_for
 from nemoforge.stages.result import StageResult
 
 NS = "team-a"
@@ -228,7 +228,7 @@ def test_launch_stage_end_to_end_reads_the_workers_result(kube, tmp_path, monkey
         ("POST", COLLECTION, expected, 201, expected),
         ("GET", f"{COLLECTION}/{name}", None, 200, with_status(expected, COMPLETE)),
     ]
-    # what the workers leave behind (nemoforge.runner.execute_stage on rank 0)
+    # what the workers leave behind (nemoforge.runner.execute.execute_stage on rank 0)
     result = StageResult(outputs={"model": "s3://b/run-7/cpt/model"}, digests={"model": "e" * 64},
                          tags={"params": "6.0e9", "device": "cuda"})
     StepIndex(store_for(recipe), "cpt", step_key("cpt", recipe.cpt, inputs)).write(

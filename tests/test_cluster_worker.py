@@ -32,7 +32,7 @@ def test_two_rank_worker_trains_once_and_only_rank_0_records(tiny_llama_dir: Pat
     from mlflow import MlflowClient
 
     from nemoforge.artifacts import open_store
-    from nemoforge.runner import StepIndex, step_key
+    from nemoforge.runner.index import StepIndex, step_key
 
     store = open_store(str(tmp_path / "store"))
     corpus_uri = put_corpus(store, shared_dir, tiny_llama_dir, tmp_path)

@@ -69,13 +69,6 @@ def test_bad_override_syntax():
         apply_overrides({}, ["distill.steps"])
 
 
-def test_section_digest_tracks_only_that_section():
-    a = load_recipe("smollm2-135m-demo")
-    b = load_recipe("smollm2-135m-demo", ["cpt.steps=5"])
-    assert a.section_digest("nas") == b.section_digest("nas")
-    assert a.section_digest("cpt") != b.section_digest("cpt")
-
-
 def test_min_memory_bytes_for_smollm2():
     recipe = load_recipe("smollm2-135m-demo", ["nas.cost.weight_bytes=2", "nas.cost.kv_bytes=2"])
     # tied embedding + layer 0 attention (q,o: 576x576; k,v: 576x192) and its KV cache for 1 x (128 + 128) tokens
@@ -134,3 +127,9 @@ def test_gpu_recipe_meets_the_gpu_proof_sizes():
     assert gate.min_speedup >= 1.5 and gate.min_retention["lm_top1"] >= 0.95
     assert min(gate.min_toggle_on, gate.min_toggle_off) >= 0.95
     assert all(getattr(recipe.resources, s).gpu_count == 1 for s in recipe.enabled_stages())
+
+
+def test_preference_pass_without_its_data_fails_at_validation():
+    with pytest.raises(RecipeError, match=r"rl.preference.enabled needs data.preference_uri .* set it, or set"):
+        load_recipe("smollm2-135m-demo", ["rl.preference.enabled=true"])
+    load_recipe("smollm2-135m-demo", ["rl.preference.enabled=true", "rl.enabled=false"])  # rl off: nothing to check

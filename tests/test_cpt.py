@@ -97,9 +97,9 @@ def test_cpt_metrics_reach_mlflow_while_it_trains(
     """Issue 15 §5: through the runner, a stage killed after step 2 keeps its points; the resume adds the rest."""
     from mlflow import MlflowClient
 
-    from nemoforge import runner
     from nemoforge.artifacts import open_store
-    from nemoforge.training import stage as training_stage
+    from nemoforge.runner.execute import execute_stage
+    from nemoforge.stages import training as training_stage
 
     store = open_store(str(tmp_path / "store"))
     inputs = {
@@ -126,7 +126,7 @@ def test_cpt_metrics_reach_mlflow_while_it_trains(
 
     monkeypatch.setattr(training_stage, "checkpoint_uploader", killed_after_upload)
     with pytest.raises(KeyboardInterrupt):
-        runner.execute_stage("cpt", recipe, "run-1", inputs)
+        execute_stage("cpt", recipe, "run-1", inputs)
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs(client.get_experiment_by_name("nemoforge").experiment_id, "tags.`nemoforge.stage` = 'cpt'")
     assert run.info.status == "KILLED"
@@ -135,7 +135,7 @@ def test_cpt_metrics_reach_mlflow_while_it_trains(
     assert [m.step for m in client.get_metric_history(run.info.run_id, "tokens_per_s")] == [1, 2]
 
     monkeypatch.setattr(training_stage, "checkpoint_uploader", uploader)
-    result, _ = runner.execute_stage("cpt", recipe, "run-1", inputs)
+    result, _ = execute_stage("cpt", recipe, "run-1", inputs)
     assert result.tags["resumed_from_step"] == "2"
     points = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
     assert [m.step for m in points] == [1, 2, 3, 4]  # the killed attempt's points are not doubled

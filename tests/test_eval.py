@@ -221,15 +221,13 @@ def test_eval_stage_child_vs_parent(tiny_llama_dir: Path, tmp_path: Path):
 def test_eval_stage_re_evaluates_or_refuses_a_champion_from_other_settings(tiny_llama_dir: Path, tmp_path: Path):
     from nemoforge.artifacts import open_store
     from nemoforge.stages.eval import run
-    from nemoforge.stages.eval.stage import champion_uri
 
     store = open_store(str(tmp_path / "store"))
     recipe = Recipe(name="test", sft={"num_samples": 40}, eval=TINY_EVAL)
     # the champion was measured under other settings (pass@1 0.9 on an easier set); its model is the same weights
     record = {"version": 1, "model_uri": str(tiny_llama_dir), "metrics": {"math_pass1_on": 0.9}, "eval_settings": "0" * 64}
-    store.write_json(champion_uri(store, recipe.model.name), record)
     result = run(recipe, model_uri=str(tiny_llama_dir), parent_uri=str(tiny_llama_dir),
-                 output_uri=store.join("run-1", "eval"), store=store, corpus_uri=_corpus(tmp_path))
+                 output_uri=store.join("run-1", "eval"), store=store, corpus_uri=_corpus(tmp_path), champion=record)
     # re-measured under the current settings it scores what the child scores: a tie, which keeps the champion
     assert result.tags["gate_failed"] == (
         "math_pass1_on=0 ties champion v1 0: a tie keeps the champion (re-evaluated under the current eval settings "
@@ -237,8 +235,8 @@ def test_eval_stage_re_evaluates_or_refuses_a_champion_from_other_settings(tiny_
     )
     assert store.read_json(result.outputs["report"])["champion"]["metrics"]["lm_top1"] == result.metrics["lm_top1"]
 
-    store.write_json(champion_uri(store, recipe.model.name), record | {"model_uri": str(tmp_path / "gone")})
     refused = run(recipe, model_uri=str(tiny_llama_dir), parent_uri=str(tiny_llama_dir),
-                  output_uri=store.join("run-2", "eval"), store=store)
+                  output_uri=store.join("run-2", "eval"), store=store,
+                  champion=record | {"model_uri": str(tmp_path / "gone")})
     assert refused.tags["gate_failed"].startswith("champion v1: comparison refused: recorded under eval settings 0000")
     assert "lm_top1" not in refused.metrics and "lm_heldout_rows" not in refused.tags  # no corpus given

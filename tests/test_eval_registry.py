@@ -22,8 +22,7 @@ def _result(tmp_path: Path, model_dir: Path, name: str, gate: str, pass1: float)
 def test_register_moves_champion_only_when_the_gate_passed(tiny_llama_dir: Path, tmp_path: Path):
     from mlflow import MlflowClient
 
-    from nemoforge.runner import register_evaluated_model
-    from nemoforge.stages.eval.stage import champion_uri
+    from nemoforge.runner.register import champion_record, register_evaluated_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     recipe = Recipe(name="test", tracking={"mlflow_uri": uri}, storage={"artifact_root": str(tmp_path / "store")})
@@ -43,18 +42,20 @@ def test_register_moves_champion_only_when_the_gate_passed(tiny_llama_dir: Path,
     tags = client.get_model_version(name, "2").tags
     assert tags["nemoforge.gate"] == "failed" and tags["nemoforge.pipeline_run"] == "run-2"
     assert tags["nemoforge.upstream.model"] == "/m/rl" and tags["nemoforge.metric.math_pass1_on"] == "0.1"
+    assert tags["nemoforge.eval_settings"] == "settings-of-run-2"
 
-    from nemoforge.artifacts import open_store
-
-    store = open_store(str(tmp_path / "store"))
-    record = store.read_json(champion_uri(store, name))  # the failed run-2 left the champion where it was
-    assert record["version"] == 1 and record["model_uri"] == str(tiny_llama_dir)
-    assert record["eval_settings"] == "settings-of-run-1" and record["metrics"]["math_pass1_on"] == 0.5
+    # the registry is the champion's one record: the failed run-2 left it where it was
+    record = champion_record(recipe)
+    assert record == {
+        "version": 1, "model_uri": str(tiny_llama_dir.resolve()),
+        "metrics": {"math_pass1_on": 0.5, "decode_tokens_per_s": 10.0}, "eval_settings": "settings-of-run-1",
+    }
+    assert not (tmp_path / "store" / "registry").exists()  # no second record in the store
 
 
 def test_status_names_every_failed_gate_criterion(tmp_path: Path, capsys):
     from nemoforge import lineage
-    from nemoforge.cli import main
+    from nemoforge_cli.main import main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     recipe = Recipe(name="test", tracking={"mlflow_uri": uri})
@@ -64,10 +65,10 @@ def test_status_names_every_failed_gate_criterion(tmp_path: Path, capsys):
         "fail: toggle_on=0.125 (95% CI 0.04 to 0.31) >= 0.9",
         "ok: no champion yet",
     ]
-    with lineage.stage_run(uri, "nemoforge", "run-1", "eval", recipe) as tracker:
+    with lineage.Lineage(uri, "nemoforge").stage_run("run-1", "eval", recipe) as tracker:
         tracker.log_result(StageResult(metrics={"gate_passed": 0.0, "toggle_on": 0.125, "toggle_on_ci_low": 0.04},
                                        tags={"gate": "failed", "gate_checks": "; ".join(checks)}))
-    (status,) = lineage.pipeline_status(uri, "nemoforge")
+    (status,) = lineage.pipeline_status(lineage.Lineage(uri, "nemoforge"))
     assert status["gate"] == "failed"
     assert status["gate_failed"] == [
         "retention math_pass1_on=0 >= 0.8 (child 0, parent 0.042)", "toggle_on=0.125 (95% CI 0.04 to 0.31) >= 0.9"
@@ -82,7 +83,7 @@ def test_status_names_every_failed_gate_criterion(tmp_path: Path, capsys):
 
 def test_status_lists_the_gate_metrics_first_and_fits_the_terminal(tmp_path: Path, capsys, monkeypatch):
     from nemoforge import lineage
-    from nemoforge.cli import key_metrics, main
+    from nemoforge_cli.main import key_metrics, main
 
     metrics = {"decode_tokens_per_s": 9.0, "ifeval_prompt_strict": 0.3, "kl_to_parent": 0.1, "lm_loss": 2.0,
                "lm_top1": 0.4, "math_pass1_off": 0.2, "math_pass1_on": 0.25, "parent_lm_top1": 0.45,
@@ -94,7 +95,8 @@ def test_status_lists_the_gate_metrics_first_and_fits_the_terminal(tmp_path: Pat
     assert [k for k, _ in key_metrics("cpt", {"b": 1.0, "a": 2.0})] == ["a", "b"]
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with lineage.stage_run(uri, "nemoforge", "run-1", "eval", Recipe(name="test", tracking={"mlflow_uri": uri})) as t:
+    recipe = Recipe(name="test", tracking={"mlflow_uri": uri})
+    with lineage.Lineage(uri, "nemoforge").stage_run("run-1", "eval", recipe) as t:
         t.log_result(StageResult(metrics=metrics, outputs={"model": f"{tmp_path}/store/run-1/rl/model"}))
     monkeypatch.setenv("COLUMNS", "90")
     capsys.readouterr()

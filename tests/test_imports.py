@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from nemoforge.lineage import STAGES
+from nemoforge.config import STAGES
 
 
 @pytest.mark.parametrize("stage", STAGES)

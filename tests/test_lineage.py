@@ -70,16 +70,16 @@ def test_stage_runs_nest_under_the_pipeline_run(
     tracking_uri: str, experiment: str, recipe: Recipe, client: MlflowClient, workdir: Path
 ) -> None:
     model_uri = _model_dir(workdir, f"nas-{experiment}")
-    with lineage.stage_run(
-        tracking_uri, experiment, "run-1", "nas", recipe, input_uris={"parent_uri": "/models/parent"}
+    with lineage.Lineage(tracking_uri, experiment).stage_run(
+        "run-1", "nas", recipe, input_uris={"parent_uri": "/models/parent"}
     ) as tracker:
         tracker.log_metrics(1, {"loss": 3.0})  # live, then again in the result's history
         tracker.log_result(_nas_result(workdir, model_uri))
-    with lineage.stage_run(
-        tracking_uri, experiment, "run-1", "distill", recipe, input_uris={"model_uri": model_uri}
+    with lineage.Lineage(tracking_uri, experiment).stage_run(
+        "run-1", "distill", recipe, input_uris={"model_uri": model_uri}
     ) as distill:
         distill.log_result(StageResult(metrics={"loss": 1.5}))
-    lineage.finish_pipeline_run(tracking_uri, experiment, "run-1", "FINISHED")
+    lineage.Lineage(tracking_uri, experiment).finish_pipeline_run("run-1", "FINISHED")
 
     nas = client.get_run(tracker.run_id)
     parent = client.get_run(tracker.parent_run_id)
@@ -140,7 +140,7 @@ def test_rerun_after_failure_restarts_the_same_run(
 ) -> None:
     with (
         pytest.raises(RuntimeError, match="out of memory"),
-        lineage.stage_run(tracking_uri, experiment, "run-2", "nas", recipe) as first,
+        lineage.Lineage(tracking_uri, experiment).stage_run("run-2", "nas", recipe) as first,
     ):
         first.log_metrics(1, {"loss": 4.0})
         raise RuntimeError("out of memory\nat step 2")
@@ -148,12 +148,12 @@ def test_rerun_after_failure_restarts_the_same_run(
     assert failed.info.status == "FAILED"
     assert failed.data.tags["nemoforge.error"] == "RuntimeError: out of memory at step 2"
     assert (
-        lineage.pipeline_status(tracking_uri, experiment)[0]["error"]
+        lineage.pipeline_status(lineage.Lineage(tracking_uri, experiment))[0]["error"]
         == "RuntimeError: out of memory at step 2"
     )
 
     for _ in range(2):  # a re-run, then a reuse that logs the same result again
-        with lineage.stage_run(tracking_uri, experiment, "run-2", "nas", recipe) as again:
+        with lineage.Lineage(tracking_uri, experiment).stage_run("run-2", "nas", recipe) as again:
             again.log_result(
                 StageResult(
                     metrics={"kl_div_heldout": 0.5},
@@ -175,10 +175,12 @@ def test_rerun_after_failure_restarts_the_same_run(
 
     # changed settings cannot overwrite MLflow params: a new stage run, which status then shows
     changed = recipe.model_copy(update={"nas": recipe.nas.model_copy(update={"num_solutions": 5})})
-    with lineage.stage_run(tracking_uri, experiment, "run-2", "nas", changed) as other:
+    with lineage.Lineage(tracking_uri, experiment).stage_run("run-2", "nas", changed) as other:
         pass
     assert other.run_id != first.run_id
-    assert [s["run_id"] for s in lineage.pipeline_status(tracking_uri, experiment, "run-2")] == [other.run_id]
+    assert [
+        s["run_id"] for s in lineage.pipeline_status(lineage.Lineage(tracking_uri, experiment), "run-2")
+    ] == [other.run_id]
 
 
 def test_interrupt_marks_the_stage_killed(
@@ -186,7 +188,7 @@ def test_interrupt_marks_the_stage_killed(
 ) -> None:
     with (
         pytest.raises(KeyboardInterrupt),
-        lineage.stage_run(tracking_uri, experiment, "run-3", "cpt", recipe) as tracker,
+        lineage.Lineage(tracking_uri, experiment).stage_run("run-3", "cpt", recipe) as tracker,
     ):
         raise KeyboardInterrupt
     assert client.get_run(tracker.run_id).info.status == "KILLED"
@@ -195,25 +197,25 @@ def test_interrupt_marks_the_stage_killed(
 def test_pipeline_status_lists_stages_in_order(
     tracking_uri: str, experiment: str, recipe: Recipe, workdir: Path
 ) -> None:
-    assert lineage.pipeline_status(tracking_uri, experiment) == []
+    assert lineage.pipeline_status(lineage.Lineage(tracking_uri, experiment)) == []
     model_uri = _model_dir(workdir, f"status-{experiment}")
     for stage in ("distill", "nas"):  # started out of order on purpose
-        with lineage.stage_run(tracking_uri, experiment, "old", stage, recipe) as tracker:
+        with lineage.Lineage(tracking_uri, experiment).stage_run("old", stage, recipe) as tracker:
             tracker.log_result(StageResult(metrics={"loss": 1.0}, outputs={"model": f"{model_uri}/{stage}"}))
     time.sleep(0.01)
     with (
         pytest.raises(ValueError, match="boom"),
-        lineage.stage_run(tracking_uri, experiment, "new", "nas", recipe),
+        lineage.Lineage(tracking_uri, experiment).stage_run("new", "nas", recipe),
     ):
         raise ValueError("boom")
 
-    (latest,) = lineage.pipeline_status(tracking_uri, experiment)  # the newest pipeline run
+    (latest,) = lineage.pipeline_status(lineage.Lineage(tracking_uri, experiment))  # the newest pipeline run
     assert latest["pipeline_run"] == "new"
     assert latest["pipeline_state"] == "RUNNING"
     assert latest["state"] == "FAILED"
     assert latest["error"] == "ValueError: boom"
 
-    old = lineage.pipeline_status(tracking_uri, experiment, "old")
+    old = lineage.pipeline_status(lineage.Lineage(tracking_uri, experiment), "old")
     assert [s["stage"] for s in old] == ["nas", "distill"]
     nas = old[0]
     assert nas["state"] == "FINISHED"
@@ -224,9 +226,9 @@ def test_pipeline_status_lists_stages_in_order(
     assert 0 <= nas["wall_time_s"] < 60
     assert nas["start_time"] <= nas["end_time"]
     with pytest.raises(InputNotFoundError, match="no pipeline run 'missing'"):
-        lineage.pipeline_status(tracking_uri, experiment, "missing")
+        lineage.pipeline_status(lineage.Lineage(tracking_uri, experiment), "missing")
     with pytest.raises(InputNotFoundError, match="no pipeline run 'missing'"):
-        lineage.finish_pipeline_run(tracking_uri, experiment, "missing", "FAILED")
+        lineage.Lineage(tracking_uri, experiment).finish_pipeline_run("missing", "FAILED")
 
 
 def test_plots_on_s3_are_fetched_through_the_recipe_store(
@@ -247,7 +249,7 @@ def test_plots_on_s3_are_fetched_through_the_recipe_store(
         s3.put_object(Bucket="plots", Key="run/nas/pareto.png", Body=b"\x89PNG\r\n\x1a\n")
         storage = {"artifact_root": "s3://plots/run", "s3_endpoint_url": endpoint}
         recipe = Recipe(name="s3-test", storage=storage)
-        with lineage.stage_run(tracking_uri, experiment, "run-s3", "nas", recipe) as tracker:
+        with lineage.Lineage(tracking_uri, experiment).stage_run("run-s3", "nas", recipe) as tracker:
             tracker.log_result(StageResult(plots={"pareto_front": "s3://plots/run/nas/pareto.png"}))
     finally:
         server.stop()
@@ -259,12 +261,12 @@ def test_register_model_points_aliases_at_the_store_uri(
     tracking_uri: str, experiment: str, recipe: Recipe, client: MlflowClient, workdir: Path
 ) -> None:
     model_uri = _model_dir(workdir, f"reg-{experiment}")
-    with lineage.stage_run(tracking_uri, experiment, "run-4", "cpt", recipe) as tracker:
+    with lineage.Lineage(tracking_uri, experiment).stage_run("run-4", "cpt", recipe) as tracker:
         tracker.log_result(StageResult(outputs={"model": model_uri}, digests={"model": DIGEST}))
     name = f"child-{experiment}"
 
-    first = lineage.register_model(
-        tracking_uri, name, model_uri, aliases=["challenger"], tags={"gate": "pending"}
+    first = lineage.Registry(tracking_uri).register_model(
+        name, model_uri, aliases=["challenger"], tags={"gate": "pending"}
     )
     version = client.get_model_version_by_alias(name, "challenger")
     assert int(version.version) == first == 1
@@ -273,21 +275,23 @@ def test_register_model_points_aliases_at_the_store_uri(
     assert version.tags["nemoforge.sha256"] == DIGEST
     assert version.tags["gate"] == "pending"
 
-    second = lineage.register_model(tracking_uri, name, model_uri, aliases=["challenger", "champion"])
+    second = lineage.Registry(tracking_uri).register_model(
+        name, model_uri, aliases=["challenger", "champion"]
+    )
     assert second == 2
     assert int(client.get_model_version_by_alias(name, "champion").version) == 2
     assert int(client.get_model_version_by_alias(name, "challenger").version) == 2
 
-    external = lineage.register_model(tracking_uri, name, "s3://bucket/models/x")
+    external = lineage.Registry(tracking_uri).register_model(name, "s3://bucket/models/x")
     assert client.get_model_version(name, str(external)).source == "s3://bucket/models/x"
     with pytest.raises(InputNotFoundError, match="does not exist"):
-        lineage.register_model(tracking_uri, name, str(workdir / "no-such-model"))
+        lineage.Registry(tracking_uri).register_model(name, str(workdir / "no-such-model"))
 
 
 # ------------------------------------------------------------------------------------- experiments
 def test_ensure_experiment_and_tracking_check(tracking_uri: str, experiment: str, workdir: Path) -> None:
-    exp_id = lineage.ensure_experiment(tracking_uri, experiment, str(workdir / "elsewhere"))
-    assert lineage.ensure_experiment(tracking_uri, experiment) == exp_id
+    exp_id = lineage.Lineage(tracking_uri, experiment).ensure_experiment(str(workdir / "elsewhere"))
+    assert lineage.Lineage(tracking_uri, experiment).ensure_experiment() == exp_id
     lineage.check_tracking(tracking_uri)
 
     with socket.socket() as sock:

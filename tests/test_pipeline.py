@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nemoforge.cli import main
 from nemoforge.config import load_recipe
+from nemoforge_cli.main import main
 from nemoforge_pipelines import compile_recipe
 
 TINY_OVERRIDES = [
@@ -167,7 +167,7 @@ def test_local_run_end_to_end_then_skip_unchanged_then_force_reuses(
     from transformers import AutoModelForCausalLM
 
     from nemoforge.preflight import resolve_recipe
-    from nemoforge.runner import input_digests, retrain_decision
+    from nemoforge.runner.retrain import input_digests, retrain_decision
 
     corpus = tmp_path / "corpus.txt"  # a copy, so that its content can change below
     corpus.write_text((shared_dir / "data" / "corpus" / "tinyshakespeare.txt").read_text())
@@ -270,7 +270,7 @@ def test_quiet_run_keeps_the_executor_input_off_the_console(
     tiny_llama_dir: Path, shared_dir: Path, tmp_path: Path, capsys
 ):
     """Issue 15 §4: `run --quiet` prints progress and results; the executor's records go to the workdir's log."""
-    from nemoforge.cli import EXECUTOR_LOG
+    from nemoforge_cli.main import EXECUTOR_LOG
 
     workdir = tmp_path / "work"
     corpus = shared_dir / "data" / "corpus" / "tinyshakespeare.txt"

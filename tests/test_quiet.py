@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from nemoforge.quiet import ExecutorLogFilter
+from nemoforge_cli.quiet import ExecutorLogFilter
 
 
 def test_executor_records_and_their_json_go_to_the_log():

@@ -96,7 +96,7 @@ def test_serve_stage_refuses(tampered, tmp_path: Path):
 
 
 def test_cli_serve_refuses_in_one_line(tampered, tmp_path: Path, capsys):
-    from nemoforge.cli import main
+    from nemoforge_cli.main import main
 
     model_dir, sha = tampered
     assert main(["serve", str(model_dir), "--workdir", str(tmp_path)]) == 2

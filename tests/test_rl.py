@@ -137,7 +137,7 @@ def test_grpo_steps_change_params_and_raise_a_learnable_reward(tiny_llama_dir: P
 
     from nemoforge.config import RLConfig
     from nemoforge.models.convert import load_causal_lm
-    from nemoforge.stages.eval.generation import generate_ids
+    from nemoforge.models.generate import generate_ids
     from nemoforge.stages.rl.losses import token_logps
     from nemoforge.stages.rl.stage import rollout_batch
 
@@ -247,7 +247,7 @@ def test_grpo_through_the_stage_loss_and_the_train_loop_raises_a_learnable_rewar
     from nemoforge.config import RLConfig
     from nemoforge.models.convert import load_causal_lm
     from nemoforge.rewards import REWARDS, completion_text
-    from nemoforge.stages.eval.generation import generate_chats
+    from nemoforge.stages.chat import generate_chats
     from nemoforge.stages.rl.stage import make_grpo_loss
     from nemoforge.training.loop import epoch_batches, train
 

@@ -83,3 +83,23 @@ def test_rl_problems_are_disjoint_from_sft_data_and_each_other(tmp_path: Path):
     assert not (train_q | heldout_q) & {s.prompt for s in sft_train + sft_heldout}
     assert [r for _, _, r in heldout[:4]] == ["on", "off", "on", "off"]
     assert "steps=1&max_operand=4" in source
+
+
+def test_round_to_dtype_makes_the_export_lossless(tiny_llama_dir: Path):
+    import torch
+
+    from nemoforge.models.convert import load_causal_lm
+    from nemoforge.stages.training import round_to_dtype
+
+    model = load_causal_lm(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-5)  # below bfloat16's resolution for most weights: lost by a cast
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    round_to_dtype(model, torch.bfloat16)
+    after = model.state_dict()
+    assert all(v.dtype == torch.float32 for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+    for k, v in after.items():
+        assert torch.equal(v, v.to(torch.bfloat16).float()), k
+

@@ -71,7 +71,7 @@ def _prompts(tokenizer) -> list[list[int]]:
 def test_pushed_weights_make_vllm_greedy_equal_ours(policy_and_engine):
     import torch
 
-    from nemoforge.stages.eval.generation import generate_ids
+    from nemoforge.models.generate import generate_ids
 
     model, tokenizer, engine = policy_and_engine
     prompts = _prompts(tokenizer)
@@ -97,7 +97,8 @@ def test_pushed_weights_make_vllm_greedy_equal_ours(policy_and_engine):
 def test_grpo_with_vllm_rollouts_completes_and_tags_the_run(policy_and_engine, vllm_llama_dir: Path, tmp_path: Path):
     """Runs after the parity test: the module's engine is closed first (one in-process engine at a time)."""
     from nemoforge import lineage
-    from nemoforge.runner import execute_stage, store_for
+    from nemoforge.runner.execute import execute_stage
+    from nemoforge.runner.index import store_for
 
     policy_and_engine[2].close()
     recipe = Recipe(
@@ -112,7 +113,7 @@ def test_grpo_with_vllm_rollouts_completes_and_tags_the_run(policy_and_engine, v
     )  # fmt: skip
     store = store_for(recipe)
     model_uri = store.put(vllm_llama_dir, store.join("models", "sft"))
-    lineage.open_pipeline_run(recipe.tracking.mlflow_uri, recipe.tracking.experiment, "run-1", recipe)
+    lineage.Lineage.for_recipe(recipe).open_pipeline_run("run-1", recipe)
     result, _ = execute_stage("rl", recipe, "run-1", {"model": {"uri": model_uri, "digest": "x"}})
     assert result.metrics["train_steps"] == 2
     assert [s for s, _ in result.history["reward_mean"]] == [1, 2]
@@ -121,7 +122,7 @@ def test_grpo_with_vllm_rollouts_completes_and_tags_the_run(policy_and_engine, v
     assert result.tags["rollout_engine"] == "vllm"
     (rl,) = [
         s
-        for s in lineage.pipeline_status(recipe.tracking.mlflow_uri, recipe.tracking.experiment, "run-1")
+        for s in lineage.pipeline_status(lineage.Lineage.for_recipe(recipe), "run-1")
         if s["stage"] == "rl"
     ]
     assert rl["state"] == "FINISHED"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from nemoforge.config import load_recipe
-from nemoforge.runner import CORPUS_FIELDS, corpus_key, result_from_json, result_to_json, step_key
+from nemoforge.runner.execute import CORPUS_FIELDS, corpus_key
+from nemoforge.runner.index import result_from_json, result_to_json, step_key
 from nemoforge.stages.result import DatasetRef, StageResult
 
 
@@ -43,3 +44,30 @@ def test_result_round_trips_through_json():
         tags={"block_configs": "attn 3/4"},
     )
     assert result_from_json(result_to_json(result)) == result
+
+
+def test_the_stage_table_holds_every_stage_once_in_pipeline_order():
+    import pytest
+
+    from nemoforge.config import STAGES
+    from nemoforge.runner.stage_table import STAGE_TABLE, stage_entry
+
+    assert tuple(STAGE_TABLE) == STAGES
+    assert [name for name, entry in STAGE_TABLE.items() if entry.trains] == ["distill", "cpt", "sft", "rl"]
+    assert stage_entry("cpt").run_fn().__module__ == "nemoforge.stages.cpt.stage"
+    with pytest.raises(ValueError, match="unknown stage 'dpo'"):
+        stage_entry("dpo")
+
+
+def test_stage_key_of_a_reasoning_stage_covers_its_data_and_sft():
+    """sft, rl and eval re-derive sft's split from data and seed: their keys follow them; cpt's does not."""
+    from nemoforge.runner.stage_table import stage_key
+
+    base = load_recipe("smollm2-135m-demo")
+    inputs = {"model": {"uri": "/m", "digest": "m1"}}
+    for change, moved in (("data.sft_uri=x.jsonl", {"sft", "rl", "eval"}), ("sft.steps=30", {"sft", "rl", "eval"}),
+                          ("cpt.steps=30", {"cpt"})):
+        changed = load_recipe("smollm2-135m-demo", [change])
+        assert {s for s in ("cpt", "sft", "rl", "eval")
+                if stage_key(base, s, inputs) != stage_key(changed, s, inputs)} == moved, change
+    assert stage_key(base, "cpt", inputs) == step_key("cpt", base.cpt, inputs)

@@ -130,7 +130,7 @@ def test_run_leaves_no_secret_in_lineage_logs_or_store(
     import boto3
     from mlflow import MlflowClient
 
-    from nemoforge.cli import main
+    from nemoforge_cli.main import main
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     s3.create_bucket(Bucket="nf-secrets")

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nemoforge.cli import main
 from nemoforge.config import load_recipe
 from nemoforge.errors import NemoforgeError
 from nemoforge.serving import manifests
+from nemoforge_cli.main import main
 
 pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
 
@@ -140,7 +140,7 @@ def test_cli_emits_kserve_for_a_registry_alias(tmp_path, validator):
     from nemoforge import lineage
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    lineage.register_model(tracking_uri, "smollm2-135m-child", MODEL_URI, aliases=["champion"])
+    lineage.Registry(tracking_uri).register_model("smollm2-135m-child", MODEL_URI, aliases=["champion"])
     out = tmp_path / "isvc.yaml"
     argv = ["serve", "models:/smollm2-135m-child@champion", "--emit", "kserve", "-o", str(out),
             "--tracking-uri", tracking_uri] + [a for o in GPU_OVERRIDES for a in ("--set", o)]  # fmt: skip
@@ -170,3 +170,14 @@ def test_cli_serve_from_a_workdir_without_registry_creates_nothing(tmp_path, cap
     assert code == 2 and len(err) == 1
     assert "no registry under --workdir" in err[0] and "nemoforge run" in err[0]
     assert list(workdir.iterdir()) == []
+
+
+def test_the_default_reasoning_parser_comes_with_its_plugin():
+    """nemoforge_think (the default) is a plugin: both manifests load it from the serve image's nemoforge."""
+    recipe = load_recipe("smollm2-135m-demo", [o for o in GPU_OVERRIDES if "reasoning_parser" not in o])
+    assert manifests.vllm_args(recipe, style="vllm")[-3:-1] == [
+        "--reasoning-parser=nemoforge_think",
+        "--reasoning-parser-plugin=nemoforge.serving.vllm_reasoning",
+    ]
+    isvc = manifests.inferenceservice(recipe, MODEL_URI, image=IMAGE)
+    assert "--reasoning_parser_plugin=nemoforge.serving.vllm_reasoning" in isvc["spec"]["predictor"]["model"]["args"]

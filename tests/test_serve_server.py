@@ -166,7 +166,7 @@ def test_serve_stage_names_a_missing_model(tmp_path):
 
 
 def test_cli_serve_names_a_missing_directory(tmp_path, capsys):
-    from nemoforge.cli import main
+    from nemoforge_cli.main import main
 
     assert main(["serve", str(tmp_path / "nope"), "--workdir", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err

@@ -16,36 +16,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import vllm_processes
 
 from nemoforge.config import load_recipe
 from nemoforge.serving.server import ServeError, VLLMServer, free_port
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _needs_vllm():
-    from nemoforge.errors import NemoforgeError
-    from nemoforge.serving.engine import vllm_version
-
-    try:
-        vllm_version()
-    except NemoforgeError as err:
-        pytest.skip(str(err))
-
-
-def vllm_processes(marker: str) -> list[str]:
-    """Live (non-zombie) processes whose command line contains ``marker``."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if marker in cmdline and state != "Z" and int(proc.name) != os.getpid():
-            found.append(f"{proc.name} {cmdline[:120]}")
-    return found
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("needs_vllm")]
 
 
 def _prompts(model_dir: Path) -> list[list[int]]:
@@ -86,7 +62,8 @@ def test_vllm_greedy_tokens_match_ours_on_parent_and_child(serve_exports):
 def test_serve_stage_answers_both_modes_logs_metrics_and_stops(serve_exports, tmp_path):
     """Through the runner: MLflow stage run with TTFT/tokens/s, responses.json, and no server left."""
     from nemoforge import lineage
-    from nemoforge.runner import execute_stage, store_for
+    from nemoforge.runner.execute import execute_stage
+    from nemoforge.runner.index import store_for
 
     _, child_dir = serve_exports
     recipe = load_recipe(
@@ -102,7 +79,7 @@ def test_serve_stage_answers_both_modes_logs_metrics_and_stops(serve_exports, tm
     )
     store = store_for(recipe)
     model_uri = store.put(child_dir, store.join("models", "child"))
-    lineage.open_pipeline_run(recipe.tracking.mlflow_uri, recipe.tracking.experiment, "run-1", recipe)
+    lineage.Lineage(recipe.tracking.mlflow_uri, recipe.tracking.experiment).open_pipeline_run("run-1", recipe)
     result, ref = execute_stage("serve", recipe, "run-1", {"model": {"uri": model_uri, "digest": "x"}})
     assert ref["uri"] == model_uri
     responses = store.read_json(result.outputs["responses"])
@@ -114,7 +91,9 @@ def test_serve_stage_answers_both_modes_logs_metrics_and_stops(serve_exports, tm
         assert result.metrics[f"output_tokens_per_s_{mode}"] > 0
     (serve,) = [
         s
-        for s in lineage.pipeline_status(recipe.tracking.mlflow_uri, recipe.tracking.experiment, "run-1")
+        for s in lineage.pipeline_status(
+            lineage.Lineage(recipe.tracking.mlflow_uri, recipe.tracking.experiment), "run-1"
+        )
         if s["stage"] == "serve"
     ]
     assert serve["state"] == "FINISHED" and serve["metrics"]["ttft_s_on"] > 0
@@ -130,13 +109,13 @@ def test_cli_serves_a_registry_alias_until_interrupted(serve_exports, tmp_path, 
 
     _, child_dir = serve_exports
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    lineage.register_model(tracking_uri, "smollm2-135m-child", str(child_dir), aliases=["champion"])
+    lineage.Registry(tracking_uri).register_model("smollm2-135m-child", str(child_dir), aliases=["champion"])
     port = free_port()
     # stderr to a file, not a pipe: an unread pipe that fills up blocks the CLI's writes, and then its shutdown
     err_path = tmp_path / "cli.err"
     with err_path.open("w") as err:
         cli = subprocess.Popen(
-            [sys.executable, "-m", "nemoforge.cli", "serve", "models:/smollm2-135m-child@champion", "--port", str(port),
+            [sys.executable, "-m", "nemoforge_cli", "serve", "models:/smollm2-135m-child@champion", "--port", str(port),
              "--tracking-uri", tracking_uri, "--workdir", str(tmp_path), "--set", "serve.max_model_len=1024"],
             stderr=err, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )  # fmt: skip

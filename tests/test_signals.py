@@ -19,9 +19,9 @@ from conftest import REPO
 from test_pipeline import _tiny_args
 
 from nemoforge import lineage
-from nemoforge.cli import _end_abandoned_runs, main
 from nemoforge.config import Recipe
 from nemoforge.signals import owner_alive, owner_id
+from nemoforge_cli.main import _end_abandoned_runs, main
 
 LONG_CPT = ["nas.enabled=false", "distill.enabled=false", "cpt.steps=5000", "cpt.checkpoint_every_steps=5000"]
 """The parent, the corpus, then a cpt far too long to finish before the signal."""
@@ -36,7 +36,8 @@ def _wait_for_training(proc: subprocess.Popen, workdir: Path, timeout_s: float =
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"nemoforge run exited early with code {proc.returncode}"
         if (workdir / "artifacts" / "index" / "cpt").is_dir():
-            stages = lineage.pipeline_status(f"sqlite:///{workdir / 'mlflow.db'}", "nemoforge")
+            runs = lineage.Lineage(f"sqlite:///{workdir / 'mlflow.db'}", "nemoforge")
+            stages = lineage.pipeline_status(runs)
             if any(s["stage"] == "cpt" and s["state"] == "RUNNING" and s["metrics"] for s in stages):
                 return
         time.sleep(1)
@@ -62,7 +63,7 @@ def test_signal_stops_the_process_tree_and_marks_the_runs_killed(
     workdir = tmp_path / "work"
     corpus = shared_dir / "data" / "corpus" / "tinyshakespeare.txt"
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{REPO}"}  # the subprocesses import this checkout
-    command = [sys.executable, "-m", "nemoforge.cli", *_tiny_args(tiny_llama_dir, corpus, workdir, *LONG_CPT)]
+    command = [sys.executable, "-m", "nemoforge_cli", *_tiny_args(tiny_llama_dir, corpus, workdir, *LONG_CPT)]
     # its own session, as a shell job (or a pod's main process) has: Ctrl-C reaches that group, not pytest
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
@@ -132,15 +133,15 @@ def test_next_run_ends_the_runs_of_a_command_that_is_gone(tmp_path: Path):
     owners = {"gone": gone, "live": owner_id(), "remote": f"another-host {gone.split(' ', 1)[1]}"}
     unfinished = []  # entered, never left (kept referenced: a collected one would end its run KILLED)
     for run_name, owner in owners.items():
-        lineage.open_pipeline_run(uri, experiment, run_name, recipe)
-        lineage.set_pipeline_tags(uri, experiment, run_name, {lineage.TAG_OWNER: owner})
-        unfinished.append(lineage.stage_run(uri, experiment, run_name, "cpt", recipe))
+        lineage.Lineage(uri, experiment).open_pipeline_run(run_name, recipe)
+        lineage.Lineage(uri, experiment).set_pipeline_tags(run_name, {lineage.TAG_OWNER: owner})
+        unfinished.append(lineage.Lineage(uri, experiment).stage_run(run_name, "cpt", recipe))
         unfinished[-1].__enter__()
 
     _end_abandoned_runs(recipe)
 
     for run_name in owners:
-        [cpt] = lineage.pipeline_status(uri, experiment, run_name)
+        [cpt] = lineage.pipeline_status(lineage.Lineage(uri, experiment), run_name)
         if run_name == "gone":
             assert (cpt["state"], cpt["pipeline_state"]) == ("FAILED", "FAILED")
             assert cpt["error"] == f"abandoned: the `nemoforge run` that ran it (pid {gone.split()[-2]}) is gone"

@@ -16,6 +16,7 @@ COPY pyproject.toml README.md /src/
 COPY src /src/src
 COPY components /src/components
 COPY pipelines /src/pipelines
+COPY cli /src/cli
 RUN pip install --no-deps /src && rm -rf /src
 
 # Non-root. The KFP v2 launcher stages artifacts under /s3, /minio and /gcs: make them ours.

@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
 for recipe in $("$PYTHON" -c "from nemoforge.config import builtin_recipes; print(' '.join(builtin_recipes()))"); do
-  "$PYTHON" -m nemoforge.cli compile "$recipe" -o "pipelines/compiled/$recipe.yaml"
+  "$PYTHON" -m nemoforge_cli compile "$recipe" -o "pipelines/compiled/$recipe.yaml"
 done

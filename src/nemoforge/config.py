@@ -8,8 +8,6 @@ data under ``nemoforge/recipes/``; ``--set key.path=value`` overrides fields of 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from importlib import resources
 from pathlib import Path
@@ -483,9 +481,11 @@ class ServeConfig(_Section):
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one server shards the model over.")
     reasoning_parser: str | None = Field(
-        None,
-        description="vLLM --reasoning-parser (e.g. deepseek_r1); None: the client splits <think>...</think> "
-        "out of the answer itself (the deepseek_r1 parser calls an untagged answer reasoning).",
+        "nemoforge_think",
+        description="vLLM --reasoning-parser: the reply's think block goes to the API's reasoning field, the "
+        "answer to content. nemoforge_think (default) reads <think>...</think> as text (nemoforge's plugin; an "
+        "untagged 'off' reply is all content); deepseek_r1 needs the tags as single tokens, qwen3 calls an "
+        "untagged reply reasoning (docs/serving.md); None: no parser, the tags stay in content.",
     )
     served_model_name: str | None = Field(None, description="Model name of the API (None: model.name).")
     prompt: str = Field("What is 12 + 7? Answer briefly.", description="User message sent once per reasoning mode.")
@@ -686,6 +686,15 @@ class Recipe(_Section):
     storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")
+    def _check_preference_data(self) -> Recipe:
+        if self.rl.enabled and self.rl.preference.enabled and self.data.preference_uri is None:
+            raise ValueError(
+                "rl.preference.enabled needs data.preference_uri (JSONL with prompt/chosen/rejected): set it, or "
+                "set rl.preference.enabled=false"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_no_credentials(self) -> Recipe:
         # The recipe is logged to MLflow (recipe.json, params), printed in every task log and compiled into
         # the pipeline YAML and TrainJob manifests: a secret in it would land in all of them.
@@ -701,11 +710,6 @@ class Recipe(_Section):
 
     def enabled_stages(self) -> list[str]:
         return [s for s in STAGES if getattr(self, s).enabled]
-
-    def section_digest(self, section: str) -> str:
-        """sha256 of one section's resolved JSON: the stage's cache key part from the recipe."""
-        payload = json.dumps(getattr(self, section).model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -183,7 +183,7 @@ def check_inputs(recipe: Recipe) -> None:
         NemoforgeError: a local corpus file cannot be read as text (:func:`check_corpus`).
         StorageError: the artifact store (S3 endpoint, bucket) refuses.
     """
-    from nemoforge.runner import store_for
+    from nemoforge.runner.index import store_for
 
     check_math_data(recipe)
     check_corpus(recipe)

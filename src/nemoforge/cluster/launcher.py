@@ -29,6 +29,8 @@ from typing import Any
 from nemoforge.cluster.trainjob import GROUP, PLURAL, VERSION, build_trainjob
 from nemoforge.config import Recipe
 from nemoforge.errors import NemoforgeError
+from nemoforge.runner.index import StepIndex, model_ref, result_from_json, store_for
+from nemoforge.runner.stage_table import stage_key
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
@@ -295,16 +297,14 @@ def finished_stage_ref(stage: str, recipe: Recipe, inputs: dict[str, dict[str, A
     Raises:
         NemoforgeError: the job completed but the index holds no finished result for this step.
     """
-    from nemoforge.runner import StepIndex, _model_ref, result_from_json, step_key, store_for
-
     store = store_for(recipe)
-    entry = StepIndex(store, stage, step_key(stage, getattr(recipe, stage), inputs)).read()
+    entry = StepIndex(store, stage, stage_key(recipe, stage, inputs)).read()
     if not entry or entry.get("state") != "done":
         raise NemoforgeError(
             f"the {stage} TrainJob completed but {store.join('index', stage)} has no finished entry for its key: "
             "did every worker see the same storage.artifact_root?"
         )
-    return _model_ref(result_from_json(entry["result"]))
+    return model_ref(result_from_json(entry["result"]))
 
 
 def launch_stage(

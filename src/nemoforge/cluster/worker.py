@@ -1,15 +1,15 @@
 """The process torchrun starts on every GPU of a TrainJob: ``torchrun --module nemoforge.cluster.worker``.
 
-It runs the stage through :func:`nemoforge.runner.execute_stage` with the recipe and upstream
+It runs the stage through :func:`nemoforge.runner.execute.execute_stage` with the recipe and upstream
 references that :func:`nemoforge.cluster.trainjob.build_trainjob` put in the environment, so a
 TrainJob stage is keyed, resumed and recorded exactly like a stage in a task's own pod; the launcher
 then reads the finished step from the index. torchrun sets ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``;
 ``NEMOFORGE_DEEPSPEED_CONFIG`` holds the DeepSpeed config for the training layer.
 
 The worker is rank-aware: every rank first joins the process group
-(:func:`nemoforge.training.distributed.init_from_env`). Rank 0 runs :func:`~nemoforge.runner.execute_stage`
+(:func:`nemoforge.training.distributed.init_from_env`). Rank 0 runs :func:`~nemoforge.runner.execute.execute_stage`
 (key, index, MLflow run, export, upload) and broadcasts the output URI it trains under, or None when the
-step's result is reused; every other rank then runs :func:`~nemoforge.runner.join_stage` under that URI (its
+step's result is reused; every other rank then runs :func:`~nemoforge.runner.execute.join_stage` under that URI (its
 share of each batch, no bookkeeping, no writes) or exits. With ``WORLD_SIZE`` 1 this is the single-process
 stage.
 """
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from nemoforge.config import Recipe
-    from nemoforge.runner import execute_stage, join_stage, user_errors
+    from nemoforge.runner.execute import execute_stage, join_stage, user_errors
     from nemoforge.training import distributed
 
     with user_errors():
@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                 output_uri = distributed.broadcast_from_main(None)
                 if output_uri is not None:
                     join_stage(args.stage, recipe, inputs, output_uri)
+            # every rank is done before any leaves the group: a rank that exits while another's gloo or
+            # DeepSpeed threads still talk to it can abort (SIGABRT); after an error, no barrier (it would hang)
+            distributed.barrier()
         finally:
             distributed.shutdown()
     return 0

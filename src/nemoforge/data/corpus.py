@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from nemoforge.config import DataConfig, TeacherCorpus
 from nemoforge.data.packing import pack_documents, split_rows, token_digest
 from nemoforge.errors import InputNotFoundError, NemoforgeError
-from nemoforge.training.runtime import compute_device, no_progress
+from nemoforge.runtime import compute_device, no_progress
 
 if TYPE_CHECKING:
     from nemoforge.artifacts import ArtifactStore

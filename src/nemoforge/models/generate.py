@@ -1,4 +1,5 @@
-"""A KV-cached decode loop for ``DeciLMForCausalLM``: teacher-corpus sampling and the decode tokens/s benchmark.
+"""A KV-cached decode loop for ``DeciLMForCausalLM``: teacher-corpus sampling, the decode tokens/s benchmark, and
+batched generation from token rows of unequal length (:func:`generate_ids`: left-padded, cut at EOS).
 
 Faster than ``model.generate`` at batch 1 because each step does only the forward: the KV cache is preallocated
 once (``StaticKVCache``: one (B, K, S_max, Dh) buffer pair per attention layer, no concatenation), logits are
@@ -13,8 +14,8 @@ V vocab size.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -290,3 +291,47 @@ def generate(
         return torch.cat([input_ids_BT, torch.stack(new_tokens, dim=1)], dim=1)
     finally:
         model.train(was_training)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids_BT, attention_mask_BT)`` of token rows left-padded to the longest."""
+    width = max(len(r) for r in rows)
+    ids = [[pad_token_id] * (width - len(r)) + list(r) for r in rows]
+    mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+
+def pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def generate_ids(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """New token ids per prompt, cut after the first EOS (which is kept)."""
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    out: list[list[int]] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        ids_BT, mask_BT = left_pad(prompt_ids[start : start + batch_size], pad_id(tokenizer))
+        full = generate(
+            model,
+            ids_BT.to(device),
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_token_id=eos,
+            generator=generator,
+            attention_mask_BT=mask_BT.to(device),
+        )
+        for row in full[:, ids_BT.shape[1] :].tolist():
+            out.append(row[: row.index(eos) + 1] if eos in row else row)
+    return out

@@ -14,6 +14,7 @@ import sys
 from functools import cache
 
 from nemoforge.errors import NemoforgeError, RecipeError
+from nemoforge.serving.think import PARSER_NAME, PARSER_PLUGIN
 
 INSTALL_HINT = "install it with `bash scripts/bootstrap.sh serve` (or point $NEMOFORGE_VLLM_PYTHON at a Python that has it)"
 
@@ -60,18 +61,23 @@ def vllm_env(kv_cache_gib: int | None = None) -> dict[str, str]:
 
 
 _PARSER_PROBE = """
-import json, sys
+import importlib, json, sys
 from transformers import AutoTokenizer
 from vllm.reasoning import ReasoningParserManager
-name, tokenizer_dir = sys.argv[1:]
+name, tokenizer_dir, plugin = sys.argv[1:]
+plugin_error = error = None
+try:
+    importlib.import_module(plugin)
+except Exception as err:
+    plugin_error = f"{plugin} cannot be imported there: {type(err).__name__}: {err}"
 known = ReasoningParserManager.list_registered()
-error = None
 if name in known:
     try:
-        ReasoningParserManager.get_reasoning_parser(name)(AutoTokenizer.from_pretrained(tokenizer_dir))
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)  # None asks [y/N]
+        ReasoningParserManager.get_reasoning_parser(name)(tokenizer)
     except Exception as err:
         error = f"{type(err).__name__}: {err}"
-print(json.dumps({"known": known, "error": error}))
+print(json.dumps({"known": known, "error": error, "plugin_error": plugin_error}))
 """
 
 
@@ -80,7 +86,12 @@ def check_reasoning_parser(name: str, tokenizer_dir: str) -> None:
 
     vLLM builds the parser from the tokenizer when the server starts; a parser that needs tokens the
     vocabulary lacks (``deepseek_r1`` needs ``<think>``/``</think>`` as single tokens) stops the server
-    there. This builds it the same way, in :func:`vllm_python` (~10 s), without starting a server.
+    there. This builds it the same way, in :func:`vllm_python` (~10 s), without starting a server, after
+    importing nemoforge's plugin (:data:`~nemoforge.serving.think.PARSER_NAME`, which starts with any
+    tokenizer: it reads the tags in the text).
+
+    The tokenizer is loaded without running the checkpoint's Python files (a nemotron-nas export's tokenizer
+    is a plain one; with ``trust_remote_code`` unset transformers would stop at an interactive prompt).
 
     Raises:
         RecipeError: the parser is unknown (the message lists vLLM's) or cannot start with the tokenizer of
@@ -90,16 +101,19 @@ def check_reasoning_parser(name: str, tokenizer_dir: str) -> None:
     import json
 
     proc = subprocess.run(
-        [vllm_python(), "-c", _PARSER_PROBE, name, tokenizer_dir],
-        capture_output=True, text=True, env=vllm_env(), timeout=300,
+        [vllm_python(), "-c", _PARSER_PROBE, name, tokenizer_dir, PARSER_PLUGIN],
+        capture_output=True, text=True, env=vllm_env(), timeout=300, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise NemoforgeError(f"vLLM cannot be imported by {vllm_python()} ({last}): {INSTALL_HINT}")
     probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    if name == PARSER_NAME and probe["plugin_error"]:
+        raise NemoforgeError(f"serve.reasoning_parser={name!r} cannot start in {vllm_python()}: "
+                             f"{probe['plugin_error']}: install nemoforge beside vLLM there")  # fmt: skip
     if name not in probe["known"]:
         raise RecipeError(f"serve.reasoning_parser={name!r} is not a vLLM reasoning parser: use one of "
                              f"{', '.join(probe['known'])}, or leave it unset")  # fmt: skip
     if probe["error"]:
         raise RecipeError(f"serve.reasoning_parser={name!r} cannot start for this model ({probe['error']}): "
-                             "leave it unset (the client splits <think>...</think> itself)")  # fmt: skip
+                             f"use {PARSER_NAME} (it reads the think tags as text), or leave it unset")  # fmt: skip

@@ -26,6 +26,7 @@ import yaml
 
 from nemoforge.config import Recipe, StageResources
 from nemoforge.errors import NemoforgeError
+from nemoforge.serving.think import PARSER_NAME, PARSER_PLUGIN
 
 MODEL_DIR = "/mnt/models"
 PORT = 8000
@@ -69,6 +70,8 @@ def vllm_args(recipe: Recipe, *, style: str) -> list[str]:
     }
     if cfg.reasoning_parser:
         flags["reasoning_parser"] = cfg.reasoning_parser
+    if cfg.reasoning_parser == PARSER_NAME:
+        flags["reasoning_parser_plugin"] = PARSER_PLUGIN  # the serve image has nemoforge installed
     sep = "_" if style == "kserve" else "-"
     args = [f"--{key.replace('_', sep)}={value}" for key, value in flags.items()]
     return args + [f"--trust{sep}remote{sep}code"]

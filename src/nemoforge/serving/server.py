@@ -23,6 +23,7 @@ from types import TracebackType
 from nemoforge.errors import NemoforgeError
 from nemoforge.models.remote_code import verify_remote_code
 from nemoforge.serving.engine import vllm_env, vllm_python, vllm_version
+from nemoforge.serving.think import PARSER_NAME, PARSER_PLUGIN
 
 # An exception line ("ValueError: ...") or pydantic's detail line ("  Value error, ...").
 _ERROR_LINE = re.compile(r"^\s*(?:[\w.]*(?:Error|Exception)\b:|\w+ error, )")
@@ -44,7 +45,10 @@ def server_command(
     reasoning_parser: str | None = None,
     enforce_eager: bool = True,
 ) -> list[str]:
-    """The argv of vLLM's OpenAI server on ``model_dir`` (remote code trusted: our nemotron-nas modules)."""
+    """The argv of vLLM's OpenAI server on ``model_dir`` (remote code trusted: our nemotron-nas modules).
+
+    ``reasoning_parser`` :data:`~nemoforge.serving.think.PARSER_NAME` brings its plugin module along.
+    """
     cmd = [
         vllm_python(), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir),
@@ -59,6 +63,8 @@ def server_command(
     ]  # fmt: skip
     if reasoning_parser:
         cmd += ["--reasoning-parser", reasoning_parser]
+    if reasoning_parser == PARSER_NAME:
+        cmd += ["--reasoning-parser-plugin", PARSER_PLUGIN]
     if enforce_eager:
         cmd.append("--enforce-eager")
     return cmd

@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 
 from nemoforge.config import TrainConfig
 from nemoforge.errors import NemoforgeError
+from nemoforge.runtime import no_progress
 from nemoforge.training.checkpoint import TrainState, announce_resume
 from nemoforge.training.distributed import engine_kind, init_from_env
 from nemoforge.training.engines import DDPEngine, Engine, LossFn, TorchEngine
 from nemoforge.training.flops import mfu, peak_flops_per_s
 from nemoforge.training.perf import training_features
-from nemoforge.training.runtime import no_progress
 from nemoforge.training.zero import DeepSpeedEngine
 
 __all__ = ["BatchFn", "LogFn", "LossFn", "TrainState", "epoch_batches", "parallelize", "train", "train_step", "uses_bf16_autocast"]

@@ -12,9 +12,9 @@ import torch
 from nemoforge.artifacts import ArtifactStore
 from nemoforge.config import Recipe
 from nemoforge.stages.result import StageResult
+from nemoforge.stages.training import run_training_stage
 from nemoforge.training.loop import LogFn
 from nemoforge.training.losses import causal_lm_loss
-from nemoforge.training.stage import run_training_stage
 
 
 def _lm_loss(
@@ -49,7 +49,7 @@ def run(
             (the runner logs them to the stage's MLflow run); None: only the returned history.
 
     Returns:
-        See :func:`~nemoforge.training.stage.run_training_stage`; ``perplexity_heldout_before``/``_after``.
+        See :func:`~nemoforge.stages.training.run_training_stage`; ``perplexity_heldout_before``/``_after``.
 
     Raises:
         InputNotFoundError: an input URI does not exist.

@@ -14,11 +14,11 @@ import torch
 
 from nemoforge.artifacts import ArtifactStore
 from nemoforge.config import Recipe
+from nemoforge.runtime import compute_device
 from nemoforge.stages.result import StageResult
+from nemoforge.stages.training import load_teacher, recipe_dtype, run_training_stage
 from nemoforge.training.loop import LogFn
 from nemoforge.training.losses import gkd_loss
-from nemoforge.training.runtime import compute_device
-from nemoforge.training.stage import load_teacher, recipe_dtype, run_training_stage
 
 
 def run(
@@ -44,7 +44,7 @@ def run(
             (the runner logs them to the stage's MLflow run); None: only the returned history.
 
     Returns:
-        See :func:`~nemoforge.training.stage.run_training_stage`; ``kl_div_heldout_before``/``_after`` are
+        See :func:`~nemoforge.stages.training.run_training_stage`; ``kl_div_heldout_before``/``_after`` are
         the mean per-token KL(parent || child) in nats on the held-out rows, ``kl_div_heldout_drop`` (before -
         after, paired over the same rows) with ``_drop_ci_low``/``_drop_ci_high``, its 95% interval.
 

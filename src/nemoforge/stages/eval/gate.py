@@ -6,9 +6,9 @@ parent, toggle compliance in each mode, and a value of ``gate.metric`` strictly 
 measured under the same eval settings. Each criterion gives one check line (``"ok: ..."`` / ``"fail: ..."``);
 a failed gate is an outcome, never an exception.
 
-The record of the current champion lives in the artifact store at ``registry/<model name>/champion.json``
-(written by the runner when it moves the alias), with the digest of the eval settings it was measured
-under, so the eval stage decides without touching MLflow.
+The current champion's record (its version, model URI, metrics and the digest of the eval settings they were
+measured under) comes from the MLflow registry, its one source of truth: the runner reads it and hands it to
+the eval stage (:func:`nemoforge.runner.register.champion_record`), which decides without touching MLflow.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def champion_baseline(
     """The champion's metrics to compare with: recorded ones when measured under ``eval_settings``, else re-measured.
 
     Args:
-        record: ``champion.json`` (``version``, ``model_uri``, ``metrics``, ``eval_settings``), None: no champion.
+        record: the champion's record (``version``, ``model_uri``, ``metrics``, ``eval_settings``), None: no champion.
         eval_settings: digest of the current eval settings (:func:`~nemoforge.stages.eval.stage.eval_settings_digest`).
         store: where the champion's model is fetched from.
         measure: evaluates a model URI under the current settings and returns its metrics.

@@ -52,9 +52,11 @@ from nemoforge.data.reasoning import (
     toggle_compliant,
 )
 from nemoforge.errors import NemoforgeError
+from nemoforge.models.generate import left_pad, pad_id
 from nemoforge.rewards import accuracy_reward
+from nemoforge.runtime import compute_device
+from nemoforge.stages.chat import generate_chats
 from nemoforge.stages.eval.gate import champion_baseline, promotion_gate
-from nemoforge.stages.eval.generation import generate_chats, left_pad, pad_id
 from nemoforge.stages.eval.heldout import next_token_scores
 from nemoforge.stages.eval.ifeval import (
     IFEvalPrompt,
@@ -65,6 +67,7 @@ from nemoforge.stages.eval.ifeval import (
 )
 from nemoforge.stages.eval.speed import DecodeTiming, time_decode_round_robin
 from nemoforge.stages.result import DatasetRef, StageResult
+from nemoforge.stages.training import uri_under
 from nemoforge.stats import (
     Tally,
     clustered_mean_interval,
@@ -74,8 +77,6 @@ from nemoforge.stats import (
     ratio,
 )
 from nemoforge.training.losses import kl_div_BT
-from nemoforge.training.runtime import compute_device
-from nemoforge.training.stage import uri_under
 
 TABLE_METRICS = (
     "math_pass1_on", "math_pass1_off", "toggle_on", "toggle_off", "ifeval_prompt_strict", "ifeval_instruction_strict",
@@ -364,9 +365,6 @@ def eval_settings_digest(recipe: Recipe, problems_digest: str, heldout_digest: s
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def champion_uri(store: ArtifactStore, model_name: str) -> str:
-    """Where the runner keeps the current champion's record (version, metrics, model URI, eval settings)."""
-    return store.join("registry", model_name, "champion.json")
 
 
 def run(
@@ -377,18 +375,22 @@ def run(
     output_uri: str,
     store: ArtifactStore,
     corpus_uri: str | None = None,
+    champion: dict[str, Any] | None = None,
 ) -> StageResult:
     """Evaluate the child at ``model_uri`` and the parent at ``parent_uri`` side by side; decide the gate.
 
     Args:
         recipe: the resolved recipe (``eval`` section with its ``gate``; ``data.math_eval_uri`` and
-            ``data.ifeval_uri``; ``model.name`` for the champion record; ``dtype`` of both models).
+            ``data.ifeval_uri``; ``dtype`` of both models).
         model_uri: the model to evaluate (rl's export).
         parent_uri: the parent (same evaluation, ``parent_`` metrics).
         output_uri: where the table, the report and the samples go.
         store: the artifact store.
         corpus_uri: the corpus step's output, whose held-out rows give ``lm_top1`` and ``lm_loss``; None: not
             measured (a gate naming ``lm_top1`` then fails).
+        champion: the current champion (``version``, ``model_uri``, ``metrics``, ``eval_settings``), as the
+            runner reads it from the MLflow registry (:func:`nemoforge.runner.register.champion_record`); None:
+            no champion yet.
 
     Returns:
         metrics (see the module docstring and :func:`compare`): ``math_pass1_on``, ``math_pass1_off``,
@@ -439,9 +441,7 @@ def run(
         champ = load_causal_lm(store.fetch(uri), dtype=dtype).to(device).eval()
         return measure(champ, tokenizer, problems, if_prompts, heldout_NT, cfg).point()
 
-    record_uri = champion_uri(store, recipe.model.name)
-    record = store.read_json(record_uri) if store.exists(record_uri) else None
-    baseline = champion_baseline(record, settings, store, measure_champion)
+    baseline = champion_baseline(champion, settings, store, measure_champion)
     outcome = promotion_gate(figures, cfg.gate, baseline)
     metrics = {k: v for k, v in figures.items() if math.isfinite(v)} | {"gate_passed": float(outcome.passed)}
 

@@ -38,6 +38,7 @@ from nemoforge.models.block_configs import count_params, kv_cache_bytes_per_toke
 from nemoforge.models.convert import child_from_parent, load_causal_lm
 from nemoforge.models.export import export_checkpoint
 from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM, DeciLMMLP
+from nemoforge.runtime import compute_device
 from nemoforge.stages.nas.bld import BLDResult, distill_layer, parent_activations
 from nemoforge.stages.nas.cost import CostTable, device_name, measure_costs
 from nemoforge.stages.nas.library import BlockLibrary, Variant, build_library
@@ -50,7 +51,6 @@ from nemoforge.stages.nas.scoring import (
     variant_layer_output,
 )
 from nemoforge.stages.result import DatasetRef, StageResult
-from nemoforge.training.runtime import compute_device
 
 log = logging.getLogger(__name__)
 

@@ -145,7 +145,7 @@ class VLLMRollouts:
         seed: int | None = None,
     ) -> list[list[int]]:
         """``n`` completions per prompt (prompt-major: prompt 0's ``n``, then prompt 1's ...), each cut after
-        its first EOS (kept), as :func:`nemoforge.stages.eval.generation.generate_ids` returns them."""
+        its first EOS (kept), as :func:`nemoforge.models.generate.generate_ids` returns them."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

@@ -24,7 +24,8 @@ global torch RNG, so a resumed run draws the same seeds) or ``auto`` (vllm when 
 used is the stage run's ``rollout_engine`` tag. Held-out reward and pass-rate filtering always use
 ``generate``.
 Prompts whose pass rate (over ``filter_samples`` samples) is at least ``filter_max_pass_rate`` are
-dropped first (LN §5). Written under ``output_uri``: ``checkpoints/step-N/``,
+dropped first (LN §5). The held-out "after" figures score the weights as exported (rounded to the recipe's
+dtype: :func:`~nemoforge.stages.training.round_to_dtype`), as "before" scores sft's export. Written under ``output_uri``: ``checkpoints/step-N/``,
 ``checkpoints-preference/step-N/``, ``model/``, ``plots/``, ``samples/heldout_{before,after}.json``.
 
 Shape legend: ``B`` prompts, ``G`` generations per prompt, ``N = B * G`` sequences, ``T`` tokens.
@@ -56,21 +57,23 @@ from nemoforge.data.reasoning import (
     sft_samples,
 )
 from nemoforge.errors import NemoforgeError
+from nemoforge.models.generate import generate_ids, pad_id
 from nemoforge.rewards import combined_rewards
-from nemoforge.stages.eval.generation import generate_chats, generate_ids, pad_id
+from nemoforge.runtime import compute_device
+from nemoforge.stages.chat import generate_chats
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stages.rl.losses import clipped_policy_loss, dpo_loss, group_advantages, token_logps
 from nemoforge.stages.rl.rollout import GENERATE_TAG, VLLMRollouts, resolve_engine
-from nemoforge.stats import paired_mean_difference
-from nemoforge.training.loop import LogFn, epoch_batches, train
-from nemoforge.training.runtime import compute_device
-from nemoforge.training.stage import (
+from nemoforge.stages.training import (
     checkpoint_uploader,
     fetch_latest_checkpoint,
     plot_history,
     recipe_dtype,
+    round_to_dtype,
     uri_under,
 )
+from nemoforge.stats import paired_mean_difference
+from nemoforge.training.loop import LogFn, epoch_batches, train
 
 Problem = tuple[str, str, Reasoning]
 """``(question, reference answer, reasoning mode)``."""
@@ -455,7 +458,7 @@ def run(
 
     Raises:
         InputNotFoundError: an input URI does not exist.
-        NemoforgeError: not enough prompts, no preference data while enabled, or training diverged.
+        NemoforgeError: not enough prompts, or training diverged.
     """
     from transformers import AutoTokenizer
 
@@ -470,8 +473,6 @@ def run(
     ref_model = None
     if cfg.beta > 0 or cfg.preference.enabled:
         ref_model = load_causal_lm(model_dir, dtype=torch.float32).to(device).eval().requires_grad_(False)
-    if cfg.preference.enabled and recipe.data.preference_uri is None:
-        raise NemoforgeError("rl.preference.enabled needs data.preference_uri (JSONL with chosen/rejected)")
 
     train_problems, heldout_problems, source = rl_problems(recipe, store)
     torch.manual_seed(cfg.seed)
@@ -549,6 +550,8 @@ def run(
             metrics["preference_reward_accuracy_final"] = pstate.history["reward_accuracy"][-1][1]
             metrics["preference_steps"] = float(pstate.step)
 
+        # held-out "after" scores the weights that are exported (recipe dtype), as "before" scored sft's export
+        round_to_dtype(model, recipe_dtype(recipe))
         after, samples_after = heldout_reward(model, tokenizer, heldout_problems, cfg)
         sampled = {"before": sampled_before}
         if cfg.heldout_samples:

@@ -1,8 +1,9 @@
 """serve stage: start vLLM's OpenAI server on the model, one chat per reasoning mode, stop it.
 
 The reasoning toggle of Llama-Nemotron is the system prompt ``detailed thinking on|off`` (LN §3);
-nothing model-side changes. The stage records each answer with its reasoning split out of
-``<think>...</think>``, TTFT (streaming) and decode tokens/s, and always stops the server.
+nothing model-side changes. The stage records each answer with its reasoning (vLLM's ``reasoning`` field under
+``serve.reasoning_parser``, or ``<think>...</think>`` split out of the content without one), TTFT (streaming)
+and decode tokens/s, and always stops the server.
 """
 
 from __future__ import annotations

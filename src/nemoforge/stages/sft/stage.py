@@ -25,19 +25,20 @@ from nemoforge.data.reasoning import (
     sft_samples,
     to_signed_ids,
 )
-from nemoforge.stages.eval.generation import pad_id, toggle_compliance
+from nemoforge.models.generate import pad_id
+from nemoforge.runtime import compute_device
+from nemoforge.stages.chat import toggle_compliance
 from nemoforge.stages.result import DatasetRef, StageResult
-from nemoforge.training.flops import training_flops_per_token
-from nemoforge.training.loop import LogFn, epoch_batches, train
-from nemoforge.training.losses import causal_lm_loss_BT
-from nemoforge.training.runtime import compute_device
-from nemoforge.training.stage import (
+from nemoforge.stages.training import (
     checkpoint_uploader,
     fetch_latest_checkpoint,
     plot_history,
     recipe_dtype,
     uri_under,
 )
+from nemoforge.training.flops import training_flops_per_token
+from nemoforge.training.loop import LogFn, epoch_batches, train
+from nemoforge.training.losses import causal_lm_loss_BT
 
 
 def masked_ce_sum_count(

@@ -174,7 +174,7 @@ def _failure_reason(recipe: Recipe, error_file: Path, err: RuntimeError) -> str:
 
     if error_file.is_file():
         return error_file.read_text().strip()
-    failed = [s for s in lineage.pipeline_status(recipe.tracking.mlflow_uri, recipe.tracking.experiment) if s.get("error")]
+    failed = [s for s in lineage.pipeline_status(lineage.Lineage.for_recipe(recipe)) if s.get("error")]
     if failed:
         return f"stage {failed[-1]['stage']}: {failed[-1]['error']}"
     return re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines()[0]
@@ -185,11 +185,11 @@ def _end_abandoned_runs(recipe: Recipe) -> None:
     from nemoforge import lineage
     from nemoforge.signals import owner_alive
 
-    tracking, experiment = recipe.tracking.mlflow_uri, recipe.tracking.experiment
-    for run_name, owner in lineage.pipeline_run_owners(tracking, experiment, running_only=True).items():
+    runs = lineage.Lineage.for_recipe(recipe)
+    for run_name, owner in runs.pipeline_run_owners(running_only=True).items():
         if not owner_alive(owner):
             reason = f"abandoned: the `nemoforge run` that ran it (pid {owner.split()[-2]}) is gone"
-            lineage.finish_pipeline_run(tracking, experiment, run_name, "FAILED", reason)
+            runs.finish_pipeline_run(run_name, "FAILED", reason)
             print(f"nemoforge: pipeline run {run_name} marked FAILED: {reason}", file=sys.stderr)
 
 
@@ -200,10 +200,10 @@ def _stopped(recipe: Recipe, args: argparse.Namespace, signal_name: str, owner: 
     from nemoforge.signals import exit_code
 
     reason = f"stopped by {signal_name}"
-    tracking, experiment = recipe.tracking.mlflow_uri, recipe.tracking.experiment
-    mine = [name for name, o in lineage.pipeline_run_owners(tracking, experiment, running_only=False).items() if o == owner]
+    runs = lineage.Lineage.for_recipe(recipe)
+    mine = [name for name, o in runs.pipeline_run_owners(running_only=False).items() if o == owner]
     for run_name in mine:
-        lineage.finish_pipeline_run(tracking, experiment, run_name, "KILLED", reason)
+        runs.finish_pipeline_run(run_name, "KILLED", reason)
     print(
         f"nemoforge: {reason}" + "".join(f": pipeline run {name} marked KILLED" for name in mine)
         + f"; re-run `nemoforge run {args.recipe}` to resume (see `nemoforge status --workdir {args.workdir}`)",
@@ -215,7 +215,8 @@ def _stopped(recipe: Recipe, args: argparse.Namespace, signal_name: str, owner: 
 def cmd_run(args: argparse.Namespace) -> int:
     from nemoforge import lineage
     from nemoforge.preflight import check_inputs, check_parent, check_workdir, resolve_recipe
-    from nemoforge.runner import OWNER_ENV, cache_dir
+    from nemoforge.runner.index import cache_dir
+    from nemoforge.runner.retrain import OWNER_ENV
 
     workdir = args.workdir.expanduser().resolve()
     recipe = resolve_recipe(load_recipe(args.recipe, args.overrides), workdir)
@@ -227,8 +228,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from kfp import local
 
-    from nemoforge.quiet import executor_records_to
     from nemoforge.signals import ProcessTreeStop, owner_id
+    from nemoforge_cli.quiet import executor_records_to
     from nemoforge_pipelines import build_pipeline
 
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
@@ -262,13 +263,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    outcome = lineage.pipeline_run_tags(recipe.tracking.mlflow_uri, recipe.tracking.experiment)
+    runs = lineage.Lineage.for_recipe(recipe)
+    outcome = runs.pipeline_run_tags()
     if outcome.get(lineage.TAG_OUTCOME) == "skipped":
         print(f"\nnemoforge: {recipe.name} skipped in {time.time() - started:.0f} s: "
               f"{outcome.get('nemoforge.outcome_reason')} (--force retrains)")
         return 0
     print(f"\nnemoforge: {recipe.name} finished in {time.time() - started:.0f} s")
-    _print_status(lineage.pipeline_status(recipe.tracking.mlflow_uri, recipe.tracking.experiment))
+    _print_status(lineage.pipeline_status(runs))
     print(f"\nMLflow UI: mlflow ui --backend-store-uri {recipe.tracking.mlflow_uri}")
     return 0
 
@@ -290,8 +292,7 @@ def _publish(args: argparse.Namespace):
     """Load, check and compile the recipe, connect, upload a new pipeline version: (recipe, client, published)."""
     import tempfile
 
-    from nemoforge.cluster import kfp_api
-    from nemoforge_pipelines import compile_recipe
+    from nemoforge_pipelines import compile_recipe, kfp_api
 
     recipe = load_recipe(args.recipe, args.overrides)
     kfp_api.check_cluster_recipe(recipe)
@@ -305,7 +306,7 @@ def _publish(args: argparse.Namespace):
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from nemoforge.cluster import kfp_api
+    from nemoforge_pipelines import kfp_api
 
     recipe, client, published = _publish(args)
     run = kfp_api.submit(client, recipe, published, args.experiment, args.namespace, force=args.force)
@@ -314,7 +315,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from nemoforge.cluster import kfp_api
+    from nemoforge_pipelines import kfp_api
 
     modes = [m for m in ("recipe", "list", "disable") if getattr(args, m)]
     if len(modes) != 1:
@@ -394,7 +395,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     tracking_uri = args.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     if not args.tracking_uri and not (workdir / "mlflow.db").is_file():
         raise NemoforgeError(f"no runs under {workdir}: run `nemoforge run RECIPE --workdir {args.workdir}` first")
-    stages = lineage.pipeline_status(tracking_uri, args.experiment, args.run_name)
+    stages = lineage.pipeline_status(lineage.Lineage(tracking_uri, args.experiment), args.run_name)
     order = {name: i for i, name in enumerate(STAGES)}
     stages.sort(key=lambda s: order.get(s["stage"], len(order)))
     if args.json:
@@ -425,7 +426,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     f"`nemoforge run RECIPE --workdir {args.workdir}` first, or pass --tracking-uri"
                 )
             tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
-        model_uri = lineage.registered_model_source(tracking_uri, model_uri)
+        model_uri = lineage.Registry(tracking_uri).registered_model_source(model_uri)
     if args.emit:
         from nemoforge_components.images import image_ref
 

@@ -1,4 +1,4 @@
-"""What the training stages (distill, cpt) share around :func:`~nemoforge.training.loop.train`.
+"""What the training stages (distill, cpt; sft and rl in part) share around :func:`~nemoforge.training.loop.train`.
 
 :func:`run_training_stage` is a stage's whole body except its loss: fetch the corpus and the model,
 score the held-out rows before, restore the newest checkpoint from the store, train (uploading each
@@ -25,6 +25,7 @@ from nemoforge.artifacts import ArtifactStore, digest_path
 from nemoforge.config import CorpusTrainConfig, Recipe
 from nemoforge.data.corpus import load_corpus
 from nemoforge.data.packing import token_digest
+from nemoforge.runtime import compute_device
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stats import paired_mean_difference
 from nemoforge.training.checkpoint import TrainState, is_complete_checkpoint
@@ -32,7 +33,6 @@ from nemoforge.training.evaluate import heldout_means, heldout_row_scores
 from nemoforge.training.flops import training_flops_per_token
 from nemoforge.training.loop import LogFn, LossFn, epoch_batches, train
 from nemoforge.training.perf import mask_packed_documents
-from nemoforge.training.runtime import compute_device
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _STEP_URI = re.compile(r"/step-(\d+)/")
@@ -41,6 +41,19 @@ _STEP_URI = re.compile(r"/step-(\d+)/")
 def recipe_dtype(recipe: Recipe) -> torch.dtype:
     """``recipe.dtype`` as a torch dtype (inference, teacher and export dtype)."""
     return _DTYPES[recipe.dtype]
+
+
+def round_to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round every parameter in place to the nearest ``dtype`` value, keeping its own dtype.
+
+    After it, casting the model to ``dtype`` (the export) loses nothing, so what is measured on the model is
+    what is exported. It matters where updates are smaller than ``dtype``'s resolution: an AdamW step of lr
+    1e-5 on a weight of 0.05 is a twentieth of a bfloat16 ulp there (2^-8 relative), so float32 weights after
+    GRPO can behave unlike their bfloat16 export.
+    """
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.to(dtype))
 
 
 def load_teacher(model_dir: Path, *, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:

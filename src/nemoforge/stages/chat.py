@@ -1,7 +1,7 @@
-"""Chat generation for measurement: batched, left-padded prompts through the KV-cached decoder.
+"""Chat generation under the reasoning toggle, shared by the reasoning stages (sft, rl, eval).
 
-Used by sft (toggle compliance), rl (rollouts, held-out reward) and eval (pass@1, decode speed).
-Shape legend: ``B`` prompts, ``T`` prompt tokens (left-padded), ``N`` new tokens.
+Replies to ``(prompt, reasoning)`` chats through the KV-cached decoder (:func:`nemoforge.models.generate.generate_ids`)
+and the share of replies that follow their mode. Shape legend: ``B`` prompts, ``T`` prompt tokens, ``N`` new tokens.
 """
 
 from __future__ import annotations
@@ -12,51 +12,7 @@ from typing import Any
 import torch
 
 from nemoforge.data.reasoning import Reasoning, encode_prompt, toggle_compliant
-from nemoforge.models.generate import generate
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids_BT, attention_mask_BT)`` of token rows left-padded to the longest."""
-    width = max(len(r) for r in rows)
-    ids = [[pad_token_id] * (width - len(r)) + list(r) for r in rows]
-    mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
-
-
-def pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def generate_ids(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompt_ids: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    batch_size: int = 16,
-    generator: torch.Generator | None = None,
-) -> list[list[int]]:
-    """New token ids per prompt, cut after the first EOS (which is kept)."""
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    out: list[list[int]] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        ids_BT, mask_BT = left_pad(prompt_ids[start : start + batch_size], pad_id(tokenizer))
-        full = generate(
-            model,
-            ids_BT.to(device),
-            max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            eos_token_id=eos,
-            generator=generator,
-            attention_mask_BT=mask_BT.to(device),
-        )
-        for row in full[:, ids_BT.shape[1] :].tolist():
-            out.append(row[: row.index(eos) + 1] if eos in row else row)
-    return out
+from nemoforge.models.generate import generate_ids
 
 
 def generate_chats(
@@ -86,7 +42,12 @@ def generate_chats(
 
 
 def toggle_compliance(
-    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
 ) -> tuple[dict[str, float], list[dict[str, str]]]:
     """Share of greedy replies that follow their mode (:func:`~nemoforge.data.reasoning.toggle_compliant`).
 

@@ -1,0 +1,25 @@
+"""Lineage in MLflow 3: the only package that imports mlflow.
+
+- :mod:`~nemoforge.lineage.runs`: :class:`Lineage` (``Lineage(tracking_uri, experiment)``): one parent run per
+  pipeline run, a nested run per stage (:meth:`Lineage.stage_run` yields a :class:`StageTracker`).
+- :mod:`~nemoforge.lineage.status`: :func:`pipeline_status`, what ``nemoforge status`` shows.
+- :mod:`~nemoforge.lineage.registry`: :class:`Registry` (``Registry(tracking_uri)``): model versions and aliases.
+- :mod:`~nemoforge.lineage.client`: the client, and the tags that find runs.
+"""
+
+from nemoforge.lineage.client import MAX_DATASET_DIGEST_CHARS, TAG_INPUT_DIGEST, TAG_OUTCOME, TAG_OWNER
+from nemoforge.lineage.registry import Registry
+from nemoforge.lineage.runs import Lineage, StageTracker, check_tracking
+from nemoforge.lineage.status import pipeline_status
+
+__all__ = [
+    "MAX_DATASET_DIGEST_CHARS",
+    "TAG_INPUT_DIGEST",
+    "TAG_OUTCOME",
+    "TAG_OWNER",
+    "Lineage",
+    "Registry",
+    "StageTracker",
+    "check_tracking",
+    "pipeline_status",
+]

@@ -1,0 +1,228 @@
+"""Execute one pipeline step: reuse it when its key matches, otherwise run it under lineage.
+
+This is the library half of every KFP component (the component only turns its artifacts into references and
+back), so the same code runs under ``kfp.local``, on a cluster, and in plain pytest. Keys and the step index:
+:mod:`nemoforge.runner.index`; which stage runs how: :mod:`nemoforge.runner.stage_table`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from nemoforge.artifacts import digest_path
+from nemoforge.config import Recipe
+from nemoforge.errors import NemoforgeError
+from nemoforge.runner.index import (
+    Ref,
+    StepIndex,
+    cache_dir,
+    model_ref,
+    result_from_json,
+    result_to_json,
+    step_key,
+    store_for,
+)
+from nemoforge.runner.stage_table import stage_entry, stage_key
+from nemoforge.stages.result import StageResult
+
+
+# ------------------------------------------------------------------------------------ preparation
+def prepare_parent_step(recipe: Recipe, run_name: str) -> Ref:
+    """Open the pipeline's MLflow parent run; convert the parent once and place it in the store.
+
+    The conversion is reused by key on later runs.
+    """
+    from nemoforge.lineage import Lineage
+    from nemoforge.models.parent import prepare_parent
+
+    Lineage.for_recipe(recipe).open_pipeline_run(run_name, recipe)
+    store = store_for(recipe)
+    key = step_key("parent", recipe.model.parent, {})
+    index = StepIndex(store, "parent", key)
+    entry = index.read()
+    if entry and entry.get("state") == "done" and store.exists(entry["ref"]["uri"]):
+        return entry["ref"]
+    local_dir = prepare_parent(recipe.model.parent, cache_dir() / "parent")
+    uri = store.join("models", f"parent-{key[:12]}")
+    store.put(local_dir, uri)
+    ref = {"uri": uri, "digest": digest_path(local_dir), "source": recipe.model.parent.source}
+    index.write(state="done", ref=ref)
+    return ref
+
+
+CORPUS_FIELDS = frozenset(
+    {"corpus_uri", "text_field", "seq_len_tokens", "heldout_fraction", "max_sequences", "teacher_corpus"}
+)
+"""The ``data`` fields that shape the corpus (the reasoning data, e.g. ``data.arithmetic``, does not)."""
+
+
+def corpus_key(recipe: Recipe, inputs: dict[str, Ref]) -> str:
+    """The corpus step's key: :data:`CORPUS_FIELDS`, the seed and the parent (when the corpus is sampled)."""
+    section = {"data": recipe.data.model_dump(mode="json", include=set(CORPUS_FIELDS)), "seed": recipe.seed}
+    return step_key("corpus", section, inputs)
+
+
+def prepare_corpus_step(recipe: Recipe, parent: Ref) -> Ref:
+    """Read (or sample from the parent), tokenize, pack and split the corpus; reused by key."""
+    from transformers import AutoTokenizer
+
+    from nemoforge.data.corpus import prepare_corpus
+
+    store = store_for(recipe)
+    inputs = {"parent": parent} if recipe.data.corpus_uri is None else {}
+    key = corpus_key(recipe, inputs)
+    index = StepIndex(store, "corpus", key)
+    entry = index.read()
+    if entry and entry.get("state") == "done" and store.exists(entry["ref"]["uri"]):
+        return entry["ref"]
+    parent_dir = store.fetch(parent["uri"])
+    tokenizer = AutoTokenizer.from_pretrained(parent_dir)
+    out_dir = cache_dir() / "corpus" / key[:16]
+    splits = prepare_corpus(
+        recipe.data,
+        tokenizer=tokenizer,
+        parent_dir=parent_dir,
+        out_dir=out_dir,
+        seed=recipe.seed,
+        store=store,
+    )
+    uri = store.join("corpus", key[:16])
+    store.put(out_dir, uri)
+    ref = {"uri": uri, "digest": splits.digest, "source_uri": splits.source_uri}
+    index.write(state="done", ref=ref)
+    return ref
+
+
+def execute_stage(
+    stage: str,
+    recipe: Recipe,
+    run_name: str,
+    inputs: dict[str, Ref],
+    *,
+    on_output: Callable[[str | None], None] | None = None,
+) -> tuple[StageResult, Ref]:
+    """Run (or reuse) one stage inside its MLflow run; return its result and its model reference.
+
+    A training stage (its table entry's ``trains``) logs its metrics to that run every ``log_every_steps``
+    updates, with the step and the wall-clock time, as it trains; the rest of its result at the end.
+
+    Args:
+        stage: ``nas``, ``distill``, ``cpt``, ``sft``, ``rl``, ``eval`` (or ``serve``).
+        recipe: the resolved recipe (tracking URI and artifact root set).
+        run_name: the pipeline run this execution belongs to (the MLflow parent run's name).
+        inputs: upstream references by the stage's argument name without ``_uri``
+            (``parent``, ``model``, ``corpus``): sft and rl take ``model``; eval ``model`` and ``parent``.
+        on_output: called with the output URI right before the stage runs, or with None when its result is
+            reused (rank 0 of a TrainJob tells the other ranks, which then :func:`join_stage` or stop).
+
+    Raises:
+        NemoforgeError: a user-fixable problem (bad input URI, store refuses); the stage run ends FAILED.
+    """
+    from nemoforge.lineage import Lineage
+
+    spec = stage_entry(stage)
+    store = store_for(recipe)
+    key = stage_key(recipe, stage, inputs)
+    index = StepIndex(store, stage, key)
+    entry = index.read()
+    input_uris = {f"{name}_uri": ref["uri"] for name, ref in inputs.items()}
+    with Lineage.for_recipe(recipe).stage_run(run_name, stage, recipe, input_uris=input_uris) as tracker:
+        if entry and entry.get("state") == "done":
+            result = result_from_json(entry["result"])
+            tracker.set_tags({"nemoforge.reused": "true", "nemoforge.reused_from": entry["output_uri"]})
+            if on_output is not None:
+                on_output(None)
+        else:
+            output_uri = entry["output_uri"] if entry else store.join(run_name, stage)
+            index.write(state="running", output_uri=output_uri)
+            tracker.set_tags({"nemoforge.output_uri": output_uri, "nemoforge.step_key": key})
+            if on_output is not None:
+                on_output(output_uri)
+            live = {"on_log": tracker.log_metrics} if spec.trains else {}
+            context = spec.context(recipe) if spec.context else {}
+            result = spec.run_fn()(recipe, **input_uris, output_uri=output_uri, store=store, **live, **context)
+            store.write_json(f"{output_uri.rstrip('/')}/result.json", result_to_json(result))
+            index.write(state="done", output_uri=output_uri, result=result_to_json(result))
+        tracker.log_result(result)
+    return result, model_ref(result)
+
+
+def join_stage(stage: str, recipe: Recipe, inputs: dict[str, Ref], output_uri: str) -> StageResult:
+    """Only the stage's ``run()`` under ``output_uri``: no key, index or lineage.
+
+    What a torchrun rank other than 0 of a TrainJob does: rank 0 keeps the books in :func:`execute_stage`
+    and hands over its ``output_uri``; this rank trains its share and returns (see
+    :mod:`nemoforge.training.distributed`).
+    """
+    input_uris = {f"{name}_uri": ref["uri"] for name, ref in inputs.items()}
+    spec = stage_entry(stage)
+    context = spec.context(recipe) if spec.context else {}
+    return spec.run_fn()(recipe, **input_uris, output_uri=output_uri, store=store_for(recipe), **context)
+
+
+def run_step(step: str, recipe: Recipe, run_name: str | None, inputs: dict[str, Ref]) -> Ref:
+    """Run one pipeline step and return the reference its task outputs.
+
+    Args:
+        step: ``parent``, ``corpus``, or a stage of :data:`~nemoforge.runner.stage_table.STAGE_TABLE`.
+        recipe: the resolved recipe (the pipeline's ``recipe_json``).
+        run_name: the pipeline run's name (None for ``corpus``, which belongs to no run).
+        inputs: the upstream references by name (``parent``, ``model``, ``corpus``).
+
+    Returns:
+        The step's output reference (a stage's: its table entry's ``output``). A stage that runs as a Kubeflow
+        Trainer TrainJob goes through :func:`nemoforge.cluster.launcher.launch_stage` instead.
+    """
+    if step == "parent":
+        return prepare_parent_step(recipe, run_name)
+    if step == "corpus":
+        return prepare_corpus_step(recipe, inputs["parent"])
+    result, _ = execute_stage(step, recipe, run_name, inputs)
+    return stage_entry(step).output(recipe, run_name, result, inputs)
+
+
+def finalize_run(recipe: Recipe, run_name: str, succeeded: bool) -> None:
+    """Close the MLflow parent run of ``run_name`` as FINISHED or FAILED."""
+    from nemoforge.lineage import Lineage
+
+    Lineage.for_recipe(recipe).finish_pipeline_run(run_name, "FINISHED" if succeeded else "FAILED")
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """In a component: print a NemoforgeError as one line and exit 1 (traceback only with NEMOFORGE_DEBUG=1).
+
+    Under ``nemoforge run`` the failing step's message (for any other exception: its type and message,
+    the traceback staying in the task log) is also written to ``$NEMOFORGE_ERROR_FILE``, so the CLI can
+    repeat it after kfp.local's summary. SIGTERM and SIGINT stop the step as Ctrl-C does
+    (:func:`nemoforge.signals.interrupt_on_signals`: its MLflow run ends KILLED); it then exits with the shell's
+    code for the signal (143, 130) after one line.
+    """
+    from nemoforge.signals import exit_code, interrupt_on_signals
+
+    error_file = os.environ.get("NEMOFORGE_ERROR_FILE")
+    try:
+        with interrupt_on_signals():
+            yield
+    except KeyboardInterrupt as stop:
+        signal_name = str(stop) or "SIGINT"
+        sys.stderr.write(f"nemoforge: stopped by {signal_name}\n")
+        raise SystemExit(exit_code(signal_name)) from None
+    except NemoforgeError as err:
+        if error_file:
+            Path(error_file).write_text(f"{err}\n")
+        if os.environ.get("NEMOFORGE_DEBUG") == "1":
+            raise
+        sys.stderr.write(f"nemoforge: error: {err}\n")
+        raise SystemExit(1) from None
+    except Exception as err:
+        if error_file:
+            first_line = (str(err).splitlines() or [""])[0]
+            Path(error_file).write_text(
+                f"{type(err).__name__}: {first_line} (traceback in the task log above)\n"
+            )
+        raise
