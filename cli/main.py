@@ -214,15 +214,15 @@ def _stopped(recipe: Recipe, args: argparse.Namespace, signal_name: str, owner: 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from nemoforge import lineage
+    from nemoforge.artifacts import cache_root
     from nemoforge.preflight import check_inputs, check_parent, check_workdir, resolve_recipe
-    from nemoforge.runner.index import cache_dir
     from nemoforge.runner.retrain import OWNER_ENV
 
     workdir = args.workdir.expanduser().resolve()
     recipe = resolve_recipe(load_recipe(args.recipe, args.overrides), workdir)
     check_workdir(workdir)
     _local_environment(workdir, args.debug)
-    check_parent(recipe, cache_dir() / "parent")
+    check_parent(recipe, cache_root() / "parent")
     check_inputs(recipe)
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -277,13 +277,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------- compile
 def cmd_compile(args: argparse.Namespace) -> int:
-    from nemoforge_pipelines import compile_recipe
+    from nemoforge_pipelines import compile_recipe, unpinned_images
 
     recipe = load_recipe(args.recipe, args.overrides)
     warnings.filterwarnings("ignore", category=FutureWarning)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     compile_recipe(recipe, args.output)
     print(f"wrote {args.output} (pipeline nemoforge-{recipe.name}: {', '.join(recipe.enabled_stages())})")
+    for image, tasks in unpinned_images(args.output).items():
+        print(
+            f"warning: tasks {', '.join(tasks)} run in {image}, not a pinned nemoforge image (python:3.11-slim, "
+            "the demo's base_image, holds neither kfp nor nemoforge): this YAML runs under `nemoforge run` but not "
+            "on a cluster as it stands unless that image holds nemoforge; set --set resources.image_set=train "
+            "(pinned images: components/images/images.yaml) or a resources.base_image built with nemoforge",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -406,9 +414,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from nemoforge.artifacts import open_store
+    from nemoforge.artifacts import store_for
     from nemoforge.serving import manifests
-    from nemoforge.serving.server import VLLMServer, free_port
+    from nemoforge.serving.server import VLLMServer
     from nemoforge.signals import interrupt_on_signals
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -441,29 +449,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             print(text, end="")
         return 0
-    storage = recipe.storage
-    store = open_store(
-        model_uri, s3_endpoint_url=storage.s3_endpoint_url, s3_region=storage.s3_region,
-        s3_checksums=storage.s3_checksums,
-    )
-    model_dir = store.fetch(model_uri)
+    model_dir = store_for(recipe, model_uri).fetch(model_uri)
     cfg = recipe.serve
     if cfg.reasoning_parser:
         from nemoforge.serving.engine import check_reasoning_parser
 
         check_reasoning_parser(cfg.reasoning_parser, str(model_dir))
     log_path = args.workdir.expanduser().resolve() / "serve" / f"server-{int(time.time())}.log"
-    server = VLLMServer(
-        model_dir,
-        port=(args.port if args.port is not None else cfg.port) or free_port(),
-        served_model_name=cfg.served_model_name or recipe.model.name,
-        log_path=log_path,
-        max_model_len=cfg.max_model_len,
-        dtype=cfg.dtype,
-        tensor_parallel_size=cfg.tensor_parallel_size,
-        reasoning_parser=cfg.reasoning_parser,
-        startup_timeout_s=cfg.startup_timeout_s,
-    )
+    server = VLLMServer.for_recipe(model_dir, recipe, log_path=log_path, port=args.port)
     # SIGTERM (Kubernetes, systemd) stops it as Ctrl-C does: vLLM runs in its own session, so only we can stop it.
     with interrupt_on_signals():
         try:

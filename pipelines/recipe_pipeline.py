@@ -15,11 +15,12 @@ but ``finalize`` stays out (``dsl.If``), so a scheduled retraining costs one sma
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from kfp import compiler, dsl, kubernetes
 
 from nemoforge.config import Recipe, ResourcesConfig, StageResources
 from nemoforge_components import make_components
-from nemoforge_components.images import image_ref
+from nemoforge_components.images import image_ref, load_images
 
 
 def _image(res: StageResources, cluster: ResourcesConfig) -> str:
@@ -38,10 +39,12 @@ def _apply_resources(task: dsl.PipelineTask, res: StageResources, cluster: Resou
         task.set_retry(num_retries=res.retries, backoff_duration=f"{res.retry_backoff_s}s", backoff_factor=2.0)
     if res.shm_gib:
         kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=f"{res.shm_gib}Gi")
-    task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu)
-    task.set_memory_request(res.memory).set_memory_limit(res.memory)
-    if res.gpu_count:
-        task.set_accelerator_type(res.accelerator_type).set_accelerator_limit(res.gpu_count)
+    quantities = res.quantities()
+    cpu, memory = quantities.pop("cpu"), quantities.pop("memory")
+    task.set_cpu_request(cpu).set_cpu_limit(cpu)
+    task.set_memory_request(memory).set_memory_limit(memory)
+    for accelerator, count in quantities.items():  # the stage's GPUs, when it has any
+        task.set_accelerator_type(accelerator).set_accelerator_limit(count)
     for label, value in res.node_selector.items():
         kubernetes.add_node_selector(task, label_key=label, label_value=value)
     for tol in res.tolerations:
@@ -147,3 +150,23 @@ def compile_recipe(recipe: Recipe, output: Path) -> Path:
     """Write the pipeline IR YAML of ``recipe`` to ``output``."""
     compiler.Compiler().compile(build_pipeline(recipe), package_path=str(output))
     return output
+
+
+def unpinned_images(package: Path) -> dict[str, list[str]]:
+    """Container images of a compiled pipeline that are none of the pinned nemoforge images, with their tasks.
+
+    A task in such an image (the demo's ``python:3.11-slim`` base_image) finds neither kfp nor nemoforge on a
+    cluster; under ``kfp.local`` (``nemoforge run``) images are not used.
+
+    Returns:
+        ``{image: [task, ...]}`` (task names without the ``exec-`` prefix), empty when every image is pinned.
+    """
+    pinned = {spec["image"] for spec in load_images()["sets"].values()}
+    ir = next(yaml.safe_load_all(package.read_text()))
+    found: dict[str, list[str]] = {}
+    for executor, spec in sorted(ir["deploymentSpec"]["executors"].items()):
+        image = spec["container"]["image"]
+        if image not in pinned:
+            found.setdefault(image, []).append(executor.removeprefix("exec-"))
+    return found
+

@@ -248,9 +248,8 @@ def _exported_greedy(recipe, store, model_uri: str) -> dict[str, float]:
     from transformers import AutoTokenizer
 
     from nemoforge.models.convert import load_causal_lm
-    from nemoforge.runtime import compute_device
+    from nemoforge.runtime import compute_device, recipe_dtype
     from nemoforge.stages.rl.stage import heldout_reward, rl_problems
-    from nemoforge.stages.training import recipe_dtype
 
     path = store.fetch(model_uri)
     model = load_causal_lm(path, dtype=recipe_dtype(recipe)).to(compute_device()).eval()

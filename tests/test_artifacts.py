@@ -376,7 +376,7 @@ def test_local_store_reads_s3_uris_through_its_endpoint(s3_endpoint: str, tmp_pa
 def test_s3_checksum_headers_follow_storage_s3_checksums(s3_endpoint: str, tmp_path: Path, mode: str) -> None:
     """The exact upload request: CRC checksum headers only when the recipe asks for them (boto3 >= 1.36 sends
     them by default, and some S3-compatible stores refuse them); the sha256 metadata and check either way."""
-    from nemoforge.runner.index import store_for
+    from nemoforge.artifacts import store_for
 
     bucket = _new_bucket(s3_endpoint)
     recipe = Recipe(

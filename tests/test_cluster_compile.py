@@ -123,3 +123,18 @@ def test_corpus_is_cpu_and_everything_after_check_inputs_is_conditional(name: st
     assert gated == set(tasks) - {"check-inputs", "finalize"}, name
     assert ir["root"]["inputDefinitions"]["parameters"]["force"] == {
         "defaultValue": False, "isOptional": True, "parameterType": "BOOLEAN"}
+
+
+def test_compile_warns_when_a_task_image_holds_no_nemoforge(tmp_path: Path, capsys):
+    from nemoforge_cli.main import main
+    from nemoforge_pipelines import unpinned_images
+
+    assert main(["compile", "smollm2-135m-demo", "-o", str(tmp_path / "demo.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: tasks check-inputs, corpus, cpt, distill, eval, finalize, nas, parent, rl, sft run in " \
+        "python:3.11-slim, not a pinned nemoforge image" in err and "--set resources.image_set=train" in err
+    assert main(["compile", "smollm2-135m-demo", "-o", str(tmp_path / "pinned.yaml"),
+                 "--set", "resources.image_set=train"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert unpinned_images(tmp_path / "pinned.yaml") == {}
+    assert unpinned_images(COMPILED / "llama-3.1-8b.yaml") == {}

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from nemoforge.artifacts import store_for
 from nemoforge.cluster.launcher import KubeAPI, TrainJobFailed, TrainJobs, launch_stage, run_trainjob
 from nemoforge.cluster.trainjob import build_trainjob
 from nemoforge.config import load_recipe
 from nemoforge.errors import NemoforgeError
-from nemoforge.runner.index import StepIndex, result_to_json, step_key, store_for
+from nemoforge.runner.index import StepIndex, result_to_json, step_key
 from nemoforge.stages.result import StageResult
 
 NS = "team-a"

@@ -97,8 +97,8 @@ def test_pushed_weights_make_vllm_greedy_equal_ours(policy_and_engine):
 def test_grpo_with_vllm_rollouts_completes_and_tags_the_run(policy_and_engine, vllm_llama_dir: Path, tmp_path: Path):
     """Runs after the parity test: the module's engine is closed first (one in-process engine at a time)."""
     from nemoforge import lineage
+    from nemoforge.artifacts import store_for
     from nemoforge.runner.execute import execute_stage
-    from nemoforge.runner.index import store_for
 
     policy_and_engine[2].close()
     recipe = Recipe(

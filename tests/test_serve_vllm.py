@@ -62,8 +62,8 @@ def test_vllm_greedy_tokens_match_ours_on_parent_and_child(serve_exports):
 def test_serve_stage_answers_both_modes_logs_metrics_and_stops(serve_exports, tmp_path):
     """Through the runner: MLflow stage run with TTFT/tokens/s, responses.json, and no server left."""
     from nemoforge import lineage
+    from nemoforge.artifacts import store_for
     from nemoforge.runner.execute import execute_stage
-    from nemoforge.runner.index import store_for
 
     _, child_dir = serve_exports
     recipe = load_recipe(

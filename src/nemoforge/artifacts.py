@@ -7,7 +7,8 @@ roots go through :class:`S3Store` (boto3; the endpoint is configurable for MinIO
 URIs are plain strings everywhere: a local path (``/work/artifacts/run-1/nas/model``, ``file://`` is
 accepted) or ``s3://bucket/key``. ``pathlib`` never touches an ``s3://`` string (it would fold the
 ``//``). Either store also reads and writes the other kind of URI (a local corpus with an S3 root, an
-``s3://`` corpus with a local root); ``root_uri`` and :meth:`ArtifactStore.join` decide where outputs go.
+``s3://`` corpus with a local root); ``root_uri`` and :meth:`ArtifactStore.join` decide where outputs go
+(:func:`join_uri` joins under any URI).
 
 Uploads are verified: the size, and the sha256 of the content, which is also recorded with the file:
 an S3 object carries it as user metadata (``x-amz-meta-sha256``), a LocalStore file in a hidden record
@@ -32,9 +33,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from nemoforge.errors import InputNotFoundError, StorageError
+from nemoforge.errors import InputNotFoundError, NemoforgeError, StorageError
+
+if TYPE_CHECKING:
+    from nemoforge.config import Recipe
 
 S3Checksums = Literal["when_required", "when_supported"]
 """botocore's checksum modes (``storage.s3_checksums``)."""
@@ -115,6 +119,17 @@ def _is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def join_uri(uri: str, *parts: str) -> str:
+    """``uri/part/part...`` for any store URI (local path or ``s3://``), without pathlib (it would fold ``//``).
+
+    Parts are ``/``-joined with their outer slashes dropped, and empty parts skipped; a trailing ``/`` of
+    ``uri`` is dropped: ``join_uri("s3://b/run/", "/nas/", "model") == "s3://b/run/nas/model"``.
+    """
+    tail = "/".join(p.strip("/") for p in parts if p.strip("/"))
+    base = uri.rstrip("/")
+    return f"{base}/{tail}" if tail else base
+
+
 def _local_path(uri: str) -> Path:
     """The local path of a local URI (plain path or ``file://``); any other scheme is refused."""
     if "://" in uri and not uri.startswith("file://"):
@@ -135,9 +150,8 @@ class ArtifactStore(ABC):
     root_uri: str
 
     def join(self, *parts: str) -> str:
-        """The URI ``root_uri/part/part...`` (parts are ``/``-joined; their outer slashes dropped)."""
-        tail = "/".join(p.strip("/") for p in parts if p.strip("/"))
-        return f"{self.root_uri}/{tail}" if tail else self.root_uri
+        """The URI ``root_uri/part/part...``: :func:`join_uri` under the root."""
+        return join_uri(self.root_uri, *parts)
 
     # Public methods route each URI to the backend of its kind: the store itself, or a delegate
     # for the other kind (see the module docstring).
@@ -338,6 +352,36 @@ def open_store(
     return LocalStore(root_uri, s3_endpoint_url=s3_endpoint_url, s3_region=s3_region, s3_checksums=s3_checksums)
 
 
+def store_for(recipe: Recipe, root_uri: str | None = None) -> ArtifactStore:
+    """The store at ``root_uri`` (default ``storage.artifact_root``) with the recipe's S3 settings.
+
+    Either kind of store reads and writes both kinds of URI, so any input the recipe names (an ``s3://``
+    corpus, a plot, a model) can be read through ``store_for(recipe)`` or a store at the input itself.
+
+    Raises:
+        NemoforgeError: no ``root_uri`` and ``storage.artifact_root`` is not resolved yet.
+        StorageError: as :func:`open_store`.
+    """
+    storage = recipe.storage
+    root_uri = root_uri or storage.artifact_root
+    if root_uri is None:
+        raise NemoforgeError("storage.artifact_root is not resolved; run through `nemoforge run` or set it")
+    return open_store(
+        root_uri,
+        s3_endpoint_url=storage.s3_endpoint_url,
+        s3_region=storage.s3_region,
+        s3_checksums=storage.s3_checksums,
+    )
+
+
+def cache_root() -> Path:
+    """The local cache: the parent's download and conversion, corpora, S3 downloads (``s3/``).
+
+    ``$NEMOFORGE_CACHE`` when set (and not empty), else ``~/.cache/nemoforge``.
+    """
+    return Path(os.environ.get("NEMOFORGE_CACHE") or Path.home() / ".cache" / "nemoforge")
+
+
 # ------------------------------------------------------------------------------------------ local
 def _partial_path(dest: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}{_PARTIAL_MARK}", dir=dest.parent)
@@ -505,11 +549,6 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
-def _default_cache_dir() -> Path:
-    base = os.environ.get("NEMOFORGE_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "nemoforge") / "s3"
-
-
 class S3Store(ArtifactStore):
     """Objects in an S3 bucket (AWS, MinIO, Ceph, moto) under ``s3://bucket/prefix``.
 
@@ -528,8 +567,7 @@ class S3Store(ArtifactStore):
             exponential backoff, for throttling, 5xx and connection errors alike).
         connect_timeout_s: seconds to wait for a TCP connection.
         read_timeout_s: seconds to wait on a socket read.
-        cache_dir: where :meth:`fetch` downloads to (default ``$NEMOFORGE_CACHE/s3``, else
-            ``~/.cache/nemoforge/s3``).
+        cache_dir: where :meth:`fetch` downloads to (default :func:`cache_root` ``/ "s3"``).
         checksums: botocore's ``request_checksum_calculation`` and ``response_checksum_validation``:
             ``when_required`` (no CRC headers unless an operation requires them: the behaviour before boto3
             1.36, accepted by S3-compatible stores that reject the newer headers) or ``when_supported``
@@ -561,7 +599,7 @@ class S3Store(ArtifactStore):
         self.root_uri = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         self.endpoint_url = endpoint_url
         self.region = region
-        self.cache_dir = Path(cache_dir) if cache_dir else _default_cache_dir()
+        self.cache_dir = Path(cache_dir) if cache_dir else cache_root() / "s3"
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold_bytes, multipart_chunksize=multipart_chunksize_bytes
         )

@@ -564,6 +564,14 @@ class StageResources(_Section):
         """True when the task launches a TrainJob instead of running the stage in its own pod."""
         return self.launch == "trainjob" or (self.launch == "auto" and self.num_nodes > 1)
 
+    def quantities(self) -> dict[str, str]:
+        """Kubernetes resource quantities of one pod (its requests, and its limits): ``cpu``, ``memory`` and,
+        with GPUs, ``{accelerator_type: gpu_count}``, e.g. ``{"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "1"}``."""
+        quantities = {"cpu": self.cpu, "memory": self.memory}
+        if self.gpu_count:
+            quantities[self.accelerator_type] = str(self.gpu_count)
+        return quantities
+
 
 class TrainerConfig(_Section):
     """The Kubeflow Trainer runtime that TrainJob stages use (trainer.kubeflow.org/v1alpha1)."""

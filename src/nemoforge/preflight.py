@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from nemoforge.artifacts import store_for
 from nemoforge.config import Recipe
 from nemoforge.data.corpus import read_documents
 from nemoforge.data.reasoning import math_problems, read_chat_samples
@@ -183,19 +184,10 @@ def check_inputs(recipe: Recipe) -> None:
         NemoforgeError: a local corpus file cannot be read as text (:func:`check_corpus`).
         StorageError: the artifact store (S3 endpoint, bucket) refuses.
     """
-    from nemoforge.runner.index import store_for
-
     check_math_data(recipe)
     check_corpus(recipe)
-    store_for(recipe).check()
+    store = store_for(recipe)
+    store.check()
     corpus = recipe.data.corpus_uri
-    if corpus and corpus.startswith("s3://"):
-        from nemoforge.artifacts import open_store
-
-        bucket_root = "/".join(corpus.split("/")[:3])
-        corpus_store = open_store(
-            bucket_root, s3_endpoint_url=recipe.storage.s3_endpoint_url, s3_region=recipe.storage.s3_region,
-            s3_checksums=recipe.storage.s3_checksums,
-        )
-        if not corpus_store.exists(corpus):
-            raise InputNotFoundError(f"data.corpus_uri {corpus} does not exist")
+    if corpus and corpus.startswith("s3://") and not store.exists(corpus):  # the store reads any s3:// URI
+        raise InputNotFoundError(f"data.corpus_uri {corpus} does not exist")

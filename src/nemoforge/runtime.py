@@ -1,10 +1,14 @@
-"""Where and how long loops run: the compute device, and whether progress bars show."""
+"""Where and how loops run: the compute device, the recipe's dtype, and whether progress bars show."""
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from nemoforge.config import Recipe
 
 
 def no_progress() -> bool:
@@ -15,3 +19,8 @@ def no_progress() -> bool:
 def compute_device() -> torch.device:
     """The first CUDA device when there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def recipe_dtype(recipe: Recipe) -> torch.dtype:
+    """``recipe.dtype`` (``float32`` or ``bfloat16``) as a torch dtype: inference, teacher and export dtype."""
+    return getattr(torch, recipe.dtype)

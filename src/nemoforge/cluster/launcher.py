@@ -26,10 +26,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from nemoforge.artifacts import store_for
 from nemoforge.cluster.trainjob import GROUP, PLURAL, VERSION, build_trainjob
 from nemoforge.config import Recipe
 from nemoforge.errors import NemoforgeError
-from nemoforge.runner.index import StepIndex, model_ref, result_from_json, store_for
+from nemoforge.runner.index import StepIndex, model_ref, result_from_json
 from nemoforge.runner.stage_table import stage_key
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")

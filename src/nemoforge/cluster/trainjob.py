@@ -46,11 +46,6 @@ def trainjob_name(run_name: str, stage: str) -> str:
     return "-".join(p for p in (slug, stage, digest) if p) if slug else f"nf-{stage}-{digest}"
 
 
-def _quantities(res: StageResources) -> dict[str, str]:
-    quantities = {"cpu": res.cpu, "memory": res.memory}
-    if res.gpu_count:
-        quantities[res.accelerator_type] = str(res.gpu_count)
-    return quantities
 
 
 def pod_patch(recipe: Recipe, res: StageResources) -> dict[str, Any]:
@@ -121,7 +116,7 @@ def build_trainjob(
         metadata["ownerReferences"] = [
             {"apiVersion": "v1", "kind": "Pod", "name": owner["name"], "uid": owner["uid"], "blockOwnerDeletion": False}
         ]
-    quantities = _quantities(res)
+    quantities = res.quantities()
     job: dict[str, Any] = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "TrainJob",

@@ -9,7 +9,7 @@
 
 from nemoforge.lineage.client import MAX_DATASET_DIGEST_CHARS, TAG_INPUT_DIGEST, TAG_OUTCOME, TAG_OWNER
 from nemoforge.lineage.registry import Registry
-from nemoforge.lineage.runs import Lineage, StageTracker, check_tracking
+from nemoforge.lineage.runs import Lineage, StageTracker
 from nemoforge.lineage.status import pipeline_status
 
 __all__ = [
@@ -20,6 +20,5 @@ __all__ = [
     "Lineage",
     "Registry",
     "StageTracker",
-    "check_tracking",
     "pipeline_status",
 ]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -46,7 +45,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL, MLFLOW_PARENT_RUN_ID
 
 from nemoforge.config import Recipe
-from nemoforge.errors import InputNotFoundError, NemoforgeError, RecipeError, StorageError
+from nemoforge.errors import InputNotFoundError, NemoforgeError, RecipeError
 from nemoforge.lineage.client import (
     MAX_DATASET_DIGEST_CHARS,
     MAX_PARAM_CHARS,
@@ -83,30 +82,6 @@ def default_artifact_location(tracking_uri: str | None) -> str | None:
         db_path = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
         return str(db_path.resolve().parent / "mlruns")
     return None
-
-
-def check_tracking(tracking_uri: str | None) -> None:
-    """Check, before any compute, that the tracking store answers (one try, 5 s timeout over HTTP).
-
-    Raises:
-        StorageError: naming the tracking URI and the fix.
-    """
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
-    try:
-        open_client(tracking_uri).search_experiments(max_results=1)
-    except Exception as err:  # noqa: BLE001 (any failure means the store is unusable: say so in one line)
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise StorageError(
-            f"cannot use the MLflow tracking store {tracking_uri} ({first_line}): start the tracking "
-            "server or fix tracking.mlflow_uri"
-        ) from None
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 # ------------------------------------------------------------------------------------------- params
@@ -548,18 +523,10 @@ class StageTracker:
 
     def _local_copy(self, uri: str) -> Path:
         """A local path of a plot URI (``s3://`` through the recipe's store settings)."""
-        from nemoforge.artifacts import open_store
+        from nemoforge.artifacts import store_for
 
         if uri.startswith("s3://"):
-            storage = self._recipe.storage
-            bucket_root = "/".join(uri.split("/")[:3])
-            store = open_store(
-                bucket_root,
-                s3_endpoint_url=storage.s3_endpoint_url,
-                s3_region=storage.s3_region,
-                s3_checksums=storage.s3_checksums,
-            )
-            path = store.fetch(uri)
+            path = store_for(self._recipe, uri).fetch(uri)
         else:
             path = Path(uri.removeprefix("file://")).expanduser()
         if not path.is_file():

@@ -13,18 +13,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from nemoforge.artifacts import digest_path
+from nemoforge.artifacts import cache_root, digest_path, store_for
 from nemoforge.config import Recipe
 from nemoforge.errors import NemoforgeError
 from nemoforge.runner.index import (
     Ref,
     StepIndex,
-    cache_dir,
     model_ref,
     result_from_json,
     result_to_json,
     step_key,
-    store_for,
 )
 from nemoforge.runner.stage_table import stage_entry, stage_key
 from nemoforge.stages.result import StageResult
@@ -46,7 +44,7 @@ def prepare_parent_step(recipe: Recipe, run_name: str) -> Ref:
     entry = index.read()
     if entry and entry.get("state") == "done" and store.exists(entry["ref"]["uri"]):
         return entry["ref"]
-    local_dir = prepare_parent(recipe.model.parent, cache_dir() / "parent")
+    local_dir = prepare_parent(recipe.model.parent, cache_root() / "parent")
     uri = store.join("models", f"parent-{key[:12]}")
     store.put(local_dir, uri)
     ref = {"uri": uri, "digest": digest_path(local_dir), "source": recipe.model.parent.source}
@@ -81,7 +79,7 @@ def prepare_corpus_step(recipe: Recipe, parent: Ref) -> Ref:
         return entry["ref"]
     parent_dir = store.fetch(parent["uri"])
     tokenizer = AutoTokenizer.from_pretrained(parent_dir)
-    out_dir = cache_dir() / "corpus" / key[:16]
+    out_dir = cache_root() / "corpus" / key[:16]
     splits = prepare_corpus(
         recipe.data,
         tokenizer=tokenizer,

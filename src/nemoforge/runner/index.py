@@ -11,34 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-from pathlib import Path
 from typing import Any
 
-from nemoforge.artifacts import ArtifactStore, open_store
-from nemoforge.config import Recipe
-from nemoforge.errors import NemoforgeError
+from nemoforge.artifacts import ArtifactStore
 from nemoforge.stages.result import DatasetRef, StageResult
 
 Ref = dict[str, Any]
 """An artifact reference passed between steps (KFP artifact metadata): ``{"uri", "digest", ...}``."""
-
-
-def store_for(recipe: Recipe) -> ArtifactStore:
-    """The artifact store named by ``recipe.storage`` (resolved: ``artifact_root`` must be set)."""
-    if recipe.storage.artifact_root is None:
-        raise NemoforgeError("storage.artifact_root is not resolved; run through `nemoforge run` or set it")
-    return open_store(
-        recipe.storage.artifact_root,
-        s3_endpoint_url=recipe.storage.s3_endpoint_url,
-        s3_region=recipe.storage.s3_region,
-        s3_checksums=recipe.storage.s3_checksums,
-    )
-
-
-def cache_dir() -> Path:
-    """Local cache for downloads and conversions (``$NEMOFORGE_CACHE``, else ``~/.cache/nemoforge``)."""
-    return Path(os.environ.get("NEMOFORGE_CACHE", Path.home() / ".cache" / "nemoforge"))
 
 
 def step_key(step: str, section: Any, inputs: dict[str, Ref]) -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from nemoforge.artifacts import store_for
 from nemoforge.config import Recipe
-from nemoforge.runner.index import Ref, model_ref, store_for
+from nemoforge.runner.index import Ref, model_ref
 from nemoforge.stages.result import StageResult
 
 TAG_METRIC = "nemoforge.metric."

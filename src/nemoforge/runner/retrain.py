@@ -11,9 +11,8 @@ import hashlib
 import json
 import os
 
-from nemoforge.artifacts import ArtifactStore
+from nemoforge.artifacts import ArtifactStore, store_for
 from nemoforge.config import Recipe
-from nemoforge.runner.index import store_for
 
 
 def retrain_inputs() -> tuple[str, ...]:

@@ -41,10 +41,7 @@ def k8s_name(text: str) -> str:
 
 
 def _resources(res: StageResources) -> dict[str, Any]:
-    amounts = {"cpu": res.cpu, "memory": res.memory}
-    if res.gpu_count:
-        amounts[res.accelerator_type] = str(res.gpu_count)
-    return {"requests": dict(amounts), "limits": dict(amounts)}
+    return {"requests": res.quantities(), "limits": res.quantities()}
 
 
 def _scheduling(res: StageResources) -> dict[str, Any]:

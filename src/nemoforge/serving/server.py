@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from nemoforge.config import Recipe
 from nemoforge.errors import NemoforgeError
 from nemoforge.models.remote_code import verify_remote_code
 from nemoforge.serving.engine import vllm_env, vllm_python, vllm_version
@@ -120,6 +121,29 @@ class VLLMServer:
             model_dir, port=port, served_model_name=served_model_name, host=host, **kwargs
         )
         self.process: subprocess.Popen | None = None
+
+    @classmethod
+    def for_recipe(
+        cls, model_dir: str | Path, recipe: Recipe, *, log_path: str | Path, port: int | None = None
+    ) -> VLLMServer:
+        """The server ``recipe.serve`` describes for ``model_dir``.
+
+        Its port is ``port``, else ``serve.port``, else a free one; its served name ``serve.served_model_name``,
+        else ``model.name``; ``max_model_len``, ``dtype``, ``tensor_parallel_size``, ``reasoning_parser`` and
+        ``startup_timeout_s`` come from ``serve``.
+        """
+        cfg = recipe.serve
+        return cls(
+            model_dir,
+            port=(port if port is not None else cfg.port) or free_port(),
+            served_model_name=cfg.served_model_name or recipe.model.name,
+            log_path=log_path,
+            max_model_len=cfg.max_model_len,
+            dtype=cfg.dtype,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            reasoning_parser=cfg.reasoning_parser,
+            startup_timeout_s=cfg.startup_timeout_s,
+        )
 
     @property
     def base_url(self) -> str:

@@ -1,9 +1,10 @@
 """What the training stages (distill, cpt; sft and rl in part) share around :func:`~nemoforge.training.loop.train`.
 
-:func:`run_training_stage` is a stage's whole body except its loss: fetch the corpus and the model,
-score the held-out rows before, restore the newest checkpoint from the store, train (uploading each
-checkpoint), score again, export the model, upload it with a loss-curve plot, and assemble the
-:class:`~nemoforge.stages.result.StageResult`. Everything is written under ``output_uri``::
+:func:`run_training_stage` is a stage's whole body except its loss: fetch the corpus and the model
+(:func:`load_student`), score the held-out rows before, restore the newest checkpoint from the store, train
+(uploading each checkpoint), score again, export the model (:func:`export_model`, which sft and rl share),
+upload it with a loss-curve plot, and assemble the :class:`~nemoforge.stages.result.StageResult`
+(:func:`training_report`). Everything is written under ``output_uri``::
 
     <output_uri>/checkpoints/step-N/   resumable training state (train's checkpoint layout)
     <output_uri>/model/                the exported nemotron-nas checkpoint (outputs["model"])
@@ -16,16 +17,18 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from matplotlib.figure import Figure
 
-from nemoforge.artifacts import ArtifactStore, digest_path
+from nemoforge.artifacts import ArtifactStore, digest_path, join_uri
 from nemoforge.config import CorpusTrainConfig, Recipe
-from nemoforge.data.corpus import load_corpus
+from nemoforge.data.corpus import CorpusSplits, load_corpus
 from nemoforge.data.packing import token_digest
-from nemoforge.runtime import compute_device
+from nemoforge.runtime import compute_device, recipe_dtype
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stats import paired_mean_difference
 from nemoforge.training.checkpoint import TrainState, is_complete_checkpoint
@@ -34,13 +37,7 @@ from nemoforge.training.flops import training_flops_per_token
 from nemoforge.training.loop import LogFn, LossFn, epoch_batches, train
 from nemoforge.training.perf import mask_packed_documents
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _STEP_URI = re.compile(r"/step-(\d+)/")
-
-
-def recipe_dtype(recipe: Recipe) -> torch.dtype:
-    """``recipe.dtype`` as a torch dtype (inference, teacher and export dtype)."""
-    return _DTYPES[recipe.dtype]
 
 
 def round_to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -63,11 +60,6 @@ def load_teacher(model_dir: Path, *, dtype: torch.dtype, device: torch.device) -
     return load_causal_lm(model_dir, dtype=dtype).to(device).eval().requires_grad_(False)
 
 
-def uri_under(uri: str, *parts: str) -> str:
-    """``uri/part/...`` for any store URI (local path or ``s3://``), without touching pathlib."""
-    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
-
-
 def fetch_latest_checkpoint(store: ArtifactStore, checkpoints_uri: str, local_dir: Path) -> int:
     """Copy the newest complete ``step-N`` checkpoint under ``checkpoints_uri`` into ``local_dir``.
 
@@ -78,7 +70,7 @@ def fetch_latest_checkpoint(store: ArtifactStore, checkpoints_uri: str, local_di
         N of the copied checkpoint, 0 when there is none.
     """
     for step in reversed(stored_steps(store, checkpoints_uri)):
-        source = store.fetch(uri_under(checkpoints_uri, f"step-{step}"))
+        source = store.fetch(join_uri(checkpoints_uri, f"step-{step}"))
         if is_complete_checkpoint(source):
             local_dir.mkdir(parents=True, exist_ok=True)
             shutil.copytree(source, local_dir / f"step-{step}", dirs_exist_ok=True)
@@ -108,11 +100,11 @@ def checkpoint_uploader(store: ArtifactStore, checkpoints_uri: str, keep: int) -
     """
 
     def upload(path: Path) -> None:
-        store.put(path, uri_under(checkpoints_uri, path.name))
+        store.put(path, join_uri(checkpoints_uri, path.name))
         newest = int(path.name.removeprefix("step-"))
         # a higher step-M/ is a half-uploaded leftover of an earlier attempt: never counted, later overwritten
         for step in [s for s in stored_steps(store, checkpoints_uri) if s <= newest][:-keep]:
-            store.delete(uri_under(checkpoints_uri, f"step-{step}"))
+            store.delete(join_uri(checkpoints_uri, f"step-{step}"))
 
     return upload
 
@@ -208,38 +200,30 @@ def run_training_stage(
         InputNotFoundError: the model or corpus URI does not exist.
         NemoforgeError: training diverged.
     """
-    from transformers import AutoTokenizer
-
-    from nemoforge.models.block_configs import summarize
-    from nemoforge.models.convert import load_causal_lm
-    from nemoforge.models.export import export_checkpoint
-
     device = compute_device()
-    corpus = load_corpus(store.fetch(corpus_uri))
-    model_dir = store.fetch(model_uri)
-    model = load_causal_lm(model_dir, dtype=torch.float32).to(device)
-    # config given: AutoTokenizer would otherwise read a nemotron-nas export's auto_map and ask [y/N] on stdin
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, config=model.config)
-    heldout_NT = corpus.heldout_ids_NT[: cfg.heldout_sequences]
+    student = load_student(cfg, model_uri=model_uri, corpus_uri=corpus_uri, store=store, device=device)
+    model, heldout_NT = student.model, student.heldout_NT
     masks = []
     if cfg.document_masking:
-        masks = [mask_packed_documents(m, tokenizer.eos_token_id) for m in (model, teacher) if m is not None]
+        eos_id = student.tokenizer.eos_token_id
+        masks = [mask_packed_documents(m, eos_id) for m in (model, teacher) if m is not None]
     before = heldout_row_scores(model, heldout_NT, batch_size=cfg.batch_size, teacher=teacher)
 
-    checkpoints_uri = uri_under(output_uri, "checkpoints")
+    checkpoints_uri = join_uri(output_uri, "checkpoints")
     with tempfile.TemporaryDirectory(prefix=f"nemoforge-{stage}-") as tmp:
         work = Path(tmp)
         fetch_latest_checkpoint(store, checkpoints_uri, work / "checkpoints")
+        train_ids_NT = student.corpus.train_ids_NT
         state: TrainState = train(
             model,
             loss_fn,
-            epoch_batches(corpus.train_ids_NT, cfg.batch_size, seed=cfg.seed),
+            epoch_batches(train_ids_NT, cfg.batch_size, seed=cfg.seed),
             cfg,
             checkpoint_dir=work / "checkpoints",
             desc=stage,
             on_log=on_log,
             on_checkpoint=checkpoint_uploader(store, checkpoints_uri, cfg.keep_checkpoints),
-            flops_per_token=training_flops_per_token(model.config, corpus.train_ids_NT.shape[1]),
+            flops_per_token=training_flops_per_token(model.config, train_ids_NT.shape[1]),
         )
         from nemoforge.training.distributed import is_main_process
 
@@ -249,13 +233,112 @@ def run_training_stage(
         for handle in masks:
             handle.remove()
 
-        model_out_uri = uri_under(output_uri, "model")
-        export_dir = export_checkpoint(model.to(recipe_dtype(recipe)), tokenizer, work / "model")
-        model_digest = digest_path(export_dir)
-        store.put(export_dir, model_out_uri)
-        plot_uri = uri_under(output_uri, "plots", "loss_curve.png")
+        exported = export_model(model, student.tokenizer, recipe, output_uri=output_uri, store=store, work=work)
+        plot_uri = join_uri(output_uri, "plots", "loss_curve.png")
         store.put(plot_history(state.history, work / "loss_curve.png", f"{stage}: training loss"), plot_uri)
 
+    return training_report(
+        cfg, student, state, before, after, exported, checkpoints_uri=checkpoints_uri, plot_uri=plot_uri, device=device
+    )
+
+
+@dataclass(frozen=True)
+class Student:
+    """What a corpus training stage starts from: the model to train, its tokenizer, the corpus, the held-out rows.
+
+    Attributes:
+        model: the model at ``model_uri`` in float32 on the training device.
+        tokenizer: its tokenizer.
+        corpus: the corpus step's splits.
+        heldout_NT: the first ``cfg.heldout_sequences`` held-out rows, scored before and after training.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    corpus: CorpusSplits
+    heldout_NT: torch.Tensor
+
+
+def load_student(
+    cfg: CorpusTrainConfig, *, model_uri: str, corpus_uri: str, store: ArtifactStore, device: torch.device
+) -> Student:
+    """Fetch the corpus and the model to train; load the model in float32 on ``device`` with its tokenizer.
+
+    Raises:
+        InputNotFoundError: the model or corpus URI does not exist.
+    """
+    from transformers import AutoTokenizer
+
+    from nemoforge.models.convert import load_causal_lm
+
+    corpus = load_corpus(store.fetch(corpus_uri))
+    model_dir = store.fetch(model_uri)
+    model = load_causal_lm(model_dir, dtype=torch.float32).to(device)
+    # config given: AutoTokenizer would otherwise read a nemotron-nas export's auto_map and ask [y/N] on stdin
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, config=model.config)
+    return Student(model, tokenizer, corpus, corpus.heldout_ids_NT[: cfg.heldout_sequences])
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """A stage's exported model in the store: ``uri`` (``<output_uri>/model``) and the ``digest`` of its files."""
+
+    uri: str
+    digest: str
+
+
+def export_model(
+    model: torch.nn.Module, tokenizer: Any, recipe: Recipe, *, output_uri: str, store: ArtifactStore, work: Path
+) -> ExportedModel:
+    """Export ``model`` in ``recipe.dtype`` (cast in place) as a nemotron-nas checkpoint to ``<output_uri>/model``.
+
+    Args:
+        model: the trained model (cast to ``recipe.dtype`` in place: train and score before this).
+        tokenizer: saved beside the weights.
+        recipe: the resolved recipe (``dtype``).
+        output_uri: the stage's output prefix.
+        store: the artifact store.
+        work: a local scratch directory (the export is written to ``work/model`` first).
+
+    Raises:
+        StorageError: the upload fails or does not verify.
+    """
+    from nemoforge.models.export import export_checkpoint
+
+    export_dir = export_checkpoint(model.to(recipe_dtype(recipe)), tokenizer, work / "model")
+    exported = ExportedModel(join_uri(output_uri, "model"), digest_path(export_dir))
+    store.put(export_dir, exported.uri)
+    return exported
+
+
+def training_report(
+    cfg: CorpusTrainConfig,
+    student: Student,
+    state: TrainState,
+    before: dict[str, list[float]],
+    after: dict[str, list[float]],
+    exported: ExportedModel,
+    *,
+    checkpoints_uri: str,
+    plot_uri: str,
+    device: torch.device,
+) -> StageResult:
+    """The :class:`StageResult` of a corpus training stage (see :func:`run_training_stage`'s Returns).
+
+    Args:
+        cfg: the stage's recipe section.
+        student: what the stage trained.
+        state: the training run's final state (step, history).
+        before: :func:`~nemoforge.training.evaluate.heldout_row_scores` of ``student.heldout_NT`` before training.
+        after: the same after training.
+        exported: the exported model.
+        checkpoints_uri: where the checkpoints are.
+        plot_uri: the loss-curve plot.
+        device: the training device.
+    """
+    from nemoforge.models.block_configs import summarize
+
+    model, corpus, heldout_NT = student.model, student.corpus, student.heldout_NT
     num_params = sum(p.numel() for p in model.parameters())
     throughput = [v for _, v in state.history.get("tokens_per_s", [])[1:]] or [0.0]  # step 1 includes warm-up
     metrics = {f"{k}_before": v for k, v in heldout_means(before).items()}
@@ -271,8 +354,8 @@ def run_training_stage(
     return StageResult(
         metrics=metrics,
         history=state.history,
-        outputs={"model": model_out_uri, "checkpoints": checkpoints_uri},
-        digests={"model": model_digest},
+        outputs={"model": exported.uri, "checkpoints": checkpoints_uri},
+        digests={"model": exported.digest},
         plots={"loss_curve": plot_uri},
         datasets=[
             DatasetRef(

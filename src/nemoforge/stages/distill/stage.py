@@ -14,9 +14,9 @@ import torch
 
 from nemoforge.artifacts import ArtifactStore
 from nemoforge.config import Recipe
-from nemoforge.runtime import compute_device
+from nemoforge.runtime import compute_device, recipe_dtype
 from nemoforge.stages.result import StageResult
-from nemoforge.stages.training import load_teacher, recipe_dtype, run_training_stage
+from nemoforge.stages.training import load_teacher, run_training_stage
 from nemoforge.training.loop import LogFn
 from nemoforge.training.losses import gkd_loss
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from nemoforge.artifacts import ArtifactStore, digest_path
+from nemoforge.artifacts import ArtifactStore, digest_path, join_uri
 from nemoforge.config import EvalConfig, Recipe
 from nemoforge.data.corpus import load_corpus
 from nemoforge.data.packing import token_digest
@@ -54,7 +54,7 @@ from nemoforge.data.reasoning import (
 from nemoforge.errors import NemoforgeError
 from nemoforge.models.generate import left_pad, pad_id
 from nemoforge.rewards import accuracy_reward
-from nemoforge.runtime import compute_device
+from nemoforge.runtime import compute_device, recipe_dtype
 from nemoforge.stages.chat import generate_chats
 from nemoforge.stages.eval.gate import champion_baseline, promotion_gate
 from nemoforge.stages.eval.heldout import next_token_scores
@@ -67,7 +67,6 @@ from nemoforge.stages.eval.ifeval import (
 )
 from nemoforge.stages.eval.speed import DecodeTiming, time_decode_round_robin
 from nemoforge.stages.result import DatasetRef, StageResult
-from nemoforge.stages.training import uri_under
 from nemoforge.stats import (
     Tally,
     clustered_mean_interval,
@@ -413,7 +412,7 @@ def run(
 
     cfg = recipe.eval
     device = compute_device()
-    dtype = getattr(torch, recipe.dtype)
+    dtype = recipe_dtype(recipe)
     model_dir, parent_dir = store.fetch(model_uri), store.fetch(parent_uri)
     model = load_causal_lm(model_dir, dtype=dtype).to(device).eval()
     parent = load_causal_lm(parent_dir, dtype=dtype).to(device).eval()
@@ -447,10 +446,10 @@ def run(
 
     outputs = {
         "model": model_uri,
-        "comparison": uri_under(output_uri, "comparison.md"),
-        "report": uri_under(output_uri, "report.json"),
-        "samples": uri_under(output_uri, "samples"),
-        "registration": uri_under(output_uri, "registration.json"),
+        "comparison": join_uri(output_uri, "comparison.md"),
+        "report": join_uri(output_uri, "report.json"),
+        "samples": join_uri(output_uri, "samples"),
+        "registration": join_uri(output_uri, "registration.json"),
     }
     with tempfile.TemporaryDirectory(prefix="nemoforge-eval-") as tmp:
         work = Path(tmp)
@@ -458,7 +457,7 @@ def run(
         store.put(work / "comparison.md", outputs["comparison"])
         for name, rows in (("child", child.samples), ("parent", parent_measured.samples)):
             (work / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
-            store.put(work / f"{name}.json", uri_under(outputs["samples"], f"{name}.json"))
+            store.put(work / f"{name}.json", join_uri(outputs["samples"], f"{name}.json"))
     report = {
         "metrics": {k: (v if math.isfinite(v) else None) for k, v in figures.items()} | {"gate_passed": metrics["gate_passed"]},
         "decode_tokens_per_s_rounds": {label: t.tokens_per_s_R for label, t in timing.items()},

@@ -20,25 +20,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from nemoforge.artifacts import ArtifactStore, digest_path
-from nemoforge.config import Recipe
-from nemoforge.data.corpus import load_corpus
+from nemoforge.artifacts import ArtifactStore, digest_path, join_uri
+from nemoforge.config import NASConfig, Recipe
+from nemoforge.data.corpus import CorpusSplits, load_corpus
 from nemoforge.models.block_configs import count_params, kv_cache_bytes_per_token, summarize
 from nemoforge.models.convert import child_from_parent, load_causal_lm
 from nemoforge.models.export import export_checkpoint
 from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM, DeciLMMLP
-from nemoforge.runtime import compute_device
+from nemoforge.runtime import compute_device, no_progress, recipe_dtype
 from nemoforge.stages.nas.bld import BLDResult, distill_layer, parent_activations
 from nemoforge.stages.nas.cost import CostTable, device_name, measure_costs
 from nemoforge.stages.nas.library import BlockLibrary, Variant, build_library
@@ -57,10 +57,6 @@ log = logging.getLogger(__name__)
 PARETO_POINTS = 12
 
 
-def _progress(iterable, **kwargs):
-    return tqdm(iterable, disable=os.environ.get("NEMOFORGE_NO_PROGRESS") == "1", **kwargs)
-
-
 @dataclass(frozen=True)
 class _Phase:
     """Where the stage keeps its resumable results, and the key that says whether they are still valid."""
@@ -70,7 +66,7 @@ class _Phase:
     key: str
 
     def uri(self, *parts: str) -> str:
-        return "/".join([self.output_uri.rstrip("/"), *parts])
+        return join_uri(self.output_uri, *parts)
 
     def read(self, *parts: str) -> dict | None:
         """The JSON at ``parts`` when it exists and carries this run's key."""
@@ -109,69 +105,31 @@ def run(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     torch.manual_seed(nas.seed)
-    parent_dir = store.fetch(parent_uri)
-    # on the pod's GPU when it has one: BLD, scoring and cost timing all run there
-    model = load_causal_lm(parent_dir, dtype=getattr(torch, recipe.dtype)).to(compute_device())
-    tokenizer = AutoTokenizer.from_pretrained(parent_dir)
-    corpus = load_corpus(store.fetch(corpus_uri))
-    library = build_library(model.config, nas)
-    key_source = {
-        "nas": nas.model_dump(mode="json"),
-        "dtype": recipe.dtype,
-        "parent": parent_uri,
-        "corpus": corpus.digest,
-    }
-    phase = _Phase(
-        store, output_uri, hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()
-    )
-
-    calibration_ids = corpus.train_ids_NT[: nas.bld.num_calibration_sequences].to(model.device)
-    heldout_ids = corpus.heldout_ids_NT[: nas.scoring.num_sequences, : nas.scoring.seq_len_tokens].to(model.device)
+    inputs = _load_inputs(recipe, parent_uri=parent_uri, corpus_uri=corpus_uri, output_uri=output_uri, store=store)
+    model, tokenizer, library, phase = inputs.model, inputs.tokenizer, inputs.library, inputs.phase
+    corpus = inputs.corpus
 
     # Cost first: it takes seconds and tells whether the budgets can be met before BLD and scoring run.
     t = time.perf_counter()
     costs = _cost_phase(model, library, recipe, phase)
-    parent_choice = [row.index(library.parent) for row in library.variants]
-    fixed = {
-        "fixed_latency_ms": costs.fixed.request_ms(costs.decode_tokens),
-        "fixed_memory_bytes": costs.fixed_param_bytes,
-    }
-    budgets = {"latency_budget_ratio": nas.latency_budget_ratio, "memory_budget_gib": nas.memory_budget_gib}
-    budget_ms, _ = check_budgets(_options(library, costs), parent_choice=parent_choice, **budgets, **fixed)
+    budget = _budget(library, costs, nas)
     timings["time_cost_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    bld = _bld_phase(model, library, calibration_ids, recipe, phase)
+    bld = _bld_phase(model, library, inputs.calibration_ids, recipe, phase)
     narrow_mlps = [{w: r.mlp(model) for w, r in layer.items()} for layer in bld]
     timings["time_bld_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    heldout = parent_pass(model, heldout_ids)
+    heldout = parent_pass(model, inputs.heldout_ids)
     scores = _scoring_phase(model, library, heldout, narrow_mlps, phase)
     timings["time_scoring_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    options = _options(library, costs, scores)
-    solutions = search(
-        options,
-        parent_choice=parent_choice,
-        num_solutions=nas.num_solutions,
-        min_diversity_layers=nas.min_diversity_layers,
-        time_limit_s=nas.mip_time_limit_s,
-        **budgets,
-        **fixed,
-    )
-    front = pareto_front(
-        options,
-        parent_choice=parent_choice,
-        memory_budget_gib=nas.memory_budget_gib,
-        num_points=PARETO_POINTS,
-        time_limit_s=nas.mip_time_limit_s,
-        **fixed,
-    )
+    found = _mip_phase(library, costs, scores, nas, budget)
     timings["time_mip_s"] = time.perf_counter() - t
-    parent = evaluate(options, parent_choice, **fixed)
-    chosen = [library.variants[i][j] for i, j in enumerate(solutions[0].choice)]
+    solutions, front, parent, chosen = found.solutions, found.front, found.parent, found.chosen
+    budget_ms = budget.latency_budget_ms
 
     t = time.perf_counter()
     child = build_child(model, library, chosen, narrow_mlps)
@@ -201,44 +159,17 @@ def run(
     timings["time_export_s"] = time.perf_counter() - t
     timings["wall_time_s"] = time.perf_counter() - started
 
-    child_latency = costs.predicted(chosen)
-    parent_latency = costs.predicted([library.parent] * library.num_layers)
-    kv_bytes = recipe.nas.cost.kv_bytes
     result.metrics.update(
-        {
-            "parent_latency_ms": parent.latency_ms,
-            "parent_latency_ms_measured": costs.parent_measured.request_ms(costs.decode_tokens),
-            "parent_prefill_ms": parent_latency.prefill_ms,
-            "parent_prefill_ms_measured": costs.parent_measured.prefill_ms,
-            "parent_decode_ms": parent_latency.decode_ms,
-            "parent_decode_ms_measured": costs.parent_measured.decode_ms,
-            "child_latency_ms": solutions[0].latency_ms,
-            "child_prefill_ms": child_latency.prefill_ms,
-            "child_decode_ms": child_latency.decode_ms,
-            "latency_budget_ms": budget_ms,
-            "speedup": parent.latency_ms / solutions[0].latency_ms,
-            "params_parent": float(count_params(model.config)),
-            "params_child": float(count_params(child.config)),
-            "kv_bytes_per_token_parent": float(kv_cache_bytes_per_token(model.config, kv_bytes)),
-            "kv_bytes_per_token_child": float(kv_cache_bytes_per_token(child.config, kv_bytes)),
-            "kl_div_heldout": child_kl,
-            "kl_div_predicted": solutions[0].kl_div,
-            "lm_loss_heldout": child_lm_loss,
-            "lm_loss_heldout_parent": heldout.lm_loss,
-            "mip_solve_time_s": sum(s.solve_time_s for s in solutions),
-            "num_solutions": float(len(solutions)),
-            "bld_loss_init_mean": _mean(r.loss_init for layer in bld for r in layer.values()),
-            "bld_loss_final_mean": _mean(r.loss_final for layer in bld for r in layer.values()),
-            **timings,
-        }
+        _child_metrics(recipe, model, child, library, costs, found, bld, heldout, child_kl, child_lm_loss, budget_ms)
     )
+    result.metrics.update(timings)
     result.history["bld_loss"] = _mean_curve([r.losses for layer in bld for r in layer.values()])
     result.datasets.extend(
         [
             DatasetRef(
-                "corpus-calibration", corpus.source_uri, corpus.digest, len(calibration_ids), "calibration"
+                "corpus-calibration", corpus.source_uri, corpus.digest, len(inputs.calibration_ids), "calibration"
             ),
-            DatasetRef("corpus-heldout", corpus.source_uri, corpus.digest, len(heldout_ids), "validation"),
+            DatasetRef("corpus-heldout", corpus.source_uri, corpus.digest, len(inputs.heldout_ids), "validation"),
         ]
     )
     result.tags.update(
@@ -259,6 +190,121 @@ def run(
 
 
 # ------------------------------------------------------------------------------------------------ phases
+@dataclass(frozen=True)
+class NASInputs:
+    """What every phase works on: the parent on the compute device, its tokenizer, the corpus, the block library,
+    the phase store (keyed), and the calibration (BLD) and held-out (scoring) token rows on the model's device."""
+
+    model: DeciLMForCausalLM
+    tokenizer: Any
+    corpus: CorpusSplits
+    library: BlockLibrary
+    phase: _Phase
+    calibration_ids: torch.Tensor
+    heldout_ids: torch.Tensor
+
+
+def _load_inputs(
+    recipe: Recipe, *, parent_uri: str, corpus_uri: str, output_uri: str, store: ArtifactStore
+) -> NASInputs:
+    """Fetch and load the parent and the corpus, build the block library, and key the phase results.
+
+    Raises:
+        InputNotFoundError: the parent or corpus URI does not exist.
+        RecipeError: an FFN width not below the parent's.
+    """
+    nas = recipe.nas
+    parent_dir = store.fetch(parent_uri)
+    # on the pod's GPU when it has one: BLD, scoring and cost timing all run there
+    model = load_causal_lm(parent_dir, dtype=recipe_dtype(recipe)).to(compute_device())
+    tokenizer = AutoTokenizer.from_pretrained(parent_dir)
+    corpus = load_corpus(store.fetch(corpus_uri))
+    library = build_library(model.config, nas)
+    key_source = {
+        "nas": nas.model_dump(mode="json"),
+        "dtype": recipe.dtype,
+        "parent": parent_uri,
+        "corpus": corpus.digest,
+    }
+    phase = _Phase(
+        store, output_uri, hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()
+    )
+
+    calibration_ids = corpus.train_ids_NT[: nas.bld.num_calibration_sequences].to(model.device)
+    heldout_ids = corpus.heldout_ids_NT[: nas.scoring.num_sequences, : nas.scoring.seq_len_tokens].to(model.device)
+    return NASInputs(model, tokenizer, corpus, library, phase, calibration_ids, heldout_ids)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The MIP's constraints: the parent's choice per layer, the cost outside the blocks (``fixed_latency_ms``,
+    ``fixed_memory_bytes``), the recipe's budgets (``latency_budget_ratio``, ``memory_budget_gib``) and the
+    latency budget they give in ms."""
+
+    parent_choice: list[int]
+    fixed: dict[str, float]
+    budgets: dict[str, float | None]
+    latency_budget_ms: float
+
+
+def _budget(library: BlockLibrary, costs: CostTable, nas: NASConfig) -> Budget:
+    """The budgets of the search, checked against the cost table before BLD and scoring run.
+
+    Raises:
+        RecipeError: a budget no child meets (names the field and the smallest feasible value).
+    """
+    parent_choice = [row.index(library.parent) for row in library.variants]
+    fixed = {
+        "fixed_latency_ms": costs.fixed.request_ms(costs.decode_tokens),
+        "fixed_memory_bytes": costs.fixed_param_bytes,
+    }
+    budgets = {"latency_budget_ratio": nas.latency_budget_ratio, "memory_budget_gib": nas.memory_budget_gib}
+    budget_ms, _ = check_budgets(_options(library, costs), parent_choice=parent_choice, **budgets, **fixed)
+    return Budget(parent_choice, fixed, budgets, budget_ms)
+
+
+@dataclass(frozen=True)
+class Search:
+    """The MIP's answer: ``solutions`` (best first), the Pareto ``front`` of (ratio, solution), the ``parent``
+    evaluated as a solution, and the variant per layer of solution 1 (``chosen``)."""
+
+    solutions: list[Solution]
+    front: list[tuple[float, Solution]]
+    parent: Solution
+    chosen: list[Variant]
+
+
+def _mip_phase(
+    library: BlockLibrary,
+    costs: CostTable,
+    scores: list[dict[Variant, dict[str, float]]],
+    nas: NASConfig,
+    budget: Budget,
+) -> Search:
+    """N diverse solutions under the budgets and a Pareto sweep over latency ratios (Puzzle §4.2, App. B)."""
+    options = _options(library, costs, scores)
+    solutions = search(
+        options,
+        parent_choice=budget.parent_choice,
+        num_solutions=nas.num_solutions,
+        min_diversity_layers=nas.min_diversity_layers,
+        time_limit_s=nas.mip_time_limit_s,
+        **budget.budgets,
+        **budget.fixed,
+    )
+    front = pareto_front(
+        options,
+        parent_choice=budget.parent_choice,
+        memory_budget_gib=nas.memory_budget_gib,
+        num_points=PARETO_POINTS,
+        time_limit_s=nas.mip_time_limit_s,
+        **budget.fixed,
+    )
+    parent = evaluate(options, budget.parent_choice, **budget.fixed)
+    chosen = [library.variants[i][j] for i, j in enumerate(solutions[0].choice)]
+    return Search(solutions, front, parent, chosen)
+
+
 def _options(
     library: BlockLibrary, costs: CostTable, scores: list[dict[Variant, dict[str, float]]] | None = None
 ) -> list[list[Option]]:
@@ -313,7 +359,7 @@ def _bld_phase(
             calibration_ids.numel(),
         )
         stream = parent_activations(model, calibration_ids)
-        for acts in _progress(stream, total=todo[-1] + 1, desc="nas: BLD", unit="layer"):
+        for acts in tqdm(stream, total=todo[-1] + 1, desc="nas: BLD", unit="layer", disable=no_progress()):
             i = acts.layer_idx
             if results[i] is None:
                 results[i] = distill_layer(
@@ -357,7 +403,7 @@ def _scoring_phase(
 ) -> list[dict[Variant, dict[str, float]]]:
     """Per layer, per variant, ``{"kl_div", "lm_loss"}`` (replace-1-block, Puzzle §4.2); resumable per layer."""
     scores = []
-    for i in _progress(range(library.num_layers), desc="nas: scoring", unit="layer"):
+    for i in tqdm(range(library.num_layers), desc="nas: scoring", unit="layer", disable=no_progress()):
         saved = phase.read("scores", f"layer-{i:03d}.json")
         if saved is None:
             variants = [v for v in library.variants[i] if not library.is_parent(v)]
@@ -417,6 +463,52 @@ def build_child(
 
 
 # ----------------------------------------------------------------------------------------------- outputs
+def _child_metrics(
+    recipe: Recipe,
+    model: DeciLMForCausalLM,
+    child: DeciLMForCausalLM,
+    library: BlockLibrary,
+    costs: CostTable,
+    found: Search,
+    bld: list[dict[int, BLDResult]],
+    heldout: ParentPass,
+    child_kl: float,
+    child_lm_loss: float,
+    budget_ms: float,
+) -> dict[str, float]:
+    """The stage's metrics but its timings: parent and child latency (predicted and measured), speedup, params,
+    KV bytes per token, the child's held-out KL and LM loss, MIP and BLD figures."""
+    solutions, parent = found.solutions, found.parent
+    child_latency = costs.predicted(found.chosen)
+    parent_latency = costs.predicted([library.parent] * library.num_layers)
+    kv_bytes = recipe.nas.cost.kv_bytes
+    return {
+        "parent_latency_ms": parent.latency_ms,
+        "parent_latency_ms_measured": costs.parent_measured.request_ms(costs.decode_tokens),
+        "parent_prefill_ms": parent_latency.prefill_ms,
+        "parent_prefill_ms_measured": costs.parent_measured.prefill_ms,
+        "parent_decode_ms": parent_latency.decode_ms,
+        "parent_decode_ms_measured": costs.parent_measured.decode_ms,
+        "child_latency_ms": solutions[0].latency_ms,
+        "child_prefill_ms": child_latency.prefill_ms,
+        "child_decode_ms": child_latency.decode_ms,
+        "latency_budget_ms": budget_ms,
+        "speedup": parent.latency_ms / solutions[0].latency_ms,
+        "params_parent": float(count_params(model.config)),
+        "params_child": float(count_params(child.config)),
+        "kv_bytes_per_token_parent": float(kv_cache_bytes_per_token(model.config, kv_bytes)),
+        "kv_bytes_per_token_child": float(kv_cache_bytes_per_token(child.config, kv_bytes)),
+        "kl_div_heldout": child_kl,
+        "kl_div_predicted": solutions[0].kl_div,
+        "lm_loss_heldout": child_lm_loss,
+        "lm_loss_heldout_parent": heldout.lm_loss,
+        "mip_solve_time_s": sum(s.solve_time_s for s in solutions),
+        "num_solutions": float(len(solutions)),
+        "bld_loss_init_mean": _mean(r.loss_init for layer in bld for r in layer.values()),
+        "bld_loss_final_mean": _mean(r.loss_final for layer in bld for r in layer.values()),
+    }
+
+
 def _solutions_json(
     library: BlockLibrary,
     solutions: list[Solution],

@@ -37,13 +37,14 @@ import hashlib
 import json
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from matplotlib.figure import Figure
 
-from nemoforge.artifacts import ArtifactStore, digest_path
+from nemoforge.artifacts import ArtifactStore, join_uri
 from nemoforge.config import Recipe, RLConfig
 from nemoforge.data.reasoning import (
     ChatSample,
@@ -59,21 +60,20 @@ from nemoforge.data.reasoning import (
 from nemoforge.errors import NemoforgeError
 from nemoforge.models.generate import generate_ids, pad_id
 from nemoforge.rewards import combined_rewards
-from nemoforge.runtime import compute_device
+from nemoforge.runtime import compute_device, recipe_dtype
 from nemoforge.stages.chat import generate_chats
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stages.rl.losses import clipped_policy_loss, dpo_loss, group_advantages, token_logps
 from nemoforge.stages.rl.rollout import GENERATE_TAG, VLLMRollouts, resolve_engine
 from nemoforge.stages.training import (
     checkpoint_uploader,
+    export_model,
     fetch_latest_checkpoint,
     plot_history,
-    recipe_dtype,
     round_to_dtype,
-    uri_under,
 )
 from nemoforge.stats import paired_mean_difference
-from nemoforge.training.loop import LogFn, epoch_batches, train
+from nemoforge.training.loop import LogFn, TrainState, epoch_batches, train
 
 Problem = tuple[str, str, Reasoning]
 """``(question, reference answer, reasoning mode)``."""
@@ -463,7 +463,6 @@ def run(
     from transformers import AutoTokenizer
 
     from nemoforge.models.convert import load_causal_lm
-    from nemoforge.models.export import export_checkpoint
 
     cfg = recipe.rl
     device = compute_device()
@@ -480,70 +479,26 @@ def run(
     sampled_before = heldout_sampled_accuracy(model, tokenizer, heldout_problems, cfg) if cfg.heldout_samples else []
     kept, pass_rate = filter_by_pass_rate(model, tokenizer, train_problems, cfg)
 
-    checkpoints_uri = uri_under(output_uri, "checkpoints")
-    pref_checkpoints_uri = uri_under(output_uri, "checkpoints-preference")
+    checkpoints_uri = join_uri(output_uri, "checkpoints")
+    pref_checkpoints_uri = join_uri(output_uri, "checkpoints-preference")
     history: dict[str, list[tuple[int, float]]] = {}
     metrics: dict[str, float] = {}
     engine = resolve_engine(cfg.rollout_engine)
-    engine_tags = {"rollout_engine": GENERATE_TAG}
     with tempfile.TemporaryDirectory(prefix="nemoforge-rl-") as tmp:
         work = Path(tmp)
-        fetch_latest_checkpoint(store, checkpoints_uri, work / "checkpoints")
-        index_P1 = torch.arange(len(kept))[:, None]
-        rollouts = None
-        if engine == "vllm":
-            longest = max(len(encode_prompt(tokenizer, q, r)) for q, _, r in kept) + cfg.max_new_tokens
-            rollouts = VLLMRollouts(model, tokenizer, max_model_len=-(-longest // 32) * 32, seed=cfg.seed)
-            engine_tags = {"rollout_engine": "vllm", "rollout_engine_version": rollouts.version}
-        try:
-            state = train(
-                model,
-                make_grpo_loss(kept, tokenizer, cfg, ref_model, rollouts),
-                epoch_batches(index_P1, cfg.batch_size, seed=cfg.seed),
-                cfg,
-                checkpoint_dir=work / "checkpoints",
-                desc="rl",
-                on_log=_history_names(on_log, ""),
-                on_checkpoint=checkpoint_uploader(store, checkpoints_uri, cfg.keep_checkpoints),
-            )
-        finally:
-            if rollouts is not None:
-                rollouts.close()
+        grpo = grpo_phase(
+            model, tokenizer, kept, ref_model, cfg, engine,
+            store=store, checkpoints_uri=checkpoints_uri, work=work, on_log=on_log,
+        )
+        state, engine_tags = grpo.state, grpo.engine_tags
         history |= _rl_names(state.history, "")
         metrics["train_steps"] = float(state.step)
         resumed = state.resumed_from_step
 
         if cfg.preference.enabled:
-            pcfg = cfg.preference
-            pairs = read_preference_pairs(Path(store.fetch(recipe.data.preference_uri)), limit=pcfg.num_pairs)
-            ids_2PT, mask_2PT = preference_rows(tokenizer, pairs, pcfg.max_len_tokens)
-            ref_model.load_state_dict(model.state_dict())  # the reference is the policy after GRPO
-            with torch.no_grad():
-                ref_logps_2P = torch.cat(
-                    [response_logps(ref_model, ids_2PT[i : i + 8].to(device), mask_2PT[i : i + 8].to(device))
-                     for i in range(0, ids_2PT.shape[0], 8)]
-                ).cpu()
-
-            def pref_loss(m: torch.nn.Module, index_B1: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-                rows = torch.stack([2 * index_B1[:, 0], 2 * index_B1[:, 0] + 1], 1).view(-1).cpu()
-                logps_2B = response_logps(m, ids_2PT[rows].to(device), mask_2PT[rows].to(device))
-                ref_2B = ref_logps_2P[rows].to(device)
-                loss, stats = dpo_loss(logps_2B[0::2], logps_2B[1::2], ref_2B[0::2], ref_2B[1::2], beta=pcfg.beta)
-                if pcfg.nll_weight > 0:  # RPO-style NLL on chosen, per token (Pang et al. 2024, arXiv 2404.19733)
-                    nll = -(logps_2B[0::2] / mask_2PT[rows][0::2, 1:].sum(-1).to(device)).mean()
-                    loss = loss + pcfg.nll_weight * nll
-                return loss, stats
-
-            fetch_latest_checkpoint(store, pref_checkpoints_uri, work / "checkpoints-preference")
-            pstate = train(
-                model,
-                pref_loss,
-                epoch_batches(torch.arange(ids_2PT.shape[0] // 2)[:, None], pcfg.batch_size, seed=pcfg.seed),
-                pcfg,
-                checkpoint_dir=work / "checkpoints-preference",
-                desc="rl/preference",
-                on_log=_history_names(on_log, "preference_"),
-                on_checkpoint=checkpoint_uploader(store, pref_checkpoints_uri, pcfg.keep_checkpoints),
+            pstate = preference_phase(
+                model, ref_model, tokenizer, recipe,
+                store=store, checkpoints_uri=pref_checkpoints_uri, work=work, on_log=on_log, device=device,
             )
             history |= _rl_names(pstate.history, "preference_")
             metrics["preference_loss_final"] = pstate.history["loss"][-1][1]
@@ -556,23 +511,20 @@ def run(
         sampled = {"before": sampled_before}
         if cfg.heldout_samples:
             sampled["after"] = heldout_sampled_accuracy(model, tokenizer, heldout_problems, cfg)
-        model_out_uri = uri_under(output_uri, "model")
-        export_dir = export_checkpoint(model.to(recipe_dtype(recipe)), tokenizer, work / "model")
-        model_digest = digest_path(export_dir)
-        store.put(export_dir, model_out_uri)
+        exported = export_model(model, tokenizer, recipe, output_uri=output_uri, store=store, work=work)
         plots = {
-            "reward_curve": uri_under(output_uri, "plots", "reward_curve.png"),
-            "loss_curve": uri_under(output_uri, "plots", "loss_curve.png"),
+            "reward_curve": join_uri(output_uri, "plots", "reward_curve.png"),
+            "loss_curve": join_uri(output_uri, "plots", "loss_curve.png"),
         }
         store.put(plot_rewards(state.history, work / "reward_curve.png"), plots["reward_curve"])
         store.put(plot_history(state.history, work / "loss_curve.png", "rl: GRPO loss"), plots["loss_curve"])
-        samples_uri = uri_under(output_uri, "samples")
+        samples_uri = join_uri(output_uri, "samples")
         named_samples = {"heldout_before": samples_before, "heldout_after": samples_after}
         if cfg.heldout_samples:
             named_samples |= {"heldout_sampled_before": sampled["before"], "heldout_sampled_after": sampled["after"]}
         for name, rows in named_samples.items():
             (work / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
-            store.put(work / f"{name}.json", uri_under(samples_uri, f"{name}.json"))
+            store.put(work / f"{name}.json", join_uri(samples_uri, f"{name}.json"))
 
     metrics |= {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
     metrics |= heldout_gains(samples_before, samples_after)
@@ -584,8 +536,8 @@ def run(
     return StageResult(
         metrics=metrics,
         history=history,
-        outputs={"model": model_out_uri, "checkpoints": checkpoints_uri, "samples": samples_uri},
-        digests={"model": model_digest},
+        outputs={"model": exported.uri, "checkpoints": checkpoints_uri, "samples": samples_uri},
+        digests={"model": exported.digest},
         plots=plots,
         datasets=[
             DatasetRef("rl-prompts", source, hashlib.sha256(digest_rows).hexdigest(), len(kept), "training"),
@@ -595,4 +547,101 @@ def run(
             ),
         ],
         tags={"device": str(device), **engine_tags, "resumed_from_step": str(resumed)},
+    )
+
+
+@dataclass(frozen=True)
+class GRPOPhase:
+    """What the GRPO phase hands on: the training run's final ``state``, and the ``engine_tags`` naming the
+    rollout engine (``rollout_engine``, and ``rollout_engine_version`` for vLLM)."""
+
+    state: TrainState
+    engine_tags: dict[str, str]
+
+
+def grpo_phase(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    kept: list[Problem],
+    ref_model: torch.nn.Module | None,
+    cfg: RLConfig,
+    engine: str,
+    *,
+    store: ArtifactStore,
+    checkpoints_uri: str,
+    work: Path,
+    on_log: LogFn | None,
+) -> GRPOPhase:
+    """GRPO on the ``kept`` prompts (:func:`make_grpo_loss`), resumed from the newest checkpoint under
+    ``checkpoints_uri``; rollouts by ``engine`` (``generate``, or ``vllm``: an engine started here and closed
+    when training ends)."""
+    fetch_latest_checkpoint(store, checkpoints_uri, work / "checkpoints")
+    index_P1 = torch.arange(len(kept))[:, None]
+    rollouts = None
+    engine_tags = {"rollout_engine": GENERATE_TAG}
+    if engine == "vllm":
+        longest = max(len(encode_prompt(tokenizer, q, r)) for q, _, r in kept) + cfg.max_new_tokens
+        rollouts = VLLMRollouts(model, tokenizer, max_model_len=-(-longest // 32) * 32, seed=cfg.seed)
+        engine_tags = {"rollout_engine": "vllm", "rollout_engine_version": rollouts.version}
+    try:
+        state = train(
+            model,
+            make_grpo_loss(kept, tokenizer, cfg, ref_model, rollouts),
+            epoch_batches(index_P1, cfg.batch_size, seed=cfg.seed),
+            cfg,
+            checkpoint_dir=work / "checkpoints",
+            desc="rl",
+            on_log=_history_names(on_log, ""),
+            on_checkpoint=checkpoint_uploader(store, checkpoints_uri, cfg.keep_checkpoints),
+        )
+    finally:
+        if rollouts is not None:
+            rollouts.close()
+    return GRPOPhase(state, engine_tags)
+
+
+def preference_phase(
+    model: torch.nn.Module,
+    ref_model: torch.nn.Module,
+    tokenizer: Any,
+    recipe: Recipe,
+    *,
+    store: ArtifactStore,
+    checkpoints_uri: str,
+    work: Path,
+    on_log: LogFn | None,
+    device: torch.device,
+) -> TrainState:
+    """DPO on ``data.preference_uri``'s pairs (``rl.preference``), against the policy after GRPO as the reference
+    (copied into ``ref_model``), resumed from the newest checkpoint under ``checkpoints_uri``."""
+    pcfg = recipe.rl.preference
+    pairs = read_preference_pairs(Path(store.fetch(recipe.data.preference_uri)), limit=pcfg.num_pairs)
+    ids_2PT, mask_2PT = preference_rows(tokenizer, pairs, pcfg.max_len_tokens)
+    ref_model.load_state_dict(model.state_dict())  # the reference is the policy after GRPO
+    with torch.no_grad():
+        ref_logps_2P = torch.cat(
+            [response_logps(ref_model, ids_2PT[i : i + 8].to(device), mask_2PT[i : i + 8].to(device))
+             for i in range(0, ids_2PT.shape[0], 8)]
+        ).cpu()
+
+    def pref_loss(m: torch.nn.Module, index_B1: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        rows = torch.stack([2 * index_B1[:, 0], 2 * index_B1[:, 0] + 1], 1).view(-1).cpu()
+        logps_2B = response_logps(m, ids_2PT[rows].to(device), mask_2PT[rows].to(device))
+        ref_2B = ref_logps_2P[rows].to(device)
+        loss, stats = dpo_loss(logps_2B[0::2], logps_2B[1::2], ref_2B[0::2], ref_2B[1::2], beta=pcfg.beta)
+        if pcfg.nll_weight > 0:  # RPO-style NLL on chosen, per token (Pang et al. 2024, arXiv 2404.19733)
+            nll = -(logps_2B[0::2] / mask_2PT[rows][0::2, 1:].sum(-1).to(device)).mean()
+            loss = loss + pcfg.nll_weight * nll
+        return loss, stats
+
+    fetch_latest_checkpoint(store, checkpoints_uri, work / "checkpoints-preference")
+    return train(
+        model,
+        pref_loss,
+        epoch_batches(torch.arange(ids_2PT.shape[0] // 2)[:, None], pcfg.batch_size, seed=pcfg.seed),
+        pcfg,
+        checkpoint_dir=work / "checkpoints-preference",
+        desc="rl/preference",
+        on_log=_history_names(on_log, "preference_"),
+        on_checkpoint=checkpoint_uploader(store, checkpoints_uri, pcfg.keep_checkpoints),
     )

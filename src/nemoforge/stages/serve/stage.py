@@ -15,7 +15,7 @@ from nemoforge.artifacts import ArtifactStore, digest_path
 from nemoforge.config import Recipe
 from nemoforge.serving.client import chat
 from nemoforge.serving.engine import vllm_version
-from nemoforge.serving.server import VLLMServer, free_port
+from nemoforge.serving.server import VLLMServer
 from nemoforge.stages.result import StageResult
 
 REASONING_MODES = {"on": "detailed thinking on", "off": "detailed thinking off"}
@@ -41,25 +41,14 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
     cfg = recipe.serve
     out = output_uri.rstrip("/")  # a full URI already: store.join would nest it under the root
     model_dir = store.fetch(model_uri)
-    name = cfg.served_model_name or recipe.model.name
     with tempfile.TemporaryDirectory(prefix="nemoforge-serve-") as tmp:
         log_path = Path(tmp) / "server.log"
-        server = VLLMServer(
-            model_dir,
-            port=cfg.port or free_port(),
-            served_model_name=name,
-            log_path=log_path,
-            max_model_len=cfg.max_model_len,
-            dtype=cfg.dtype,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            reasoning_parser=cfg.reasoning_parser,
-            startup_timeout_s=cfg.startup_timeout_s,
-        )
+        server = VLLMServer.for_recipe(model_dir, recipe, log_path=log_path)
         try:
             server.start()
             startup_s = server.wait_ready()
             responses = {
-                mode: chat(server.base_url, name, cfg.prompt, system_prompt=system, max_tokens=cfg.max_tokens)
+                mode: chat(server.base_url, server.served_model_name, cfg.prompt, system_prompt=system, max_tokens=cfg.max_tokens)
                 for mode, system in REASONING_MODES.items()
             }
         finally:
@@ -79,5 +68,5 @@ def run(recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore
         metrics=metrics,
         outputs={"model": model_uri, "responses": responses_uri},
         digests={"model": digest_path(model_dir)},
-        tags={"served_model_name": name, "vllm_version": vllm_version(), "serve_dtype": cfg.dtype},
+        tags={"served_model_name": server.served_model_name, "vllm_version": vllm_version(), "serve_dtype": cfg.dtype},
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nemoforge.artifacts import ArtifactStore, digest_path
+from nemoforge.artifacts import ArtifactStore, join_uri
 from nemoforge.config import Recipe
 from nemoforge.data.packing import token_digest
 from nemoforge.data.reasoning import (
@@ -31,10 +31,9 @@ from nemoforge.stages.chat import toggle_compliance
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stages.training import (
     checkpoint_uploader,
+    export_model,
     fetch_latest_checkpoint,
     plot_history,
-    recipe_dtype,
-    uri_under,
 )
 from nemoforge.training.flops import training_flops_per_token
 from nemoforge.training.loop import LogFn, epoch_batches, train
@@ -100,7 +99,6 @@ def run(
     from transformers import AutoTokenizer
 
     from nemoforge.models.convert import load_causal_lm
-    from nemoforge.models.export import export_checkpoint
 
     cfg = recipe.sft
     device = compute_device()
@@ -125,7 +123,7 @@ def run(
         return {"loss_heldout": loss, **toggle}, replies
 
     before, replies_before = measure()
-    checkpoints_uri = uri_under(output_uri, "checkpoints")
+    checkpoints_uri = join_uri(output_uri, "checkpoints")
     with tempfile.TemporaryDirectory(prefix="nemoforge-sft-") as tmp:
         work = Path(tmp)
         fetch_latest_checkpoint(store, checkpoints_uri, work / "checkpoints")
@@ -142,16 +140,13 @@ def run(
         )
         after, replies_after = measure()
 
-        model_out_uri = uri_under(output_uri, "model")
-        export_dir = export_checkpoint(model.to(recipe_dtype(recipe)), tokenizer, work / "model")
-        model_digest = digest_path(export_dir)
-        store.put(export_dir, model_out_uri)
-        plot_uri = uri_under(output_uri, "plots", "loss_curve.png")
+        exported = export_model(model, tokenizer, recipe, output_uri=output_uri, store=store, work=work)
+        plot_uri = join_uri(output_uri, "plots", "loss_curve.png")
         store.put(plot_history(state.history, work / "loss_curve.png", "sft: assistant-token loss"), plot_uri)
-        samples_uri = uri_under(output_uri, "samples")
+        samples_uri = join_uri(output_uri, "samples")
         for name, replies in (("toggle_before", replies_before), ("toggle_after", replies_after)):
             (work / f"{name}.json").write_text(json.dumps(replies, indent=1) + "\n")
-            store.put(work / f"{name}.json", uri_under(samples_uri, f"{name}.json"))
+            store.put(work / f"{name}.json", join_uri(samples_uri, f"{name}.json"))
 
     num_params = sum(p.numel() for p in model.parameters())
     metrics = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
@@ -164,8 +159,8 @@ def run(
     return StageResult(
         metrics=metrics,
         history=state.history,
-        outputs={"model": model_out_uri, "checkpoints": checkpoints_uri, "samples": samples_uri},
-        digests={"model": model_digest},
+        outputs={"model": exported.uri, "checkpoints": checkpoints_uri, "samples": samples_uri},
+        digests={"model": exported.digest},
         plots={"loss_curve": plot_uri},
         datasets=[
             DatasetRef("sft-train", source, token_digest(train_ids_NT, train_mask_NT), len(train_samples), "training"),
