@@ -10,7 +10,7 @@ embeddings: Llama-3.2-1B's shape, 1.24B parameters) as the frozen teacher in bf1
 ``no_op`` in layers 3, 7, 11, 15; FFN halved in layers 1, 5, 9, 13) as the student in float32; then runs
 :func:`nemoforge.training.loop.train` with the distill stage's loss
 (:func:`~nemoforge.training.losses.gkd_loss`: per-layer hidden cosine + KL, weights 1) for ``--warmup`` +
-``--steps`` updates. With N > 1 that is :func:`~nemoforge.training.distributed.train_distributed`: DeepSpeed
+``--steps`` updates. With N > 1 its engine (:func:`~nemoforge.training.loop.parallelize`) is DeepSpeed
 ZeRO-3 (bf16, no offload, activation checkpointing; the stage's default config for N GPUs) when deepspeed is
 importable and CUDA is present, else DDP (``--engine`` forces one); N = 1 is the single-process loop a
 one-GPU user runs.

@@ -14,7 +14,8 @@ gradient clipping at 1.0. Configurations, each in a fresh model:
 * ``hf-parent-amp``: the same with float32 weights under the Trainer's bf16 autocast: mixed precision as a
   user gets it from ``Trainer``; the like-for-like baseline of nemoforge's float32-master training.
 * ``nemoforge-parent`` / ``nemoforge-child``: the all-parent / child ``DeciLMForCausalLM`` trained by
-  :func:`nemoforge.training.loop.train_step` (the step :func:`~nemoforge.training.loop.train` runs) with
+  :func:`nemoforge.training.loop.train_step` on the single-process engine (the step
+  :func:`~nemoforge.training.loop.train` runs) with
   float32 weights and AdamW state, bf16 autocast, the chunked cross-entropy of the cpt stage
   (:func:`~nemoforge.training.losses.causal_lm_loss`: no ``(B, T, V)`` logits), SDPA (flash on the GPU), and
   per-layer ``torch.compile`` (and the compiled softmax of the cross-entropy) unless ``--no-compile``
@@ -107,7 +108,7 @@ def run_nemoforge(config, input_ids_BT: torch.Tensor, args, peak: float | None) 
     """nemoforge's step on a fresh ``DeciLMForCausalLM(config)`` (float32 weights, bf16 autocast on CUDA)."""
     from nemoforge.config import TrainConfig
     from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM
-    from nemoforge.training.loop import build_optimizer, train_step
+    from nemoforge.training.loop import parallelize, train_step
     from nemoforge.training.losses import causal_lm_loss
     from nemoforge.training.perf import training_features
 
@@ -120,24 +121,22 @@ def run_nemoforge(config, input_ids_BT: torch.Tensor, args, peak: float | None) 
     with device:
         model = DeciLMForCausalLM(config)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(params, cfg, device)
     loss_fn = lambda m, ids: (causal_lm_loss(m, ids, compiled=cfg.compile), {})  # noqa: E731
+    engine = parallelize(model, loss_fn, cfg, device)  # one process: AdamW (fused on CUDA) and its schedule
     step_s, losses = [], []
     with training_features(model, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile):
         for step in range(1, cfg.steps + 1):
             started = time.perf_counter()
-            loss, _, _ = train_step(model, loss_fn, input_ids_BT, optimizer, params, cfg, desc="bench", step=step)
-            scheduler.step()
+            metrics = train_step(engine, input_ids_BT, desc="bench", step=step)
             _sync(device)
             elapsed = time.perf_counter() - started
-            losses.append(loss.item())
+            losses.append(metrics["loss"])
             if step > args.warmup:
                 step_s.append(elapsed)
             elif args.verbose:
                 print(f"  warm-up step {step}: {elapsed:.2f} s", flush=True)
     num_params = sum(p.numel() for p in model.parameters())
-    del model, optimizer, params
+    del model, engine
     return {"params": num_params, "loss_first": losses[0], "loss_last": losses[-1],
             "compile": cfg.compile, "activation_checkpointing": cfg.activation_checkpointing,
             "precision": "fp32 weights + AdamW state, bf16 autocast" if device.type == "cuda" else "fp32",

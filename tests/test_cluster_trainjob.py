@@ -10,9 +10,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from nemoforge.cluster.trainjob import PATCH_MANAGER, build_trainjob, deepspeed_config, trainjob_name
+from nemoforge.cluster.trainjob import PATCH_MANAGER, build_trainjob, trainjob_name
 from nemoforge.config import load_recipe
 from nemoforge.errors import RecipeError
+from nemoforge.training.deepspeed_config import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 INPUTS = {
@@ -94,8 +95,12 @@ def test_8b_single_node_trainjob_zero2(trainjob_validator):
     ds = json.loads({e["name"]: e["value"] for e in job["spec"]["trainer"]["env"]}["NEMOFORGE_DEEPSPEED_CONFIG"])
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
                                        "reduce_scatter": True, "reduce_bucket_size": 500_000_000}
-    assert ds["scheduler"]["params"] == {"total_num_steps": 500, "warmup_num_steps": 25, "cos_min_ratio": 0.1}
-    assert ds["optimizer"]["params"] == {"lr": 2e-5, "weight_decay": 0.0, "torch_adam": True}
+    # no optimizer/scheduler sections: the loop hands DeepSpeed its AdamW and schedule, read from the recipe
+    assert "optimizer" not in ds and "scheduler" not in ds
+    cpt = json.loads({e["name"]: e["value"] for e in job["spec"]["trainer"]["env"]}["NEMOFORGE_RECIPE_JSON"])["cpt"]
+    assert (cpt["steps"], cpt["warmup_steps"], cpt["min_lr_ratio"]) == (500, 25, 0.1)
+    assert (cpt["lr"], cpt["weight_decay"]) == (2e-5, 0.0)
+    assert ds == deepspeed_config(recipe.cpt, recipe.resources.cpt)  # built in one place: training/
     assert "ownerReferences" not in job["metadata"]
 
 

@@ -7,6 +7,7 @@ as a plain process for 1.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +20,8 @@ from safetensors.torch import load_file
 
 from nemoforge.config import TrainConfig
 from nemoforge.errors import NemoforgeError
-from nemoforge.training.distributed import DistContext, deepspeed_config_for, rank_rows
+from nemoforge.training.deepspeed_config import deepspeed_config, deepspeed_config_for
+from nemoforge.training.distributed import DistContext, rank_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distributed_train import tiny_model  # noqa: E402
@@ -70,23 +72,29 @@ def test_rank_rows_split_the_global_batch_in_rank_order():
         rank_rows(ids_BT, DistContext(0, 4, 0, "gloo"))
 
 
-def test_deepspeed_config_keeps_the_recipe_batch_and_drops_optimizer_and_scheduler(monkeypatch):
-    from nemoforge.cluster.trainjob import deepspeed_config
+def test_deepspeed_config_keeps_the_recipe_batch_and_refuses_optimizer_and_scheduler(monkeypatch):
     from nemoforge.config import StageResources
 
     cfg = TrainConfig(steps=10, batch_size=16, warmup_steps=1, grad_clip_norm=0.5)
-    ctx = DistContext(0, 4, 0, "nccl")
-    monkeypatch.setenv("NEMOFORGE_DEEPSPEED_CONFIG", json.dumps(deepspeed_config(cfg, StageResources(gpu_count=4))))
-    config = deepspeed_config_for(cfg, ctx)
+    built = deepspeed_config(cfg, StageResources(gpu_count=4))
+    assert "optimizer" not in built and "scheduler" not in built  # the loop's AdamW and schedule are handed over
+    monkeypatch.setenv("NEMOFORGE_DEEPSPEED_CONFIG", json.dumps(built))
+    config = deepspeed_config_for(cfg, 4)
     assert "optimizer" not in config and "scheduler" not in config
     assert config["zero_optimization"]["stage"] == 3 and config["bf16"] == {"enabled": True}
     assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"]) == (16, 4)
     assert config["gradient_clipping"] == 0.5
+    monkeypatch.setenv("NEMOFORGE_DEEPSPEED_CONFIG", json.dumps(built | {"optimizer": {"type": "AdamW"}}))
+    with pytest.raises(NemoforgeError, match="NEMOFORGE_DEEPSPEED_CONFIG: optimizer given.*remove them"):
+        deepspeed_config_for(cfg, 4)
     monkeypatch.setenv("NEMOFORGE_DEEPSPEED_CONFIG", json.dumps({"train_batch_size": 32}))
     with pytest.raises(NemoforgeError, match="train_batch_size=32 but the stage's batch_size=16"):
-        deepspeed_config_for(cfg, ctx)
+        deepspeed_config_for(cfg, 4)
+    monkeypatch.setenv("NEMOFORGE_DEEPSPEED_CONFIG", json.dumps({"train_batch_size": 16, "gradient_accumulation_steps": 3}))
+    with pytest.raises(NemoforgeError, match="batch_size=16 does not split over 4 ranks x 3 accumulation steps"):
+        deepspeed_config_for(cfg, 4)
     monkeypatch.delenv("NEMOFORGE_DEEPSPEED_CONFIG")
-    assert deepspeed_config_for(cfg, ctx)["train_micro_batch_size_per_gpu"] == 4  # the stage default for N GPUs
+    assert deepspeed_config_for(cfg, 4)["train_micro_batch_size_per_gpu"] == 4  # the stage default for N GPUs
 
 
 def test_two_ranks_give_the_one_rank_parameters_and_only_rank_0_writes(tmp_path: Path, reference):
@@ -137,8 +145,12 @@ def test_checkpoint_at_one_rank_resumes_at_two(tmp_path: Path, reference):
 def test_deepspeed_zero_on_gloo_resumes_a_one_rank_checkpoint_to_the_same_parameters(
     tmp_path: Path, reference, monkeypatch, zero_stage: int
 ):
-    """ZeRO-2/3 in float32 (bf16 off, as on CPU) over 2 ranks: resume, save and the final gather of every weight."""
-    pytest.importorskip("deepspeed")
+    """ZeRO-2/3 in float32 (bf16 off, as on CPU) over 2 ranks: resume, save and the final gather of every weight.
+
+    Never skipped: deepspeed is a test dependency (scripts/bootstrap.sh installs it with ``DS_BUILD_OPS=0``), and
+    the engine relies on ZeRO internals that only this test checks.
+    """
+    assert importlib.util.find_spec("deepspeed"), "deepspeed is missing: bash scripts/bootstrap.sh test installs it"
     ref_dir, ref = reference
     store = tmp_path / "store"
     _train(tmp_path / "crash", nproc=1, store=store, stop_at=4)

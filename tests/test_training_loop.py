@@ -9,14 +9,10 @@ import pytest
 import torch
 
 from nemoforge.config import TrainConfig
-from nemoforge.training.loop import (
-    epoch_batches,
-    is_complete_checkpoint,
-    latest_checkpoint,
-    lr_multiplier,
-    train,
-)
+from nemoforge.training.checkpoint import is_complete_checkpoint, latest_checkpoint
+from nemoforge.training.loop import epoch_batches, train
 from nemoforge.training.losses import causal_lm_loss_BT
+from nemoforge.training.optim import lr_multiplier
 
 VOCAB = 96
 

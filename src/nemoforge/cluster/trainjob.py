@@ -2,7 +2,7 @@
 
 The job runs ``torchrun --module nemoforge.cluster.worker`` on ``num_nodes`` pods of the stage's image,
 one process per GPU, under a torch runtime (``torch-distributed`` by default; DeepSpeed runs inside
-torchrun with the config from :func:`deepspeed_config`). The pods get the stage's resources, node
+torchrun with the config from :func:`~nemoforge.training.deepspeed_config.deepspeed_config`). The pods get the stage's resources, node
 selector, tolerations, image pull secrets, service account and ``/dev/shm`` through
 ``spec.trainer.resourcesPerNode`` and ``spec.runtimePatches`` (Trainer >= 2.2; the removed
 ``podTemplateOverrides`` is never written). Environment of every worker:
@@ -21,6 +21,7 @@ from typing import Any
 
 from nemoforge.config import Recipe, StageResources, TrainConfig
 from nemoforge.errors import RecipeError
+from nemoforge.training.deepspeed_config import DEEPSPEED_CONFIG_ENV, deepspeed_config
 
 GROUP = "trainer.kubeflow.org"
 VERSION = "v1alpha1"
@@ -45,59 +46,6 @@ def trainjob_name(run_name: str, stage: str) -> str:
     return "-".join(p for p in (slug, stage, digest) if p) if slug else f"nf-{stage}-{digest}"
 
 
-def deepspeed_config(train: TrainConfig, res: StageResources) -> dict[str, Any]:
-    """The DeepSpeed config of a stage: ZeRO stage, bf16, batch split, AdamW and warmup-cosine from the recipe.
-
-    ``train_batch_size`` is the stage's ``batch_size`` (sequences per optimizer step), split into
-    ``gradient_accumulation_steps`` micro-batches on each of ``num_nodes * gpu_count`` ranks. The
-    optimizer is torch's AdamW (``torch_adam``: no DeepSpeed op is compiled in the image).
-
-    Raises:
-        RecipeError: the batch does not split into whole micro-batches.
-    """
-    ds = res.deepspeed
-    world_size = res.num_nodes * max(res.gpu_count, 1)
-    per_step = world_size * ds.gradient_accumulation_steps
-    if train.batch_size % per_step:
-        fit = max(per_step, round(train.batch_size / per_step) * per_step)
-        raise RecipeError(
-            f"batch_size={train.batch_size} does not split over {world_size} ranks x "
-            f"{ds.gradient_accumulation_steps} accumulation steps: use a multiple of {per_step} (e.g. {fit})"
-        )
-    zero: dict[str, Any] = {
-        "stage": ds.zero_stage,
-        "overlap_comm": ds.overlap_comm,
-        "contiguous_gradients": True,
-        "reduce_scatter": True,
-        "reduce_bucket_size": ds.reduce_bucket_size_elements,
-    }
-    if ds.zero_stage == 3:
-        zero |= {
-            "stage3_prefetch_bucket_size": ds.stage3_prefetch_bucket_size_elements,
-            "stage3_gather_16bit_weights_on_model_save": True,
-        }
-    return {
-        "train_batch_size": train.batch_size,
-        "train_micro_batch_size_per_gpu": train.batch_size // per_step,
-        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
-        "gradient_clipping": train.grad_clip_norm,
-        "bf16": {"enabled": ds.bf16},
-        "zero_optimization": zero,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": train.lr, "weight_decay": train.weight_decay, "torch_adam": True},
-        },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": train.steps,
-                "warmup_num_steps": train.warmup_steps,
-                "cos_min_ratio": train.min_lr_ratio,
-            },
-        },
-        "steps_per_print": train.log_every_steps,
-        "seed": train.seed,
-    }
 
 
 def pod_patch(recipe: Recipe, res: StageResources) -> dict[str, Any]:
@@ -139,7 +87,8 @@ def build_trainjob(
         owner: ``{"name", "uid"}`` of the launcher Pod: the job is garbage-collected with it.
 
     Raises:
-        RecipeError: ``stage`` is not a training stage, or the batch does not split (see :func:`deepspeed_config`).
+        RecipeError: ``stage`` is not a training stage, or the batch does not split
+            (see :func:`~nemoforge.training.deepspeed_config.deepspeed_config`).
     """
     if stage not in TRAINING_STAGES:
         raise RecipeError(f"only {', '.join(TRAINING_STAGES)} run as TrainJobs, not {stage}")
@@ -148,7 +97,7 @@ def build_trainjob(
     env = {
         "NEMOFORGE_RECIPE_JSON": recipe.to_json(),
         "NEMOFORGE_INPUTS_JSON": json.dumps(inputs, sort_keys=True),
-        "NEMOFORGE_DEEPSPEED_CONFIG": json.dumps(deepspeed_config(train, res), sort_keys=True),
+        DEEPSPEED_CONFIG_ENV: json.dumps(deepspeed_config(train, res), sort_keys=True),
         "NEMOFORGE_NO_PROGRESS": "1",
         "PYTHONUNBUFFERED": "1",
     }

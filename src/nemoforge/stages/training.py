@@ -31,9 +31,10 @@ from nemoforge.data.packing import token_digest
 from nemoforge.runtime import compute_device, recipe_dtype
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stats import paired_mean_difference
+from nemoforge.training.checkpoint import TrainState, is_complete_checkpoint
 from nemoforge.training.evaluate import heldout_means, heldout_row_scores
 from nemoforge.training.flops import training_flops_per_token
-from nemoforge.training.loop import LogFn, LossFn, TrainState, epoch_batches, is_complete_checkpoint, train
+from nemoforge.training.loop import LogFn, LossFn, epoch_batches, train
 from nemoforge.training.perf import mask_packed_documents
 
 _STEP_URI = re.compile(r"/step-(\d+)/")

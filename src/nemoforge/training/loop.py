@@ -1,86 +1,47 @@
-"""The shared training loop of distill and cpt: AdamW, warmup + cosine LR, clipping, checkpoint/resume.
+"""The one training loop of distill, cpt, sft and rl: AdamW, warmup + cosine LR, clipping, checkpoint/resume.
 
 Shape legend: ``B`` sequences per step (``TrainConfig.batch_size``), ``T`` tokens per sequence.
 
-Steps count from 1: "step N" is the state after N optimizer updates, and ``step-N/`` its checkpoint.
-``batches(i)`` gives the batch of update ``i`` (0-based) as a pure function of ``i``, so a resumed run
-sees exactly the data an uninterrupted run would have seen. A checkpoint holds the model
-(``model.safetensors``), the optimizer, LR scheduler, RNG state, step and metric history (``state.pt``),
-and ``meta.json`` (written last, with the file sizes); it is written into a temporary directory and
-renamed, so ``step-N/`` is complete or absent. On start, :func:`train` resumes from the newest complete
-checkpoint under ``checkpoint_dir``; resuming gives the same parameters as an uninterrupted run.
-Under torchrun (``WORLD_SIZE > 1``) :func:`train` hands over to
-:func:`nemoforge.training.distributed.train_distributed` (same batches, same checkpoint layout, any ``N``).
+Steps count from 1: "step N" is the state after N optimizer updates, and ``step-N/`` its checkpoint
+(:mod:`~nemoforge.training.checkpoint`: complete or absent, pickle-free). ``batches(i)`` gives the batch of
+update ``i`` (0-based) as a pure function of ``i``, so a resumed run sees exactly the data an uninterrupted run
+would have seen. On start, :func:`train` resumes from the newest complete checkpoint under ``checkpoint_dir``;
+resuming gives the same parameters as an uninterrupted run.
+
+The loop is the same on every engine (:func:`parallelize`: a single process, or
+DDP or DeepSpeed ZeRO on the ``N`` ranks of a torchrun job, same batches, same checkpoint layout, any ``N``).
+It owns the data, the metric window, logging, the checkpoint cadence, resume and progress; the engine owns
+the model's wrapper, the optimizer, backward, step, and the checkpoint's contents.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
-import pickle
-import re
-import shutil
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 from nemoforge.config import TrainConfig
 from nemoforge.errors import NemoforgeError
 from nemoforge.runtime import no_progress
+from nemoforge.training.checkpoint import TrainState, announce_resume
+from nemoforge.training.distributed import engine_kind, init_from_env
+from nemoforge.training.engines import DDPEngine, Engine, LossFn, TorchEngine
 from nemoforge.training.flops import mfu, peak_flops_per_s
 from nemoforge.training.perf import training_features
+from nemoforge.training.zero import DeepSpeedEngine
 
-LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
-"""``loss_fn(model, input_ids_BT) -> (scalar loss to minimize, extra metrics to log, e.g. loss parts)``."""
+__all__ = ["BatchFn", "LogFn", "LossFn", "TrainState", "epoch_batches", "parallelize", "train", "train_step", "uses_bf16_autocast"]
 
 BatchFn = Callable[[int], torch.Tensor]
 """``batches(i) -> input_ids_BT`` (LongTensor) for 0-based update ``i``; deterministic in ``i``."""
 
 LogFn = Callable[[int, dict[str, float]], None]
 """``on_log(step, metrics)``: where a stage's live metrics go (the runner wires it to the stage's MLflow run)."""
-
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-_FILES = ("model.safetensors", "state.pt")
-
-
-@dataclass
-class TrainState:
-    """Where training ended.
-
-    Attributes:
-        step: optimizer updates done (``cfg.steps`` after a full run).
-        history: logged metrics, ``{name: [(step, value), ...]}``: ``loss``, ``lr``, ``grad_norm``,
-            ``tokens_per_s`` (averaged over the steps since the previous log), ``mfu`` (when model FLOPs and a
-            peak are known) and the loss function's extra metrics.
-        resumed_from_step: the step of the checkpoint resumed from (0: started fresh).
-        checkpoint: the last checkpoint written or resumed from (None if none).
-    """
-
-    step: int
-    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    resumed_from_step: int = 0
-    checkpoint: Path | None = None
-
-
-def lr_multiplier(i: int, *, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
-    """LR of 0-based update ``i`` as a fraction of the peak: linear warmup, then cosine to ``min_lr_ratio``.
-
-    ``i < W``: ``(i + 1) / W`` (the peak is reached at update ``W - 1``); then with
-    ``progress = (i - W + 1) / (S - W)``: ``r + (1 - r) * (1 + cos(pi * progress)) / 2``, which reaches
-    exactly ``r = min_lr_ratio`` at the last update ``S - 1``.
-    """
-    if i < warmup_steps:
-        return (i + 1) / warmup_steps
-    progress = min(1.0, (i - warmup_steps + 1) / (steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def epoch_batches(ids_NT: torch.Tensor, batch_size: int, *, seed: int) -> BatchFn:
@@ -127,20 +88,25 @@ def train(
     """Train ``model`` for ``cfg.steps`` updates, resuming from the newest checkpoint in ``checkpoint_dir``.
 
     AdamW (fused on CUDA; weight decay on matrices only) over the parameters that require grad; LR by
-    :func:`lr_multiplier`; each update is :func:`train_step` (bf16 autocast per ``cfg.mixed_precision``: by
-    default on CUDA, while the CPU runs in the model's dtype). Activation checkpointing and
-    per-layer ``torch.compile`` are on for the run when the config asks
+    :func:`~nemoforge.training.optim.lr_multiplier`; each update is :func:`train_step` (bf16 autocast per
+    ``cfg.mixed_precision``: by default on CUDA, while the CPU runs in the model's dtype). The engine is
+    :func:`parallelize`'s: under torchrun (``WORLD_SIZE > 1``) each rank trains its
+    rows of every batch with DDP or DeepSpeed ZeRO and the result is the same on every rank. Activation
+    checkpointing and per-layer ``torch.compile`` are on for the run when the config (or the engine) asks
     (:func:`~nemoforge.training.perf.training_features`). A checkpoint is written every
     ``cfg.checkpoint_every_steps`` updates and after the last one; of the local checkpoints, the newest
-    ``cfg.keep_checkpoints`` are kept once a newer one is complete. Every ``cfg.log_every_steps`` updates, ``tokens_per_s`` (tokens of the batches
-    over the wall time of their steps, checkpoint writing excluded) and, given ``flops_per_token`` and a
-    peak (``cfg.peak_flops_per_s`` or :func:`~nemoforge.training.flops.peak_flops_per_s`), ``mfu`` are logged.
+    ``cfg.keep_checkpoints`` are kept once a newer one is complete. Every ``cfg.log_every_steps`` updates,
+    ``tokens_per_s`` (tokens of the global batches over the wall time of their steps, checkpoint writing
+    excluded) and, given ``flops_per_token`` and a peak (``cfg.peak_flops_per_s`` or
+    :func:`~nemoforge.training.flops.peak_flops_per_s`), ``mfu`` (per GPU: ``tokens_per_s / N``) are logged.
+    Only rank 0 shows progress, writes checkpoints and calls ``on_log``/``on_checkpoint``; the others wait for
+    each checkpoint at a barrier.
 
     Args:
         model: trained in place; its device is the training device.
-        loss_fn: see :data:`LossFn`; called under autocast.
-        batches: see :data:`BatchFn`.
-        cfg: the stage's training section (``recipe.distill`` / ``recipe.cpt``).
+        loss_fn: see :data:`~nemoforge.training.engines.LossFn`; called under autocast.
+        batches: see :data:`BatchFn`; the global batch of every update, the same on every rank.
+        cfg: the stage's training section (``recipe.distill`` / ``recipe.cpt`` / ...).
         checkpoint_dir: local directory of ``step-N/`` checkpoints (created).
         desc: progress-bar label.
         on_log: called as ``on_log(step, metrics)`` every ``cfg.log_every_steps`` updates.
@@ -149,74 +115,77 @@ def train(
             :func:`~nemoforge.training.flops.training_flops_per_token`; None: no MFU.
 
     Returns:
-        The final :class:`TrainState`.
+        The final :class:`~nemoforge.training.checkpoint.TrainState` (the same history on every rank); ``model``
+        holds the trained weights on every rank.
 
     Raises:
-        NemoforgeError: the loss became NaN or infinite (names the step; lower the LR).
+        NemoforgeError: the loss became NaN or infinite (names the step; lower the LR); ``B`` does not split
+            over the ranks; a rank's ``checkpoint_dir`` lacks the checkpoint rank 0 resumes from.
     """
-    from nemoforge.training import distributed
-
-    if distributed.world_size() > 1:  # under torchrun: batches sharded by rank, DDP or DeepSpeed ZeRO-3
-        return distributed.train_distributed(
-            model, loss_fn, batches, cfg, checkpoint_dir=checkpoint_dir, desc=desc, on_log=on_log,
-            on_checkpoint=on_checkpoint, flops_per_token=flops_per_token,
-        )  # fmt: skip
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(params, cfg, device)
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    latest = latest_checkpoint(checkpoint_dir)
-    if latest is None:
-        torch.manual_seed(cfg.seed)  # dropout RNG; a resumed run restores the saved RNG state instead
-        state = TrainState(step=0)
-    else:
-        state = _load_checkpoint(latest, model, optimizer, scheduler)
-        announce_resume(desc, state.step, cfg.steps)
+    torch.manual_seed(cfg.seed)  # dropout RNG, the same on every rank; a resumed run restores the saved state
+    engine = parallelize(model, loss_fn, cfg, device)
+    state = _resume(engine, checkpoint_dir, desc)
 
     model.train()
     peak = cfg.peak_flops_per_s or peak_flops_per_s(device)
     window_tokens, window_s = 0, 0.0  # since the last log
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, unit="step", disable=no_progress())
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, unit="step", disable=no_progress() or not engine.is_main)
     features = training_features(
-        model, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile
+        model,
+        activation_checkpointing=cfg.activation_checkpointing or engine.forces_activation_checkpointing,
+        compile=cfg.compile,
     )
     try:
         with features:
             while state.step < cfg.steps:
                 started = time.perf_counter()
-                input_ids_BT = batches(state.step).to(device)
-                lr = optimizer.param_groups[0]["lr"]
-                loss, grad_norm, extra = train_step(
-                    model, loss_fn, input_ids_BT, optimizer, params, cfg, desc=desc, step=state.step + 1
-                )
-                scheduler.step()
+                input_ids_BT = batches(state.step)
+                metrics = train_step(engine, input_ids_BT, desc=desc, step=state.step + 1)
                 state.step += 1
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
                 window_tokens += input_ids_BT.numel()
                 window_s += time.perf_counter() - started
-                metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), **extra}
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 if state.step % cfg.log_every_steps == 0 or state.step == cfg.steps:
                     metrics["tokens_per_s"] = window_tokens / window_s
                     if flops_per_token is not None and peak is not None:
-                        metrics["mfu"] = mfu(metrics["tokens_per_s"], flops_per_token, peak)
+                        metrics["mfu"] = mfu(metrics["tokens_per_s"] / engine.world_size, flops_per_token, peak)
                     window_tokens, window_s = 0, 0.0
                     for name, value in metrics.items():
                         state.history.setdefault(name, []).append((state.step, float(value)))
-                    if on_log is not None:
+                    if on_log is not None and engine.is_main:
                         on_log(state.step, metrics)
                 if state.step % cfg.checkpoint_every_steps == 0 or state.step == cfg.steps:
-                    state.checkpoint = save_checkpoint(
-                        checkpoint_dir, state, model, optimizer, scheduler, keep=cfg.keep_checkpoints
-                    )
-                    if on_checkpoint is not None:
-                        on_checkpoint(state.checkpoint)
+                    written = engine.save(checkpoint_dir, state)  # a collective under ZeRO; rank 0 writes
+                    if written is not None:
+                        state.checkpoint = written
+                        if on_checkpoint is not None:
+                            on_checkpoint(written)
+                    engine.barrier()  # nobody runs ahead of (or resumes past) rank 0's checkpoint
+        engine.finish()
     finally:
         bar.close()
     return state
+
+
+def parallelize(model: torch.nn.Module, loss_fn: LossFn, cfg: TrainConfig, device: torch.device) -> Engine:
+    """The engine that trains ``model`` on this process: torch alone, or under torchrun DDP or DeepSpeed ZeRO.
+
+    Joins the torchrun job first (:func:`~nemoforge.training.distributed.init_from_env`) when ``WORLD_SIZE > 1``.
+
+    Raises:
+        NemoforgeError: ``$NEMOFORGE_DISTRIBUTED_ENGINE`` is unknown or asks for a missing deepspeed; the
+            DeepSpeed config does not fit the stage (see :func:`~nemoforge.training.zero.DeepSpeedEngine`).
+    """
+    ctx = init_from_env()
+    if ctx is None:
+        return TorchEngine(model, loss_fn, cfg, device)
+    if engine_kind() == "deepspeed":
+        return DeepSpeedEngine(model, loss_fn, cfg, device, ctx)
+    return DDPEngine(model, loss_fn, cfg, device, ctx)
 
 
 def uses_bf16_autocast(device: torch.device, cfg: TrainConfig) -> bool:
@@ -224,197 +193,54 @@ def uses_bf16_autocast(device: torch.device, cfg: TrainConfig) -> bool:
     return cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
 
 
-def train_step(
-    model: torch.nn.Module,
-    loss_fn: LossFn,
-    input_ids_BT: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    params: list[torch.nn.Parameter],
-    cfg: TrainConfig,
-    *,
-    desc: str,
-    step: int,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """One update: the loss (under bf16 autocast when :func:`uses_bf16_autocast`), backward, clip, AdamW step.
+def train_step(engine: Engine, input_ids_BT: torch.Tensor, *, desc: str, step: int) -> dict[str, float]:
+    """One update of the global batch ``input_ids_BT``: loss, backward, clip, AdamW and LR-schedule step.
 
-    The LR schedule is the caller's (``scheduler.step()`` after this). Weights, gradients and optimizer state
-    stay in the parameters' dtype (float32 in the stages: the master copy under autocast).
+    This rank's rows (:meth:`~nemoforge.training.engines.Engine.local_rows`) go to the engine's device in
+    ``engine.micro_batches`` micro-batches. Each micro-batch's loss runs under bf16 autocast when
+    :func:`uses_bf16_autocast`; the loss and the extra metrics are averaged over the ranks before the backward
+    pass, so a non-finite loss stops every rank at once with nothing updated. Weights, gradients and optimizer
+    state stay in the parameters' dtype (float32 in the stages: the master copy under autocast).
 
     Args:
-        model: in training mode, on the training device.
-        loss_fn: see :data:`LossFn`.
-        input_ids_BT: this update's batch, on the model's device.
-        optimizer: over ``params``.
-        params: the trained parameters (clipped to ``cfg.grad_clip_norm`` together).
-        cfg: ``mixed_precision`` and ``grad_clip_norm``.
+        engine: from :func:`parallelize`, model in training mode.
+        input_ids_BT: this update's global batch (any device).
         desc: label named in the error.
         step: 1-based number of this update, named in the error.
 
     Returns:
-        ``(loss, grad_norm, extra)``: the detached scalar loss, the total gradient norm before clipping (both
-        tensors, not synchronized), and the loss function's extra metrics.
+        ``loss``, ``lr`` (the LR this update used), ``grad_norm`` (the total gradient norm before clipping) and
+        the loss function's extra metrics, each averaged over the micro-batches and the ranks.
 
     Raises:
-        NemoforgeError: the loss is NaN or infinite (nothing is updated).
+        NemoforgeError: the loss is NaN or infinite.
     """
-    device = next(model.parameters()).device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16_autocast(device, cfg)):
-        loss, extra = loss_fn(model, input_ids_BT)
-    if not torch.isfinite(loss):
-        raise NemoforgeError(f"{desc}: loss is {loss.item()} at step {step}: training diverged; lower the lr")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
-    optimizer.step()
-    return loss.detach(), grad_norm, extra
+    device = engine.device
+    autocast = uses_bf16_autocast(device, engine.cfg)
+    lr = engine.lr()
+    parts: list[dict[str, float]] = []
+    for micro_ids in engine.local_rows(input_ids_BT).to(device).chunk(engine.micro_batches):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss, extra = engine.wrapped(micro_ids)  # loss_fn(model, micro_ids) inside the engine's wrapper
+        parts.append(engine.mean_over_ranks({"loss": loss.item(), **extra}))
+        if not math.isfinite(parts[-1]["loss"]):
+            raise NemoforgeError(
+                f"{desc}: loss is {parts[-1]['loss']} at step {step}: training diverged; lower the lr"
+            )
+        engine.backward(loss)
+        grad_norm = engine.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    mean = {name: sum(p[name] for p in parts) / len(parts) for name in parts[0]}
+    return {"loss": mean.pop("loss"), "lr": lr, "grad_norm": float(grad_norm), **mean}
 
 
-def build_optimizer(
-    params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device
-) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over ``params`` (group 0: matrices with ``cfg.weight_decay``; group 1: vectors, no decay; fused
-    on CUDA) and its LR schedule (:func:`lr_multiplier` of ``cfg.lr``), shared by the single-process and
-    the distributed loop so that both apply the same update and write the same optimizer state."""
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        fused=device.type == "cuda",
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda i: lr_multiplier(
-            i, steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio
-        ),
-    )
-    return optimizer, scheduler
-
-
-# ------------------------------------------------------------------------------------- checkpoints
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The complete ``step-N`` directory with the largest N under ``checkpoint_dir`` (None if none)."""
-    for _, path in sorted(_step_dirs(checkpoint_dir), reverse=True):
-        if is_complete_checkpoint(path):
-            return path
-    return None
-
-
-def is_complete_checkpoint(path: Path) -> bool:
-    """True when ``path/meta.json`` exists and every file it lists is there with its recorded size."""
-    meta_path = Path(path) / "meta.json"
-    if not meta_path.is_file():
-        return False
-    try:
-        sizes = json.loads(meta_path.read_text())["file_sizes"]
-    except (ValueError, KeyError):
-        return False
-    return all(
-        (path / name).is_file() and (path / name).stat().st_size == size for name, size in sizes.items()
-    )
-
-
-def save_checkpoint(
-    checkpoint_dir: Path,
-    state: TrainState,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    *,
-    keep: int,
-) -> Path:
-    """Write ``checkpoint_dir/step-<state.step>`` atomically (temp dir + rename); keep the newest ``keep``.
-
-    Resuming needs only the newest; older ones (``TrainConfig.keep_checkpoints - 1`` of them) are a fallback.
-    Each holds the model and two AdamW moments (about 12 bytes per parameter in float32), so the checkpoints
-    are most of a run's disk.
-    """
-    final = checkpoint_dir / f"step-{state.step}"
-    tmp = checkpoint_dir / f".tmp-step-{state.step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(
-        {
-            "step": state.step,
-            "history": state.history,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-        },
-        tmp / "state.pt",
-    )
-    sizes = {name: (tmp / name).stat().st_size for name in _FILES}
-    (tmp / "meta.json").write_text(json.dumps({"step": state.step, "file_sizes": sizes}) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    # a higher step-M/ is a half-written leftover of an earlier attempt (else it had been resumed from): never counted
-    for _, path in sorted(d for d in _step_dirs(checkpoint_dir) if d[0] <= state.step)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
-    return final
-
-
-def announce_resume(desc: str, step: int, steps: int) -> None:
-    """Say on the console (stderr, above any progress bar) that training goes on from a checkpoint."""
-    tqdm.write(f"resuming {desc} from step {step} of {steps} (its newest checkpoint)", file=sys.stderr)
-
-
-def _load_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> TrainState:
-    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
-    saved = load_training_state(path)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    _restore_rng(saved["rng"])
-    return TrainState(
-        step=saved["step"], history=saved["history"], resumed_from_step=saved["step"], checkpoint=path
-    )
-
-
-def load_training_state(path: Path, *, mmap: bool = False) -> dict:
-    """``path/state.pt`` (step, history, optimizer, scheduler, RNG) loaded without running any pickled code.
-
-    ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only, so a ``state.pt`` planted
-    under a run's checkpoint prefix cannot execute code on resume (the file holds no other type).
-
-    Raises:
-        NemoforgeError: the file holds anything else (a crafted file, or a checkpoint from a version that
-            pickled other objects), naming it and how to continue.
-    """
-    file = path / "state.pt"
-    try:
-        return torch.load(file, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        raise NemoforgeError(
-            f"refusing to resume from {file}: it holds objects other than tensors and plain values "
-            f"({str(err).splitlines()[0][:200]}); delete this checkpoint, and its copy under the stage's "
-            "checkpoints/ in the artifact store, to restart the stage from its input"
-        ) from None
-
-
-def _step_dirs(checkpoint_dir: Path) -> list[tuple[int, Path]]:
-    if not Path(checkpoint_dir).is_dir():
-        return []
-    return [
-        (int(m.group(1)), p)
-        for p in Path(checkpoint_dir).iterdir()
-        if p.is_dir() and (m := _STEP_DIR.match(p.name))
-    ]
-
-
-def _rng_state() -> dict[str, object]:
-    rng: dict[str, object] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def _restore_rng(rng: dict[str, object]) -> None:
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+def _resume(engine: Engine, checkpoint_dir: Path, desc: str) -> TrainState:
+    """The state to start from: the newest checkpoint's (loaded into the engine on every rank), or step 0."""
+    latest = engine.resume_point(checkpoint_dir)
+    if latest is None:
+        return TrainState(step=0)
+    state = engine.load(latest)
+    if engine.is_main:
+        announce_resume(desc, state.step, engine.cfg.steps)
+    return state
