@@ -133,3 +133,11 @@ def test_preference_pass_without_its_data_fails_at_validation():
     with pytest.raises(RecipeError, match=r"rl.preference.enabled needs data.preference_uri .* set it, or set"):
         load_recipe("smollm2-135m-demo", ["rl.preference.enabled=true"])
     load_recipe("smollm2-135m-demo", ["rl.preference.enabled=true", "rl.enabled=false"])  # rl off: nothing to check
+
+
+def test_rl_has_no_fields_it_would_ignore():
+    """Issue 12 §6: no silent options. rl and its preference pass score no held-out token rows and log no MFU."""
+    for key in ("rl.heldout_sequences=4", "rl.peak_flops_per_s=1e12", "rl.preference.heldout_sequences=4"):
+        with pytest.raises(RecipeError, match=key.split("=")[0].split(".")[-1]):
+            load_recipe("smollm2-135m-demo", [key])
+    load_recipe("smollm2-135m-demo", ["sft.heldout_sequences=4", "cpt.peak_flops_per_s=1e12"])

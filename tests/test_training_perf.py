@@ -148,12 +148,14 @@ def test_causal_lm_loss_equals_the_full_logits_loss():
     assert causal_lm_loss(model, ids_BT).item() == pytest.approx(expected.item(), abs=1e-5)
 
 
-def _train(tmp_path: Path, steps: int = 8, **overrides) -> tuple[torch.nn.Module, dict]:
+def _train(
+    tmp_path: Path, steps: int = 8, peak_flops_per_s: float | None = None, **overrides
+) -> tuple[torch.nn.Module, dict]:
     model = _model()
     cfg = TrainConfig(steps=steps, batch_size=4, lr=3e-3, warmup_steps=1, checkpoint_every_steps=100, **overrides)
     state = train(
-        model, _lm_loss, epoch_batches(_rows(), 4, seed=0), cfg,
-        checkpoint_dir=tmp_path, desc="test", flops_per_token=training_flops_per_token(model.config, 16),
+        model, _lm_loss, epoch_batches(_rows(), 4, seed=0), cfg, checkpoint_dir=tmp_path, desc="test",
+        flops_per_token=training_flops_per_token(model.config, 16), peak_flops_per_s=peak_flops_per_s,
     )  # fmt: skip
     return model, state.history
 

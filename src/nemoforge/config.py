@@ -225,7 +225,7 @@ class NASConfig(_Section):
 
 # -------------------------------------------------------------------------------------- distill, cpt
 class TrainConfig(_Section):
-    """Shared settings of the training stages (distill, cpt)."""
+    """The loop settings every training stage shares (distill, cpt, sft, rl and its preference pass)."""
 
     enabled: bool = True
     steps: int = Field(30, ge=1, description="Optimizer steps.")
@@ -243,9 +243,6 @@ class TrainConfig(_Section):
         "newer one is stored); each is about 12 bytes per trained parameter (float32 weights and AdamW moments).",
     )
     log_every_steps: int = Field(1, ge=1, description="Log metrics every N steps.")
-    heldout_sequences: int = Field(
-        32, ge=1, description="Held-out sequences scored before and after training (loss, perplexity, KL)."
-    )
     seed: int = 0
     mixed_precision: Literal["auto", "bf16", "none"] = Field(
         "auto",
@@ -260,12 +257,6 @@ class TrainConfig(_Section):
         description="torch.compile each decoder layer while training (the first steps pay the compile; needs a "
         "C++ compiler on the CPU).",
     )
-    peak_flops_per_s: float | None = Field(
-        None,
-        gt=0,
-        description="Dense peak FLOP/s of one device, for the logged MFU; None: looked up for known GPUs "
-        "(H200/H100 bf16: 989e12), and no MFU on the CPU.",
-    )
 
     @model_validator(mode="after")
     def _check_warmup(self) -> TrainConfig:
@@ -274,7 +265,21 @@ class TrainConfig(_Section):
         return self
 
 
-class CorpusTrainConfig(TrainConfig):
+class TokenTrainConfig(TrainConfig):
+    """Training on token rows with a held-out set (distill, cpt, sft): held-out scores and MFU."""
+
+    heldout_sequences: int = Field(
+        32, ge=1, description="Held-out sequences scored before and after training (loss, perplexity, KL)."
+    )
+    peak_flops_per_s: float | None = Field(
+        None,
+        gt=0,
+        description="Dense peak FLOP/s of one device, for the logged MFU; None: looked up for known GPUs "
+        "(H200/H100 bf16: 989e12), and no MFU on the CPU.",
+    )
+
+
+class CorpusTrainConfig(TokenTrainConfig):
     """Training on packed corpus rows (distill, cpt): documents separated by EOS."""
 
     document_masking: bool = Field(
@@ -300,7 +305,7 @@ class CPTConfig(CorpusTrainConfig):
 
 
 # ------------------------------------------------------------------------------------ sft, rl, eval
-class SFTConfig(TrainConfig):
+class SFTConfig(TokenTrainConfig):
     """Reasoning-toggle SFT: token-level CE on assistant tokens of on/off chats, one chat per row (LN §3-4)."""
 
     steps: int = Field(40, ge=1, description="Optimizer steps.")

@@ -224,6 +224,7 @@ def run_training_stage(
             on_log=on_log,
             on_checkpoint=checkpoint_uploader(store, checkpoints_uri, cfg.keep_checkpoints),
             flops_per_token=training_flops_per_token(model.config, train_ids_NT.shape[1]),
+            peak_flops_per_s=cfg.peak_flops_per_s,
         )
         from nemoforge.training.distributed import is_main_process
 

@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 from nemoforge.config import TrainConfig
 from nemoforge.errors import NemoforgeError
 from nemoforge.runtime import no_progress
+from nemoforge.training import flops
 from nemoforge.training.checkpoint import TrainState, announce_resume
 from nemoforge.training.distributed import engine_kind, init_from_env
 from nemoforge.training.engines import DDPEngine, Engine, LossFn, TorchEngine
-from nemoforge.training.flops import mfu, peak_flops_per_s
 from nemoforge.training.perf import training_features
 from nemoforge.training.zero import DeepSpeedEngine
 
@@ -84,6 +84,7 @@ def train(
     on_log: LogFn | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
     flops_per_token: float | None = None,
+    peak_flops_per_s: float | None = None,
 ) -> TrainState:
     """Train ``model`` for ``cfg.steps`` updates, resuming from the newest checkpoint in ``checkpoint_dir``.
 
@@ -97,7 +98,7 @@ def train(
     ``cfg.checkpoint_every_steps`` updates and after the last one; of the local checkpoints, the newest
     ``cfg.keep_checkpoints`` are kept once a newer one is complete. Every ``cfg.log_every_steps`` updates,
     ``tokens_per_s`` (tokens of the global batches over the wall time of their steps, checkpoint writing
-    excluded) and, given ``flops_per_token`` and a peak (``cfg.peak_flops_per_s`` or
+    excluded) and, given ``flops_per_token`` and a peak (``peak_flops_per_s`` or
     :func:`~nemoforge.training.flops.peak_flops_per_s`), ``mfu`` (per GPU: ``tokens_per_s / N``) are logged.
     Only rank 0 shows progress, writes checkpoints and calls ``on_log``/``on_checkpoint``; the others wait for
     each checkpoint at a barrier.
@@ -113,6 +114,8 @@ def train(
         on_checkpoint: called with each new complete checkpoint directory (e.g. to upload it).
         flops_per_token: model FLOPs of one trained token (forward + backward) for the logged MFU, from
             :func:`~nemoforge.training.flops.training_flops_per_token`; None: no MFU.
+        peak_flops_per_s: one device's dense peak FLOP/s for the MFU (a recipe's ``peak_flops_per_s``); None:
+            looked up for known GPUs (:func:`~nemoforge.training.flops.peak_flops_per_s`).
 
     Returns:
         The final :class:`~nemoforge.training.checkpoint.TrainState` (the same history on every rank); ``model``
@@ -130,7 +133,7 @@ def train(
     state = _resume(engine, checkpoint_dir, desc)
 
     model.train()
-    peak = cfg.peak_flops_per_s or peak_flops_per_s(device)
+    peak = (peak_flops_per_s or flops.peak_flops_per_s(device)) if flops_per_token is not None else None
     window_tokens, window_s = 0, 0.0  # since the last log
     bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, unit="step", disable=no_progress() or not engine.is_main)
     features = training_features(
@@ -151,8 +154,8 @@ def train(
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 if state.step % cfg.log_every_steps == 0 or state.step == cfg.steps:
                     metrics["tokens_per_s"] = window_tokens / window_s
-                    if flops_per_token is not None and peak is not None:
-                        metrics["mfu"] = mfu(metrics["tokens_per_s"] / engine.world_size, flops_per_token, peak)
+                    if peak is not None:
+                        metrics["mfu"] = flops.mfu(metrics["tokens_per_s"] / engine.world_size, flops_per_token, peak)
                     window_tokens, window_s = 0, 0.0
                     for name, value in metrics.items():
                         state.history.setdefault(name, []).append((state.step, float(value)))

@@ -137,6 +137,7 @@ def run(
             on_log=on_log,
             on_checkpoint=checkpoint_uploader(store, checkpoints_uri, cfg.keep_checkpoints),
             flops_per_token=training_flops_per_token(model.config, train_ids_NT.shape[1]),
+            peak_flops_per_s=cfg.peak_flops_per_s,
         )
         after, replies_after = measure()
 
