@@ -339,6 +339,10 @@ class PreferenceConfig(TrainConfig):
     max_len_tokens: int = Field(256, ge=16, description="Prompt + response tokens per pair (truncated).")
 
 
+REWARD_NAMES = ("accuracy", "format")
+"""The GRPO reward functions by name, in ``nemoforge.rewards.REWARDS``'s order (its one list of names)."""
+
+
 class RLConfig(TrainConfig):
     """GRPO with verifiable rewards (LN §5; DeepSeekMath §4.1 GRPO, arXiv 2402.03300)."""
 
@@ -387,9 +391,8 @@ class RLConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _check_rewards(self) -> RLConfig:
-        known = {"accuracy", "format"}
-        if unknown := sorted(set(self.reward_weights) - known):
-            raise ValueError(f"reward_weights has unknown rewards {unknown}: use {sorted(known)}")
+        if unknown := sorted(set(self.reward_weights) - set(REWARD_NAMES)):
+            raise ValueError(f"reward_weights has unknown rewards {unknown}: use {sorted(REWARD_NAMES)}")
         return self
 
 

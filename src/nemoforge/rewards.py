@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from nemoforge.config import REWARD_NAMES
 from nemoforge.data.reasoning import answer_part, toggle_compliant
 from nemoforge.grading import answer_matches, parse_reference
 
@@ -98,7 +99,8 @@ def format_reward(
     ]
 
 
-REWARDS: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward}
+REWARDS: dict[str, RewardFn] = dict(zip(REWARD_NAMES, (accuracy_reward, format_reward), strict=True))
+"""The reward functions by their names in :data:`nemoforge.config.REWARD_NAMES` (which the recipe is checked with)."""
 
 
 def combined_rewards(
