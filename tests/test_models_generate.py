@@ -156,3 +156,22 @@ def test_generate_validates_arguments(parent, prompt: torch.Tensor) -> None:
         generate(parent, prompt, 4, cuda_graph=True)
     with pytest.raises(ValueError, match="holds"):
         StaticKVCache(parent, 1, 2).update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
+
+
+def test_generate_ids_shows_a_progress_bar_over_replies_when_labelled(child, monkeypatch, capsys) -> None:
+    """Long generation (eval, rl's held-out checks, sft's toggle check) is not a silent stretch (issue 15 §4)."""
+    from types import SimpleNamespace
+
+    from nemoforge.models.generate import generate_ids
+
+    tokenizer = SimpleNamespace(eos_token_id=2, pad_token_id=0)
+    prompts = [[5, 6, 7], [8, 9], [10]]
+    monkeypatch.delenv("NEMOFORGE_NO_PROGRESS")
+    labelled = generate_ids(child, tokenizer, prompts, max_new_tokens=3, batch_size=2, desc="eval: math")
+    err = capsys.readouterr().err
+    assert "eval: math:" in err and "/3 [" in err and "reply/s" in err
+    assert generate_ids(child, tokenizer, prompts, max_new_tokens=3, batch_size=2) == labelled
+    assert capsys.readouterr().err == ""  # no label, no bar
+    monkeypatch.setenv("NEMOFORGE_NO_PROGRESS", "1")
+    generate_ids(child, tokenizer, prompts, max_new_tokens=3, batch_size=2, desc="eval: math")
+    assert capsys.readouterr().err == ""

@@ -18,8 +18,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
+from tqdm.auto import tqdm
 
 from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM
+from nemoforge.runtime import no_progress
 
 
 class StaticKVCache:
@@ -315,11 +317,16 @@ def generate_ids(
     top_p: float = 1.0,
     batch_size: int = 16,
     generator: torch.Generator | None = None,
+    desc: str | None = None,
 ) -> list[list[int]]:
-    """New token ids per prompt, cut after the first EOS (which is kept)."""
+    """New token ids per prompt, cut after the first EOS (which is kept).
+
+    ``desc``: label of a progress bar over the replies (None: no bar; ``NEMOFORGE_NO_PROGRESS=1`` hides it).
+    """
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     out: list[list[int]] = []
+    bar = tqdm(total=len(prompt_ids), desc=desc, unit="reply", disable=desc is None or no_progress(), leave=False)
     for start in range(0, len(prompt_ids), batch_size):
         ids_BT, mask_BT = left_pad(prompt_ids[start : start + batch_size], pad_id(tokenizer))
         full = generate(
@@ -334,4 +341,6 @@ def generate_ids(
         )
         for row in full[:, ids_BT.shape[1] :].tolist():
             out.append(row[: row.index(eos) + 1] if eos in row else row)
+        bar.update(ids_BT.shape[0])
+    bar.close()
     return out

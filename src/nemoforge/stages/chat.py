@@ -25,8 +25,12 @@ def generate_chats(
     top_p: float = 1.0,
     batch_size: int = 16,
     generator: torch.Generator | None = None,
+    desc: str | None = None,
 ) -> list[str]:
-    """The assistant's reply text to each ``(prompt, reasoning)`` under the toggle system prompt."""
+    """The assistant's reply text to each ``(prompt, reasoning)`` under the toggle system prompt.
+
+    ``desc``: label of a progress bar over the replies (None: none).
+    """
     prompt_ids = [encode_prompt(tokenizer, prompt, reasoning) for prompt, reasoning in chats]
     new_ids = generate_ids(
         model,
@@ -37,6 +41,7 @@ def generate_chats(
         top_p=top_p,
         batch_size=batch_size,
         generator=generator,
+        desc=desc,
     )
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
 
@@ -59,7 +64,9 @@ def toggle_compliance(
         ``{"prompt", "reasoning", "response"}`` dicts (logged as an artifact).
     """
     chats = [(p, r) for r in ("on", "off") for p in prompts]
-    replies = generate_chats(model, tokenizer, chats, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    replies = generate_chats(
+        model, tokenizer, chats, max_new_tokens=max_new_tokens, batch_size=batch_size, desc="toggle check"
+    )
     ok = {"on": [], "off": []}
     for (_, reasoning), reply in zip(chats, replies, strict=True):
         ok[reasoning].append(toggle_compliant(reply, reasoning))

@@ -161,11 +161,11 @@ def evaluate_model(
     on_chats = [(q, "on") for q, _ in problems for _ in range(k)]
     on_replies = generate_chats(
         model, tokenizer, on_chats, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        top_p=cfg.top_p, batch_size=cfg.batch_size, generator=generator,
+        top_p=cfg.top_p, batch_size=cfg.batch_size, generator=generator, desc="eval: math, reasoning on",
     )
     off_replies = generate_chats(
         model, tokenizer, [(q, "off") for q, _ in problems], max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size,
+        batch_size=cfg.batch_size, desc="eval: math, reasoning off",
     )
     answers = [a for _, a in problems]
     on_correct = accuracy_reward(on_replies, answer=[a for a in answers for _ in range(k)])
@@ -227,7 +227,7 @@ def evaluate_ifeval(
     replies = generate_chats(
         model, tokenizer, [(p.prompt, cfg.ifeval_reasoning) for p in prompts],
         max_new_tokens=cfg.ifeval_max_new_tokens, temperature=cfg.temperature if sampled else 0.0,
-        top_p=cfg.top_p if sampled else 1.0, batch_size=cfg.batch_size, generator=generator,
+        top_p=cfg.top_p if sampled else 1.0, batch_size=cfg.batch_size, generator=generator, desc="eval: IFEval",
     )
     answers = [(answer_part(r) or "") if sampled else r for r in replies]
     followed = [follow_strict(p, a) for p, a in zip(prompts, answers, strict=True)]

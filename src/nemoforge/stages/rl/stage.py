@@ -162,7 +162,8 @@ def heldout_reward(
         ``rewards`` are each reward's value (None where that reward does not apply).
     """
     replies = generate_chats(
-        model, tokenizer, [(q, r) for q, _, r in problems], max_new_tokens=cfg.max_new_tokens
+        model, tokenizer, [(q, r) for q, _, r in problems], max_new_tokens=cfg.max_new_tokens,
+        desc="rl: held-out, greedy",
     )
     total, parts = score(cfg.reward_weights, replies, problems)
     metrics = reward_metrics(total, parts, total_name="reward_heldout", suffix="_heldout")
@@ -194,7 +195,7 @@ def heldout_sampled_accuracy(
     replies = generate_chats(
         model, tokenizer, [(q, r) for q, _, r in problems for _ in range(k)], max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size * cfg.num_generations,
-        generator=generator,
+        generator=generator, desc="rl: held-out, sampled",
     )
     _, parts = score({"accuracy": 1.0}, replies, [p for p in problems for _ in range(k)])
     rows = []
@@ -284,7 +285,8 @@ def filter_by_pass_rate(
         return problems, float("nan")
     chats = [(q, r) for q, _, r in problems for _ in range(cfg.filter_samples)]
     replies = generate_chats(
-        model, tokenizer, chats, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p
+        model, tokenizer, chats, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+        desc="rl: pass-rate filter",
     )
     _, parts = score({"accuracy": 1.0}, replies, [p for p in problems for _ in range(cfg.filter_samples)])
     acc, k = parts["accuracy"], cfg.filter_samples
