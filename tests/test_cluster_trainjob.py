@@ -117,9 +117,14 @@ def test_the_schema_check_is_strict(trainjob_validator):
 
 
 def test_batch_that_does_not_split_names_the_fix():
-    recipe = load_recipe("llama-3.3-70b-super", ["distill.batch_size=100"])
+    # at validation, before any compute (issue 12 §6: cross-field rules live in validators)
+    with pytest.raises(RecipeError, match=r"distill.batch_size=100 does not split over 16 ranks x 4 .* multiple of 64 "
+                                          r"\(e\.g\. 128\) \(resources.distill: 2 nodes x 8 GPUs"):
+        load_recipe("llama-3.3-70b-super", ["distill.batch_size=100"])
+    recipe = load_recipe("llama-3.3-70b-super")
+    bad = recipe.distill.model_copy(update={"batch_size": 100})  # a config that skipped validation
     with pytest.raises(RecipeError, match=r"batch_size=100 does not split over 16 ranks x 4 .* multiple of 64 \(e\.g\. 128\)"):
-        deepspeed_config(recipe.distill, recipe.resources.distill)
+        deepspeed_config(bad, recipe.resources.distill)
 
 
 def test_nas_never_runs_as_trainjob():

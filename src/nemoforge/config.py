@@ -527,6 +527,22 @@ ImageSet = Literal["train", "rl", "serve"]
 """Dependency sets with one pinned image each (``components/images/images.yaml``)."""
 
 
+def split_batch(batch_size: int, world_size: int, accumulation: int) -> int:
+    """Sequences per rank per micro-batch: ``batch_size / (world_size * accumulation)``.
+
+    Raises:
+        ValueError: the batch does not split into whole micro-batches (names a multiple that does).
+    """
+    per_step = world_size * accumulation
+    if batch_size % per_step:
+        fit = max(per_step, round(batch_size / per_step) * per_step)
+        raise ValueError(
+            f"batch_size={batch_size} does not split over {world_size} ranks x {accumulation} "
+            f"accumulation steps: use a multiple of {per_step} (e.g. {fit})"
+        )
+    return batch_size // per_step
+
+
 class DeepSpeedConfig(_Section):
     """DeepSpeed ZeRO settings of a stage run as a Kubeflow Trainer TrainJob (``launch`` resolves to trainjob).
 
@@ -714,6 +730,21 @@ class Recipe(_Section):
     resources: ResourcesConfig = ResourcesConfig()
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _check_trainjob_batches(self) -> Recipe:
+        for stage in ("distill", "cpt"):
+            res = getattr(self.resources, stage)
+            if res.runs_as_trainjob:
+                world_size = res.num_nodes * max(res.gpu_count, 1)
+                try:
+                    split_batch(getattr(self, stage).batch_size, world_size, res.deepspeed.gradient_accumulation_steps)
+                except ValueError as err:
+                    raise ValueError(
+                        f"{stage}.{err} (resources.{stage}: {res.num_nodes} nodes x {max(res.gpu_count, 1)} GPUs, "
+                        f"deepspeed.gradient_accumulation_steps={res.deepspeed.gradient_accumulation_steps})"
+                    ) from None
+        return self
 
     @model_validator(mode="after")
     def _check_preference_data(self) -> Recipe:

@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any
 
-from nemoforge.config import StageResources, TrainConfig
+from nemoforge.config import StageResources, TrainConfig, split_batch
 from nemoforge.errors import RecipeError
 
 DEEPSPEED_CONFIG_ENV = "NEMOFORGE_DEEPSPEED_CONFIG"
@@ -23,19 +23,15 @@ DEEPSPEED_CONFIG_ENV = "NEMOFORGE_DEEPSPEED_CONFIG"
 
 
 def micro_batch_size(batch_size: int, world_size: int, accumulation: int) -> int:
-    """Sequences per rank per micro-batch: ``batch_size / (world_size * accumulation)``.
+    """Sequences per rank per micro-batch (:func:`nemoforge.config.split_batch`, which recipes are validated with).
 
     Raises:
         RecipeError: the batch does not split into whole micro-batches (names a multiple that does).
     """
-    per_step = world_size * accumulation
-    if batch_size % per_step:
-        fit = max(per_step, round(batch_size / per_step) * per_step)
-        raise RecipeError(
-            f"batch_size={batch_size} does not split over {world_size} ranks x {accumulation} "
-            f"accumulation steps: use a multiple of {per_step} (e.g. {fit})"
-        )
-    return batch_size // per_step
+    try:
+        return split_batch(batch_size, world_size, accumulation)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
 
 
 def deepspeed_config(train: TrainConfig, res: StageResources) -> dict[str, Any]:
