@@ -270,7 +270,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{outcome.get('nemoforge.outcome_reason')} (--force retrains)")
         return 0
     print(f"\nnemoforge: {recipe.name} finished in {time.time() - started:.0f} s")
-    _print_status(lineage.pipeline_status(runs))
+    registry = lineage.Registry(recipe.tracking.mlflow_uri)
+    _print_status(lineage.pipeline_summary(runs), lineage.pipeline_status(runs), registry.champions())
     print(f"\nMLflow UI: mlflow ui --backend-store-uri {recipe.tracking.mlflow_uri}")
     return 0
 
