@@ -25,8 +25,9 @@ used is the stage run's ``rollout_engine`` tag. Held-out reward and pass-rate fi
 ``generate``.
 Prompts whose pass rate (over ``filter_samples`` samples) is at least ``filter_max_pass_rate`` are
 dropped first (LN §5). The held-out "after" figures score the weights as exported (rounded to the recipe's
-dtype: :func:`~nemoforge.stages.training.round_to_dtype`), as "before" scores sft's export. Written under ``output_uri``: ``checkpoints/step-N/``,
-``checkpoints-preference/step-N/``, ``model/``, ``plots/``, ``samples/heldout_{before,after}.json``.
+dtype: :func:`~nemoforge.stages.training.round_to_dtype`), as "before" scores sft's export; held-out and
+pass-rate replies are generated with the rollouts' numerics (:func:`rollout_numerics`). Written under
+``output_uri``: ``checkpoints/step-N/``, ``checkpoints-preference/step-N/``, ``model/``, ``plots/``, ``samples/heldout_{before,after}.json``.
 
 Shape legend: ``B`` prompts, ``G`` generations per prompt, ``N = B * G`` sequences, ``T`` tokens.
 """
@@ -73,7 +74,7 @@ from nemoforge.stages.training import (
     round_to_dtype,
 )
 from nemoforge.stats import paired_mean_difference
-from nemoforge.training.loop import LogFn, TrainState, epoch_batches, train
+from nemoforge.training.loop import LogFn, TrainState, epoch_batches, train, uses_bf16_autocast
 
 Problem = tuple[str, str, Reasoning]
 """``(question, reference answer, reasoning mode)``."""
@@ -477,9 +478,10 @@ def run(
 
     train_problems, heldout_problems, source = rl_problems(recipe, store)
     torch.manual_seed(cfg.seed)
-    before, samples_before = heldout_reward(model, tokenizer, heldout_problems, cfg)
-    sampled_before = heldout_sampled_accuracy(model, tokenizer, heldout_problems, cfg) if cfg.heldout_samples else []
-    kept, pass_rate = filter_by_pass_rate(model, tokenizer, train_problems, cfg)
+    with rollout_numerics(device, cfg):
+        before, samples_before = heldout_reward(model, tokenizer, heldout_problems, cfg)
+        sampled_before = heldout_sampled_accuracy(model, tokenizer, heldout_problems, cfg) if cfg.heldout_samples else []
+        kept, pass_rate = filter_by_pass_rate(model, tokenizer, train_problems, cfg)
 
     checkpoints_uri = join_uri(output_uri, "checkpoints")
     pref_checkpoints_uri = join_uri(output_uri, "checkpoints-preference")
@@ -509,10 +511,11 @@ def run(
 
         # held-out "after" scores the weights that are exported (recipe dtype), as "before" scored sft's export
         round_to_dtype(model, recipe_dtype(recipe))
-        after, samples_after = heldout_reward(model, tokenizer, heldout_problems, cfg)
-        sampled = {"before": sampled_before}
-        if cfg.heldout_samples:
-            sampled["after"] = heldout_sampled_accuracy(model, tokenizer, heldout_problems, cfg)
+        with rollout_numerics(device, cfg):
+            after, samples_after = heldout_reward(model, tokenizer, heldout_problems, cfg)
+            sampled = {"before": sampled_before}
+            if cfg.heldout_samples:
+                sampled["after"] = heldout_sampled_accuracy(model, tokenizer, heldout_problems, cfg)
         exported = export_model(model, tokenizer, recipe, output_uri=output_uri, store=store, work=work)
         plots = {
             "reward_curve": join_uri(output_uri, "plots", "reward_curve.png"),
@@ -550,6 +553,17 @@ def run(
         ],
         tags={"device": str(device), **engine_tags, "resumed_from_step": str(resumed)},
     )
+
+
+def rollout_numerics(device: torch.device, cfg: RLConfig) -> torch.autocast:
+    """The numerics the ``generate`` engine's rollouts run under (the train step's bf16 autocast when
+    :func:`~nemoforge.training.loop.uses_bf16_autocast`), for the held-out and pass-rate replies.
+
+    Measured on an H100 (2026-12-07): after GRPO under bf16 autocast, the same policy's greedy "on" replies in
+    float32 made 53 arithmetic slips in 384 lines against 5 before rl, while its bf16 export sampled 0.89
+    correct in eval; scoring before and after with the rollouts' numerics measures the policy GRPO trained.
+    """
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16_autocast(device, cfg))
 
 
 @dataclass(frozen=True)
