@@ -268,7 +268,7 @@ def cmd_rl(args) -> dict:
 
     from nemoforge.config import load_recipe
     from nemoforge.preflight import resolve_recipe
-    from nemoforge.runner.index import store_for
+    from nemoforge.artifacts import store_for
     from nemoforge.stages import rl, sft
 
     workdir = args.workdir.resolve()

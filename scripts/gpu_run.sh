@@ -97,6 +97,7 @@ if [ "$MODE" = rl ]; then
   [ -f "$WORK/run.rc" ] || { say "no finished run in $WORK: call run first"; exit 5; }
   IFS=';' read -ra specs <<< "${NF_RL_VARIANTS:?NF_RL_VARIANTS: ';'-separated variants of space-separated key=value}"
   variants=(); for v in "${specs[@]}"; do variants+=(--variant "$v"); done
+  cd "$ROOT"
   timeout -k 5 "${NF_RL_TIMEOUT:-540}" python3 scripts/gpu_check.py rl --workdir "$WORK" --out "$OUT/rl_sweep.json" \
     --set "data.corpus_uri=$WORK/data/war_and_peace.txt" "${variants[@]}" 2>&1 | grep -v Warning \
     | tee -a "$LOG/rl_sweep.log" | grep -E "^rl |Error|error"
