@@ -34,7 +34,13 @@ class _Eval:
         self.num_calls = 0
 
     def __call__(
-        self, recipe: Recipe, *, model_uri: str, parent_uri: str, output_uri: str, store: ArtifactStore,
+        self,
+        recipe: Recipe,
+        *,
+        model_uri: str,
+        parent_uri: str,
+        output_uri: str,
+        store: ArtifactStore,
         champion: dict[str, Any] | None,
     ) -> StageResult:
         self.num_calls += 1
@@ -44,7 +50,9 @@ class _Eval:
             metrics={"math_pass1_on": 0.5},
             outputs=outputs,
             digests={"model": store.digest(model_uri)},
-            datasets=[DatasetRef("eval-heldout-text", store.join("corpus", "c0ffee"), "cd" * 32, 4, "validation")],
+            datasets=[
+                DatasetRef("eval-heldout-text", store.join("corpus", "c0ffee"), "cd" * 32, 4, "validation")
+            ],
             tags={"gate": "passed", "gate_checks": "ok: no champion yet", "eval_settings": "settings"},
         )
 
@@ -106,7 +114,9 @@ def test_a_copied_workdir_serves_and_reuses_its_own_files_once_the_original_is_g
     # a re-run in the copy reuses eval by its step index, with the copy's URIs, and registers nothing new
     # (MLflow's own run artifacts, recipe.json, still go where the experiment was created: `run` warns of it)
     assert lineage.Lineage.for_recipe(moved).moved_artifact_location() == str(original.resolve() / "mlruns")
-    moved_inputs = {k: {**ref, "uri": ref["uri"].replace(str(original), str(copy))} for k, ref in inputs.items()}
+    moved_inputs = {
+        k: {**ref, "uri": ref["uri"].replace(str(original), str(copy))} for k, ref in inputs.items()
+    }
     again = run_step("eval", moved, "run-2", moved_inputs)
     assert fake_eval.num_calls == 1 and again["version"] == 1
     assert again["uri"] == str(model_dir)
@@ -127,8 +137,13 @@ def test_records_that_hold_absolute_paths_read_as_before(tiny_llama_dir: Path, t
     recipe = _workdir_recipe(tmp_path / "work")
     store = store_for(recipe)
     model_uri = store.put(tiny_llama_dir, store.join("run-1", "rl", "model"))
-    lineage.Registry(recipe.tracking.mlflow_uri).register_model(NAME, model_uri, aliases=["champion"])  # no root
-    old = {"state": "done", "output_uri": store.join("run-1", "eval"), "result": {"outputs": {"model": model_uri}}}
+    # written as before: no artifact root, so the registry and the index hold absolute paths
+    lineage.Registry(recipe.tracking.mlflow_uri).register_model(NAME, model_uri, aliases=["champion"])
+    old = {
+        "state": "done",
+        "output_uri": store.join("run-1", "eval"),
+        "result": {"outputs": {"model": model_uri}},
+    }
     store.write_json(store.join("index", "eval", "k.json"), old)
 
     registry = lineage.Registry.for_recipe(recipe)

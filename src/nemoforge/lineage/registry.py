@@ -51,9 +51,10 @@ class Registry:
         """Register the model at ``model_uri`` as a new version of ``name`` and point ``aliases`` at it.
 
         Nothing is copied: the version's source is ``model_uri`` itself (a local directory or an
-        ``s3://`` prefix in the artifact store, servable from there), relative to a local ``artifact_root``. When a stage logged that URI as its
-        output model, the version is linked to that stage run and LoggedModel (tag ``nemoforge.model_id``)
-        and carries its digest (tag ``nemoforge.sha256``). Works with a SQLite or server-backed registry.
+        ``s3://`` prefix in the artifact store, servable from there), relative to a local ``artifact_root``.
+        When a stage logged that URI as its output model, the version is linked to that stage run and
+        LoggedModel (tag ``nemoforge.model_id``) and carries its digest (tag ``nemoforge.sha256``). Works with
+        a SQLite or server-backed registry.
 
         Args:
             name: registered model name (created when missing).

@@ -35,9 +35,10 @@ def pipeline_status(lineage: Lineage, pipeline_run: str | None = None) -> list[d
         ``pipeline_state``, ``stage``, ``run_id``, ``state`` (``RUNNING``, ``FINISHED``, ``FAILED``,
         ``KILLED``), ``start_time``/``end_time`` (ISO 8601 UTC of the latest attempt; ``end_time`` None
         while running), ``wall_time_s`` (of that attempt, so far while running), ``metrics`` (latest
-        value of each), ``outputs`` (URIs by name, resolved against ``lineage.artifact_root``), ``error`` (one line, or None), ``reused`` (the
-        runner's tag ``nemoforge.reused``: the result came from an earlier run), ``gate`` (eval: ``passed`` or
-        ``failed``; None for other stages) and ``gate_failed`` (eval: every failed criterion, one line each).
+        value of each), ``outputs`` (URIs by name, resolved against ``lineage.artifact_root``), ``error``
+        (one line, or None), ``reused`` (the runner's tag ``nemoforge.reused``: the result came from an earlier
+        run), ``gate`` (eval: ``passed`` or ``failed``; None for other stages) and ``gate_failed`` (eval: every
+        failed criterion, one line each).
         Empty when the experiment has no pipeline run yet.
 
     Raises:
@@ -117,7 +118,9 @@ def _stage_status(run: Run, parent: Run, artifact_root: str | None) -> dict[str,
         "wall_time_s": round(((end_ms or now_ms()) - start_ms) / 1000, 3),
         "metrics": dict(run.data.metrics),
         "outputs": {
-            k.removeprefix(TAG_OUTPUT): resolve_uri(v, artifact_root) for k, v in tags.items() if k.startswith(TAG_OUTPUT)
+            k.removeprefix(TAG_OUTPUT): resolve_uri(v, artifact_root)
+            for k, v in tags.items()
+            if k.startswith(TAG_OUTPUT)
         },
         "error": tags.get(TAG_ERROR),
         "reused": tags.get("nemoforge.reused") == "true",

@@ -139,7 +139,8 @@ def execute_stage(
         else:
             output_uri = entry["output_uri"] if entry else store.join(run_name, stage)
             index.write(state="running", output_uri=output_uri)
-            tracker.set_tags({"nemoforge.output_uri": relative_uri(output_uri, store.root_uri), "nemoforge.step_key": key})
+            stored_output = relative_uri(output_uri, store.root_uri)
+            tracker.set_tags({"nemoforge.output_uri": stored_output, "nemoforge.step_key": key})
             if on_output is not None:
                 on_output(output_uri)
             live = {"on_log": tracker.log_metrics} if spec.trains else {}

@@ -71,7 +71,7 @@ def stored_uris(record: dict[str, Any], convert: Callable[[str], str]) -> dict[s
 
 
 class StepIndex:
-    """The ``index/<step>/<key>.json`` records of one store, their URIs relative to a local root (:func:`stored_uris`)."""
+    """The ``index/<step>/<key>.json`` records of one store, URIs relative to a local root (:func:`stored_uris`)."""
 
     def __init__(self, store: ArtifactStore, step: str, key: str):
         self.store = store
@@ -81,11 +81,13 @@ class StepIndex:
         """The record, its URIs resolved against this store's root; None when there is none."""
         if not self.store.exists(self.uri):
             return None
-        return stored_uris(self.store.read_json(self.uri), lambda uri: resolve_uri(uri, self.store.root_uri))
+        root = self.store.root_uri
+        return stored_uris(self.store.read_json(self.uri), lambda uri: resolve_uri(uri, root))
 
     def write(self, **entry: Any) -> None:
         """Replace the record with ``entry`` (its URIs stored relative to a local root)."""
-        self.store.write_json(self.uri, stored_uris(entry, lambda uri: relative_uri(uri, self.store.root_uri)))
+        root = self.store.root_uri
+        self.store.write_json(self.uri, stored_uris(entry, lambda uri: relative_uri(uri, root)))
 
 
 def model_ref(result: StageResult, **extra: Any) -> Ref:

@@ -67,8 +67,8 @@ def champion_record(recipe: Recipe) -> dict[str, Any] | None:
     """The current champion of ``recipe.model.name`` as the eval gate compares with it; None when there is none.
 
     Read from the MLflow registry, the one record of the champion: the version alias ``champion`` points at,
-    its source (the model URI, resolved against ``storage.artifact_root``), its eval metrics and the digest of the eval settings they were measured under
-    (its tags, :func:`register_evaluated_model`).
+    its source (the model URI, resolved against ``storage.artifact_root``), its eval metrics and the digest of
+    the eval settings they were measured under (its tags, :func:`register_evaluated_model`).
 
     Returns:
         ``{"version", "model_uri", "metrics", "eval_settings"}`` (``eval_settings`` None when not recorded).
