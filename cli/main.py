@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port of the local server (default: serve.port)")
     serve.add_argument("--emit", choices=["kserve", "deployment"], help="write cluster manifests instead of serving")
     serve.add_argument("-o", "--output", type=Path, help="manifest file for --emit (default: stdout)")
-    serve.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="embedded default's root (%(default)s)")
+    serve.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                       help="embedded default's root (%(default)s): its registry, and the artifact root that the "
+                       "registry's relative model URIs resolve against (storage.artifact_root, else WORKDIR/artifacts)")  # fmt: skip
     serve.add_argument("--tracking-uri", help="MLflow registry for models:/ URIs (default: sqlite:///<workdir>/mlflow.db)")
     return parser
 
@@ -244,6 +246,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ["NEMOFORGE_ERROR_FILE"] = str(error_file)
     owner = os.environ[OWNER_ENV] = owner_id()
     _end_abandoned_runs(recipe)
+    moved_from = lineage.Lineage.for_recipe(recipe).moved_artifact_location()
+    if moved_from is not None:
+        print(
+            f"nemoforge: warning: MLflow keeps this experiment's run artifacts (recipe.json, plots) in {moved_from}, "
+            "where the experiment was created (MLflow fixes that path); models, the registry, the step index and "
+            "`nemoforge status` use this workdir",
+            file=sys.stderr,
+        )
     started = time.time()
     pipeline = build_pipeline(recipe)
     console = executor_records_to(workdir / EXECUTOR_LOG) if args.quiet else contextlib.nullcontext()
@@ -270,7 +280,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{outcome.get('nemoforge.outcome_reason')} (--force retrains)")
         return 0
     print(f"\nnemoforge: {recipe.name} finished in {time.time() - started:.0f} s")
-    registry = lineage.Registry(recipe.tracking.mlflow_uri)
+    registry = lineage.Registry.for_recipe(recipe)
     _print_status(lineage.pipeline_summary(runs), lineage.pipeline_status(runs), registry.champions())
     print(f"\nMLflow UI: mlflow ui --backend-store-uri {recipe.tracking.mlflow_uri}")
     return 0
@@ -433,7 +443,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     tracking_uri = args.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     if not args.tracking_uri and not (workdir / "mlflow.db").is_file():
         raise NemoforgeError(f"no runs under {workdir}: run `nemoforge run RECIPE --workdir {args.workdir}` first")
-    runs = lineage.Lineage(tracking_uri, args.experiment)
+    # the embedded default's artifact root: stored output URIs are relative to it (a moved or copied workdir)
+    runs = lineage.Lineage(tracking_uri, args.experiment, str(workdir / "artifacts"))
     stages = lineage.pipeline_status(runs, args.run_name)
     order = {name: i for i, name in enumerate(STAGES)}
     stages.sort(key=lambda s: order.get(s["stage"], len(order)))
@@ -441,7 +452,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(stages, indent=2, default=str))
     else:
         summary = lineage.pipeline_summary(runs, args.run_name)
-        _print_status(summary, stages, lineage.Registry(tracking_uri).champions())
+        _print_status(summary, stages, lineage.Registry(tracking_uri, runs.artifact_root).champions())
     return 0
 
 
@@ -456,8 +467,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model_uri = args.model_uri
     if model_uri.startswith("models:/"):
         from nemoforge import lineage
+        from nemoforge.preflight import resolve_recipe
 
         workdir = args.workdir.expanduser().resolve()
+        resolved = resolve_recipe(recipe, workdir)  # the artifact root: the recipe's, else <workdir>/artifacts
         tracking_uri = args.tracking_uri or recipe.tracking.mlflow_uri
         if tracking_uri is None:
             if not (workdir / "mlflow.db").is_file():  # opening it would create an empty registry
@@ -465,8 +478,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     f"{model_uri}: no registry under --workdir {args.workdir} (no mlflow.db): run "
                     f"`nemoforge run RECIPE --workdir {args.workdir}` first, or pass --tracking-uri"
                 )
-            tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
-        model_uri = lineage.Registry(tracking_uri).registered_model_source(model_uri)
+            tracking_uri = resolved.tracking.mlflow_uri
+        registry = lineage.Registry(tracking_uri, resolved.storage.artifact_root)
+        model_uri = registry.registered_model_source(model_uri)
     if args.emit:
         from nemoforge_components.images import image_ref
 

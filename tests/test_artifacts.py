@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 from conftest import moto_s3
 
-from nemoforge.artifacts import ArtifactStore, LocalStore, S3Store, digest_path, open_store
+from nemoforge.artifacts import (
+    ArtifactStore,
+    LocalStore,
+    S3Store,
+    digest_path,
+    open_store,
+    relative_uri,
+    resolve_uri,
+)
 from nemoforge.config import Recipe
 from nemoforge.errors import InputNotFoundError, StorageError
 
@@ -91,6 +99,24 @@ def test_open_store_kinds(tmp_path: Path) -> None:
         open_store("gs://b/x")
     with pytest.raises(StorageError, match="no bucket"):
         open_store("s3:///x")
+
+
+def test_stored_uris_are_relative_to_a_local_root_and_resolve_against_the_root_in_use() -> None:
+    root, moved = "/w/artifacts", "/copy/of/w/artifacts"
+    assert relative_uri("/w/artifacts/run-1/rl/model", root) == "run-1/rl/model"
+    assert relative_uri("file:///w/artifacts/run-1/rl/model/", root) == "run-1/rl/model"
+    assert relative_uri("/w/artifacts/../artifacts/index/x.json", root + "/") == "index/x.json"
+    assert resolve_uri("run-1/rl/model", moved) == "/copy/of/w/artifacts/run-1/rl/model"
+    assert resolve_uri(relative_uri("/w/artifacts/corpus/ab", root), "s3://b/p/") == "s3://b/p/corpus/ab"
+    kept = ["s3://b/p/run-1/rl/model", "/elsewhere/parent", "/w/artifacts-old/m", "/w/artifacts", "run-1/rl/model"]
+    for uri in kept:  # outside the root, the root itself, not local, relative already: stored as they are
+        assert relative_uri(uri, root) == uri, uri
+    assert relative_uri("/w/artifacts/run-1/rl/model", "s3://b/p") == "/w/artifacts/run-1/rl/model"
+    assert relative_uri("/w/artifacts/run-1/rl/model", None) == "/w/artifacts/run-1/rl/model"
+    # records written before (absolute paths) and s3:// URIs read as they are; no root known: as stored
+    for uri in ("/w/artifacts/run-1/rl/model", "file:///w/artifacts/m", "s3://b/p/m"):
+        assert resolve_uri(uri, moved) == uri, uri
+    assert resolve_uri("run-1/rl/model", None) == "run-1/rl/model"
 
 
 # ---------------------------------------------------------------------------------- both backends

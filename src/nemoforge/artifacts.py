@@ -8,7 +8,9 @@ URIs are plain strings everywhere: a local path (``/work/artifacts/run-1/nas/mod
 accepted) or ``s3://bucket/key``. ``pathlib`` never touches an ``s3://`` string (it would fold the
 ``//``). Either store also reads and writes the other kind of URI (a local corpus with an S3 root, an
 ``s3://`` corpus with a local root); ``root_uri`` and :meth:`ArtifactStore.join` decide where outputs go
-(:func:`join_uri` joins under any URI).
+(:func:`join_uri` joins under any URI). What outlives a run (the MLflow registry's model versions, the step
+index, lineage tags) stores a URI under a local root relative to it (:func:`relative_uri`) and resolves it
+against the root in use when read (:func:`resolve_uri`), so a workdir can be moved or copied.
 
 Uploads are verified: the size, and the sha256 of the content, which is also recorded with the file:
 an S3 object carries it as user metadata (``x-amz-meta-sha256``), a LocalStore file in a hidden record
@@ -128,6 +130,44 @@ def join_uri(uri: str, *parts: str) -> str:
     tail = "/".join(p.strip("/") for p in parts if p.strip("/"))
     base = uri.rstrip("/")
     return f"{base}/{tail}" if tail else base
+
+
+def relative_uri(uri: str, root_uri: str | None) -> str:
+    """``uri`` as the registry, the step index and lineage tags store it: relative to a local artifact root.
+
+    A local path under the local ``root_uri`` becomes its posix path relative to the root
+    (``/w/artifacts/run-1/rl/model`` -> ``run-1/rl/model``), so a workdir that is moved or copied points at its
+    own files; :func:`resolve_uri` reads it back. Every other URI is stored as it is: ``s3://`` URIs, local paths
+    outside the root (a parent checkpoint elsewhere), relative ones, the root itself, and any URI when the root is
+    ``s3://`` or None (no root known).
+
+    Args:
+        uri: a store URI (local path, ``file://`` or ``s3://``).
+        root_uri: the artifact root in use (``storage.artifact_root``); None: none known.
+    """
+    if root_uri is None or _is_s3(root_uri) or ("://" in uri and not uri.startswith("file://")):
+        return uri
+    path = _local_path(uri)
+    if not path.is_absolute():
+        return uri
+    path, root = path.resolve(), _local_path(root_uri).resolve()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) and path != root else uri
+
+
+def resolve_uri(uri: str, root_uri: str | None) -> str:
+    """The URI a stored ``uri`` (:func:`relative_uri`) stands for under the artifact root in use.
+
+    A relative path is joined under ``root_uri``; an absolute path, a ``file://`` or ``s3://`` URI is returned as
+    it is, so records written before URIs were stored relative (absolute paths) read as they did.
+
+    Args:
+        uri: a URI as stored.
+        root_uri: the artifact root in use (``storage.artifact_root``, default ``<workdir>/artifacts``); None:
+            none known, ``uri`` is returned as it is.
+    """
+    if root_uri is None or "://" in uri or Path(uri).expanduser().is_absolute():
+        return uri
+    return join_uri(root_uri, uri)
 
 
 def _local_path(uri: str) -> Path:

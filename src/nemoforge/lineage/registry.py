@@ -1,12 +1,21 @@
-"""The MLflow model registry: versions of a model, their aliases, and where their weights are."""
+"""The MLflow model registry: versions of a model, their aliases, and where their weights are.
+
+A version's source (and its tag ``nemoforge.model_uri``) is the model's store URI, relative to the artifact root when
+that root is a local directory (:func:`~nemoforge.artifacts.relative_uri`): reading it resolves it against the root in
+use (:func:`~nemoforge.artifacts.resolve_uri`), so a copied workdir serves its own files. Versions registered
+before with absolute paths read as they were.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from nemoforge.artifacts import relative_uri, resolve_uri
+from nemoforge.config import Recipe
 from nemoforge.errors import InputNotFoundError
 from nemoforge.lineage.client import TAG_MODEL_URI, TAG_SHA256, find_logged_model, open_client
 
@@ -16,11 +25,20 @@ class Registry:
 
     Args:
         tracking_uri: MLflow tracking (and registry) URI; SQLite or a server.
+        artifact_root: the artifact root in use (``storage.artifact_root``, default ``<workdir>/artifacts``):
+            model URIs under a local root are registered relative to it and resolved against it when read.
+            None: URIs are registered and read as they are.
     """
 
-    def __init__(self, tracking_uri: str | None):
+    def __init__(self, tracking_uri: str | None, artifact_root: str | None = None):
         self.tracking_uri = tracking_uri
+        self.artifact_root = artifact_root
         self.client = open_client(tracking_uri)
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe) -> Registry:
+        """The registry that ``recipe.tracking`` names, with the recipe's artifact root."""
+        return cls(recipe.tracking.mlflow_uri, recipe.storage.artifact_root)
 
     def register_model(
         self,
@@ -33,9 +51,10 @@ class Registry:
         """Register the model at ``model_uri`` as a new version of ``name`` and point ``aliases`` at it.
 
         Nothing is copied: the version's source is ``model_uri`` itself (a local directory or an
-        ``s3://`` prefix in the artifact store, servable from there). When a stage logged that URI as its
-        output model, the version is linked to that stage run and LoggedModel (tag ``nemoforge.model_id``)
-        and carries its digest (tag ``nemoforge.sha256``). Works with a SQLite or server-backed registry.
+        ``s3://`` prefix in the artifact store, servable from there), relative to a local ``artifact_root``.
+        When a stage logged that URI as its output model, the version is linked to that stage run and
+        LoggedModel (tag ``nemoforge.model_id``) and carries its digest (tag ``nemoforge.sha256``). Works with
+        a SQLite or server-backed registry.
 
         Args:
             name: registered model name (created when missing).
@@ -54,6 +73,7 @@ class Registry:
             if not path.exists():
                 raise InputNotFoundError(f"model {model_uri} does not exist: nothing to register as {name}")
             model_uri = str(path.resolve())
+        model_uri = relative_uri(model_uri, self.artifact_root)
         client = self.client
         try:
             client.create_registered_model(name)
@@ -87,7 +107,8 @@ class Registry:
     def aliased_source(self, name: str, alias: str) -> tuple[int, str, dict[str, str]] | None:
         """``(version, source, tags)`` of the version that ``alias`` of ``name`` points at; None when there is none.
 
-        ``source`` is the model URI the version was registered from (:meth:`register_model`).
+        ``source`` is the model URI the version was registered from (:meth:`register_model`), resolved against
+        ``artifact_root``.
         """
         try:
             version = self.client.get_model_version_by_alias(name, alias)
@@ -95,7 +116,7 @@ class Registry:
             if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
                 return None
             raise
-        return int(version.version), version.source, dict(version.tags)
+        return int(version.version), self._source(version), dict(version.tags)
 
     def champions(self) -> list[tuple[str, int, dict[str, str]]]:
         """``(name, version, tags)`` of every registered model's ``champion`` version, by name."""
@@ -107,7 +128,8 @@ class Registry:
         return found
 
     def registered_model_source(self, uri: str) -> str:
-        """The store URI behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the version's source).
+        """The store URI behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the version's source, resolved
+        against ``artifact_root``).
 
         Raises:
             InputNotFoundError: the name, alias or version is not in the registry.
@@ -125,4 +147,8 @@ class Registry:
             raise InputNotFoundError(
                 f"{uri} is not in the model registry at {self.tracking_uri}: {err.message}"
             ) from None
-        return version.tags.get(TAG_MODEL_URI) or version.source
+        return self._source(version)
+
+    def _source(self, version: ModelVersion) -> str:
+        """Where a version's weights are: its ``nemoforge.model_uri`` tag (else its source), resolved."""
+        return resolve_uri(version.tags.get(TAG_MODEL_URI) or version.source, self.artifact_root)

@@ -11,7 +11,10 @@ records the resolved recipe (``recipe.json``), its settings as params (its own r
 (``log_input`` with the dataset's sha256 and source URI), metrics with steps, plots, its output URIs and
 digests (tags ``nemoforge.output.<name>``, ``nemoforge.digest.<name>``), and its output model as an
 external MLflow 3 LoggedModel: the weights stay in the artifact store; MLflow holds the URI and digest,
-and the registry's model versions point at that URI (:mod:`nemoforge.lineage.registry`).
+and the registry's model versions point at that URI (:mod:`nemoforge.lineage.registry`). Store URIs in params,
+tags and LoggedModels are relative to a local artifact root (:func:`~nemoforge.artifacts.relative_uri`), so a moved or
+copied workdir keeps its lineage; MLflow's own artifact locations (``mlruns/``, where ``recipe.json`` and plots go)
+stay absolute, as MLflow makes them.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from mlflow.entities import (
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL, MLFLOW_PARENT_RUN_ID
 
+from nemoforge.artifacts import relative_uri
 from nemoforge.config import Recipe
 from nemoforge.errors import InputNotFoundError, NemoforgeError, RecipeError
 from nemoforge.lineage.client import (
@@ -132,17 +136,20 @@ class Lineage:
         tracking_uri: MLflow tracking (and registry) URI; the embedded default is ``sqlite:///<workdir>/mlflow.db``
             (None: MLflow's default).
         experiment: experiment name (created on first write, see :meth:`ensure_experiment`).
+        artifact_root: the artifact root in use (``storage.artifact_root``): store URIs under a local root are
+            recorded relative to it and resolved against it when read (:func:`pipeline_status`). None: as they are.
     """
 
-    def __init__(self, tracking_uri: str | None, experiment: str):
+    def __init__(self, tracking_uri: str | None, experiment: str, artifact_root: str | None = None):
         self.tracking_uri = tracking_uri
         self.experiment = experiment
+        self.artifact_root = artifact_root
         self.client = open_client(tracking_uri)
 
     @classmethod
     def for_recipe(cls, recipe: Recipe) -> Lineage:
-        """The experiment that ``recipe.tracking`` names."""
-        return cls(recipe.tracking.mlflow_uri, recipe.tracking.experiment)
+        """The experiment that ``recipe.tracking`` names, with the recipe's artifact root."""
+        return cls(recipe.tracking.mlflow_uri, recipe.tracking.experiment, recipe.storage.artifact_root)
 
     def ensure_experiment(self, artifact_location: str | None = None) -> str:
         """The id of the experiment, created when missing.
@@ -181,6 +188,20 @@ class Lineage:
                 artifact_location,
             )
         return experiment.experiment_id
+
+    def moved_artifact_location(self) -> str | None:
+        """Where the experiment keeps its MLflow artifacts, when that is not beside this SQLite store.
+
+        MLflow fixes an experiment's artifact location (``<workdir>/mlruns``) as an absolute path when it creates the
+        experiment, so in a moved or copied workdir the new runs' ``recipe.json`` and plots still go to the old
+        place. None when the location is the default, the store is not SQLite, or the experiment does not exist.
+        """
+        default = default_artifact_location(self.tracking_uri)
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        if default is None or experiment is None:
+            return None
+        location = experiment.artifact_location.removeprefix("file://")
+        return None if location == default else location
 
     def find_parent(self, pipeline_run: str | None) -> Run | None:
         """The parent run of ``pipeline_run`` (the oldest, should two exist), or the newest when None.
@@ -330,7 +351,8 @@ class Lineage:
             pipeline_run: the pipeline run's name (parent run name and tag).
             stage: stage name (``nas``, ``distill``, ``cpt``): the nested run's name.
             recipe: the resolved recipe.
-            input_uris: input URIs by argument name (``{"parent_uri": ..., "corpus_uri": ...}``).
+            input_uris: input URIs by argument name (``{"parent_uri": ..., "corpus_uri": ...}``); the params record
+                them relative to a local artifact root, so a re-run in a moved workdir restarts the same run.
 
         Yields:
             A :class:`StageTracker` for the run.
@@ -341,6 +363,7 @@ class Lineage:
         client = self.client
         parent = self.open_pipeline_run(pipeline_run, recipe)
         experiment_id, parent_id = parent.info.experiment_id, parent.info.run_id
+        input_uris = {name: relative_uri(uri, self.artifact_root) for name, uri in (input_uris or {}).items()}
         params = stage_params(recipe, stage, input_uris)
         config_digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
@@ -373,9 +396,9 @@ class Lineage:
             tags=[RunTag(TAG_ATTEMPTS, str(attempt)), RunTag(TAG_ATTEMPT_START_MS, str(started_ms))],
         )
         client.log_text(run_id, recipe.model_dump_json(indent=2), "recipe.json")
-        self._log_input_models(experiment_id, run_id, input_uris or {})
+        self._log_input_models(experiment_id, run_id, input_uris)
 
-        tracker = StageTracker(client, run_id, experiment_id, parent_id, stage, recipe)
+        tracker = StageTracker(client, run_id, experiment_id, parent_id, stage, recipe, self.artifact_root)
         try:
             yield tracker
         except BaseException as exc:
@@ -396,7 +419,8 @@ class Lineage:
         client.set_terminated(run_id, "FINISHED")
 
     def _log_input_models(self, experiment_id: str, run_id: str, input_uris: Mapping[str, str]) -> None:
-        """Link input URIs that are an earlier stage's output model as model inputs of this run."""
+        """Link input URIs (as stored: :func:`~nemoforge.artifacts.relative_uri`) that are an earlier stage's output
+        model as model inputs of this run."""
         already = {m.model_id for m in self.client.get_run(run_id).inputs.model_inputs}
         models = []
         for uri in input_uris.values():
@@ -425,6 +449,7 @@ class StageTracker:
         parent_run_id: str,
         stage: str,
         recipe: Recipe,
+        artifact_root: str | None,
     ):
         self._client = client
         self.run_id = run_id
@@ -432,6 +457,7 @@ class StageTracker:
         self.parent_run_id = parent_run_id
         self._stage = stage
         self._recipe = recipe
+        self._artifact_root = artifact_root
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         """Log metric points now, stamped with the wall clock: live progress while the stage runs.
@@ -459,20 +485,21 @@ class StageTracker:
         step and value, e.g. live via :meth:`log_metrics` or by an earlier attempt, are not repeated);
         each dataset through ``log_input`` with its digest and source URI; plots as artifacts under
         ``plots/``; outputs and digests as tags; ``outputs["model"]`` as an external LoggedModel that
-        the final metrics are attached to.
+        the final metrics are attached to. Output URIs are recorded relative to a local artifact root.
 
         Raises:
             InputNotFoundError: a plot file does not exist.
             StorageError: an ``s3://`` plot cannot be downloaded.
         """
-        tags = {f"{TAG_OUTPUT}{k}": v for k, v in result.outputs.items()}
+        outputs = {k: relative_uri(v, self._artifact_root) for k, v in result.outputs.items()}
+        tags = {f"{TAG_OUTPUT}{k}": v for k, v in outputs.items()}
         tags.update({f"{TAG_DIGEST}{k}": v for k, v in result.digests.items()})
         tags.update(result.tags)
         self.set_tags(tags)
 
         model_id = None
-        if "model" in result.outputs:
-            model_id = self._log_output_model(result.outputs["model"], result.digests.get("model"))
+        if "model" in outputs:
+            model_id = self._log_output_model(outputs["model"], result.digests.get("model"))
 
         now = now_ms()
         points: dict[str, list[tuple[int, float]]] = {k: list(v) for k, v in result.history.items()}
@@ -493,7 +520,7 @@ class StageTracker:
         self._log_plots(result.plots)
 
     def _log_output_model(self, model_uri: str, digest: str | None) -> str:
-        """Record the output model as an external LoggedModel of this run (once per URI); its id."""
+        """Record the output model (its URI as stored) as an external LoggedModel of this run (once per URI); its id."""
         tags = {TAG_MODEL_URI: model_uri, TAG_STAGE: self._stage}
         if digest:
             tags[TAG_SHA256] = digest

@@ -7,6 +7,7 @@ from typing import Any
 
 from mlflow.entities import Run
 
+from nemoforge.artifacts import resolve_uri
 from nemoforge.config import STAGES
 from nemoforge.lineage.client import (
     TAG_ATTEMPT_START_MS,
@@ -34,9 +35,10 @@ def pipeline_status(lineage: Lineage, pipeline_run: str | None = None) -> list[d
         ``pipeline_state``, ``stage``, ``run_id``, ``state`` (``RUNNING``, ``FINISHED``, ``FAILED``,
         ``KILLED``), ``start_time``/``end_time`` (ISO 8601 UTC of the latest attempt; ``end_time`` None
         while running), ``wall_time_s`` (of that attempt, so far while running), ``metrics`` (latest
-        value of each), ``outputs`` (URIs by name), ``error`` (one line, or None), ``reused`` (the
-        runner's tag ``nemoforge.reused``: the result came from an earlier run), ``gate`` (eval: ``passed`` or
-        ``failed``; None for other stages) and ``gate_failed`` (eval: every failed criterion, one line each).
+        value of each), ``outputs`` (URIs by name, resolved against ``lineage.artifact_root``), ``error``
+        (one line, or None), ``reused`` (the runner's tag ``nemoforge.reused``: the result came from an earlier
+        run), ``gate`` (eval: ``passed`` or ``failed``; None for other stages) and ``gate_failed`` (eval: every
+        failed criterion, one line each).
         Empty when the experiment has no pipeline run yet.
 
     Raises:
@@ -57,7 +59,7 @@ def pipeline_status(lineage: Lineage, pipeline_run: str | None = None) -> list[d
     runs = sorted(
         latest.values(), key=lambda r: (order.get(r.data.tags[TAG_STAGE], len(order)), _attempt_start_ms(r))
     )
-    return [_stage_status(run, parent) for run in runs]
+    return [_stage_status(run, parent, lineage.artifact_root) for run in runs]
 
 
 def pipeline_summary(lineage: Lineage, pipeline_run: str | None = None) -> dict[str, Any] | None:
@@ -100,7 +102,7 @@ def _attempt_start_ms(run: Run) -> int:
     return int(run.data.tags.get(TAG_ATTEMPT_START_MS, run.info.start_time))
 
 
-def _stage_status(run: Run, parent: Run) -> dict[str, Any]:
+def _stage_status(run: Run, parent: Run, artifact_root: str | None) -> dict[str, Any]:
     tags = run.data.tags
     start_ms = _attempt_start_ms(run)
     ended = run.info.status in TERMINAL
@@ -115,7 +117,11 @@ def _stage_status(run: Run, parent: Run) -> dict[str, Any]:
         "end_time": _iso(end_ms),
         "wall_time_s": round(((end_ms or now_ms()) - start_ms) / 1000, 3),
         "metrics": dict(run.data.metrics),
-        "outputs": {k.removeprefix(TAG_OUTPUT): v for k, v in tags.items() if k.startswith(TAG_OUTPUT)},
+        "outputs": {
+            k.removeprefix(TAG_OUTPUT): resolve_uri(v, artifact_root)
+            for k, v in tags.items()
+            if k.startswith(TAG_OUTPUT)
+        },
         "error": tags.get(TAG_ERROR),
         "reused": tags.get("nemoforge.reused") == "true",
         "gate": tags.get("gate"),

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from nemoforge.artifacts import cache_root, digest_path, store_for
+from nemoforge.artifacts import cache_root, digest_path, relative_uri, store_for
 from nemoforge.config import Recipe
 from nemoforge.errors import NemoforgeError
 from nemoforge.runner.index import (
@@ -23,6 +23,7 @@ from nemoforge.runner.index import (
     result_from_json,
     result_to_json,
     step_key,
+    stored_uris,
 )
 from nemoforge.runner.stage_table import stage_entry, stage_key
 from nemoforge.stages.result import StageResult
@@ -131,19 +132,22 @@ def execute_stage(
     with Lineage.for_recipe(recipe).stage_run(run_name, stage, recipe, input_uris=input_uris) as tracker:
         if entry and entry.get("state") == "done":
             result = result_from_json(entry["result"])
-            tracker.set_tags({"nemoforge.reused": "true", "nemoforge.reused_from": entry["output_uri"]})
+            reused_from = relative_uri(entry["output_uri"], store.root_uri)
+            tracker.set_tags({"nemoforge.reused": "true", "nemoforge.reused_from": reused_from})
             if on_output is not None:
                 on_output(None)
         else:
             output_uri = entry["output_uri"] if entry else store.join(run_name, stage)
             index.write(state="running", output_uri=output_uri)
-            tracker.set_tags({"nemoforge.output_uri": output_uri, "nemoforge.step_key": key})
+            stored_output = relative_uri(output_uri, store.root_uri)
+            tracker.set_tags({"nemoforge.output_uri": stored_output, "nemoforge.step_key": key})
             if on_output is not None:
                 on_output(output_uri)
             live = {"on_log": tracker.log_metrics} if spec.trains else {}
             context = spec.context(recipe) if spec.context else {}
             result = spec.run_fn()(recipe, **input_uris, output_uri=output_uri, store=store, **live, **context)
-            store.write_json(f"{output_uri.rstrip('/')}/result.json", result_to_json(result))
+            stored = stored_uris(result_to_json(result), lambda uri: relative_uri(uri, store.root_uri))
+            store.write_json(f"{output_uri.rstrip('/')}/result.json", stored)
             index.write(state="done", output_uri=output_uri, result=result_to_json(result))
         tracker.log_result(result)
     return result, model_ref(result)

@@ -3,7 +3,9 @@
 A step's **key** is the sha256 of its recipe section and its input digests. The store keeps an index
 ``<root>/index/<step>/<key>.json``: ``running`` with the output URI while the step works (a re-run
 after a failure resumes in the same place, from the stage's checkpoints), ``done`` with the
-:class:`~nemoforge.stages.result.StageResult` afterwards (a re-run reuses it instead of recomputing).
+:class:`~nemoforge.stages.result.StageResult` afterwards (a re-run reuses it instead of recomputing). The URIs in a
+record are stored relative to a local store root and resolved against the store in use when read
+(:func:`stored_uris`), so a moved or copied workdir reuses its own outputs.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
-from nemoforge.artifacts import ArtifactStore
+from nemoforge.artifacts import ArtifactStore, relative_uri, resolve_uri
 from nemoforge.stages.result import DatasetRef, StageResult
 
 Ref = dict[str, Any]
@@ -41,18 +44,50 @@ def result_from_json(data: dict[str, Any]) -> StageResult:
     return StageResult(**data)
 
 
+def stored_uris(record: dict[str, Any], convert: Callable[[str], str]) -> dict[str, Any]:
+    """A copy of an index record (or of a result's JSON) with ``convert`` applied to each store URI it holds.
+
+    Those are: a step reference's ``uri``, a stage's ``output_uri``, and its result's ``outputs``, ``plots`` and
+    dataset ``source_uri`` (nothing else in a record is a URI: digests, metrics, tags).
+
+    Args:
+        record: an index record (``ref``, ``output_uri``, ``result``) or a result's JSON (:func:`result_to_json`).
+        convert: :func:`~nemoforge.artifacts.relative_uri` on the way in, :func:`~nemoforge.artifacts.resolve_uri`
+            on the way out, bound to the store's root.
+    """
+    record = dict(record)
+    if "ref" in record:
+        record["ref"] = {**record["ref"], "uri": convert(record["ref"]["uri"])}
+    if "output_uri" in record:
+        record["output_uri"] = convert(record["output_uri"])
+    if "result" in record:
+        record["result"] = stored_uris(record["result"], convert)
+    for name in ("outputs", "plots"):
+        if name in record:
+            record[name] = {k: convert(v) for k, v in record[name].items()}
+    if "datasets" in record:
+        record["datasets"] = [{**d, "source_uri": convert(d["source_uri"])} for d in record["datasets"]]
+    return record
+
+
 class StepIndex:
-    """The ``index/<step>/<key>.json`` records of one store."""
+    """The ``index/<step>/<key>.json`` records of one store, URIs relative to a local root (:func:`stored_uris`)."""
 
     def __init__(self, store: ArtifactStore, step: str, key: str):
         self.store = store
         self.uri = store.join("index", step, f"{key}.json")
 
     def read(self) -> dict[str, Any] | None:
-        return self.store.read_json(self.uri) if self.store.exists(self.uri) else None
+        """The record, its URIs resolved against this store's root; None when there is none."""
+        if not self.store.exists(self.uri):
+            return None
+        root = self.store.root_uri
+        return stored_uris(self.store.read_json(self.uri), lambda uri: resolve_uri(uri, root))
 
     def write(self, **entry: Any) -> None:
-        self.store.write_json(self.uri, entry)
+        """Replace the record with ``entry`` (its URIs stored relative to a local root)."""
+        root = self.store.root_uri
+        self.store.write_json(self.uri, stored_uris(entry, lambda uri: relative_uri(uri, root)))
 
 
 def model_ref(result: StageResult, **extra: Any) -> Ref:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nemoforge.artifacts import store_for
+from nemoforge.artifacts import relative_uri, store_for
 from nemoforge.config import Recipe
 from nemoforge.runner.index import Ref, model_ref
 from nemoforge.stages.result import StageResult
@@ -42,16 +42,16 @@ def register_evaluated_model(
         "nemoforge.pipeline_run": run_name,
         "nemoforge.gate": result.tags.get("gate", "failed"),
         "nemoforge.gate_checks": result.tags.get("gate_checks", ""),
-        "nemoforge.upstream.model": inputs["model"]["uri"],
+        "nemoforge.upstream.model": relative_uri(inputs["model"]["uri"], store.root_uri),
         "nemoforge.upstream.model_sha256": inputs["model"]["digest"],
-        "nemoforge.upstream.parent": inputs["parent"]["uri"],
+        "nemoforge.upstream.parent": relative_uri(inputs["parent"]["uri"], store.root_uri),
         TAG_EVAL_SETTINGS: result.tags.get("eval_settings", ""),
         **{f"{TAG_METRIC}{k}": repr(float(v)) for k, v in result.metrics.items()},
     }
     # the pipeline run's input digests (check_inputs_step): what the next scheduled run compares with
     run_tags = lineage.Lineage.for_recipe(recipe).pipeline_run_tags(run_name)
     tags.update({k: v for k, v in run_tags.items() if k.startswith(lineage.TAG_INPUT_DIGEST)})
-    registry = lineage.Registry(recipe.tracking.mlflow_uri)
+    registry = lineage.Registry.for_recipe(recipe)
     version = registry.register_model(recipe.model.name, result.outputs["model"], aliases=aliases, tags=tags)
     record = {
         "registered_name": recipe.model.name,
@@ -67,15 +67,15 @@ def champion_record(recipe: Recipe) -> dict[str, Any] | None:
     """The current champion of ``recipe.model.name`` as the eval gate compares with it; None when there is none.
 
     Read from the MLflow registry, the one record of the champion: the version alias ``champion`` points at,
-    its source (the model URI), its eval metrics and the digest of the eval settings they were measured under
-    (its tags, :func:`register_evaluated_model`).
+    its source (the model URI, resolved against ``storage.artifact_root``), its eval metrics and the digest of
+    the eval settings they were measured under (its tags, :func:`register_evaluated_model`).
 
     Returns:
         ``{"version", "model_uri", "metrics", "eval_settings"}`` (``eval_settings`` None when not recorded).
     """
     from nemoforge import lineage
 
-    found = lineage.Registry(recipe.tracking.mlflow_uri).aliased_source(recipe.model.name, "champion")
+    found = lineage.Registry.for_recipe(recipe).aliased_source(recipe.model.name, "champion")
     if found is None:
         return None
     version, source, tags = found

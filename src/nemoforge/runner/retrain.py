@@ -81,7 +81,7 @@ def retrain_decision(recipe: Recipe, digests: dict[str, str], force: bool) -> tu
     from nemoforge import lineage
 
     name = recipe.model.name
-    champion = lineage.Registry(recipe.tracking.mlflow_uri).aliased_version(name, "champion")
+    champion = lineage.Registry.for_recipe(recipe).aliased_version(name, "champion")
     if force:
         return True, "forced: retraining whatever the champion's inputs"
     if champion is None:

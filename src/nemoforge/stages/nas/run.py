@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from nemoforge.artifacts import ArtifactStore, digest_path, join_uri
+from nemoforge.artifacts import ArtifactStore, digest_path, join_uri, relative_uri
 from nemoforge.config import NASConfig, Recipe
 from nemoforge.data.corpus import CorpusSplits, load_corpus
 from nemoforge.models.block_configs import count_params, kv_cache_bytes_per_token, summarize
@@ -247,7 +247,7 @@ def _load_inputs(
     key_source = {
         "nas": nas.model_dump(mode="json", exclude={"ffn_fusion"}),
         "dtype": recipe.dtype,
-        "parent": parent_uri,
+        "parent": relative_uri(parent_uri, store.root_uri),  # a moved workdir resumes its phases
         "corpus": corpus.digest,
     }
     phase = _Phase(
