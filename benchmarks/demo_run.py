@@ -28,10 +28,17 @@ def run_fresh(recipe: str, workdir: Path, cache: Path, overrides: list[str], *, 
     return time.perf_counter() - started
 
 
+def stage_rows(status: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of ``nemoforge status --json`` output, one per step: its ``stages`` (a bare list of rows is output
+    from before the status had a head)."""
+    return status if isinstance(status, list) else status["stages"]
+
+
 def stage_status(workdir: Path) -> list[dict[str, Any]]:
-    """``nemoforge status --json`` of the workdir's latest pipeline run: one dict per stage."""
+    """``nemoforge status --json`` of the workdir's latest pipeline run: one dict per step (check-inputs, parent,
+    corpus, then each stage)."""
     out = subprocess.run(
         [sys.executable, "-m", "nemoforge_cli", "status", "--workdir", str(workdir), "--json"],
         check=True, capture_output=True, text=True,
     ).stdout
-    return json.loads(out)
+    return stage_rows(json.loads(out))

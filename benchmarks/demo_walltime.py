@@ -3,8 +3,9 @@
     python benchmarks/demo_walltime.py [--workdir /tmp/nf-bench] [--set KEY=VALUE ...]
 
 Runs `nemoforge run smollm2-135m-demo` in a fresh workdir (the parent conversion cache is kept in
---cache so the one-time wheel download is not counted), then reads the per-stage wall times from MLflow
-through `nemoforge status --json`. Writes benchmarks/results/demo_walltime.json.
+--cache so the one-time wheel download is not counted), then reads the wall time of each step (check-inputs,
+parent, corpus, then each stage) from MLflow through `nemoforge status --json`. Writes
+benchmarks/results/demo_walltime.json.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main() -> None:
         "total_wall_s": round(total_s, 1),
         "stage_wall_s": per_stage,
         "stages_sum_s": round(sum(per_stage.values()), 1),
-        "overhead_s (parent, corpus, kfp.local)": round(total_s - sum(per_stage.values()), 1),
+        "overhead_s (kfp.local: each task's process start and imports)": round(total_s - sum(per_stage.values()), 1),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "demo_walltime.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from demo_run import run_fresh, stage_status
+from demo_run import run_fresh, stage_rows, stage_status
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -215,7 +215,7 @@ def main() -> None:
                    "versions": _versions(), "overrides": args.overrides}
     if args.device_out:
         d = args.device_out
-        rows = json.loads((d / "status.json").read_text())
+        rows = stage_rows(json.loads((d / "status.json").read_text()))
         models = json.loads((d / "models.json").read_text()) if (d / "models.json").is_file() else None
         gsm8k = json.loads((d / "gsm8k.json").read_text()) if (d / "gsm8k.json").is_file() else None
         env_txt = d / "env.txt"

@@ -129,10 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser(
         "status",
-        help="show the latest pipeline run: per stage state, wall time, key metrics, artifact URIs",
-        description="The latest (or --run) pipeline run of the workdir's MLflow store, one row per stage: its "
-        "state (RUNNING, FINISHED, FAILED, KILLED; a reused stage says so), wall time, key metrics (eval: "
-        "toggle compliance, pass@1 and speedup first) and artifact URIs, and the promotion gate's outcome.",
+        help="show the latest pipeline run: per step state, wall time, key metrics, artifact URIs",
+        description="The latest (or --run) pipeline run of the workdir's MLflow store: its state and outcome "
+        "(retrained or skipped, and why), its input digests and each champion; then one row per step (check-inputs, "
+        "parent, corpus, then each stage): its state (RUNNING, FINISHED, FAILED, KILLED; a reused step says so), "
+        "wall time, key metrics (eval: toggle compliance, pass@1 and speedup first) and artifact URIs, and the "
+        "promotion gate's outcome. --json prints the same as one object, the rows under \"stages\".",
     )
     status.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="embedded default's root (%(default)s)")
     status.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<workdir>/mlflow.db)")
@@ -281,7 +283,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     print(f"\nnemoforge: {recipe.name} finished in {time.time() - started:.0f} s")
     registry = lineage.Registry.for_recipe(recipe)
-    _print_status(lineage.pipeline_summary(runs), lineage.pipeline_status(runs), registry.champions())
+    _print_status(status_report(lineage.pipeline_summary(runs), registry.champions(), lineage.pipeline_status(runs)))
     print(f"\nMLflow UI: mlflow ui --backend-store-uri {recipe.tracking.mlflow_uri}")
     return 0
 
@@ -375,6 +377,7 @@ KEY_METRICS = {
     "sft": ("toggle_on_after", "toggle_off_after", "loss_heldout_after"),
     "rl": ("accuracy_heldout_sampled_gain", "accuracy_heldout_gain", "reward_heldout_gain", "reward_heldout_after"),
     "eval": ("toggle_on", "toggle_off", "math_pass1_on", "math_pass1_off", "speedup"),
+    "corpus": ("num_train_sequences", "num_heldout_sequences"),
 }
 """Per stage, the metrics `status` lists first (what the stage is for; eval: the promotion gate's), before the
 rest in name order."""
@@ -390,36 +393,77 @@ def key_metrics(stage: str, metrics: dict[str, float]) -> list[tuple[str, float]
     return [(k, shown[k]) for k in first + rest][:_NUM_STATUS_METRICS]
 
 
-def status_head(summary: dict | None, champions: list[tuple[str, int, dict[str, str]]]) -> list[str]:
-    """The lines above the stage table: the pipeline run's state and outcome, its inputs, each champion."""
-    if summary is None:
+_NO_PIPELINE_RUN = {
+    "pipeline_run": None, "state": None, "outcome": None, "outcome_reason": None, "inputs": {}, "start_time": None,
+    "end_time": None,
+}
+"""The head's fields (:func:`nemoforge.lineage.pipeline_summary`'s) when the experiment has no pipeline run."""
+
+
+def status_report(summary: dict | None, champions: list[tuple[str, int, dict[str, str]]], stages: list[dict]) -> dict:
+    """What `status` shows, as `status --json` prints it: the head, then the rows under ``stages``.
+
+    Args:
+        summary: :func:`nemoforge.lineage.pipeline_summary` (None: no pipeline run yet).
+        champions: :meth:`nemoforge.lineage.Registry.champions`.
+        stages: :func:`nemoforge.lineage.pipeline_status` (the preparation steps, then the stages).
+
+    Returns:
+        The pipeline run's ``pipeline_run``, ``state``, ``outcome`` (``retrain``, ``skipped`` or None),
+        ``outcome_reason``, ``inputs``, ``start_time`` and ``end_time`` (all None when there is no run);
+        ``champions`` (``name``, ``version``, ``pipeline_run`` that registered it, ``model_uri``: the alias URI);
+        and ``stages``.
+    """
+    return {
+        **(summary if summary is not None else _NO_PIPELINE_RUN),
+        "champions": [
+            {"name": name, "version": version, "pipeline_run": tags.get("nemoforge.pipeline_run"),
+             "model_uri": f"models:/{name}@champion"}
+            for name, version, tags in champions
+        ],
+        "stages": stages,
+    }  # fmt: skip
+
+
+def status_head(report: dict) -> list[str]:
+    """The lines above the step table (from :func:`status_report`): the pipeline run's state and outcome, its
+    inputs, each champion."""
+    if report["pipeline_run"] is None:
         return ["no pipeline run found"]
-    outcome = summary.get("outcome") or "not decided yet"
-    if summary.get("outcome_reason"):
-        outcome += f": {summary['outcome_reason']}"
-    lines = [f"pipeline run {summary['pipeline_run']}: {summary['state']}, {outcome}"]
-    if summary.get("inputs"):
-        lines.append("inputs: " + ", ".join(f"{k} {v[:12]}" for k, v in summary["inputs"].items()))
-    for name, version, tags in champions:
-        run = tags.get("nemoforge.pipeline_run", "?")
-        lines.append(f"champion: {name} v{version} (pipeline run {run}; models:/{name}@champion)")
-    if not champions:
+    outcome = report["outcome"] or "not decided yet"
+    if report["outcome_reason"]:
+        outcome += f": {report['outcome_reason']}"
+    lines = [f"pipeline run {report['pipeline_run']}: {report['state']}, {outcome}"]
+    if report["inputs"]:
+        lines.append("inputs: " + ", ".join(f"{k} {v[:12]}" for k, v in report["inputs"].items()))
+    for champion in report["champions"]:
+        lines.append(
+            f"champion: {champion['name']} v{champion['version']} "
+            f"(pipeline run {champion['pipeline_run'] or '?'}; {champion['model_uri']})"
+        )
+    if not report["champions"]:
         lines.append("champion: none yet")
     return lines
 
 
-def _print_status(summary: dict | None, stages: list[dict], champions: list) -> None:
+def _print_status(report: dict) -> None:
+    print("\n".join(status_head(report)))
+    if report["pipeline_run"] is None:
+        return
+    stages = report["stages"]
+    if stages:
+        _print_step_table(report["pipeline_run"], stages)
+    # a skipped run has the check-inputs row alone (a run still preparing its parent or corpus: say nothing yet)
+    if not any(s["stage"] in STAGES for s in stages) and (not stages or report["state"] != "RUNNING"):
+        print("no stage ran in this pipeline run" + (" (skipped)" if report["outcome"] == "skipped" else ""))
+
+
+def _print_step_table(pipeline_run: str, stages: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    print("\n".join(status_head(summary, champions)))
-    if summary is None:
-        return
-    if not stages:
-        print("no stage ran in this pipeline run" + (" (skipped)" if summary.get("outcome") == "skipped" else ""))
-        return
-    table = Table(title=f"pipeline run {stages[0].get('pipeline_run', '')}")
-    for column in ("stage", "state", "wall s", "key metrics", "outputs"):
+    table = Table(title=f"pipeline run {pipeline_run}")
+    for column in ("step", "state", "wall s", "key metrics", "outputs"):
         table.add_column(column, overflow="fold")
     for s in stages:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in key_metrics(s["stage"], s.get("metrics", {})))
@@ -445,14 +489,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise NemoforgeError(f"no runs under {workdir}: run `nemoforge run RECIPE --workdir {args.workdir}` first")
     # the embedded default's artifact root: stored output URIs are relative to it (a moved or copied workdir)
     runs = lineage.Lineage(tracking_uri, args.experiment, str(workdir / "artifacts"))
-    stages = lineage.pipeline_status(runs, args.run_name)
-    order = {name: i for i, name in enumerate(STAGES)}
-    stages.sort(key=lambda s: order.get(s["stage"], len(order)))
+    report = status_report(
+        lineage.pipeline_summary(runs, args.run_name),
+        lineage.Registry(tracking_uri, runs.artifact_root).champions(),
+        lineage.pipeline_status(runs, args.run_name),  # in pipeline order
+    )
     if args.json:
-        print(json.dumps(stages, indent=2, default=str))
+        print(json.dumps(report, indent=2, default=str))
     else:
-        summary = lineage.pipeline_summary(runs, args.run_name)
-        _print_status(summary, stages, lineage.Registry(tracking_uri, runs.artifact_root).champions())
+        _print_status(report)
     return 0
 
 

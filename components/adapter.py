@@ -23,15 +23,13 @@ def _fill(output: Any, ref: dict[str, Any]) -> dict[str, Any]:
     return ref
 
 
-def run_task(
-    step: str, recipe_json: str, run_name: str | None, inputs: dict[str, Any], output: Any
-) -> dict[str, Any]:
+def run_task(step: str, recipe_json: str, run_name: str, inputs: dict[str, Any], output: Any) -> dict[str, Any]:
     """A step in this task's own pod: :func:`nemoforge.runner.execute.run_step`.
 
     Args:
         step: ``parent``, ``corpus``, or a stage (``nas`` ... ``serve``).
         recipe_json: the pipeline's ``recipe_json`` parameter.
-        run_name: the pipeline run's name (None for ``corpus``, which belongs to no run).
+        run_name: the pipeline run's name.
         inputs: the step's KFP input artifacts by name.
         output: the KFP output artifact (``.metadata``, ``.path``).
 

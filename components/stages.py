@@ -26,11 +26,11 @@ def parent(recipe_json: str, run_name: str, parent_model: Output[Model]):
     run_task("parent", recipe_json, run_name, {}, parent_model)
 
 
-def corpus(recipe_json: str, parent_model: Input[Model], corpus: Output[Dataset]):
+def corpus(recipe_json: str, run_name: str, parent_model: Input[Model], corpus: Output[Dataset]):
     """Read or sample the text corpus, tokenize, pack and split it."""
     from nemoforge_components.adapter import run_task
 
-    run_task("corpus", recipe_json, None, {"parent": parent_model}, corpus)
+    run_task("corpus", recipe_json, run_name, {"parent": parent_model}, corpus)
 
 
 def nas(recipe_json: str, run_name: str, parent_model: Input[Model], corpus: Input[Dataset], model: Output[Model]):

@@ -104,7 +104,7 @@ def _stage_tasks(ops: dict[str, Callable], recipe: Recipe, recipe_json: str, run
     cluster = recipe.resources
     parent = _apply_resources(ops["parent"](recipe_json=recipe_json, run_name=run_name), light, cluster)
     parent_model = parent.outputs["parent_model"]
-    corpus_task = ops["corpus"](recipe_json=recipe_json, parent_model=parent_model)
+    corpus_task = ops["corpus"](recipe_json=recipe_json, run_name=run_name, parent_model=parent_model)
     corpus = _apply_resources(corpus_task, cluster.corpus, cluster).outputs["corpus"]
     model = parent_model
     if "nas" in stages:

@@ -266,9 +266,9 @@ def _exported_greedy(recipe, store, model_uri: str) -> dict[str, float]:
 def cmd_rl(args) -> dict:
     import shutil
 
+    from nemoforge.artifacts import store_for
     from nemoforge.config import load_recipe
     from nemoforge.preflight import resolve_recipe
-    from nemoforge.artifacts import store_for
     from nemoforge.stages import rl, sft
 
     workdir = args.workdir.resolve()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from nemoforge.config import Recipe
 from nemoforge.stages.result import StageResult
@@ -106,12 +108,10 @@ def test_status_lists_the_gate_metrics_first_and_fits_the_terminal(tmp_path: Pat
     assert "toggle_on=0.9" in "".join(lines)
 
 
-def test_status_heads_with_the_runs_outcome_inputs_and_champion_also_after_a_skip(
-    tiny_llama_dir: Path, tmp_path: Path, capsys
-):
+def _finished_run_with_champion(tmp_path: Path, model_dir: Path) -> tuple[Recipe, Any]:
+    """Pipeline run ``run-1``, FINISHED: retrained (no champion yet), eval passed, v1 registered as champion."""
     from nemoforge import lineage
     from nemoforge.runner.register import register_evaluated_model
-    from nemoforge_cli.main import main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     recipe = Recipe(name="test", tracking={"mlflow_uri": uri}, storage={"artifact_root": str(tmp_path / "store")})
@@ -123,8 +123,30 @@ def test_status_heads_with_the_runs_outcome_inputs_and_champion_also_after_a_ski
         tracker.log_result(StageResult(metrics={"speedup": 1.5, "toggle_on": 1.0, "a_metric": 0.0},
                                        tags={"gate": "passed", "gate_checks": "ok: all"}))
     inputs = {"model": {"uri": "/m/rl", "digest": "d"}, "parent": {"uri": "/m/parent", "digest": "p"}}
-    register_evaluated_model(recipe, "run-1", _result(tmp_path, tiny_llama_dir, "run-1", "passed", 0.5), inputs)
+    register_evaluated_model(recipe, "run-1", _result(tmp_path, model_dir, "run-1", "passed", 0.5), inputs)
     runs.finish_pipeline_run("run-1", "FINISHED")
+    return recipe, runs
+
+
+def _skipped_run(runs: Any, recipe: Recipe) -> str:
+    """Pipeline run ``run-2``, FINISHED: its check-inputs step found the inputs unchanged since run-1's champion and
+    skipped the rest; the reason."""
+    from nemoforge import lineage
+
+    reason = f"inputs unchanged since champion {recipe.model.name} v1 (pipeline run run-1)"
+    with runs.stage_run("run-2", "check-inputs", recipe):
+        runs.set_pipeline_tags("run-2", {lineage.TAG_OUTCOME: "skipped", "nemoforge.outcome_reason": reason})
+    runs.finish_pipeline_run("run-2", "FINISHED")
+    return reason
+
+
+def test_status_heads_with_the_runs_outcome_inputs_and_champion_also_after_a_skip(
+    tiny_llama_dir: Path, tmp_path: Path, capsys, monkeypatch
+):
+    from nemoforge_cli.main import main
+
+    monkeypatch.setenv("COLUMNS", "160")
+    recipe, runs = _finished_run_with_champion(tmp_path, tiny_llama_dir)
     capsys.readouterr()
     assert main(["status", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -132,11 +154,54 @@ def test_status_heads_with_the_runs_outcome_inputs_and_champion_also_after_a_ski
     assert f"champion: {recipe.model.name} v1 (pipeline run run-1; models:/{recipe.model.name}@champion)" in out
     assert out.index("toggle_on=1") < out.index("speedup=1.5") < out.index("a_metric=0")  # the stage's figures first
 
-    reason = f"inputs unchanged since champion {recipe.model.name} v1 (pipeline run run-1)"
-    runs.open_pipeline_run("run-2", recipe)
-    runs.set_pipeline_tags("run-2", {lineage.TAG_OUTCOME: "skipped", "nemoforge.outcome_reason": reason})
-    runs.finish_pipeline_run("run-2", "FINISHED")
+    reason = _skipped_run(runs, recipe)
     assert main(["status", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"pipeline run run-2: FINISHED, skipped: {reason}\n")
     assert "no stage ran in this pipeline run (skipped)" in out and "champion: " in out
+    assert "│ check-inputs │ FINISHED" in out  # the step that decided, in the table
+
+
+def test_status_json_heads_with_what_the_text_says_above_the_table(tiny_llama_dir: Path, tmp_path: Path, capsys):
+    """Issue 15 §5: `status --json` is one object: the pipeline run's state, outcome and its reason, inputs and
+    champions (the text's head), and the step rows under "stages"; also after a skip and with no run at all."""
+    from nemoforge_cli.main import main
+
+    def status(*args: str) -> tuple[str, dict]:
+        capsys.readouterr()
+        assert main(["status", "--workdir", str(tmp_path), *args]) == 0
+        text = capsys.readouterr().out
+        assert main(["status", "--workdir", str(tmp_path), "--json", *args]) == 0
+        return text, json.loads(capsys.readouterr().out)
+
+    recipe, runs = _finished_run_with_champion(tmp_path, tiny_llama_dir)
+    name = recipe.model.name
+    champions = [{"name": name, "version": 1, "pipeline_run": "run-1", "model_uri": f"models:/{name}@champion"}]
+    text, report = status()
+    assert list(report) == ["pipeline_run", "state", "outcome", "outcome_reason", "inputs", "start_time", "end_time",
+                            "champions", "stages"]
+    assert (report["pipeline_run"], report["state"], report["outcome"], report["outcome_reason"]) == (
+        "run-1", "FINISHED", "retrain", "no champion yet")
+    assert report["inputs"] == {"corpus": "c" * 64} and report["champions"] == champions
+    assert report["start_time"] <= report["end_time"]
+    assert text.startswith(
+        f"pipeline run {report['pipeline_run']}: {report['state']}, {report['outcome']}: {report['outcome_reason']}\n"
+        f"inputs: corpus {report['inputs']['corpus'][:12]}\n"
+        f"champion: {name} v1 (pipeline run run-1; models:/{name}@champion)\n"
+    )
+    [row] = report["stages"]
+    assert row["stage"] == "eval" and row["gate"] == "passed" and row["metrics"]["toggle_on"] == 1.0
+
+    reason = _skipped_run(runs, recipe)
+    text, report = status()
+    assert (report["pipeline_run"], report["state"], report["outcome"], report["outcome_reason"]) == (
+        "run-2", "FINISHED", "skipped", reason)
+    assert [s["stage"] for s in report["stages"]] == ["check-inputs"] and report["champions"] == champions
+    assert text.startswith(f"pipeline run run-2: FINISHED, skipped: {reason}\n")
+    _, report = status("--run", "run-1")
+    assert report["pipeline_run"] == "run-1" and [s["stage"] for s in report["stages"]] == ["eval"]
+
+    text, report = status("--experiment", "no-runs-yet")
+    assert text == "no pipeline run found\n"
+    assert report == {"pipeline_run": None, "state": None, "outcome": None, "outcome_reason": None, "inputs": {},
+                      "start_time": None, "end_time": None, "champions": champions, "stages": []}

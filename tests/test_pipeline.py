@@ -184,7 +184,7 @@ def test_local_run_end_to_end_then_skip_unchanged_then_force_reuses(
     assert first.data.tags["nemoforge.outcome"] == "retrain"
     assert first.data.tags["nemoforge.outcome_reason"] == "no champion of smollm2-135m-child in the registry yet"
     stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
-    assert set(stages) == {"nas", "distill", "cpt", "eval"}
+    assert set(stages) == {"check-inputs", "parent", "corpus", "nas", "distill", "cpt", "eval"}
     assert all(r.info.status == "FINISHED" for r in stages.values())
     # a random tiny parent gives its nas child a KL of ~1e-3 that 4 steps cannot move reliably;
     # tests/test_distill.py asserts the fall on a teacher with a measurable KL
@@ -205,7 +205,11 @@ def test_local_run_end_to_end_then_skip_unchanged_then_force_reuses(
 
     capsys.readouterr()
     assert main(["status", "--workdir", str(workdir), "--json"]) == 0
-    status = {s["stage"]: s for s in json.loads(capsys.readouterr().out)}
+    report = json.loads(capsys.readouterr().out)
+    assert (report["pipeline_run"], report["state"], report["outcome"]) == (first.info.run_name, "FINISHED", "retrain")
+    status = {s["stage"]: s for s in report["stages"]}
+    assert list(status) == ["check-inputs", "parent", "corpus", "nas", "distill", "cpt", "eval"]
+    assert status["corpus"]["metrics"]["num_train_sequences"] > 0
     child_uri = status["cpt"]["outputs"]["model"]
     assert Path(child_uri).is_dir()
     child = AutoModelForCausalLM.from_pretrained(child_uri, trust_remote_code=True)
@@ -220,7 +224,8 @@ def test_local_run_end_to_end_then_skip_unchanged_then_force_reuses(
     assert main(args) == 0
     out = capsys.readouterr().out
     skipped, children = newest_parent_and_children()
-    assert skipped.info.run_id != first.info.run_id and children == []  # no nas, distill, cpt or eval run
+    assert skipped.info.run_id != first.info.run_id
+    assert [r.info.run_name for r in children] == ["check-inputs"]  # no parent, corpus, nas, distill, cpt or eval run
     assert skipped.info.status == "FINISHED" and skipped.data.tags["nemoforge.outcome"] == "skipped"
     reason = f"inputs unchanged since champion smollm2-135m-child v1 (pipeline run {first.info.run_name})"
     assert skipped.data.tags["nemoforge.outcome_reason"] == reason
@@ -240,8 +245,8 @@ def test_local_run_end_to_end_then_skip_unchanged_then_force_reuses(
     forced, children = newest_parent_and_children()
     assert forced.data.tags["nemoforge.outcome"] == "retrain"
     assert forced.data.tags["nemoforge.outcome_reason"] == "forced: retraining whatever the champion's inputs"
-    assert {r.info.run_name for r in children} == {"nas", "distill", "cpt", "eval"}
-    assert all(r.data.tags.get("nemoforge.reused") == "true" for r in children)
+    assert {r.info.run_name for r in children} == {"check-inputs", "parent", "corpus", "nas", "distill", "cpt", "eval"}
+    assert all(r.data.tags.get("nemoforge.reused") == "true" for r in children if r.info.run_name != "check-inputs")
     assert [int(v.version) for v in client.search_model_versions("name='smollm2-135m-child'")] == [1]
     mlflow.set_tracking_uri("")  # leave no global tracking state behind
 

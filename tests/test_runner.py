@@ -71,3 +71,56 @@ def test_stage_key_of_a_reasoning_stage_covers_its_data_and_sft():
         assert {s for s in ("cpt", "sft", "rl", "eval")
                 if stage_key(base, s, inputs) != stage_key(changed, s, inputs)} == moved, change
     assert stage_key(base, "cpt", inputs) == step_key("cpt", base.cpt, inputs)
+
+
+def test_preparation_steps_are_runs_of_the_pipeline_run_and_rows_of_status(
+    tiny_llama_dir, shared_dir, tmp_path, monkeypatch, capsys
+):
+    """Issue 15 §5: check-inputs, parent and corpus each get a run under the pipeline run (state, wall time, output),
+    so `nemoforge status` lists them above the stages; a later pipeline run shows parent and corpus reused."""
+    import json
+
+    from nemoforge import lineage
+    from nemoforge.preflight import resolve_recipe
+    from nemoforge.runner.execute import run_step
+    from nemoforge.runner.retrain import check_inputs_step
+    from nemoforge_cli.main import main
+
+    monkeypatch.setenv("NEMOFORGE_CACHE", str(tmp_path / "cache"))
+    corpus = shared_dir / "data" / "corpus" / "tinyshakespeare.txt"
+    overrides = ["model.parent.source=hf-dir", f"model.parent.path={tiny_llama_dir}", f"data.corpus_uri={corpus}",
+                 "data.seq_len_tokens=64", "data.max_sequences=24"]
+    workdir = tmp_path / "work"
+    recipe = resolve_recipe(load_recipe("smollm2-135m-demo", overrides), workdir)
+    refs = {}
+    for run_name in ("run-1", "run-2"):
+        assert check_inputs_step(recipe, run_name, force=False) == "run"  # no champion yet
+        refs["parent"] = run_step("parent", recipe, run_name, {})
+        refs["corpus"] = run_step("corpus", recipe, run_name, {"parent": refs["parent"]})
+        lineage.Lineage.for_recipe(recipe).finish_pipeline_run(run_name, "FINISHED")
+
+    runs = lineage.Lineage.for_recipe(recipe)
+    first = lineage.pipeline_status(runs, "run-1")
+    assert [s["stage"] for s in first] == ["check-inputs", "parent", "corpus"]
+    assert [(s["state"], s["reused"], s["error"]) for s in first] == [("FINISHED", False, None)] * 3
+    assert all(0 <= s["wall_time_s"] < 300 and s["start_time"] <= s["end_time"] for s in first)
+    assert first[1]["outputs"] == {"parent": refs["parent"]["uri"]}
+    assert first[2]["outputs"] == {"corpus": refs["corpus"]["uri"]}
+    num_train, num_heldout = (first[2]["metrics"][f"num_{k}_sequences"] for k in ("train", "heldout"))
+    assert num_train > 0 and num_heldout > 0 and num_train + num_heldout == 24
+
+    second = lineage.pipeline_status(runs)  # the newest pipeline run: run-2
+    assert [(s["pipeline_run"], s["stage"], s["reused"]) for s in second] == [
+        ("run-2", "check-inputs", False), ("run-2", "parent", True), ("run-2", "corpus", True)]
+    assert second[2]["metrics"]["num_train_sequences"] == num_train  # the reused step's figures come along
+    assert second[0]["run_id"] != first[0]["run_id"]
+
+    monkeypatch.setenv("COLUMNS", "200")
+    capsys.readouterr()
+    assert main(["status", "--workdir", str(workdir)]) == 0
+    table = capsys.readouterr().out.split("pipeline run run-2", 2)[2]  # after the head, the table's title
+    rows = [line for line in table.splitlines() if line.startswith("│ ") and line.split("│")[1].strip()]
+    assert [row.split("│")[1].strip() for row in rows] == ["check-inputs", "parent", "corpus"]
+    assert "FINISHED (reused)" in rows[1] and "FINISHED (reused)" in rows[2] and "num_train_sequences=" in rows[2]
+    assert main(["status", "--workdir", str(workdir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"] == json.loads(json.dumps(second, default=str))

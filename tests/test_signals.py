@@ -89,7 +89,10 @@ def test_signal_stops_the_process_tree_and_marks_the_runs_killed(
     assert in_session == []
 
     assert main(["status", "--workdir", str(workdir), "--json"]) == 0
-    stages = {s["stage"]: s for s in json.loads(capsys.readouterr().out)}
+    report = json.loads(capsys.readouterr().out)
+    assert report["state"] == "KILLED" and report["outcome"] == "retrain"
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert list(stages) == ["check-inputs", "parent", "corpus", "cpt"]
     assert stages["cpt"]["state"] == "KILLED" and stages["cpt"]["pipeline_state"] == "KILLED"
     assert stages["cpt"]["error"] == f"stopped by {name}"
     assert stages["cpt"]["metrics"]["loss"] > 0  # what it logged before the signal stays
@@ -97,7 +100,7 @@ def test_signal_stops_the_process_tree_and_marks_the_runs_killed(
     ended = stages["cpt"]["wall_time_s"]
     time.sleep(1.5)
     assert main(["status", "--workdir", str(workdir), "--json"]) == 0
-    again = {s["stage"]: s for s in json.loads(capsys.readouterr().out)}
+    again = {s["stage"]: s for s in json.loads(capsys.readouterr().out)["stages"]}
     assert again["cpt"]["wall_time_s"] == ended  # an ended run's wall time no longer grows
 
 

@@ -37,6 +37,9 @@ ReasoningMode = Annotated[Literal["on", "off"], BeforeValidator(_on_off)]
 
 STAGES = ("nas", "distill", "cpt", "sft", "rl", "eval", "serve")
 """Pipeline stages in order; one name per stage everywhere (package, component, task, MLflow run)."""
+PREPARATION_STEPS = ("check-inputs", "parent", "corpus")
+"""The pipeline's tasks before the stages, in order: each is a KFP task and an MLflow run of that name under the
+pipeline run, so ``nemoforge status`` lists them above the stages."""
 
 
 class _Section(BaseModel):

@@ -1,6 +1,9 @@
 """The run hierarchy of one MLflow experiment: a parent run per pipeline run, a nested run per stage.
 
     <pipeline_run>            parent run, tags nemoforge.kind=pipeline, nemoforge.pipeline_run=<name>
+      ├─ check-inputs         the preparation steps (config.PREPARATION_STEPS) are nested runs as the stages are
+      ├─ parent
+      ├─ corpus
       ├─ nas                  nested run (tag mlflow.parentRunId), tags nemoforge.kind=stage, nemoforge.stage=nas
       ├─ distill
       └─ cpt
@@ -109,14 +112,15 @@ def stage_params(recipe: Recipe, stage: str, input_uris: Mapping[str, str] | Non
     """The params a stage run records: what the stage reads from the recipe, and its inputs.
 
     Returns:
-        ``seed``, ``dtype``, ``data.*``, ``<stage>.*`` (when the recipe has a section of that name)
-        and ``input.<name>`` per input URI, as strings.
+        ``seed``, ``dtype``, ``data.*``, ``<stage>.*`` (when the recipe has a section of that name; the
+        ``parent`` step: ``model.*``) and ``input.<name>`` per input URI, as strings.
     """
     resolved = recipe.model_dump(mode="json")
     params = {"seed": _param_value(resolved["seed"]), "dtype": _param_value(resolved["dtype"])}
     params.update(_flatten({"data": resolved["data"]}))
-    if isinstance(resolved.get(stage), dict):
-        params.update(_flatten({stage: resolved[stage]}))
+    section = "model" if stage == "parent" else stage  # the parent step converts recipe.model.parent
+    if isinstance(resolved.get(section), dict):
+        params.update(_flatten({section: resolved[section]}))
     params.update({f"input.{name}": uri for name, uri in (input_uris or {}).items()})
     for key, value in params.items():
         if len(value) > MAX_PARAM_CHARS:

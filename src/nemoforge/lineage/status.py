@@ -8,7 +8,7 @@ from typing import Any
 from mlflow.entities import Run
 
 from nemoforge.artifacts import resolve_uri
-from nemoforge.config import STAGES
+from nemoforge.config import PREPARATION_STEPS, STAGES
 from nemoforge.lineage.client import (
     TAG_ATTEMPT_START_MS,
     TAG_ERROR,
@@ -24,16 +24,16 @@ from nemoforge.lineage.runs import Lineage
 
 
 def pipeline_status(lineage: Lineage, pipeline_run: str | None = None) -> list[dict[str, Any]]:
-    """The stages of a pipeline run, for ``nemoforge status``.
+    """The steps of a pipeline run, for ``nemoforge status``: the preparation steps, then the stages.
 
     Args:
         lineage: the experiment's runs.
         pipeline_run: a pipeline run's name; None: the most recently started one.
 
     Returns:
-        One dict per stage, in pipeline order (the latest attempt of each): ``pipeline_run``,
-        ``pipeline_state``, ``stage``, ``run_id``, ``state`` (``RUNNING``, ``FINISHED``, ``FAILED``,
-        ``KILLED``), ``start_time``/``end_time`` (ISO 8601 UTC of the latest attempt; ``end_time`` None
+        One dict per step that has a run, in pipeline order (``check-inputs``, ``parent``, ``corpus``, then the
+        stages; the latest attempt of each): ``pipeline_run``, ``pipeline_state``, ``stage`` (the step's name),
+        ``run_id``, ``state`` (``RUNNING``, ``FINISHED``, ``FAILED``, ``KILLED``), ``start_time``/``end_time`` (ISO 8601 UTC of the latest attempt; ``end_time`` None
         while running), ``wall_time_s`` (of that attempt, so far while running), ``metrics`` (latest
         value of each), ``outputs`` (URIs by name, resolved against ``lineage.artifact_root``), ``error``
         (one line, or None), ``reused`` (the runner's tag ``nemoforge.reused``: the result came from an earlier
@@ -55,7 +55,7 @@ def pipeline_status(lineage: Lineage, pipeline_run: str | None = None) -> list[d
         stage = run.data.tags[TAG_STAGE]
         if stage not in latest or _attempt_start_ms(run) >= _attempt_start_ms(latest[stage]):
             latest[stage] = run
-    order = {name: i for i, name in enumerate(STAGES)}
+    order = {name: i for i, name in enumerate((*PREPARATION_STEPS, *STAGES))}
     runs = sorted(
         latest.values(), key=lambda r: (order.get(r.data.tags[TAG_STAGE], len(order)), _attempt_start_ms(r))
     )

@@ -30,27 +30,65 @@ from nemoforge.stages.result import StageResult
 
 
 # ------------------------------------------------------------------------------------ preparation
-def prepare_parent_step(recipe: Recipe, run_name: str) -> Ref:
-    """Open the pipeline's MLflow parent run; convert the parent once and place it in the store.
+def _preparation_step(
+    recipe: Recipe,
+    run_name: str,
+    step: str,
+    key: str,
+    inputs: dict[str, Ref],
+    prepare: Callable[[], tuple[Ref, dict[str, float]]],
+) -> Ref:
+    """A preparation step in its own MLflow run under the pipeline run: reuse its reference by key, else prepare it.
 
-    The conversion is reused by key on later runs.
+    The run (named ``step``, as a stage's is) records the output's URI and digest (tags ``nemoforge.output.<step>``,
+    ``nemoforge.digest.<step>``), the step's metrics, its wall time and, when the step index already held the
+    result, ``nemoforge.reused``: ``nemoforge status`` lists it beside the stages.
+
+    Args:
+        recipe: the resolved recipe.
+        run_name: the pipeline run (the MLflow parent run's name).
+        step: ``parent`` or ``corpus``.
+        key: the step's key in the step index.
+        inputs: upstream references by name, recorded as the run's input URIs.
+        prepare: does the work; returns the reference and the metrics to record (also on later reuse).
     """
     from nemoforge.lineage import Lineage
+
+    store = store_for(recipe)
+    index = StepIndex(store, step, key)
+    input_uris = {f"{name}_uri": ref["uri"] for name, ref in inputs.items()}
+    with Lineage.for_recipe(recipe).stage_run(run_name, step, recipe, input_uris=input_uris) as tracker:
+        entry = index.read()
+        reused = bool(entry and entry.get("state") == "done" and store.exists(entry["ref"]["uri"]))
+        if reused:
+            ref, metrics = entry["ref"], entry.get("metrics", {})
+        else:
+            ref, metrics = prepare()
+            index.write(state="done", ref=ref, metrics=metrics)
+        tracker.log_result(
+            StageResult(
+                metrics=metrics,
+                outputs={step: ref["uri"]},
+                digests={step: ref["digest"]},
+                tags={"nemoforge.reused": "true"} if reused else {},
+            )
+        )
+    return ref
+
+
+def prepare_parent_step(recipe: Recipe, run_name: str) -> Ref:
+    """Convert the parent once and place it in the store (reused by key on later runs), in MLflow run ``parent``."""
     from nemoforge.models.parent import prepare_parent
 
-    Lineage.for_recipe(recipe).open_pipeline_run(run_name, recipe)
-    store = store_for(recipe)
     key = step_key("parent", recipe.model.parent, {})
-    index = StepIndex(store, "parent", key)
-    entry = index.read()
-    if entry and entry.get("state") == "done" and store.exists(entry["ref"]["uri"]):
-        return entry["ref"]
-    local_dir = prepare_parent(recipe.model.parent, cache_root() / "parent")
-    uri = store.join("models", f"parent-{key[:12]}")
-    store.put(local_dir, uri)
-    ref = {"uri": uri, "digest": digest_path(local_dir), "source": recipe.model.parent.source}
-    index.write(state="done", ref=ref)
-    return ref
+
+    def prepare() -> tuple[Ref, dict[str, float]]:
+        store = store_for(recipe)
+        local_dir = prepare_parent(recipe.model.parent, cache_root() / "parent")
+        uri = store.put(local_dir, store.join("models", f"parent-{key[:12]}"))
+        return {"uri": uri, "digest": digest_path(local_dir), "source": recipe.model.parent.source}, {}
+
+    return _preparation_step(recipe, run_name, "parent", key, {}, prepare)
 
 
 CORPUS_FIELDS = frozenset(
@@ -65,35 +103,38 @@ def corpus_key(recipe: Recipe, inputs: dict[str, Ref]) -> str:
     return step_key("corpus", section, inputs)
 
 
-def prepare_corpus_step(recipe: Recipe, parent: Ref) -> Ref:
-    """Read (or sample from the parent), tokenize, pack and split the corpus; reused by key."""
+def prepare_corpus_step(recipe: Recipe, run_name: str, parent: Ref) -> Ref:
+    """Read (or sample from the parent), tokenize, pack and split the corpus (reused by key), in MLflow run ``corpus``.
+
+    The run's metrics: ``num_train_sequences`` and ``num_heldout_sequences`` (packed rows of
+    ``data.seq_len_tokens`` tokens).
+    """
     from transformers import AutoTokenizer
 
     from nemoforge.data.corpus import prepare_corpus
 
-    store = store_for(recipe)
-    inputs = {"parent": parent} if recipe.data.corpus_uri is None else {}
-    key = corpus_key(recipe, inputs)
-    index = StepIndex(store, "corpus", key)
-    entry = index.read()
-    if entry and entry.get("state") == "done" and store.exists(entry["ref"]["uri"]):
-        return entry["ref"]
-    parent_dir = store.fetch(parent["uri"])
-    tokenizer = AutoTokenizer.from_pretrained(parent_dir)
-    out_dir = cache_root() / "corpus" / key[:16]
-    splits = prepare_corpus(
-        recipe.data,
-        tokenizer=tokenizer,
-        parent_dir=parent_dir,
-        out_dir=out_dir,
-        seed=recipe.seed,
-        store=store,
-    )
-    uri = store.join("corpus", key[:16])
-    store.put(out_dir, uri)
-    ref = {"uri": uri, "digest": splits.digest, "source_uri": splits.source_uri}
-    index.write(state="done", ref=ref)
-    return ref
+    key = corpus_key(recipe, {"parent": parent} if recipe.data.corpus_uri is None else {})
+
+    def prepare() -> tuple[Ref, dict[str, float]]:
+        store = store_for(recipe)
+        parent_dir = store.fetch(parent["uri"])
+        out_dir = cache_root() / "corpus" / key[:16]
+        splits = prepare_corpus(
+            recipe.data,
+            tokenizer=AutoTokenizer.from_pretrained(parent_dir),
+            parent_dir=parent_dir,
+            out_dir=out_dir,
+            seed=recipe.seed,
+            store=store,
+        )
+        uri = store.put(out_dir, store.join("corpus", key[:16]))
+        metrics = {
+            "num_train_sequences": float(splits.train_ids_NT.shape[0]),
+            "num_heldout_sequences": float(splits.heldout_ids_NT.shape[0]),
+        }
+        return {"uri": uri, "digest": splits.digest, "source_uri": splits.source_uri}, metrics
+
+    return _preparation_step(recipe, run_name, "corpus", key, {"parent": parent}, prepare)
 
 
 def execute_stage(
@@ -166,13 +207,13 @@ def join_stage(stage: str, recipe: Recipe, inputs: dict[str, Ref], output_uri: s
     return spec.run_fn()(recipe, **input_uris, output_uri=output_uri, store=store_for(recipe), **context)
 
 
-def run_step(step: str, recipe: Recipe, run_name: str | None, inputs: dict[str, Ref]) -> Ref:
+def run_step(step: str, recipe: Recipe, run_name: str, inputs: dict[str, Ref]) -> Ref:
     """Run one pipeline step and return the reference its task outputs.
 
     Args:
         step: ``parent``, ``corpus``, or a stage of :data:`~nemoforge.runner.stage_table.STAGE_TABLE`.
         recipe: the resolved recipe (the pipeline's ``recipe_json``).
-        run_name: the pipeline run's name (None for ``corpus``, which belongs to no run).
+        run_name: the pipeline run's name (its MLflow parent run, under which the step's run goes).
         inputs: the upstream references by name (``parent``, ``model``, ``corpus``).
 
     Returns:
@@ -182,7 +223,7 @@ def run_step(step: str, recipe: Recipe, run_name: str | None, inputs: dict[str, 
     if step == "parent":
         return prepare_parent_step(recipe, run_name)
     if step == "corpus":
-        return prepare_corpus_step(recipe, inputs["parent"])
+        return prepare_corpus_step(recipe, run_name, inputs["parent"])
     result, _ = execute_stage(step, recipe, run_name, inputs)
     return stage_entry(step).output(recipe, run_name, result, inputs)
 

@@ -101,24 +101,26 @@ OWNER_ENV = "NEMOFORGE_OWNER"
 def check_inputs_step(recipe: Recipe, run_name: str, force: bool) -> str:
     """The pipeline's first task: record the input digests on the parent run and decide whether to run.
 
-    Opens the MLflow parent run and tags it with ``nemoforge.input_digest.<input>``, ``nemoforge.outcome``
-    (``retrain`` or ``skipped``), ``nemoforge.outcome_reason`` and, under ``nemoforge run``, ``nemoforge.owner``
-    (``$NEMOFORGE_OWNER``); prints the decision as one line.
+    Opens the MLflow parent run and, inside it, the step's own run ``check-inputs`` (its wall time and, when an
+    input cannot be read, its error: a row of ``nemoforge status``); tags the parent run with
+    ``nemoforge.input_digest.<input>``, ``nemoforge.outcome`` (``retrain`` or ``skipped``),
+    ``nemoforge.outcome_reason`` and, under ``nemoforge run``, ``nemoforge.owner`` (``$NEMOFORGE_OWNER``); prints
+    the decision as one line.
 
     Returns:
         ``"run"`` or ``"skip"`` (the pipeline's later tasks run only on ``"run"``).
     """
     from nemoforge import lineage
 
-    digests = input_digests(recipe)
-    run, reason = retrain_decision(recipe, digests, force)
     runs = lineage.Lineage.for_recipe(recipe)
-    runs.open_pipeline_run(run_name, recipe)
-    tags = {f"{lineage.TAG_INPUT_DIGEST}{k}": v for k, v in digests.items()}
-    tags.update({lineage.TAG_OUTCOME: "retrain" if run else "skipped", "nemoforge.outcome_reason": reason})
-    if OWNER_ENV in os.environ:
-        tags[lineage.TAG_OWNER] = os.environ[OWNER_ENV]
-    runs.set_pipeline_tags(run_name, tags)
+    with runs.stage_run(run_name, "check-inputs", recipe):  # opens the parent run first
+        if OWNER_ENV in os.environ:  # first, so that a run that fails here is still known as this command's
+            runs.set_pipeline_tags(run_name, {lineage.TAG_OWNER: os.environ[OWNER_ENV]})
+        digests = input_digests(recipe)
+        run, reason = retrain_decision(recipe, digests, force)
+        tags = {f"{lineage.TAG_INPUT_DIGEST}{k}": v for k, v in digests.items()}
+        tags.update({lineage.TAG_OUTCOME: "retrain" if run else "skipped", "nemoforge.outcome_reason": reason})
+        runs.set_pipeline_tags(run_name, tags)
     if run:
         print(f"nemoforge: retraining: {reason}", flush=True)
     else:
