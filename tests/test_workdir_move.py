@@ -123,7 +123,7 @@ def test_a_copied_workdir_serves_and_reuses_its_own_files_once_the_original_is_g
 
     # `nemoforge status` shows the copy's files
     assert main(["status", "--workdir", str(copy), "--run", "run-1", "--json"]) == 0
-    (evaluated,) = json.loads(capsys.readouterr().out)
+    (evaluated,) = [row for row in json.loads(capsys.readouterr().out)["stages"] if row["stage"] == "eval"]
     assert evaluated["outputs"]["model"] == str(model_dir)
     assert evaluated["outputs"]["report"] == str(copy / "artifacts" / "run-1" / "eval" / "report.json")
     assert all(Path(uri).exists() for name, uri in evaluated["outputs"].items() if name != "registration")
