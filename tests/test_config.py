@@ -135,6 +135,16 @@ def test_preference_pass_without_its_data_fails_at_validation():
     load_recipe("smollm2-135m-demo", ["rl.preference.enabled=true", "rl.enabled=false"])  # rl off: nothing to check
 
 
+def test_rl_and_eval_without_sft_fail_at_validation():
+    """rl and eval read sft's data output: rl needs sft; eval needs sft or its own problems."""
+    with pytest.raises(RecipeError, match=r"rl.enabled needs sft.enabled: .* enable sft, or set rl.enabled=false"):
+        load_recipe("smollm2-135m-demo", ["sft.enabled=false"])
+    with pytest.raises(RecipeError, match=r"eval.enabled without sft needs data.math_eval_uri .* or enable sft"):
+        load_recipe("smollm2-135m-demo", ["sft.enabled=false", "rl.enabled=false"])
+    load_recipe("smollm2-135m-demo", ["sft.enabled=false", "rl.enabled=false", "data.math_eval_uri=m.jsonl"])
+    load_recipe("smollm2-135m-demo", ["sft.enabled=false", "rl.enabled=false", "eval.enabled=false"])
+
+
 def test_rl_has_no_fields_it_would_ignore():
     """Issue 12 §6: no silent options. rl and its preference pass score no held-out token rows and log no MFU."""
     for key in ("rl.heldout_sequences=4", "rl.peak_flops_per_s=1e12", "rl.preference.heldout_sequences=4"):

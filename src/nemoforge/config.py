@@ -759,6 +759,21 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
+    def _check_sft_handoff(self) -> Recipe:
+        # rl and eval read sft's data split (nemoforge.data.sft_split) as they read its model
+        if self.rl.enabled and not self.sft.enabled:
+            raise ValueError(
+                "rl.enabled needs sft.enabled: rl keeps its prompts apart from sft's data and draws them from sft's "
+                "source (sft's data output); enable sft, or set rl.enabled=false"
+            )
+        if self.eval.enabled and not self.sft.enabled and self.data.math_eval_uri is None:
+            raise ValueError(
+                "eval.enabled without sft needs data.math_eval_uri (JSONL of math problems): eval grades sft's "
+                "held-out split otherwise; set data.math_eval_uri, or enable sft"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_no_credentials(self) -> Recipe:
         # The recipe is logged to MLflow (recipe.json, params), printed in every task log and compiled into
         # the pipeline YAML and TrainJob manifests: a secret in it would land in all of them.

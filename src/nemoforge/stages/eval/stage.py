@@ -48,9 +48,9 @@ from nemoforge.data.reasoning import (
     encode_chat,
     math_problems,
     read_chat_samples,
-    sft_samples,
     toggle_compliant,
 )
+from nemoforge.data.sft_split import read_sft_split
 from nemoforge.errors import NemoforgeError
 from nemoforge.models.generate import left_pad, pad_id
 from nemoforge.rewards import accuracy_reward
@@ -103,20 +103,29 @@ class Measurement:
 
 
 def eval_problems(
-    recipe: Recipe, store: ArtifactStore
+    recipe: Recipe, store: ArtifactStore, data_uri: str | None
 ) -> tuple[list[tuple[str, str]], list[ChatSample], str, int]:
-    """Held-out ``(question, answer)`` problems, their reference chats (for KL), the source name, and how many
+    """Held-out ``(question, answer)`` problems, their reference chats (for KL), the source URI, and how many
     problems were dropped because their reference answer does not parse.
 
-    ``data.math_eval_uri`` when set; otherwise the sft stage's held-out split of its own data.
+    ``data.math_eval_uri`` when set; otherwise the held-out chats of sft's split at ``data_uri`` (sft's ``data``
+    output, :mod:`~nemoforge.data.sft_split`).
+
+    Raises:
+        NemoforgeError: neither is given (the recipe's validation refuses that earlier), or ``data_uri`` is not
+            sft's split.
     """
     n = recipe.eval.num_problems
     if recipe.data.math_eval_uri:
         samples = read_chat_samples(Path(store.fetch(recipe.data.math_eval_uri)), limit=2 * n)
         source = recipe.data.math_eval_uri
+    elif data_uri is not None:
+        samples = read_sft_split(store, data_uri).heldout
+        source = join_uri(data_uri, "heldout.jsonl")
     else:
-        _, samples, sft_source = sft_samples(recipe, store)
-        source = sft_source + "#sft-heldout"
+        raise NemoforgeError(
+            "eval has no math problems: set data.math_eval_uri, or enable sft (eval grades its held-out split)"
+        )
     problem_set = math_problems(samples)
     problems = problem_set.problems[:n]
     prompts = {q for q, _ in problems}
@@ -374,6 +383,7 @@ def run(
     output_uri: str,
     store: ArtifactStore,
     corpus_uri: str | None = None,
+    data_uri: str | None = None,
     champion: dict[str, Any] | None = None,
 ) -> StageResult:
     """Evaluate the child at ``model_uri`` and the parent at ``parent_uri`` side by side; decide the gate.
@@ -387,6 +397,8 @@ def run(
         store: the artifact store.
         corpus_uri: the corpus step's output, whose held-out rows give ``lm_top1`` and ``lm_loss``; None: not
             measured (a gate naming ``lm_top1`` then fails).
+        data_uri: sft's ``data`` output, whose held-out chats are the math problems when ``data.math_eval_uri``
+            is not set (:func:`eval_problems`).
         champion: the current champion (``version``, ``model_uri``, ``metrics``, ``eval_settings``), as the
             runner reads it from the MLflow registry (:func:`nemoforge.runner.register.champion_record`); None:
             no champion yet.
@@ -404,7 +416,7 @@ def run(
     Raises:
         InputNotFoundError: an input URI does not exist.
         NemoforgeError: ``data.ifeval_uri`` is not IFEval JSONL or leaves no checkable prompt; the corpus
-            does not match its digest.
+            does not match its digest; no math problems (:func:`eval_problems`).
     """
     from transformers import AutoTokenizer
 
@@ -417,7 +429,7 @@ def run(
     model = load_causal_lm(model_dir, dtype=dtype).to(device).eval()
     parent = load_causal_lm(parent_dir, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, config=model.config)
-    problems, chats, source, num_unparseable = eval_problems(recipe, store)
+    problems, chats, source, num_unparseable = eval_problems(recipe, store, data_uri)
     if_prompts, if_unchecked = ifeval_prompts(recipe, store)
     heldout_NT, heldout_source = heldout_rows(corpus_uri, cfg, store) if corpus_uri else (None, None)
 

@@ -52,12 +52,11 @@ from nemoforge.data.reasoning import (
     Reasoning,
     encode_chat,
     encode_prompt,
-    load_chat_samples,
     math_problems,
     read_chat_samples,
     read_preference_pairs,
-    sft_samples,
 )
+from nemoforge.data.sft_split import SFTSplit, read_sft_split
 from nemoforge.errors import NemoforgeError
 from nemoforge.models.generate import generate_ids, pad_id
 from nemoforge.rewards import combined_rewards
@@ -84,23 +83,29 @@ def _with_modes(problems: Sequence[tuple[str, str]], modes: Sequence[Reasoning] 
     return [(q, a, modes[i % len(modes)]) for i, (q, a) in enumerate(problems)]
 
 
-def rl_problems(recipe: Recipe, store: ArtifactStore) -> tuple[list[Problem], list[Problem], str]:
+def rl_problems(
+    recipe: Recipe, split: SFTSplit, store: ArtifactStore | None
+) -> tuple[list[Problem], list[Problem], str]:
     """Training and held-out prompts with references, and the source name.
 
-    Both come from ``data.sft_uri`` (rows after the ones sft reads) or from generated arithmetic (another
-    seed than sft's, same ``data.arithmetic`` difficulty), with every prompt of sft's data (its training and
-    held-out split, which eval grades) left out; held-out prompts come from ``data.math_eval_uri`` when set,
-    else from the pool after the training prompts. Training and held-out prompts never share a question.
-    Training prompts take the ``rl.train_modes`` in turn; held-out prompts alternate "on" and "off".
+    Both come from sft's source (``split.source``: ``data.sft_uri``'s rows after the ones sft read, or
+    arithmetic generated with another seed than sft's at the same ``data.arithmetic`` difficulty), with every
+    prompt sft saw (its training and held-out split, which eval grades) left out; held-out prompts come from
+    ``data.math_eval_uri`` when set, else from the pool after the training prompts. Training and held-out
+    prompts never share a question. Training prompts take the ``rl.train_modes`` in turn; held-out prompts
+    alternate "on" and "off".
+
+    Args:
+        recipe: the resolved recipe (``rl`` section, ``data.math_eval_uri``, ``seed``).
+        split: sft's data split (:func:`~nemoforge.data.sft_split.read_sft_split` of sft's ``data`` output).
+        store: reads ``data.math_eval_uri`` and sft's source file when they are store URIs.
     """
     cfg = recipe.rl
     need = cfg.num_prompts + (0 if recipe.data.math_eval_uri else cfg.num_heldout_prompts)
-    sft_train, sft_heldout, _ = sft_samples(recipe, store)
-    taken = {s.prompt for s in sft_train + sft_heldout}
-    num_read = 2 * need + recipe.sft.num_samples  # room for the prompts left out (a file: sft's first rows)
-    samples = load_chat_samples(
-        recipe.data.sft_uri, num_read, seed=recipe.seed + 1, store=store, **recipe.data.arithmetic.model_dump()
-    )
+    taken = split.prompts
+    num_read = 2 * need + split.source.num_samples  # room for the prompts left out (a file: sft's first rows)
+    seed = recipe.seed + 1
+    samples = split.source.samples(num_read, seed=seed, store=store)
     pool = [(q, a) for q, a in math_problems(samples).problems if q not in taken]
     if recipe.data.math_eval_uri:
         eval_path = Path(store.fetch(recipe.data.math_eval_uri))
@@ -114,9 +119,9 @@ def rl_problems(recipe: Recipe, store: ArtifactStore) -> tuple[list[Problem], li
             f"rl needs at least rl.batch_size={cfg.batch_size} prompts with reference answers and one held-out "
             f"prompt; the data gave {len(train_problems)} and {len(heldout)}"
         )
-    task = recipe.data.arithmetic
-    source = recipe.data.sft_uri or (
-        f"generated://arithmetic?seed={recipe.seed + 1}&steps={task.num_steps}&max_operand={task.max_operand}"
+    task = split.source.arithmetic
+    source = split.source.sft_uri or (
+        f"generated://arithmetic?seed={seed}&steps={task['num_steps']}&max_operand={task['max_operand']}"
     )
     return _with_modes(train_problems, cfg.train_modes), _with_modes(heldout[: cfg.num_heldout_prompts]), source
 
@@ -439,14 +444,22 @@ def plot_rewards(history: dict[str, list[tuple[int, float]]], path: Path) -> Pat
 
 
 def run(
-    recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore, on_log: LogFn | None = None
+    recipe: Recipe,
+    *,
+    model_uri: str,
+    data_uri: str,
+    output_uri: str,
+    store: ArtifactStore,
+    on_log: LogFn | None = None,
 ) -> StageResult:
     """GRPO on math prompts with verifiable rewards, then (``rl.preference.enabled``) DPO on preference pairs.
 
     Args:
-        recipe: the resolved recipe (``rl`` section; ``data.sft_uri``, ``data.math_eval_uri``,
-            ``data.preference_uri``; ``seed``; ``dtype``).
+        recipe: the resolved recipe (``rl`` section; ``data.math_eval_uri``, ``data.preference_uri``; ``seed``;
+            ``dtype``).
         model_uri: the model to train (sft's export).
+        data_uri: sft's ``data`` output (:mod:`~nemoforge.data.sft_split`): the prompts kept apart, and the
+            source the training prompts are drawn from (:func:`rl_problems`).
         output_uri: where checkpoints, the export, plots and samples go.
         store: the artifact store.
         on_log: called as ``on_log(step, metrics)`` while training, every ``rl.log_every_steps`` updates,
@@ -461,7 +474,7 @@ def run(
 
     Raises:
         InputNotFoundError: an input URI does not exist.
-        NemoforgeError: not enough prompts, or training diverged.
+        NemoforgeError: not enough prompts, ``data_uri`` is not sft's split, or training diverged.
     """
     from transformers import AutoTokenizer
 
@@ -476,7 +489,7 @@ def run(
     if cfg.beta > 0 or cfg.preference.enabled:
         ref_model = load_causal_lm(model_dir, dtype=torch.float32).to(device).eval().requires_grad_(False)
 
-    train_problems, heldout_problems, source = rl_problems(recipe, store)
+    train_problems, heldout_problems, source = rl_problems(recipe, read_sft_split(store, data_uri), store)
     torch.manual_seed(cfg.seed)
     with rollout_numerics(device, cfg):
         before, samples_before = heldout_reward(model, tokenizer, heldout_problems, cfg)

@@ -4,7 +4,8 @@ Llama-Nemotron §3-4 (arXiv 2505.00949): system prompt ``detailed thinking on|of
 in each batch, token-level CE, cosine LR with linear warmup. Shape legend: ``B`` rows, ``T`` tokens.
 
 Written under ``output_uri``: ``checkpoints/step-N/`` (resumable), ``model/`` (the export),
-``plots/loss_curve.png``, ``samples/toggle_{before,after}.json`` (held-out generations on/off).
+``data/`` (the split rl and eval read: :mod:`~nemoforge.data.sft_split`), ``plots/loss_curve.png``,
+``samples/toggle_{before,after}.json`` (held-out generations on/off).
 """
 
 from __future__ import annotations
@@ -18,13 +19,8 @@ import torch
 from nemoforge.artifacts import ArtifactStore, join_uri
 from nemoforge.config import Recipe
 from nemoforge.data.packing import token_digest
-from nemoforge.data.reasoning import (
-    encode_chat,
-    from_signed_ids,
-    pack_chats,
-    sft_samples,
-    to_signed_ids,
-)
+from nemoforge.data.reasoning import encode_chat, from_signed_ids, pack_chats, to_signed_ids
+from nemoforge.data.sft_split import load_sft_split, write_sft_split
 from nemoforge.models.generate import pad_id
 from nemoforge.runtime import compute_device
 from nemoforge.stages.chat import toggle_compliance
@@ -89,8 +85,9 @@ def run(
 
     Returns:
         metrics ``loss_heldout_{before,after}`` (assistant-token CE), ``toggle_on/off/toggle_{before,after}``,
-        ``loss_final``, ``train_steps``, ``train_tokens``, ``params``; history; outputs ``model``,
-        ``checkpoints``, ``samples``; datasets ``sft-train``/``sft-heldout``.
+        ``loss_final``, ``train_steps``, ``train_tokens``, ``params``; history; outputs ``model``, ``data``
+        (the split, with its digest: what rl and eval read), ``checkpoints``, ``samples``; datasets
+        ``sft-train``/``sft-heldout``.
 
     Raises:
         InputNotFoundError: the model or the SFT data does not exist.
@@ -106,7 +103,8 @@ def run(
     model = load_causal_lm(model_dir, dtype=torch.float32).to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, config=model.config)
 
-    train_samples, heldout_samples, source = sft_samples(recipe, store)
+    train_samples, split = load_sft_split(recipe, store)
+    heldout_samples, source = split.heldout, split.source.name
     pack = {"seq_len_tokens": cfg.seq_len_tokens, "pad_token_id": pad_id(tokenizer), "seed": cfg.seed}
     train_ids_NT, train_mask_NT = pack_chats(
         [encode_chat(tokenizer, s, cfg.seq_len_tokens) for s in train_samples], **pack
@@ -148,6 +146,8 @@ def run(
         for name, replies in (("toggle_before", replies_before), ("toggle_after", replies_after)):
             (work / f"{name}.json").write_text(json.dumps(replies, indent=1) + "\n")
             store.put(work / f"{name}.json", join_uri(samples_uri, f"{name}.json"))
+    data_uri = join_uri(output_uri, "data")
+    data_digest = write_sft_split(split, store, data_uri)
 
     num_params = sum(p.numel() for p in model.parameters())
     metrics = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
@@ -160,8 +160,8 @@ def run(
     return StageResult(
         metrics=metrics,
         history=state.history,
-        outputs={"model": exported.uri, "checkpoints": checkpoints_uri, "samples": samples_uri},
-        digests={"model": exported.digest},
+        outputs={"model": exported.uri, "data": data_uri, "checkpoints": checkpoints_uri, "samples": samples_uri},
+        digests={"model": exported.digest, "data": data_digest},
         plots={"loss_curve": plot_uri},
         datasets=[
             DatasetRef("sft-train", source, token_digest(train_ids_NT, train_mask_NT), len(train_samples), "training"),
