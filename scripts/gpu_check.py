@@ -227,7 +227,7 @@ def cmd_gsm8k(args) -> dict:
         model = load_causal_lm(paths[name], dtype=torch.bfloat16).to(args.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(paths[name], config=model.config)
         t = time.perf_counter()
-        rates, _ = evaluate_model(model, tokenizer, problem_set.problems, cfg)
+        rates, _ = evaluate_model(model, tokenizer, problem_set.problems, cfg, seed=0)  # no recipe here: a fixed seed
         row = {"path": str(paths[name]), "wall_s": time.perf_counter() - t}
         for metric, tally in rates.items():
             low, high = clustered_wilson_interval(tally.successes_C, tally.trials_C)

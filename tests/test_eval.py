@@ -110,6 +110,7 @@ def test_eval_settings_digest_covers_eval_but_not_the_gate():
     assert digest != eval_settings_digest(Recipe(name="t", eval={"num_samples": 4}), "p", "h", None)
     assert digest != eval_settings_digest(base, "other problems", "h", None)
     assert digest != eval_settings_digest(base, "p", "other held-out rows", None)
+    assert digest != eval_settings_digest(Recipe(name="t", seed=1), "p", "h", None)  # its sampling streams
 
 
 def test_comparison_table():

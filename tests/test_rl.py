@@ -277,7 +277,7 @@ def test_grpo_through_the_stage_loss_and_the_train_loop_raises_a_learnable_rewar
     state = train(
         model, make_grpo_loss(problems, tokenizer, cfg, ref_model=None),
         epoch_batches(torch.arange(len(problems))[:, None], cfg.batch_size, seed=0), cfg,
-        checkpoint_dir=tmp_path / "ckpt", desc="rl",
+        seed=0, checkpoint_dir=tmp_path / "ckpt", desc="rl",
     )  # fmt: skip
     after = sampled_reward()
     rewards = [v for _, v in state.history["reward_mean"]]

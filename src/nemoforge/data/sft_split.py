@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from nemoforge.artifacts import ArtifactStore, digest_path
 from nemoforge.data.reasoning import SFT_HELDOUT_FRACTION, ChatSample, load_chat_samples, split_by_prompt
 from nemoforge.errors import NemoforgeError
+from nemoforge.runtime import seed_for
 
 if TYPE_CHECKING:
     from nemoforge.config import Recipe
@@ -80,7 +81,8 @@ def load_sft_split(recipe: Recipe, store: ArtifactStore | None) -> tuple[list[Ch
     """sft's training chats and its split: ``data.sft_uri`` or generated arithmetic, split by prompt.
 
     Args:
-        recipe: the resolved recipe (``data.sft_uri``, ``data.arithmetic``, ``sft.num_samples``, ``seed``).
+        recipe: the resolved recipe (``data.sft_uri``, ``data.arithmetic``, ``sft.num_samples``; streams
+            ``sft.data``, the generated problems, and ``sft.split`` of its ``seed``).
         store: reads ``data.sft_uri`` when it is a store URI.
 
     Returns:
@@ -88,13 +90,15 @@ def load_sft_split(recipe: Recipe, store: ArtifactStore | None) -> tuple[list[Ch
     """
     data, cfg = recipe.data, recipe.sft
     task = data.arithmetic
+    seed = seed_for(recipe, "sft.data")
     name = data.sft_uri or (
-        f"generated://arithmetic?seed={recipe.seed}&n={cfg.num_samples}"
+        f"generated://arithmetic?seed={seed}&n={cfg.num_samples}"
         f"&steps={task.num_steps}&max_operand={task.max_operand}&terse_fraction={task.terse_fraction}"
     )
     source = ChatSource(name, data.sft_uri, task.model_dump(), cfg.num_samples)
-    samples = source.samples(cfg.num_samples, seed=recipe.seed, store=store)
-    train, heldout = split_by_prompt(samples, heldout_fraction=SFT_HELDOUT_FRACTION, seed=cfg.seed)
+    samples = source.samples(cfg.num_samples, seed=seed, store=store)
+    split_seed = seed_for(recipe, "sft.split")
+    train, heldout = split_by_prompt(samples, heldout_fraction=SFT_HELDOUT_FRACTION, seed=split_seed)
     return train, SFTSplit(list(dict.fromkeys(s.prompt for s in train)), heldout, source)
 
 

@@ -112,6 +112,7 @@ def prepare_corpus_step(recipe: Recipe, run_name: str, parent: Ref) -> Ref:
     from transformers import AutoTokenizer
 
     from nemoforge.data.corpus import prepare_corpus
+    from nemoforge.runtime import seed_for
 
     key = corpus_key(recipe, {"parent": parent} if recipe.data.corpus_uri is None else {})
 
@@ -124,7 +125,7 @@ def prepare_corpus_step(recipe: Recipe, run_name: str, parent: Ref) -> Ref:
             tokenizer=AutoTokenizer.from_pretrained(parent_dir),
             parent_dir=parent_dir,
             out_dir=out_dir,
-            seed=recipe.seed,
+            seed=seed_for(recipe, "corpus"),
             store=store,
         )
         uri = store.put(out_dir, store.join("corpus", key[:16]))

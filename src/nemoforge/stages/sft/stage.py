@@ -22,7 +22,7 @@ from nemoforge.data.packing import token_digest
 from nemoforge.data.reasoning import encode_chat, from_signed_ids, pack_chats, to_signed_ids
 from nemoforge.data.sft_split import load_sft_split, write_sft_split
 from nemoforge.models.generate import pad_id
-from nemoforge.runtime import compute_device
+from nemoforge.runtime import compute_device, seed_for
 from nemoforge.stages.chat import toggle_compliance
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stages.training import (
@@ -105,7 +105,9 @@ def run(
 
     train_samples, split = load_sft_split(recipe, store)
     heldout_samples, source = split.heldout, split.source.name
-    pack = {"seq_len_tokens": cfg.seq_len_tokens, "pad_token_id": pad_id(tokenizer), "seed": cfg.seed}
+    pack = {
+        "seq_len_tokens": cfg.seq_len_tokens, "pad_token_id": pad_id(tokenizer), "seed": seed_for(recipe, "sft.pack"),
+    }
     train_ids_NT, train_mask_NT = pack_chats(
         [encode_chat(tokenizer, s, cfg.seq_len_tokens) for s in train_samples], **pack
     )
@@ -128,8 +130,11 @@ def run(
         state = train(
             model,
             sft_loss,
-            epoch_batches(to_signed_ids(train_ids_NT, train_mask_NT), cfg.batch_size, seed=cfg.seed),
+            epoch_batches(
+                to_signed_ids(train_ids_NT, train_mask_NT), cfg.batch_size, seed=seed_for(recipe, "sft.batches")
+            ),
             cfg,
+            seed=seed_for(recipe, "sft.train"),
             checkpoint_dir=work / "checkpoints",
             desc="sft",
             on_log=on_log,
