@@ -104,7 +104,7 @@ def worker(args: argparse.Namespace) -> None:
         )  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="nemoforge-scaling-") as tmp:
-        state = train(child, loss_fn, batches, cfg, checkpoint_dir=Path(tmp), desc=f"scaling N={num_ranks}")
+        state = train(child, loss_fn, batches, cfg, seed=0, checkpoint_dir=Path(tmp), desc=f"scaling N={num_ranks}")
     timed = [v for step, v in state.history["tokens_per_s"] if step > args.warmup]
     if ctx is None or ctx.is_main:
         record = {

@@ -23,21 +23,21 @@ def parent(recipe_json: str, run_name: str, parent_model: Output[Model]):
     """Open the MLflow parent run; convert the parent LlamaForCausalLM once into the artifact store."""
     from nemoforge_components.adapter import run_task
 
-    run_task("parent", recipe_json, run_name, {}, parent_model)
+    run_task("parent", recipe_json, run_name, {}, {"parent": parent_model})
 
 
 def corpus(recipe_json: str, run_name: str, parent_model: Input[Model], corpus: Output[Dataset]):
     """Read or sample the text corpus, tokenize, pack and split it."""
     from nemoforge_components.adapter import run_task
 
-    run_task("corpus", recipe_json, run_name, {"parent": parent_model}, corpus)
+    run_task("corpus", recipe_json, run_name, {"parent": parent_model}, {"corpus": corpus})
 
 
 def nas(recipe_json: str, run_name: str, parent_model: Input[Model], corpus: Input[Dataset], model: Output[Model]):
     """Puzzle architecture search: block library, BLD, replace-1-block scores, MIP, child export."""
     from nemoforge_components.adapter import run_task
 
-    run_task("nas", recipe_json, run_name, {"parent": parent_model, "corpus": corpus}, model)
+    run_task("nas", recipe_json, run_name, {"parent": parent_model, "corpus": corpus}, {"model": model})
 
 
 def distill(
@@ -52,28 +52,29 @@ def distill(
     from nemoforge_components.adapter import run_task
 
     inputs = {"parent": parent_model, "model": student_model, "corpus": corpus}
-    run_task("distill", recipe_json, run_name, inputs, model)
+    run_task("distill", recipe_json, run_name, inputs, {"model": model})
 
 
 def cpt(recipe_json: str, run_name: str, input_model: Input[Model], corpus: Input[Dataset], model: Output[Model]):
     """Continued pretraining (causal-LM cross-entropy) on the corpus."""
     from nemoforge_components.adapter import run_task
 
-    run_task("cpt", recipe_json, run_name, {"model": input_model, "corpus": corpus}, model)
+    run_task("cpt", recipe_json, run_name, {"model": input_model, "corpus": corpus}, {"model": model})
 
 
-def sft(recipe_json: str, run_name: str, input_model: Input[Model], model: Output[Model]):
-    """Reasoning-toggle SFT ("detailed thinking on|off"): CE on assistant tokens of packed on/off chats."""
+def sft(recipe_json: str, run_name: str, input_model: Input[Model], model: Output[Model], data: Output[Dataset]):
+    """Reasoning-toggle SFT ("detailed thinking on|off"): CE on assistant tokens of packed on/off chats; hands on
+    its data split (the prompts it saw, its held-out chats) to rl and eval."""
     from nemoforge_components.adapter import run_task
 
-    run_task("sft", recipe_json, run_name, {"model": input_model}, model)
+    run_task("sft", recipe_json, run_name, {"model": input_model}, {"model": model, "data": data})
 
 
-def rl(recipe_json: str, run_name: str, input_model: Input[Model], model: Output[Model]):
+def rl(recipe_json: str, run_name: str, input_model: Input[Model], sft_data: Input[Dataset], model: Output[Model]):
     """GRPO with verifiable rewards (math-verify accuracy, think format), then optional DPO."""
     from nemoforge_components.adapter import run_task
 
-    run_task("rl", recipe_json, run_name, {"model": input_model}, model)
+    run_task("rl", recipe_json, run_name, {"model": input_model, "data": sft_data}, {"model": model})
 
 
 def eval(
@@ -83,19 +84,21 @@ def eval(
     parent_model: Input[Model],
     corpus: Input[Dataset],
     model: Output[Model],
+    sft_data: Input[Dataset] = None,
 ):
-    """Child vs parent evaluation (problems, the corpus's held-out text); registers the version (champion on a pass)."""
+    """Child vs parent evaluation (problems: data.math_eval_uri or sft's held-out split; the corpus's held-out
+    text); registers the version (champion on a pass)."""
     from nemoforge_components.adapter import run_task
 
-    inputs = {"model": input_model, "parent": parent_model, "corpus": corpus}
-    run_task("eval", recipe_json, run_name, inputs, model)
+    inputs = {"model": input_model, "parent": parent_model, "corpus": corpus, "data": sft_data}
+    run_task("eval", recipe_json, run_name, inputs, {"model": model})
 
 
 def serve(recipe_json: str, run_name: str, input_model: Input[Model], responses: Output[Artifact]):
     """Serve the final model with vLLM's OpenAI server, one chat per reasoning mode (TTFT, tokens/s), stop it."""
     from nemoforge_components.adapter import run_task
 
-    run_task("serve", recipe_json, run_name, {"model": input_model}, responses)
+    run_task("serve", recipe_json, run_name, {"model": input_model}, {"responses": responses})
 
 
 def distill_trainjob(
@@ -111,7 +114,7 @@ def distill_trainjob(
     from nemoforge_components.adapter import launch_task
 
     inputs = {"parent": parent_model, "model": student_model, "corpus": corpus}
-    launch_task("distill", recipe_json, run_name, image, inputs, model)
+    launch_task("distill", recipe_json, run_name, image, inputs, {"model": model})
 
 
 def cpt_trainjob(
@@ -120,7 +123,7 @@ def cpt_trainjob(
     """cpt on several GPUs/nodes: a Kubeflow Trainer TrainJob (torchrun) that this task creates and waits for."""
     from nemoforge_components.adapter import launch_task
 
-    launch_task("cpt", recipe_json, run_name, image, {"model": input_model, "corpus": corpus}, model)
+    launch_task("cpt", recipe_json, run_name, image, {"model": input_model, "corpus": corpus}, {"model": model})
 
 
 def finalize(recipe_json: str, run_name: str, status: dsl.PipelineTaskFinalStatus):

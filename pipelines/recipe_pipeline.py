@@ -75,7 +75,8 @@ def build_pipeline(recipe: Recipe) -> Callable:
 
     The model flows parent -> nas -> distill -> cpt -> sft -> rl, each stage taking the newest model; distill
     also takes the parent as its teacher, and eval takes the newest model, the parent and the corpus (its
-    held-out rows).
+    held-out rows). sft hands its data split to rl and eval (the ``data`` output: the prompts rl keeps apart, the
+    held-out problems eval grades).
     """
     ops = make_components(recipe.resources.base_image)
     cluster = recipe.resources
@@ -130,14 +131,20 @@ def _stage_tasks(ops: dict[str, Callable], recipe: Recipe, recipe_json: str, run
         else:
             task = _apply_resources(ops["cpt"](recipe_json=recipe_json, run_name=run_name, **inputs), cluster.cpt, cluster)
         model = task.outputs["model"]
-    # the reasoning half: sft and rl take the newest model, eval takes rl's (or the newest), the parent and the corpus
-    for stage in ("sft", "rl"):
-        if stage in stages:
-            task = ops[stage](recipe_json=recipe_json, run_name=run_name, input_model=model)
-            model = _apply_resources(task, getattr(cluster, stage), cluster).outputs["model"]
+    # the reasoning half: sft and rl take the newest model, eval takes rl's (or the newest), the parent and the
+    # corpus; rl and eval read sft's data split (the recipe's validation requires sft for rl, and for eval without
+    # data.math_eval_uri)
+    sft_data = {}
+    if "sft" in stages:
+        task = _apply_resources(ops["sft"](recipe_json=recipe_json, run_name=run_name, input_model=model), cluster.sft, cluster)
+        model, sft_data = task.outputs["model"], {"sft_data": task.outputs["data"]}
+    if "rl" in stages:
+        task = ops["rl"](recipe_json=recipe_json, run_name=run_name, input_model=model, **sft_data)
+        model = _apply_resources(task, cluster.rl, cluster).outputs["model"]
     if "eval" in stages:
         task = ops["eval"](
-            recipe_json=recipe_json, run_name=run_name, input_model=model, parent_model=parent_model, corpus=corpus
+            recipe_json=recipe_json, run_name=run_name, input_model=model, parent_model=parent_model, corpus=corpus,
+            **sft_data,
         )
         _apply_resources(task, cluster.eval, cluster)
     # serve stays last: it serves whatever model the stages above produced.

@@ -227,7 +227,7 @@ def cmd_gsm8k(args) -> dict:
         model = load_causal_lm(paths[name], dtype=torch.bfloat16).to(args.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(paths[name], config=model.config)
         t = time.perf_counter()
-        rates, _ = evaluate_model(model, tokenizer, problem_set.problems, cfg)
+        rates, _ = evaluate_model(model, tokenizer, problem_set.problems, cfg, seed=0)  # no recipe here: a fixed seed
         row = {"path": str(paths[name]), "wall_s": time.perf_counter() - t}
         for metric, tally in rates.items():
             low, high = clustered_wilson_interval(tally.successes_C, tally.trials_C)
@@ -242,11 +242,12 @@ def cmd_gsm8k(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- rl
-def _exported_greedy(recipe, store, model_uri: str) -> dict[str, float]:
+def _exported_greedy(recipe, store, model_uri: str, data_uri: str) -> dict[str, float]:
     """Greedy held-out accuracy per reasoning mode of rl's export reloaded as eval loads it (``recipe.dtype``),
     beside rl's own figure on its in-memory float32 policy: updates below the export dtype's resolution vanish."""
     from transformers import AutoTokenizer
 
+    from nemoforge.data.sft_split import read_sft_split
     from nemoforge.models.convert import load_causal_lm
     from nemoforge.runtime import compute_device, recipe_dtype
     from nemoforge.stages.rl.stage import heldout_reward, rl_problems
@@ -254,7 +255,7 @@ def _exported_greedy(recipe, store, model_uri: str) -> dict[str, float]:
     path = store.fetch(model_uri)
     model = load_causal_lm(path, dtype=recipe_dtype(recipe)).to(compute_device()).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, config=model.config)
-    _, heldout, _ = rl_problems(recipe, store)
+    _, heldout, _ = rl_problems(recipe, read_sft_split(store, data_uri), store)
     _, samples = heldout_reward(model, tokenizer, heldout, recipe.rl)
     del model
     torch.cuda.empty_cache()
@@ -282,15 +283,16 @@ def cmd_rl(args) -> dict:
         name = f"rl-{stamp}-{i}"
         t = time.perf_counter()
         row: dict = {"variant": variant}
-        start = str(models["sft"])
+        start, data_uri = str(models["sft"]), str(models["sft"].parent / "data")  # sft's model/ and data/
         if any(kv.startswith(("data.", "sft.")) for kv in variant.split()):
             tuned = sft.run(recipe, model_uri=str(models["cpt"]), output_uri=store.join("sweeps", name, "sft"), store=store)
-            start = tuned.outputs["model"]
+            start, data_uri = tuned.outputs["model"], tuned.outputs["data"]
             row["sft"] = {k: v for k, v in tuned.metrics.items() if k.startswith(("toggle", "loss_heldout"))}
             row["sft_wall_s"] = time.perf_counter() - t
-        result = rl.run(recipe, model_uri=start, output_uri=store.join("sweeps", name, "rl"), store=store)
+        result = rl.run(recipe, model_uri=start, data_uri=data_uri, output_uri=store.join("sweeps", name, "rl"),
+                        store=store)
         m = result.metrics
-        row["exported_greedy"] = _exported_greedy(recipe, store, result.outputs["model"])
+        row["exported_greedy"] = _exported_greedy(recipe, store, result.outputs["model"], data_uri)
         row |= {
             "wall_s": time.perf_counter() - t,
             "metrics": {k: v for k, v in m.items() if k.startswith(("accuracy_heldout", "reward_accuracy_heldout"))},

@@ -57,6 +57,15 @@ def vllm_processes(marker: str) -> list[str]:
     return found
 
 
+def write_sft_data(recipe, store, uri: str) -> str:
+    """sft's data split of ``recipe`` written at ``uri`` as sft writes it (:mod:`nemoforge.data.sft_split`), for rl
+    and eval run without sft; returns ``uri``."""
+    from nemoforge.data.sft_split import load_sft_split, write_sft_split
+
+    write_sft_split(load_sft_split(recipe, store)[1], store, uri)
+    return uri
+
+
 @pytest.fixture(scope="module")
 def needs_vllm() -> None:
     """Skip the module's tests when vLLM cannot be imported by the interpreter that runs it."""

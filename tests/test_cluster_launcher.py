@@ -17,7 +17,8 @@ from nemoforge.cluster.launcher import KubeAPI, TrainJobFailed, TrainJobs, launc
 from nemoforge.cluster.trainjob import build_trainjob
 from nemoforge.config import load_recipe
 from nemoforge.errors import NemoforgeError
-from nemoforge.runner.index import StepIndex, result_to_json, step_key
+from nemoforge.runner.index import StepIndex, result_to_json
+from nemoforge.runner.stage_table import stage_key
 from nemoforge.stages.result import StageResult
 
 NS = "team-a"
@@ -232,14 +233,14 @@ def test_launch_stage_end_to_end_reads_the_workers_result(kube, tmp_path, monkey
     # what the workers leave behind (nemoforge.runner.execute.execute_stage on rank 0)
     result = StageResult(outputs={"model": "s3://b/run-7/cpt/model"}, digests={"model": "e" * 64},
                          tags={"params": "6.0e9", "device": "cuda"})
-    StepIndex(store_for(recipe), "cpt", step_key("cpt", recipe.cpt, inputs)).write(
+    StepIndex(store_for(recipe), "cpt", stage_key(recipe, "cpt", inputs)).write(
         state="done", output_uri="s3://b/run-7/cpt", result=result_to_json(result))
     monkeypatch.setenv("NEMOFORGE_KUBE_API", api.server)
     monkeypatch.setenv("NEMOFORGE_KUBE_TOKEN", TOKEN)
     monkeypatch.setenv("NEMOFORGE_NAMESPACE", NS)
     monkeypatch.setenv("NEMOFORGE_POD_NAME", "launch-pod")
     monkeypatch.setenv("NEMOFORGE_POD_UID", "uid-7")
-    ref = launch_stage("cpt", recipe, "run-7", inputs, "img:2")
+    refs = launch_stage("cpt", recipe, "run-7", inputs, "img:2")
     assert fake.mismatches == [] and fake.script == []
-    assert ref == {"uri": "s3://b/run-7/cpt/model", "digest": "e" * 64, "params": "6.0e9"}
+    assert refs == {"model": {"uri": "s3://b/run-7/cpt/model", "digest": "e" * 64, "params": "6.0e9"}}
     assert TOKEN not in capsys.readouterr().out

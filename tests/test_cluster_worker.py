@@ -32,7 +32,8 @@ def test_two_rank_worker_trains_once_and_only_rank_0_records(tiny_llama_dir: Pat
     from mlflow import MlflowClient
 
     from nemoforge.artifacts import open_store
-    from nemoforge.runner.index import StepIndex, step_key
+    from nemoforge.runner.index import StepIndex
+    from nemoforge.runner.stage_table import stage_key
 
     store = open_store(str(tmp_path / "store"))
     corpus_uri = put_corpus(store, shared_dir, tiny_llama_dir, tmp_path)
@@ -52,7 +53,7 @@ def test_two_rank_worker_trains_once_and_only_rank_0_records(tiny_llama_dir: Pat
 
     proc = _worker(recipe, inputs, "run-1")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    entry = StepIndex(store, "cpt", step_key("cpt", recipe.cpt, inputs)).read()
+    entry = StepIndex(store, "cpt", stage_key(recipe, "cpt", inputs)).read()
     assert entry["state"] == "done" and entry["output_uri"] == store.join("run-1", "cpt")
     metrics = entry["result"]["metrics"]
     assert metrics["train_steps"] == 4 and metrics["train_tokens"] == 4 * 4 * 32  # the global batch, once

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import BaseModel
 
 from nemoforge.config import Recipe, apply_overrides, builtin_recipes, load_recipe, parse_recipe
 from nemoforge.errors import RecipeError
@@ -37,6 +38,39 @@ def test_unknown_key_names_the_path():
         load_recipe("smollm2-135m-demo", ["distill.stepz=3"])
     msg = str(err.value)
     assert "distill.stepz: unknown key" in msg and "\n" not in msg
+
+
+def test_one_seed_per_recipe_and_a_section_seed_names_the_fix():
+    """Issue 12 §6: one seed policy. An older recipe's section seed fails with the field and the fix, not as an
+    unknown key; the top-level seed is the one seed."""
+    for key in ("nas.seed", "distill.seed", "cpt.seed", "sft.seed", "rl.seed", "rl.preference.seed", "eval.seed"):
+        with pytest.raises(RecipeError) as err:
+            load_recipe("smollm2-135m-demo", [f"{key}=3"])
+        assert f"{key}: removed; one seed per recipe now: remove it, and set the top-level `seed`" in str(err.value)
+    assert load_recipe("smollm2-135m-demo", ["seed=3"]).seed == 3
+
+    def seed_fields(model: type[BaseModel], path: str = "") -> list[str]:
+        found = []
+        for name, field in model.model_fields.items():
+            found += [f"{path}{name}"] if name == "seed" else []
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                found += seed_fields(field.annotation, f"{path}{name}.")
+        return found
+
+    assert seed_fields(Recipe) == ["seed"]
+
+
+def test_seed_for_derives_one_stream_per_name():
+    from nemoforge.runtime import seed_for
+
+    base, other = Recipe(name="t"), Recipe(name="t", seed=1)
+    assert seed_for(base, "sft.split") == 2122229248  # sha256("0/sft.split"), 31 bits: the same on every machine
+    assert seed_for(base, "sft.split") == seed_for(Recipe(name="u"), "sft.split")  # the seed and name, nothing else
+    assert seed_for(base, "sft.split") != seed_for(other, "sft.split")
+    names = ["corpus", "nas", "nas.bld", "sft.data", "sft.split", "sft.pack", "sft.batches", "sft.train", "rl.prompts",
+             "rl.filter", "rl.heldout_sampled", "rl.batches", "rl.train", "eval.math", "eval.bootstrap"]
+    seeds = [seed_for(base, name) for name in names]
+    assert len(set(seeds)) == len(names) and all(0 <= s < 2**31 for s in seeds)
 
 
 def test_wrong_type_names_the_path_and_value():
@@ -133,6 +167,16 @@ def test_preference_pass_without_its_data_fails_at_validation():
     with pytest.raises(RecipeError, match=r"rl.preference.enabled needs data.preference_uri .* set it, or set"):
         load_recipe("smollm2-135m-demo", ["rl.preference.enabled=true"])
     load_recipe("smollm2-135m-demo", ["rl.preference.enabled=true", "rl.enabled=false"])  # rl off: nothing to check
+
+
+def test_rl_and_eval_without_sft_fail_at_validation():
+    """rl and eval read sft's data output: rl needs sft; eval needs sft or its own problems."""
+    with pytest.raises(RecipeError, match=r"rl.enabled needs sft.enabled: .* enable sft, or set rl.enabled=false"):
+        load_recipe("smollm2-135m-demo", ["sft.enabled=false"])
+    with pytest.raises(RecipeError, match=r"eval.enabled without sft needs data.math_eval_uri .* or enable sft"):
+        load_recipe("smollm2-135m-demo", ["sft.enabled=false", "rl.enabled=false"])
+    load_recipe("smollm2-135m-demo", ["sft.enabled=false", "rl.enabled=false", "data.math_eval_uri=m.jsonl"])
+    load_recipe("smollm2-135m-demo", ["sft.enabled=false", "rl.enabled=false", "eval.enabled=false"])
 
 
 def test_rl_has_no_fields_it_would_ignore():

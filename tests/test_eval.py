@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_sft_data
 
 from nemoforge.config import GateConfig, Recipe
 from nemoforge.stages.eval import speed
@@ -109,6 +110,7 @@ def test_eval_settings_digest_covers_eval_but_not_the_gate():
     assert digest != eval_settings_digest(Recipe(name="t", eval={"num_samples": 4}), "p", "h", None)
     assert digest != eval_settings_digest(base, "other problems", "h", None)
     assert digest != eval_settings_digest(base, "p", "other held-out rows", None)
+    assert digest != eval_settings_digest(Recipe(name="t", seed=1), "p", "h", None)  # its sampling streams
 
 
 def test_comparison_table():
@@ -188,8 +190,9 @@ def test_eval_stage_child_vs_parent(tiny_llama_dir: Path, tmp_path: Path):
     store = open_store(str(tmp_path / "store"))
     gate = {"min_metric": 0.5, "min_retention": {"lm_top1": 0.9}, "min_speedup": 5.0, "min_toggle_on": 0.9}
     recipe = Recipe(name="test", sft={"num_samples": 40}, eval=TINY_EVAL | {"gate": gate})
+    data_uri = write_sft_data(recipe, store, store.join("run-1", "sft", "data"))
     result = run(recipe, model_uri=str(tiny_llama_dir), parent_uri=str(tiny_llama_dir),
-                 output_uri=store.join("run-1", "eval"), store=store, corpus_uri=_corpus(tmp_path))
+                 output_uri=store.join("run-1", "eval"), store=store, corpus_uri=_corpus(tmp_path), data_uri=data_uri)
     m = result.metrics
     assert m["math_pass1_on"] == m["parent_math_pass1_on"] == 0.0  # a random model answers nothing right
     assert (m["math_pass1_on_ci_low"], m["math_pass1_on_ci_high"]) == pytest.approx(wilson_interval(0, 4))
@@ -216,6 +219,7 @@ def test_eval_stage_child_vs_parent(tiny_llama_dir: Path, tmp_path: Path):
     table = Path(result.outputs["comparison"]).read_text()
     assert table.startswith("| metric | child | parent |") and "| lm_top1 |" in table and "| lm_loss |" in table
     assert [d.name for d in result.datasets] == ["eval-math", "eval-heldout-text"]
+    assert result.datasets[0].source_uri == f"{data_uri}/heldout.jsonl"  # sft's held-out split, read from sft's output
 
 
 def test_eval_stage_re_evaluates_or_refuses_a_champion_from_other_settings(tiny_llama_dir: Path, tmp_path: Path):
@@ -224,10 +228,12 @@ def test_eval_stage_re_evaluates_or_refuses_a_champion_from_other_settings(tiny_
 
     store = open_store(str(tmp_path / "store"))
     recipe = Recipe(name="test", sft={"num_samples": 40}, eval=TINY_EVAL)
+    data_uri = write_sft_data(recipe, store, store.join("run-1", "sft", "data"))
     # the champion was measured under other settings (pass@1 0.9 on an easier set); its model is the same weights
     record = {"version": 1, "model_uri": str(tiny_llama_dir), "metrics": {"math_pass1_on": 0.9}, "eval_settings": "0" * 64}
     result = run(recipe, model_uri=str(tiny_llama_dir), parent_uri=str(tiny_llama_dir),
-                 output_uri=store.join("run-1", "eval"), store=store, corpus_uri=_corpus(tmp_path), champion=record)
+                 output_uri=store.join("run-1", "eval"), store=store, corpus_uri=_corpus(tmp_path), data_uri=data_uri,
+                 champion=record)
     # re-measured under the current settings it scores what the child scores: a tie, which keeps the champion
     assert result.tags["gate_failed"] == (
         "math_pass1_on=0 ties champion v1 0: a tie keeps the champion (re-evaluated under the current eval settings "
@@ -236,7 +242,7 @@ def test_eval_stage_re_evaluates_or_refuses_a_champion_from_other_settings(tiny_
     assert store.read_json(result.outputs["report"])["champion"]["metrics"]["lm_top1"] == result.metrics["lm_top1"]
 
     refused = run(recipe, model_uri=str(tiny_llama_dir), parent_uri=str(tiny_llama_dir),
-                  output_uri=store.join("run-2", "eval"), store=store,
+                  output_uri=store.join("run-2", "eval"), store=store, data_uri=data_uri,
                   champion=record | {"model_uri": str(tmp_path / "gone")})
     assert refused.tags["gate_failed"].startswith("champion v1: comparison refused: recorded under eval settings 0000")
     assert "lm_top1" not in refused.metrics and "lm_heldout_rows" not in refused.tags  # no corpus given

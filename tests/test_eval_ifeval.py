@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import write_sft_data
 
 from nemoforge.config import Recipe
 from nemoforge.stages.eval.ifeval import (
@@ -99,8 +100,9 @@ def test_eval_stage_reports_ifeval_child_vs_parent(tiny_llama_dir: Path, tmp_pat
         eval={"num_problems": 1, "num_samples": 1, "max_new_tokens": 8, "decode_tokens": 8,
               "ifeval_num_prompts": 3, "ifeval_max_new_tokens": 12},
     )
+    data_uri = write_sft_data(recipe, store, store.join("run-1", "sft", "data"))
     result = run(recipe, model_uri=str(tiny_llama_dir), parent_uri=str(tiny_llama_dir),
-                 output_uri=store.join("run-1", "eval"), store=store)
+                 output_uri=store.join("run-1", "eval"), store=store, data_uri=data_uri)
     m = result.metrics
     assert result.tags["ifeval_prompts"] == "3"
     assert result.tags["ifeval_unchecked"] == (", ".join(unavailable_instructions(read_ifeval(IFEVAL))) or "none")

@@ -57,7 +57,7 @@ def test_cpt_loss_trajectory_is_golden(tmp_path: Path, data_NT: torch.Tensor):
     def loss_fn(model: torch.nn.Module, input_ids_BT: torch.Tensor):  # as stages/cpt/stage.py
         return causal_lm_loss(model, input_ids_BT), {}
 
-    state = train(model, loss_fn, epoch_batches(data_NT, 4, seed=0), cfg, checkpoint_dir=tmp_path / "c", desc="cpt")
+    state = train(model, loss_fn, epoch_batches(data_NT, 4, seed=0), cfg, seed=0, checkpoint_dir=tmp_path / "c", desc="cpt")
     _check("cpt", state.history)
 
 
@@ -75,5 +75,5 @@ def test_distill_loss_trajectory_is_golden(tmp_path: Path, data_NT: torch.Tensor
             cosine_weight=cfg.cosine_weight, kl_weight=cfg.kl_weight, temperature=cfg.temperature,
         )  # fmt: skip
 
-    state = train(child, loss_fn, epoch_batches(data_NT, 4, seed=0), cfg, checkpoint_dir=tmp_path / "c", desc="distill")
+    state = train(child, loss_fn, epoch_batches(data_NT, 4, seed=0), cfg, seed=0, checkpoint_dir=tmp_path / "c", desc="distill")
     _check("distill", state.history)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SHARED
 
 from nemoforge.config import load_recipe
 from nemoforge_cli.main import main
@@ -98,6 +99,19 @@ def test_compile_leaves_out_disabled_stages(tmp_path: Path):
     assert "cpt" not in _tasks(ir) and "distill" in _tasks(ir)
 
 
+def test_rl_and_eval_read_sft_data_output(tmp_path: Path):
+    """sft hands its data split to rl and eval as an artifact, as it hands on its model."""
+    ir = next(yaml.safe_load_all(compile_recipe(load_recipe("smollm2-135m-demo"), tmp_path / "p.yaml").read_text()))
+    tasks = _tasks(ir)
+    for stage in ("rl", "eval"):
+        handed = tasks[stage]["inputs"]["artifacts"]["sft_data"]["taskOutputArtifact"]
+        assert handed == {"producerTask": "sft", "outputArtifactKey": "data"}, stage
+    # without sft, eval grades data.math_eval_uri and takes no data input
+    recipe = load_recipe("smollm2-135m-demo", ["sft.enabled=false", "rl.enabled=false", "data.math_eval_uri=m.jsonl"])
+    tasks = _tasks(next(yaml.safe_load_all(compile_recipe(recipe, tmp_path / "q.yaml").read_text())))
+    assert "sft" not in tasks and set(tasks["eval"]["inputs"]["artifacts"]) == {"input_model", "parent_model", "corpus"}
+
+
 def test_cli_compile_writes_yaml(tmp_path: Path, capsys):
     assert main(["compile", "smollm2-135m-demo", "-o", str(tmp_path / "p.yaml")]) == 0
     assert "nemoforge-smollm2-135m-demo" in (tmp_path / "p.yaml").read_text()
@@ -150,9 +164,11 @@ def test_refusing_s3_endpoint_fails_before_compute(tmp_path: Path, capsys):
     assert f"127.0.0.1:{port}" in err[0]
 
 
-# eval on: the run registers a champion, whose recorded input digests the next runs are compared with;
-# random tiny models cannot meet the demo's gate (toggle, retention, speedup), so only "no champion yet" is checked
-TINY_EVAL = ["eval.enabled=true", "sft.num_samples=40", "eval.num_problems=2", "eval.num_samples=1",
+# eval on (graded on GSM8K test problems: sft is off, so it has no held-out split to grade): the run registers a
+# champion, whose recorded input digests the next runs are compared with; random tiny models cannot meet the demo's
+# gate (toggle, retention, speedup), so only "no champion yet" is checked
+TINY_EVAL = ["eval.enabled=true", f"data.math_eval_uri={SHARED / 'data' / 'gsm8k' / 'test_500.jsonl'}",
+             "eval.num_problems=2", "eval.num_samples=1",
              "eval.max_new_tokens=8", "eval.decode_tokens=8", "eval.batch_size=2", "eval.decode_repeats=3",
              "eval.gate.min_retention={}", "eval.gate.min_speedup=0", "eval.gate.min_toggle_on=0",
              "eval.gate.min_toggle_off=0"]

@@ -223,14 +223,18 @@ def test_heldout_gains_split_by_reasoning_mode_show_a_loss_that_the_mean_hides()
 
 def test_rl_train_modes_set_the_training_prompts_mode_and_the_heldout_keeps_both():
     from nemoforge.config import load_recipe
+    from nemoforge.data.sft_split import load_sft_split
     from nemoforge.errors import RecipeError
     from nemoforge.stages.rl.stage import rl_problems
 
+    def problems(recipe):
+        return rl_problems(recipe, load_sft_split(recipe, None)[1], None)
+
     overrides = ["rl.num_prompts=8", "rl.num_heldout_prompts=6", "rl.batch_size=2", "sft.num_samples=40"]
-    train, heldout, _ = rl_problems(load_recipe("smollm2-135m-demo", [*overrides, "rl.train_modes=[on]"]), None)
+    train, heldout, _ = problems(load_recipe("smollm2-135m-demo", [*overrides, "rl.train_modes=[on]"]))
     assert [r for _, _, r in train] == ["on"] * 8
     assert [r for _, _, r in heldout] == ["on", "off"] * 3
-    both, _, _ = rl_problems(load_recipe("smollm2-135m-demo", overrides), None)
+    both, _, _ = problems(load_recipe("smollm2-135m-demo", overrides))
     assert [r for _, _, r in both] == ["on", "off"] * 4 and [q for q, _, _ in both] == [q for q, _, _ in train]
     with pytest.raises(RecipeError, match="rl.train_modes: List should have at least 1 item"):
         load_recipe("smollm2-135m-demo", ["rl.train_modes=[]"])
@@ -273,7 +277,7 @@ def test_grpo_through_the_stage_loss_and_the_train_loop_raises_a_learnable_rewar
     state = train(
         model, make_grpo_loss(problems, tokenizer, cfg, ref_model=None),
         epoch_batches(torch.arange(len(problems))[:, None], cfg.batch_size, seed=0), cfg,
-        checkpoint_dir=tmp_path / "ckpt", desc="rl",
+        seed=0, checkpoint_dir=tmp_path / "ckpt", desc="rl",
     )  # fmt: skip
     after = sampled_reward()
     rewards = [v for _, v in state.history["reward_mean"]]

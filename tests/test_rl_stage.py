@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import write_sft_data
 
 from nemoforge.config import Recipe
 
@@ -27,7 +28,8 @@ def test_rl_stage_runs_grpo_then_dpo_and_resumes(tiny_llama_dir: Path, shared_di
                            "max_len_tokens": 128, "lr": 1e-3, "nll_weight": 0.1},
         },
     )
-    result = run(recipe, model_uri=str(tiny_llama_dir), output_uri=output_uri, store=store)
+    data_uri = write_sft_data(recipe, store, store.join("run-1", "sft", "data"))
+    result = run(recipe, model_uri=str(tiny_llama_dir), data_uri=data_uri, output_uri=output_uri, store=store)
     m = result.metrics
     assert m["train_steps"] == 2 and m["preference_steps"] == 2
     assert 0.0 <= m["reward_heldout_before"] <= 1.5 and "reward_accuracy_heldout_after" in m
@@ -53,20 +55,21 @@ def test_rl_stage_runs_grpo_then_dpo_and_resumes(tiny_llama_dir: Path, shared_di
     assert Path(result.plots["reward_curve"]).is_file()
     load_causal_lm(result.outputs["model"])
 
-    again = run(recipe, model_uri=str(tiny_llama_dir), output_uri=output_uri, store=store)
+    again = run(recipe, model_uri=str(tiny_llama_dir), data_uri=data_uri, output_uri=output_uri, store=store)
     assert again.tags["resumed_from_step"] == "2"
     assert again.digests["model"] == result.digests["model"]
 
     # the sampled held-out check draws from its own generator: training is the same without it
     greedy_only = recipe.model_copy(update={"rl": recipe.rl.model_copy(update={"heldout_samples": 0})})
-    plain = run(greedy_only, model_uri=str(tiny_llama_dir), output_uri=store.join("run-2", "rl"), store=store)
+    plain = run(greedy_only, model_uri=str(tiny_llama_dir), data_uri=data_uri, output_uri=store.join("run-2", "rl"),
+                store=store)
     assert plain.digests["model"] == result.digests["model"]
     assert not any("sampled" in k for k in plain.metrics)
 
 
 def test_rl_problems_are_disjoint_from_sft_data_and_each_other(tmp_path: Path):
     from nemoforge.artifacts import open_store
-    from nemoforge.data.reasoning import sft_samples
+    from nemoforge.data.sft_split import load_sft_split, read_sft_split
     from nemoforge.stages.rl.stage import rl_problems
 
     recipe = Recipe(
@@ -76,11 +79,14 @@ def test_rl_problems_are_disjoint_from_sft_data_and_each_other(tmp_path: Path):
         rl={"num_prompts": 48, "num_heldout_prompts": 48},
     )
     store = open_store(str(tmp_path / "store"))
-    train, heldout, source = rl_problems(recipe, store)
-    sft_train, sft_heldout, _ = sft_samples(recipe, store)
+    sft_train, split = load_sft_split(recipe, store)
+    # rl reads sft's split from sft's data output: the same problems as from the split in memory
+    data_uri = write_sft_data(recipe, store, store.join("run-1", "sft", "data"))
+    train, heldout, source = rl_problems(recipe, read_sft_split(store, data_uri), store)
+    assert (train, heldout, source) == rl_problems(recipe, split, store)
     train_q, heldout_q = {q for q, _, _ in train}, {q for q, _, _ in heldout}
     assert len(train_q) == 48 and len(heldout_q) == 48 and not train_q & heldout_q
-    assert not (train_q | heldout_q) & {s.prompt for s in sft_train + sft_heldout}
+    assert not (train_q | heldout_q) & {s.prompt for s in sft_train + split.heldout}
     assert [r for _, _, r in heldout[:4]] == ["on", "off", "on", "off"]
     assert "steps=1&max_operand=4" in source
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import write_sft_data
 
 from nemoforge.config import Recipe
 
@@ -113,8 +114,10 @@ def test_grpo_with_vllm_rollouts_completes_and_tags_the_run(policy_and_engine, v
     )  # fmt: skip
     store = store_for(recipe)
     model_uri = store.put(vllm_llama_dir, store.join("models", "sft"))
+    data_uri = write_sft_data(recipe, store, store.join("run-1", "sft", "data"))
     lineage.Lineage.for_recipe(recipe).open_pipeline_run("run-1", recipe)
-    result, _ = execute_stage("rl", recipe, "run-1", {"model": {"uri": model_uri, "digest": "x"}})
+    inputs = {"model": {"uri": model_uri, "digest": "x"}, "data": {"uri": data_uri, "digest": "y"}}
+    result, _ = execute_stage("rl", recipe, "run-1", inputs)
     assert result.metrics["train_steps"] == 2
     assert [s for s, _ in result.history["reward_mean"]] == [1, 2]
     assert [s for s, _ in result.history["completion_tokens"]] == [1, 2]

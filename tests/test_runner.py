@@ -59,18 +59,31 @@ def test_the_stage_table_holds_every_stage_once_in_pipeline_order():
         stage_entry("dpo")
 
 
-def test_stage_key_of_a_reasoning_stage_covers_its_data_and_sft():
-    """sft, rl and eval re-derive sft's split from data and seed: their keys follow them; cpt's does not."""
+def test_stage_keys_cover_what_each_stage_reads():
+    """A stage's key covers its section, the seed, the dtype, the data fields its run() reads, and its inputs'
+    digests. rl and eval read sft's data through sft's ``data`` output, so sft's data reaches their keys through
+    that output's digest (and its model's), never through the recipe."""
+    from nemoforge.config import STAGES
     from nemoforge.runner.stage_table import stage_key
 
     base = load_recipe("smollm2-135m-demo")
-    inputs = {"model": {"uri": "/m", "digest": "m1"}}
-    for change, moved in (("data.sft_uri=x.jsonl", {"sft", "rl", "eval"}), ("sft.steps=30", {"sft", "rl", "eval"}),
-                          ("cpt.steps=30", {"cpt"})):
+    inputs = {"model": {"uri": "/m", "digest": "m1"}, "data": {"uri": "/d", "digest": "d1"}}
+
+    def moved(change: str) -> set[str]:
         changed = load_recipe("smollm2-135m-demo", [change])
-        assert {s for s in ("cpt", "sft", "rl", "eval")
-                if stage_key(base, s, inputs) != stage_key(changed, s, inputs)} == moved, change
-    assert stage_key(base, "cpt", inputs) == step_key("cpt", base.cpt, inputs)
+        return {s for s in STAGES if stage_key(base, s, inputs) != stage_key(changed, s, inputs)}
+
+    for change, stages in (
+        ("data.arithmetic.max_operand=6", {"sft"}), ("data.sft_uri=x.jsonl", {"sft"}), ("sft.steps=30", {"sft"}),
+        ("sft.num_samples=100", {"sft"}), ("data.math_eval_uri=m.jsonl", {"rl", "eval"}),
+        ("data.preference_uri=p.jsonl", {"rl"}), ("data.ifeval_uri=i.jsonl", {"eval"}), ("cpt.steps=30", {"cpt"}),
+        ("data.seq_len_tokens=128", set()),  # the corpus step's: the stages follow the corpus's digest
+        ("seed=1", set(STAGES)), ("dtype=bfloat16", set(STAGES)),
+    ):
+        assert moved(change) == stages, change
+    # sft's data changed: its data output's digest moves rl's and eval's keys
+    other_data = {**inputs, "data": {"uri": "/d", "digest": "d2"}}
+    assert all(stage_key(base, s, inputs) != stage_key(base, s, other_data) for s in ("rl", "eval"))
 
 
 def test_preparation_steps_are_runs_of_the_pipeline_run_and_rows_of_status(
@@ -95,8 +108,8 @@ def test_preparation_steps_are_runs_of_the_pipeline_run_and_rows_of_status(
     refs = {}
     for run_name in ("run-1", "run-2"):
         assert check_inputs_step(recipe, run_name, force=False) == "run"  # no champion yet
-        refs["parent"] = run_step("parent", recipe, run_name, {})
-        refs["corpus"] = run_step("corpus", recipe, run_name, {"parent": refs["parent"]})
+        refs |= run_step("parent", recipe, run_name, {})
+        refs |= run_step("corpus", recipe, run_name, {"parent": refs["parent"]})
         lineage.Lineage.for_recipe(recipe).finish_pipeline_run(run_name, "FINISHED")
 
     runs = lineage.Lineage.for_recipe(recipe)

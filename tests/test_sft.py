@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -26,7 +27,8 @@ def test_sft_loss_counts_only_masked_tokens(tiny_llama_dir: Path):
 
 
 def test_sft_stage_trains_and_measures_toggle(tiny_llama_dir: Path, tmp_path: Path):
-    from nemoforge.artifacts import open_store
+    from nemoforge.artifacts import digest_path, open_store
+    from nemoforge.data.sft_split import read_sft_split
     from nemoforge.models.convert import load_causal_lm
     from nemoforge.stages.sft import run
 
@@ -51,6 +53,13 @@ def test_sft_stage_trains_and_measures_toggle(tiny_llama_dir: Path, tmp_path: Pa
     assert {d.name for d in result.datasets} == {"sft-train", "sft-heldout"}
     assert result.tags["num_train_rows"] == "54"  # one chat per row: 30 prompts, 3 held out, on + off each
     load_causal_lm(result.outputs["model"])  # the export reloads
+    # the split it hands to rl and eval: what it trained on and held out, with the artifact's digest
+    split = read_sft_split(store, result.outputs["data"])
+    assert (len(split.train_prompts), len(split.heldout)) == (27, 6)
+    toggled = json.loads((Path(output_uri) / "samples" / "toggle_after.json").read_text())
+    assert {d["prompt"] for d in toggled} < {s.prompt for s in split.heldout}  # toggle: 2 of the 3 held-out prompts
+    assert not set(split.train_prompts) & {s.prompt for s in split.heldout}
+    assert result.digests["data"] == digest_path(Path(output_uri) / "data")
 
     again = run(recipe, model_uri=str(tiny_llama_dir), output_uri=output_uri, store=store)
     assert again.tags["resumed_from_step"] == "8"

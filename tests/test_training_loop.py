@@ -79,7 +79,7 @@ def test_loss_falls_params_change_and_lr_follows_the_schedule(tmp_path: Path):
         _lm_loss,
         epoch_batches(_rows(), 4, seed=0),
         cfg,
-        checkpoint_dir=tmp_path,
+        seed=0, checkpoint_dir=tmp_path,
         desc="test",
         on_log=lambda step, metrics: logged.append(step),
     )
@@ -104,7 +104,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path: Path, c
     batches = epoch_batches(_rows(), 3, seed=0)  # 8 rows / 3 per step: epochs cross batch boundaries
 
     reference = _tiny_model(dropout=0.2)  # dropout: the RNG state must be restored too
-    full = train(reference, _lm_loss, batches, cfg, checkpoint_dir=tmp_path / "full", desc="full")
+    full = train(reference, _lm_loss, batches, cfg, seed=0, checkpoint_dir=tmp_path / "full", desc="full")
 
     def interrupt_at_5(step: int, metrics: dict[str, float]) -> None:
         if step == 5:
@@ -116,7 +116,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path: Path, c
             _lm_loss,
             batches,
             cfg,
-            checkpoint_dir=tmp_path / "cut",
+            seed=0, checkpoint_dir=tmp_path / "cut",
             desc="cut",
             on_log=interrupt_at_5,
         )
@@ -128,7 +128,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path: Path, c
     # as in a new process: a different init, overwritten by the resume
     resumed_model = _tiny_model(seed=123, dropout=0.2)
     capsys.readouterr()
-    resumed = train(resumed_model, _lm_loss, batches, cfg, checkpoint_dir=tmp_path / "cut", desc="resumed")
+    resumed = train(resumed_model, _lm_loss, batches, cfg, seed=0, checkpoint_dir=tmp_path / "cut", desc="resumed")
     assert resumed.resumed_from_step == 3 and resumed.step == 7
     assert "resuming resumed from step 3 of 7" in capsys.readouterr().err
     for name, value in reference.state_dict().items():
@@ -140,7 +140,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path: Path, c
 
     # a finished run restarts as a no-op
     again = train(
-        _tiny_model(dropout=0.2), _lm_loss, batches, cfg, checkpoint_dir=tmp_path / "cut", desc="again"
+        _tiny_model(dropout=0.2), _lm_loss, batches, cfg, seed=0, checkpoint_dir=tmp_path / "cut", desc="again"
     )
     assert again.resumed_from_step == 7 and again.step == 7
 
@@ -158,7 +158,7 @@ def test_divergence_names_the_step(tmp_path: Path):
             nan_loss,
             epoch_batches(_rows(), 2, seed=0),
             cfg,
-            checkpoint_dir=tmp_path,
+            seed=0, checkpoint_dir=tmp_path,
             desc="nan",
         )
 
@@ -180,7 +180,7 @@ def test_resume_refuses_a_state_file_that_would_run_code_and_runs_none(tmp_path:
 
     cfg = TrainConfig(steps=3, batch_size=3, lr=5e-3, warmup_steps=0, checkpoint_every_steps=3)
     batches = epoch_batches(_rows(), 3, seed=0)
-    train(_tiny_model(), _lm_loss, batches, cfg, checkpoint_dir=tmp_path / "ckpt", desc="first")
+    train(_tiny_model(), _lm_loss, batches, cfg, seed=0, checkpoint_dir=tmp_path / "ckpt", desc="first")
     step_dir = tmp_path / "ckpt" / "step-3"
     marker = tmp_path / "pwned"
     state = torch.load(step_dir / "state.pt", weights_only=True)  # what nemoforge writes loads without pickle
@@ -191,6 +191,6 @@ def test_resume_refuses_a_state_file_that_would_run_code_and_runs_none(tmp_path:
     assert latest_checkpoint(tmp_path / "ckpt") == step_dir
 
     with pytest.raises(NemoforgeError, match=r"refusing to resume from .*step-3/state.pt"):
-        train(_tiny_model(), _lm_loss, batches, cfg.model_copy(update={"steps": 5}), checkpoint_dir=tmp_path / "ckpt",
+        train(_tiny_model(), _lm_loss, batches, cfg.model_copy(update={"steps": 5}), seed=0, checkpoint_dir=tmp_path / "ckpt",
               desc="resume")
     assert not marker.exists()

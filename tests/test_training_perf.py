@@ -154,7 +154,7 @@ def _train(
     model = _model()
     cfg = TrainConfig(steps=steps, batch_size=4, lr=3e-3, warmup_steps=1, checkpoint_every_steps=100, **overrides)
     state = train(
-        model, _lm_loss, epoch_batches(_rows(), 4, seed=0), cfg, checkpoint_dir=tmp_path, desc="test",
+        model, _lm_loss, epoch_batches(_rows(), 4, seed=0), cfg, seed=0, checkpoint_dir=tmp_path, desc="test",
         flops_per_token=training_flops_per_token(model.config, 16), peak_flops_per_s=peak_flops_per_s,
     )  # fmt: skip
     return model, state.history

@@ -81,7 +81,7 @@ def test_a_copied_workdir_serves_and_reuses_its_own_files_once_the_original_is_g
     parent_uri = store.put(tiny_llama_dir, store.join("models", "parent-0123"))
     inputs = {"model": {"uri": rl_uri, "digest": store.digest(rl_uri)},
               "parent": {"uri": parent_uri, "digest": store.digest(parent_uri)}}  # fmt: skip
-    registered = run_step("eval", recipe, "run-1", inputs)
+    registered = run_step("eval", recipe, "run-1", inputs)["model"]
     assert registered["version"] == 1 and registered["aliases"] == ["challenger", "champion"]
     assert fake_eval.num_calls == 1
     # what outlives the run names the model relative to the artifact root
@@ -117,7 +117,7 @@ def test_a_copied_workdir_serves_and_reuses_its_own_files_once_the_original_is_g
     moved_inputs = {
         k: {**ref, "uri": ref["uri"].replace(str(original), str(copy))} for k, ref in inputs.items()
     }
-    again = run_step("eval", moved, "run-2", moved_inputs)
+    again = run_step("eval", moved, "run-2", moved_inputs)["model"]
     assert fake_eval.num_calls == 1 and again["version"] == 1
     assert again["uri"] == str(model_dir)
 

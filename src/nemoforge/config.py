@@ -211,7 +211,6 @@ class NASConfig(_Section):
     scoring: ScoringConfig = ScoringConfig()
     cost: CostConfig = CostConfig()
     ffn_fusion: FFNFusionConfig = FFNFusionConfig()
-    seed: int = 0
 
     @model_validator(mode="after")
     def _check_widths(self) -> NASConfig:
@@ -246,7 +245,6 @@ class TrainConfig(_Section):
         "newer one is stored); each is about 12 bytes per trained parameter (float32 weights and AdamW moments).",
     )
     log_every_steps: int = Field(1, ge=1, description="Log metrics every N steps.")
-    seed: int = 0
     mixed_precision: Literal["auto", "bf16", "none"] = Field(
         "auto",
         description="bf16: forward and backward under bf16 autocast, with float32 weights, gradients and AdamW "
@@ -487,7 +485,6 @@ class EvalConfig(_Section):
         256, ge=8, description="Tokens generated per IFEval reply (some prompts ask for 300+ words)."
     )
     gate: GateConfig = GateConfig()
-    seed: int = 0
 
 
 # --------------------------------------------------------------------------------------------- serve
@@ -719,7 +716,11 @@ class Recipe(_Section):
 
     name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9.-]*$", description="Recipe name (lowercase, dashes).")
     description: str = ""
-    seed: int = 0
+    seed: int = Field(
+        0,
+        description="The run's one seed: every random stream of every step (data generation, splits, batch order, "
+        "sampling, bootstrap) is derived from it by name (nemoforge.runtime.seed_for).",
+    )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Training and inference dtype.")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -755,6 +756,21 @@ class Recipe(_Section):
             raise ValueError(
                 "rl.preference.enabled needs data.preference_uri (JSONL with prompt/chosen/rejected): set it, or "
                 "set rl.preference.enabled=false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_sft_handoff(self) -> Recipe:
+        # rl and eval read sft's data split (nemoforge.data.sft_split) as they read its model
+        if self.rl.enabled and not self.sft.enabled:
+            raise ValueError(
+                "rl.enabled needs sft.enabled: rl keeps its prompts apart from sft's data and draws them from sft's "
+                "source (sft's data output); enable sft, or set rl.enabled=false"
+            )
+        if self.eval.enabled and not self.sft.enabled and self.data.math_eval_uri is None:
+            raise ValueError(
+                "eval.enabled without sft needs data.math_eval_uri (JSONL of math problems): eval grades sft's "
+                "held-out split otherwise; set data.math_eval_uri, or enable sft"
             )
         return self
 
@@ -834,9 +850,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+REMOVED_FIELDS: dict[str, str] = {
+    "seed": "one seed per recipe now: remove it, and set the top-level `seed` (every stage derives its random "
+    "streams from it by name)",
+}
+"""Keys that a section of an older recipe may hold, with the fix the error names (at the top level, ``seed`` is
+the recipe's one seed)."""
+
+
 def _format_error(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"] if p != "__root__") or "(recipe)"
     kind = err["type"]
+    if kind == "extra_forbidden" and str(err["loc"][-1]) in REMOVED_FIELDS:
+        return f"{loc}: removed; {REMOVED_FIELDS[str(err['loc'][-1])]}"
     if kind == "extra_forbidden":
         return f"{loc}: unknown key; remove it or fix its spelling (see `nemoforge run --help` for sections)"
     if kind == "missing":

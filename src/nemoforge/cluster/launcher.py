@@ -30,8 +30,8 @@ from nemoforge.artifacts import store_for
 from nemoforge.cluster.trainjob import GROUP, PLURAL, VERSION, build_trainjob
 from nemoforge.config import Recipe
 from nemoforge.errors import NemoforgeError
-from nemoforge.runner.index import StepIndex, model_ref, result_from_json
-from nemoforge.runner.stage_table import stage_key
+from nemoforge.runner.index import Ref, StepIndex, result_from_json
+from nemoforge.runner.stage_table import stage_entry, stage_key
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
@@ -292,8 +292,9 @@ def launcher_pod_from_env() -> tuple[str, dict[str, str] | None]:
     return namespace, ({"name": name, "uid": uid} if name and uid else None)
 
 
-def finished_stage_ref(stage: str, recipe: Recipe, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The model reference the workers recorded in the step index (``index/<stage>/<key>.json``).
+def finished_stage_refs(stage: str, recipe: Recipe, run_name: str, inputs: dict[str, Ref]) -> dict[str, Ref]:
+    """The references of the result the workers recorded in the step index (``index/<stage>/<key>.json``), by
+    name (:meth:`~nemoforge.runner.stage_table.StageEntry.output_refs`: ``model``).
 
     Raises:
         NemoforgeError: the job completed but the index holds no finished result for this step.
@@ -305,15 +306,13 @@ def finished_stage_ref(stage: str, recipe: Recipe, inputs: dict[str, dict[str, A
             f"the {stage} TrainJob completed but {store.join('index', stage)} has no finished entry for its key: "
             "did every worker see the same storage.artifact_root?"
         )
-    return model_ref(result_from_json(entry["result"]))
+    return stage_entry(stage).output_refs(recipe, run_name, result_from_json(entry["result"]), inputs)
 
 
-def launch_stage(
-    stage: str, recipe: Recipe, run_name: str, inputs: dict[str, dict[str, Any]], image: str
-) -> dict[str, Any]:
-    """The body of a launcher task: run ``stage`` as a TrainJob and return its model reference."""
+def launch_stage(stage: str, recipe: Recipe, run_name: str, inputs: dict[str, Ref], image: str) -> dict[str, Ref]:
+    """The body of a launcher task: run ``stage`` as a TrainJob and return its task's references (``model``)."""
     namespace, owner = launcher_pod_from_env()
     job = build_trainjob(recipe, stage, run_name, inputs, image=image, namespace=namespace, owner=owner)
     trainer = recipe.resources.trainer
     run_trainjob(TrainJobs(KubeAPI.from_env(), namespace), job, timeout_s=trainer.timeout_s, poll_s=trainer.poll_s)
-    return finished_stage_ref(stage, recipe, inputs)
+    return finished_stage_refs(stage, recipe, run_name, inputs)

@@ -25,16 +25,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from nemoforge.config import ReasoningMode as Reasoning
 from nemoforge.errors import InputNotFoundError, NemoforgeError
 from nemoforge.grading import parse_reference
-
-if TYPE_CHECKING:
-    from nemoforge.config import Recipe
 
 SFT_HELDOUT_FRACTION = 0.1
 """Share of SFT prompts held out (toggle compliance; eval's math problems when no math_eval_uri)."""
@@ -434,24 +431,3 @@ def from_signed_ids(signed_NT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """Inverse of :func:`to_signed_ids`: ``(input_ids_NT, loss_mask_NT)``."""
     mask_NT = signed_NT >= 0
     return torch.where(mask_NT, signed_NT, -signed_NT - 1), mask_NT
-
-
-def sft_samples(recipe: Recipe, store: Any) -> tuple[list[ChatSample], list[ChatSample], str]:
-    """The sft stage's training and held-out chats (split by prompt) and their source name.
-
-    ``store``: the run's :class:`~nemoforge.artifacts.ArtifactStore` (reads ``data.sft_uri`` when it is a URI).
-
-    ``data.sft_uri``, or generated arithmetic at ``data.arithmetic``'s difficulty; rl and eval call this to
-    keep their prompts apart from (rl) or inside (eval) the held-out split.
-    """
-    data = recipe.data
-    samples = load_chat_samples(
-        data.sft_uri, recipe.sft.num_samples, seed=recipe.seed, store=store, **data.arithmetic.model_dump()
-    )
-    train, heldout = split_by_prompt(samples, heldout_fraction=SFT_HELDOUT_FRACTION, seed=recipe.sft.seed)
-    task = data.arithmetic
-    source = data.sft_uri or (
-        f"generated://arithmetic?seed={recipe.seed}&n={recipe.sft.num_samples}"
-        f"&steps={task.num_steps}&max_operand={task.max_operand}&terse_fraction={task.terse_fraction}"
-    )
-    return train, heldout, source

@@ -112,6 +112,7 @@ def prepare_corpus_step(recipe: Recipe, run_name: str, parent: Ref) -> Ref:
     from transformers import AutoTokenizer
 
     from nemoforge.data.corpus import prepare_corpus
+    from nemoforge.runtime import seed_for
 
     key = corpus_key(recipe, {"parent": parent} if recipe.data.corpus_uri is None else {})
 
@@ -124,7 +125,7 @@ def prepare_corpus_step(recipe: Recipe, run_name: str, parent: Ref) -> Ref:
             tokenizer=AutoTokenizer.from_pretrained(parent_dir),
             parent_dir=parent_dir,
             out_dir=out_dir,
-            seed=recipe.seed,
+            seed=seed_for(recipe, "corpus"),
             store=store,
         )
         uri = store.put(out_dir, store.join("corpus", key[:16]))
@@ -155,7 +156,8 @@ def execute_stage(
         recipe: the resolved recipe (tracking URI and artifact root set).
         run_name: the pipeline run this execution belongs to (the MLflow parent run's name).
         inputs: upstream references by the stage's argument name without ``_uri``
-            (``parent``, ``model``, ``corpus``): sft and rl take ``model``; eval ``model`` and ``parent``.
+            (``parent``, ``model``, ``corpus``, ``data``): sft takes ``model``; rl ``model`` and ``data`` (sft's
+            split); eval ``model``, ``parent``, ``corpus`` and (with sft in the pipeline) ``data``.
         on_output: called with the output URI right before the stage runs, or with None when its result is
             reused (rank 0 of a TrainJob tells the other ranks, which then :func:`join_stage` or stop).
 
@@ -207,25 +209,27 @@ def join_stage(stage: str, recipe: Recipe, inputs: dict[str, Ref], output_uri: s
     return spec.run_fn()(recipe, **input_uris, output_uri=output_uri, store=store_for(recipe), **context)
 
 
-def run_step(step: str, recipe: Recipe, run_name: str, inputs: dict[str, Ref]) -> Ref:
-    """Run one pipeline step and return the reference its task outputs.
+def run_step(step: str, recipe: Recipe, run_name: str, inputs: dict[str, Ref]) -> dict[str, Ref]:
+    """Run one pipeline step and return the references its task outputs.
 
     Args:
         step: ``parent``, ``corpus``, or a stage of :data:`~nemoforge.runner.stage_table.STAGE_TABLE`.
         recipe: the resolved recipe (the pipeline's ``recipe_json``).
         run_name: the pipeline run's name (its MLflow parent run, under which the step's run goes).
-        inputs: the upstream references by name (``parent``, ``model``, ``corpus``).
+        inputs: the upstream references by name (``parent``, ``model``, ``corpus``, ``data``).
 
     Returns:
-        The step's output reference (a stage's: its table entry's ``output``). A stage that runs as a Kubeflow
-        Trainer TrainJob goes through :func:`nemoforge.cluster.launcher.launch_stage` instead.
+        The step's output references by name: ``parent``, ``corpus``, or a stage's
+        :meth:`~nemoforge.runner.stage_table.StageEntry.output_refs` (``model``, and sft's ``data``; serve's
+        ``responses``). A stage that runs as a Kubeflow Trainer TrainJob goes through
+        :func:`nemoforge.cluster.launcher.launch_stage` instead.
     """
     if step == "parent":
-        return prepare_parent_step(recipe, run_name)
+        return {"parent": prepare_parent_step(recipe, run_name)}
     if step == "corpus":
-        return prepare_corpus_step(recipe, run_name, inputs["parent"])
+        return {"corpus": prepare_corpus_step(recipe, run_name, inputs["parent"])}
     result, _ = execute_stage(step, recipe, run_name, inputs)
-    return stage_entry(step).output(recipe, run_name, result, inputs)
+    return stage_entry(step).output_refs(recipe, run_name, result, inputs)
 
 
 def finalize_run(recipe: Recipe, run_name: str, succeeded: bool) -> None:

@@ -18,7 +18,7 @@ from nemoforge.runner.register import champion_inputs, register_evaluated_model
 from nemoforge.stages.result import StageResult
 
 OutputRef = Callable[[Recipe, str, StageResult, dict[str, Ref]], Ref]
-"""``(recipe, run_name, result, inputs) -> ref``: what a stage's task hands downstream once the stage ran."""
+"""``(recipe, run_name, result, inputs) -> ref``: the main reference a stage's task hands downstream once it ran."""
 
 
 def _model_output(recipe: Recipe, run_name: str, result: StageResult, inputs: dict[str, Ref]) -> Ref:
@@ -40,9 +40,12 @@ class StageEntry:
         trains: it trains with :func:`nemoforge.training.loop.train`: its ``run()`` takes ``on_log``, which
             :func:`nemoforge.runner.execute.execute_stage` wires to the stage's MLflow run, so the loss, the
             reward and tokens/s reach MLflow while it trains (and stay there when the stage is killed).
-        reads_reasoning_data: its key also covers ``data`` (``data.sft_uri``, ``data.math_eval_uri``,
-            ``data.preference_uri``, ...), the seed and sft's section (the held-out split it re-derives).
-        output: what its task outputs (default: the model reference; eval registers the model first).
+        reads_data: the ``data`` fields its ``run()`` reads from the recipe (its key covers them); what it
+            reads from an upstream step (the corpus, sft's split) its key covers through that input's digest.
+        output: its task's main reference (default: the model reference; eval registers the model first).
+        output_name: the name of that reference among the task's outputs (:meth:`output_refs`).
+        handoffs: further outputs of its result that its task hands downstream as ``{"uri", "digest"}`` (sft:
+            ``data``, the split rl and eval read).
         context: keyword arguments of its ``run()`` that the runner looks up when the stage runs (eval: the
             current champion, from the MLflow registry), so the stage itself stays free of MLflow.
     """
@@ -50,25 +53,29 @@ class StageEntry:
     name: str
     module: str
     trains: bool = False
-    reads_reasoning_data: bool = False
+    reads_data: tuple[str, ...] = ()
     output: OutputRef = _model_output
+    output_name: str = "model"
+    handoffs: tuple[str, ...] = ()
     context: Callable[[Recipe], dict[str, Any]] | None = None
 
     def run_fn(self) -> Callable[..., StageResult]:
         """The stage's ``run()`` (its module is imported now)."""
         return importlib.import_module(self.module).run
 
-    def key_section(self, recipe: Recipe) -> Any:
-        """What the stage's key covers from the recipe: its section (see ``reads_reasoning_data``)."""
-        section = getattr(recipe, self.name)
-        if not self.reads_reasoning_data:
-            return section
+    def key_section(self, recipe: Recipe) -> dict[str, Any]:
+        """What the stage's key covers from the recipe: its section, ``seed`` and ``dtype``, and ``reads_data``."""
         return {
-            self.name: section.model_dump(mode="json"),
-            "data": recipe.data.model_dump(mode="json"),
+            self.name: getattr(recipe, self.name).model_dump(mode="json"),
             "seed": recipe.seed,
-            "sft": recipe.sft.model_dump(mode="json"),
+            "dtype": recipe.dtype,
+            "data": recipe.data.model_dump(mode="json", include=set(self.reads_data)),
         }
+
+    def output_refs(self, recipe: Recipe, run_name: str, result: StageResult, inputs: dict[str, Ref]) -> dict[str, Ref]:
+        """What the stage's task outputs, by name: ``output`` under ``output_name``, then each of ``handoffs``."""
+        refs = {self.output_name: self.output(recipe, run_name, result, inputs)}
+        return refs | {name: {"uri": result.outputs[name], "digest": result.digests[name]} for name in self.handoffs}
 
 
 STAGE_TABLE: dict[str, StageEntry] = {
@@ -77,13 +84,13 @@ STAGE_TABLE: dict[str, StageEntry] = {
         StageEntry("nas", "nemoforge.stages.nas"),
         StageEntry("distill", "nemoforge.stages.distill", trains=True),
         StageEntry("cpt", "nemoforge.stages.cpt", trains=True),
-        StageEntry("sft", "nemoforge.stages.sft", trains=True, reads_reasoning_data=True),
-        StageEntry("rl", "nemoforge.stages.rl", trains=True, reads_reasoning_data=True),
+        StageEntry("sft", "nemoforge.stages.sft", trains=True, reads_data=("sft_uri", "arithmetic"), handoffs=("data",)),
+        StageEntry("rl", "nemoforge.stages.rl", trains=True, reads_data=("math_eval_uri", "preference_uri")),
         StageEntry(
-            "eval", "nemoforge.stages.eval", reads_reasoning_data=True, output=register_evaluated_model,
+            "eval", "nemoforge.stages.eval", reads_data=("math_eval_uri", "ifeval_uri"), output=register_evaluated_model,
             context=champion_inputs,
         ),
-        StageEntry("serve", "nemoforge.stages.serve", output=_serve_output),
+        StageEntry("serve", "nemoforge.stages.serve", output=_serve_output, output_name="responses"),
     )
 }
 

@@ -28,7 +28,7 @@ from nemoforge.artifacts import ArtifactStore, digest_path, join_uri
 from nemoforge.config import CorpusTrainConfig, Recipe
 from nemoforge.data.corpus import CorpusSplits, load_corpus
 from nemoforge.data.packing import token_digest
-from nemoforge.runtime import compute_device, recipe_dtype
+from nemoforge.runtime import compute_device, recipe_dtype, seed_for
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stats import paired_mean_difference
 from nemoforge.training.checkpoint import TrainState, is_complete_checkpoint
@@ -217,8 +217,9 @@ def run_training_stage(
         state: TrainState = train(
             model,
             loss_fn,
-            epoch_batches(train_ids_NT, cfg.batch_size, seed=cfg.seed),
+            epoch_batches(train_ids_NT, cfg.batch_size, seed=seed_for(recipe, f"{stage}.batches")),
             cfg,
+            seed=seed_for(recipe, f"{stage}.train"),
             checkpoint_dir=work / "checkpoints",
             desc=stage,
             on_log=on_log,

@@ -69,7 +69,6 @@ def deepspeed_config(train: TrainConfig, res: StageResources) -> dict[str, Any]:
         "bf16": {"enabled": ds.bf16},
         "zero_optimization": zero,
         "steps_per_print": train.log_every_steps,
-        "seed": train.seed,
     }
 
 

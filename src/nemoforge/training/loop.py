@@ -79,6 +79,7 @@ def train(
     batches: BatchFn,
     cfg: TrainConfig,
     *,
+    seed: int,
     checkpoint_dir: Path,
     desc: str,
     on_log: LogFn | None = None,
@@ -108,6 +109,9 @@ def train(
         loss_fn: see :data:`~nemoforge.training.engines.LossFn`; called under autocast.
         batches: see :data:`BatchFn`; the global batch of every update, the same on every rank.
         cfg: the stage's training section (``recipe.distill`` / ``recipe.cpt`` / ...).
+        seed: the torch RNG's seed at the start (dropout, and what a loss draws from it: rl's rollouts), the
+            same on every rank (a stage's ``seed_for(recipe, "<stage>.train")``); a resumed run restores the
+            checkpoint's RNG state instead.
         checkpoint_dir: local directory of ``step-N/`` checkpoints (created).
         desc: progress-bar label.
         on_log: called as ``on_log(step, metrics)`` every ``cfg.log_every_steps`` updates.
@@ -128,7 +132,7 @@ def train(
     device = next(model.parameters()).device
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)  # dropout RNG, the same on every rank; a resumed run restores the saved state
+    torch.manual_seed(seed)  # the same on every rank; a resumed run restores the saved state
     engine = parallelize(model, loss_fn, cfg, device)
     state = _resume(engine, checkpoint_dir, desc)
 

@@ -8,7 +8,7 @@ rows, which no stage trained on (:mod:`nemoforge.stages.eval.heldout`). Decode t
 timed round-robin (:mod:`nemoforge.stages.eval.speed`); for the child, the per-token KL(parent || child)
 on the held-out reference chats.
 
-Intervals (:mod:`nemoforge.stats`, seeded by ``eval.seed``): every rate ``<m>`` gets
+Intervals (:mod:`nemoforge.stats`, seeded by the stream ``eval.bootstrap``): every rate ``<m>`` gets
 ``<m>_ci_low``/``<m>_ci_high``, a Wilson interval clustered by problem (``k`` samples), prompt (IFEval
 instructions) or held-out row (tokens), plain Wilson with one trial per cluster; ``lm_loss`` a normal
 interval on its clustered standard error; ``retention_<m>`` (child / parent) a paired bootstrap over the
@@ -48,13 +48,13 @@ from nemoforge.data.reasoning import (
     encode_chat,
     math_problems,
     read_chat_samples,
-    sft_samples,
     toggle_compliant,
 )
+from nemoforge.data.sft_split import read_sft_split
 from nemoforge.errors import NemoforgeError
 from nemoforge.models.generate import left_pad, pad_id
 from nemoforge.rewards import accuracy_reward
-from nemoforge.runtime import compute_device, recipe_dtype
+from nemoforge.runtime import compute_device, recipe_dtype, seed_for
 from nemoforge.stages.chat import generate_chats
 from nemoforge.stages.eval.gate import champion_baseline, promotion_gate
 from nemoforge.stages.eval.heldout import next_token_scores
@@ -103,20 +103,29 @@ class Measurement:
 
 
 def eval_problems(
-    recipe: Recipe, store: ArtifactStore
+    recipe: Recipe, store: ArtifactStore, data_uri: str | None
 ) -> tuple[list[tuple[str, str]], list[ChatSample], str, int]:
-    """Held-out ``(question, answer)`` problems, their reference chats (for KL), the source name, and how many
+    """Held-out ``(question, answer)`` problems, their reference chats (for KL), the source URI, and how many
     problems were dropped because their reference answer does not parse.
 
-    ``data.math_eval_uri`` when set; otherwise the sft stage's held-out split of its own data.
+    ``data.math_eval_uri`` when set; otherwise the held-out chats of sft's split at ``data_uri`` (sft's ``data``
+    output, :mod:`~nemoforge.data.sft_split`).
+
+    Raises:
+        NemoforgeError: neither is given (the recipe's validation refuses that earlier), or ``data_uri`` is not
+            sft's split.
     """
     n = recipe.eval.num_problems
     if recipe.data.math_eval_uri:
         samples = read_chat_samples(Path(store.fetch(recipe.data.math_eval_uri)), limit=2 * n)
         source = recipe.data.math_eval_uri
+    elif data_uri is not None:
+        samples = read_sft_split(store, data_uri).heldout
+        source = join_uri(data_uri, "heldout.jsonl")
     else:
-        _, samples, sft_source = sft_samples(recipe, store)
-        source = sft_source + "#sft-heldout"
+        raise NemoforgeError(
+            "eval has no math problems: set data.math_eval_uri, or enable sft (eval grades its held-out split)"
+        )
     problem_set = math_problems(samples)
     problems = problem_set.problems[:n]
     prompts = {q for q, _ in problems}
@@ -148,15 +157,18 @@ def _graded(correct: float | None) -> float:
 
 
 def evaluate_model(
-    model: torch.nn.Module, tokenizer: Any, problems: Sequence[tuple[str, str]], cfg: EvalConfig
+    model: torch.nn.Module, tokenizer: Any, problems: Sequence[tuple[str, str]], cfg: EvalConfig, *, seed: int
 ) -> tuple[dict[str, Tally], list[dict[str, Any]]]:
     """Math pass@1 on (sampled, k) and off (greedy) and toggle compliance of one model, per problem.
+
+    The on-mode samples are drawn from a generator seeded with ``seed``: every model evaluated with the same seed
+    (child, parent, champion) gets the same random numbers.
 
     Returns:
         ``({"math_pass1_on", "math_pass1_off", "toggle_on", "toggle_off"}: Tally per problem, samples)``: on-mode
         tallies count ``k`` samples per problem, off-mode ones 1.
     """
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     k = cfg.num_samples
     on_chats = [(q, "on") for q, _ in problems for _ in range(k)]
     on_replies = generate_chats(
@@ -188,7 +200,8 @@ def evaluate_model(
 
 
 def ifeval_prompts(recipe: Recipe, store: ArtifactStore) -> tuple[list[IFEvalPrompt], list[str]]:
-    """The IFEval sample (``eval.ifeval_num_prompts``, seeded by ``eval.seed``) and the instruction ids left out.
+    """The IFEval sample (``eval.ifeval_num_prompts``, stream ``eval.ifeval_prompts``) and the instruction ids left
+    out.
 
     Prompts whose checker cannot run here (:func:`~nemoforge.stages.eval.ifeval.unavailable_instructions`)
     are left out before sampling. ``([], [])`` when ``data.ifeval_uri`` is not set.
@@ -201,7 +214,8 @@ def ifeval_prompts(recipe: Recipe, store: ArtifactStore) -> tuple[list[IFEvalPro
         return [], []
     rows = read_ifeval(Path(store.fetch(recipe.data.ifeval_uri)))
     unchecked = unavailable_instructions(rows)
-    prompts = sample_prompts(rows, recipe.eval.ifeval_num_prompts, seed=recipe.eval.seed, exclude=unchecked)
+    seed = seed_for(recipe, "eval.ifeval_prompts")
+    prompts = sample_prompts(rows, recipe.eval.ifeval_num_prompts, seed=seed, exclude=unchecked)
     if not prompts:
         raise NemoforgeError(
             f"{recipe.data.ifeval_uri}: no IFEval prompt is checkable here (missing checkers: {', '.join(unchecked)})"
@@ -210,12 +224,12 @@ def ifeval_prompts(recipe: Recipe, store: ArtifactStore) -> tuple[list[IFEvalPro
 
 
 def evaluate_ifeval(
-    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[IFEvalPrompt], cfg: EvalConfig
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[IFEvalPrompt], cfg: EvalConfig, *, seed: int
 ) -> tuple[dict[str, Tally], list[dict[str, Any]]]:
     """IFEval strict accuracy of one model: a reply per prompt in ``cfg.ifeval_reasoning`` mode, then the checks.
 
-    Off: greedy. On: sampled at ``cfg.temperature`` / ``cfg.top_p``, and the answer part is checked (a reply
-    cut off inside its think block has none and follows nothing).
+    Off: greedy. On: sampled at ``cfg.temperature`` / ``cfg.top_p`` from a generator seeded with ``seed``, and the
+    answer part is checked (a reply cut off inside its think block has none and follows nothing).
 
     Returns:
         ``({"ifeval_prompt_strict", "ifeval_instruction_strict"}: Tally per prompt, samples)`` (IFEval §3: a
@@ -223,7 +237,7 @@ def evaluate_ifeval(
         prompt with the response, the instruction ids and whether each was followed.
     """
     sampled = cfg.ifeval_reasoning == "on"
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     replies = generate_chats(
         model, tokenizer, [(p.prompt, cfg.ifeval_reasoning) for p in prompts],
         max_new_tokens=cfg.ifeval_max_new_tokens, temperature=cfg.temperature if sampled else 0.0,
@@ -260,12 +274,18 @@ def measure(
     problems: Sequence[tuple[str, str]],
     if_prompts: Sequence[IFEvalPrompt],
     heldout_NT: torch.Tensor | None,
-    cfg: EvalConfig,
+    recipe: Recipe,
 ) -> Measurement:
-    """Everything but speed and KL for one model: math, toggle, IFEval (when prompts), held-out LM quality."""
-    rates, samples = evaluate_model(model, tokenizer, problems, cfg)
+    """Everything but speed and KL for one model: math, toggle, IFEval (when prompts), held-out LM quality.
+
+    ``recipe.eval`` sets it; sampling draws from the streams ``eval.math`` and ``eval.ifeval``, the same for every
+    model measured.
+    """
+    cfg = recipe.eval
+    rates, samples = evaluate_model(model, tokenizer, problems, cfg, seed=seed_for(recipe, "eval.math"))
     if if_prompts:
-        if_rates, if_samples = evaluate_ifeval(model, tokenizer, if_prompts, cfg)
+        if_seed = seed_for(recipe, "eval.ifeval")
+        if_rates, if_samples = evaluate_ifeval(model, tokenizer, if_prompts, cfg, seed=if_seed)
         rates |= if_rates
         samples += if_samples
     lm_loss = None
@@ -351,12 +371,14 @@ def comparison_table(figures: dict[str, float]) -> str:
 
 
 def eval_settings_digest(recipe: Recipe, problems_digest: str, heldout_digest: str | None, ifeval_digest: str | None) -> str:
-    """sha256 of what the eval figures depend on: the ``eval`` section without its gate, ``dtype``, and the
-    digests of the problem set, the held-out rows and the IFEval prompts. Champion metrics recorded under
-    another digest are not compared with (:func:`~nemoforge.stages.eval.gate.champion_baseline`)."""
+    """sha256 of what the eval figures depend on: the ``eval`` section without its gate, ``dtype``, the ``seed``
+    (its sampling and bootstrap streams), and the digests of the problem set, the held-out rows and the IFEval
+    prompts. Champion metrics recorded under another digest are not compared with
+    (:func:`~nemoforge.stages.eval.gate.champion_baseline`)."""
     payload = {
         "eval": recipe.eval.model_dump(mode="json", exclude={"gate"}),
         "dtype": recipe.dtype,
+        "seed": recipe.seed,
         "problems": problems_digest,
         "heldout": heldout_digest,
         "ifeval": ifeval_digest,
@@ -374,6 +396,7 @@ def run(
     output_uri: str,
     store: ArtifactStore,
     corpus_uri: str | None = None,
+    data_uri: str | None = None,
     champion: dict[str, Any] | None = None,
 ) -> StageResult:
     """Evaluate the child at ``model_uri`` and the parent at ``parent_uri`` side by side; decide the gate.
@@ -387,6 +410,8 @@ def run(
         store: the artifact store.
         corpus_uri: the corpus step's output, whose held-out rows give ``lm_top1`` and ``lm_loss``; None: not
             measured (a gate naming ``lm_top1`` then fails).
+        data_uri: sft's ``data`` output, whose held-out chats are the math problems when ``data.math_eval_uri``
+            is not set (:func:`eval_problems`).
         champion: the current champion (``version``, ``model_uri``, ``metrics``, ``eval_settings``), as the
             runner reads it from the MLflow registry (:func:`nemoforge.runner.register.champion_record`); None:
             no champion yet.
@@ -404,7 +429,7 @@ def run(
     Raises:
         InputNotFoundError: an input URI does not exist.
         NemoforgeError: ``data.ifeval_uri`` is not IFEval JSONL or leaves no checkable prompt; the corpus
-            does not match its digest.
+            does not match its digest; no math problems (:func:`eval_problems`).
     """
     from transformers import AutoTokenizer
 
@@ -417,18 +442,19 @@ def run(
     model = load_causal_lm(model_dir, dtype=dtype).to(device).eval()
     parent = load_causal_lm(parent_dir, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, config=model.config)
-    problems, chats, source, num_unparseable = eval_problems(recipe, store)
+    problems, chats, source, num_unparseable = eval_problems(recipe, store, data_uri)
     if_prompts, if_unchecked = ifeval_prompts(recipe, store)
     heldout_NT, heldout_source = heldout_rows(corpus_uri, cfg, store) if corpus_uri else (None, None)
 
-    child = measure(model, tokenizer, problems, if_prompts, heldout_NT, cfg)
-    parent_measured = measure(parent, tokenizer, problems, if_prompts, heldout_NT, cfg)
+    child = measure(model, tokenizer, problems, if_prompts, heldout_NT, recipe)
+    parent_measured = measure(parent, tokenizer, problems, if_prompts, heldout_NT, recipe)
     kl = kl_to_parent(model, parent, tokenizer, chats)
     timing = time_decode_round_robin(
         {"child": model, "parent": parent}, tokenizer, num_tokens=cfg.decode_tokens, repeats=cfg.decode_repeats
     )
     del parent
-    figures = compare(child, parent_measured, timing, cfg.seed) | {"kl_to_parent": kl, "parent_kl_to_parent": 0.0}
+    figures = compare(child, parent_measured, timing, seed_for(recipe, "eval.bootstrap"))
+    figures |= {"kl_to_parent": kl, "parent_kl_to_parent": 0.0}
 
     problems_digest = hashlib.sha256(json.dumps(problems).encode()).hexdigest()
     heldout_digest = token_digest(heldout_NT) if heldout_NT is not None else None
@@ -438,7 +464,7 @@ def run(
 
     def measure_champion(uri: str) -> dict[str, float]:
         champ = load_causal_lm(store.fetch(uri), dtype=dtype).to(device).eval()
-        return measure(champ, tokenizer, problems, if_prompts, heldout_NT, cfg).point()
+        return measure(champ, tokenizer, problems, if_prompts, heldout_NT, recipe).point()
 
     baseline = champion_baseline(champion, settings, store, measure_champion)
     outcome = promotion_gate(figures, cfg.gate, baseline)

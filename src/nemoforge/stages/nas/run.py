@@ -42,7 +42,7 @@ from nemoforge.models.block_configs import count_params, kv_cache_bytes_per_toke
 from nemoforge.models.convert import child_from_parent, load_causal_lm
 from nemoforge.models.export import export_checkpoint
 from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM, DeciLMMLP
-from nemoforge.runtime import compute_device, no_progress, recipe_dtype
+from nemoforge.runtime import compute_device, no_progress, recipe_dtype, seed_for
 from nemoforge.stages.nas.bld import BLDResult, distill_layer, parent_activations
 from nemoforge.stages.nas.cost import CostTable, device_name, measure_costs
 from nemoforge.stages.nas.fusion import ffn_fusion
@@ -109,7 +109,7 @@ def run(
     nas = recipe.nas
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    torch.manual_seed(nas.seed)
+    torch.manual_seed(seed_for(recipe, "nas"))
     inputs = _load_inputs(recipe, parent_uri=parent_uri, corpus_uri=corpus_uri, output_uri=output_uri, store=store)
     model, tokenizer, library, phase = inputs.model, inputs.tokenizer, inputs.library, inputs.phase
     corpus = inputs.corpus
@@ -393,7 +393,7 @@ def _bld_phase(
                     steps=cfg.steps,
                     batch_tokens=cfg.batch_tokens,
                     lr=cfg.lr,
-                    seed=recipe.nas.seed,
+                    seed=seed_for(recipe, "nas.bld"),
                 )
                 _save_bld_layer(phase, i, results[i])
             if i == todo[-1]:

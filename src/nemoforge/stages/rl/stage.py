@@ -52,16 +52,15 @@ from nemoforge.data.reasoning import (
     Reasoning,
     encode_chat,
     encode_prompt,
-    load_chat_samples,
     math_problems,
     read_chat_samples,
     read_preference_pairs,
-    sft_samples,
 )
+from nemoforge.data.sft_split import SFTSplit, read_sft_split
 from nemoforge.errors import NemoforgeError
 from nemoforge.models.generate import generate_ids, pad_id
 from nemoforge.rewards import combined_rewards
-from nemoforge.runtime import compute_device, recipe_dtype
+from nemoforge.runtime import compute_device, recipe_dtype, seed_for
 from nemoforge.stages.chat import generate_chats
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stages.rl.losses import clipped_policy_loss, dpo_loss, group_advantages, token_logps
@@ -84,23 +83,29 @@ def _with_modes(problems: Sequence[tuple[str, str]], modes: Sequence[Reasoning] 
     return [(q, a, modes[i % len(modes)]) for i, (q, a) in enumerate(problems)]
 
 
-def rl_problems(recipe: Recipe, store: ArtifactStore) -> tuple[list[Problem], list[Problem], str]:
+def rl_problems(
+    recipe: Recipe, split: SFTSplit, store: ArtifactStore | None
+) -> tuple[list[Problem], list[Problem], str]:
     """Training and held-out prompts with references, and the source name.
 
-    Both come from ``data.sft_uri`` (rows after the ones sft reads) or from generated arithmetic (another
-    seed than sft's, same ``data.arithmetic`` difficulty), with every prompt of sft's data (its training and
-    held-out split, which eval grades) left out; held-out prompts come from ``data.math_eval_uri`` when set,
-    else from the pool after the training prompts. Training and held-out prompts never share a question.
-    Training prompts take the ``rl.train_modes`` in turn; held-out prompts alternate "on" and "off".
+    Both come from sft's source (``split.source``: ``data.sft_uri``'s rows after the ones sft read, or
+    arithmetic generated from rl's own stream, ``rl.prompts``, at sft's ``data.arithmetic`` difficulty), with every
+    prompt sft saw (its training and held-out split, which eval grades) left out; held-out prompts come from
+    ``data.math_eval_uri`` when set, else from the pool after the training prompts. Training and held-out
+    prompts never share a question. Training prompts take the ``rl.train_modes`` in turn; held-out prompts
+    alternate "on" and "off".
+
+    Args:
+        recipe: the resolved recipe (``rl`` section, ``data.math_eval_uri``, ``seed``: stream ``rl.prompts``).
+        split: sft's data split (:func:`~nemoforge.data.sft_split.read_sft_split` of sft's ``data`` output).
+        store: reads ``data.math_eval_uri`` and sft's source file when they are store URIs.
     """
     cfg = recipe.rl
     need = cfg.num_prompts + (0 if recipe.data.math_eval_uri else cfg.num_heldout_prompts)
-    sft_train, sft_heldout, _ = sft_samples(recipe, store)
-    taken = {s.prompt for s in sft_train + sft_heldout}
-    num_read = 2 * need + recipe.sft.num_samples  # room for the prompts left out (a file: sft's first rows)
-    samples = load_chat_samples(
-        recipe.data.sft_uri, num_read, seed=recipe.seed + 1, store=store, **recipe.data.arithmetic.model_dump()
-    )
+    taken = split.prompts
+    num_read = 2 * need + split.source.num_samples  # room for the prompts left out (a file: sft's first rows)
+    seed = seed_for(recipe, "rl.prompts")
+    samples = split.source.samples(num_read, seed=seed, store=store)
     pool = [(q, a) for q, a in math_problems(samples).problems if q not in taken]
     if recipe.data.math_eval_uri:
         eval_path = Path(store.fetch(recipe.data.math_eval_uri))
@@ -114,9 +119,9 @@ def rl_problems(recipe: Recipe, store: ArtifactStore) -> tuple[list[Problem], li
             f"rl needs at least rl.batch_size={cfg.batch_size} prompts with reference answers and one held-out "
             f"prompt; the data gave {len(train_problems)} and {len(heldout)}"
         )
-    task = recipe.data.arithmetic
-    source = recipe.data.sft_uri or (
-        f"generated://arithmetic?seed={recipe.seed + 1}&steps={task.num_steps}&max_operand={task.max_operand}"
+    task = split.source.arithmetic
+    source = split.source.sft_uri or (
+        f"generated://arithmetic?seed={seed}&steps={task['num_steps']}&max_operand={task['max_operand']}"
     )
     return _with_modes(train_problems, cfg.train_modes), _with_modes(heldout[: cfg.num_heldout_prompts]), source
 
@@ -177,13 +182,13 @@ def heldout_reward(
 
 
 def heldout_sampled_accuracy(
-    model: torch.nn.Module, tokenizer: Any, problems: Sequence[Problem], cfg: RLConfig
+    model: torch.nn.Module, tokenizer: Any, problems: Sequence[Problem], cfg: RLConfig, *, seed: int
 ) -> list[dict[str, Any]]:
     """Sampled pass@1 per held-out prompt: accuracy averaged over ``cfg.heldout_samples`` replies at the rollout
     temperature and top-p (the expected reward GRPO raises, where greedy accuracy can move either way).
 
-    The replies are drawn from a generator seeded with ``cfg.seed``, its own (the training rollouts' global RNG
-    is untouched), so before and after share their random numbers.
+    The replies are drawn from a generator seeded with ``seed`` (the stage's ``rl.heldout_sampled`` stream), its
+    own (the training rollouts' global RNG is untouched), so before and after share their random numbers.
 
     Returns:
         One row per prompt, shaped as :func:`heldout_reward`'s samples for :func:`heldout_gains`: ``prompt``,
@@ -192,7 +197,7 @@ def heldout_sampled_accuracy(
     """
     k = cfg.heldout_samples
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     replies = generate_chats(
         model, tokenizer, [(q, r) for q, _, r in problems for _ in range(k)], max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size * cfg.num_generations,
@@ -439,14 +444,22 @@ def plot_rewards(history: dict[str, list[tuple[int, float]]], path: Path) -> Pat
 
 
 def run(
-    recipe: Recipe, *, model_uri: str, output_uri: str, store: ArtifactStore, on_log: LogFn | None = None
+    recipe: Recipe,
+    *,
+    model_uri: str,
+    data_uri: str,
+    output_uri: str,
+    store: ArtifactStore,
+    on_log: LogFn | None = None,
 ) -> StageResult:
     """GRPO on math prompts with verifiable rewards, then (``rl.preference.enabled``) DPO on preference pairs.
 
     Args:
-        recipe: the resolved recipe (``rl`` section; ``data.sft_uri``, ``data.math_eval_uri``,
-            ``data.preference_uri``; ``seed``; ``dtype``).
+        recipe: the resolved recipe (``rl`` section; ``data.math_eval_uri``, ``data.preference_uri``; ``seed``;
+            ``dtype``).
         model_uri: the model to train (sft's export).
+        data_uri: sft's ``data`` output (:mod:`~nemoforge.data.sft_split`): the prompts kept apart, and the
+            source the training prompts are drawn from (:func:`rl_problems`).
         output_uri: where checkpoints, the export, plots and samples go.
         store: the artifact store.
         on_log: called as ``on_log(step, metrics)`` while training, every ``rl.log_every_steps`` updates,
@@ -461,7 +474,7 @@ def run(
 
     Raises:
         InputNotFoundError: an input URI does not exist.
-        NemoforgeError: not enough prompts, or training diverged.
+        NemoforgeError: not enough prompts, ``data_uri`` is not sft's split, or training diverged.
     """
     from transformers import AutoTokenizer
 
@@ -476,11 +489,15 @@ def run(
     if cfg.beta > 0 or cfg.preference.enabled:
         ref_model = load_causal_lm(model_dir, dtype=torch.float32).to(device).eval().requires_grad_(False)
 
-    train_problems, heldout_problems, source = rl_problems(recipe, store)
-    torch.manual_seed(cfg.seed)
+    train_problems, heldout_problems, source = rl_problems(recipe, read_sft_split(store, data_uri), store)
+    torch.manual_seed(seed_for(recipe, "rl.filter"))  # the pass-rate filter samples from the global RNG
+    sampled_seed = seed_for(recipe, "rl.heldout_sampled")
     with rollout_numerics(device, cfg):
         before, samples_before = heldout_reward(model, tokenizer, heldout_problems, cfg)
-        sampled_before = heldout_sampled_accuracy(model, tokenizer, heldout_problems, cfg) if cfg.heldout_samples else []
+        sampled_before = (
+            heldout_sampled_accuracy(model, tokenizer, heldout_problems, cfg, seed=sampled_seed)
+            if cfg.heldout_samples else []
+        )
         kept, pass_rate = filter_by_pass_rate(model, tokenizer, train_problems, cfg)
 
     checkpoints_uri = join_uri(output_uri, "checkpoints")
@@ -491,7 +508,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="nemoforge-rl-") as tmp:
         work = Path(tmp)
         grpo = grpo_phase(
-            model, tokenizer, kept, ref_model, cfg, engine,
+            model, tokenizer, kept, ref_model, recipe, engine,
             store=store, checkpoints_uri=checkpoints_uri, work=work, on_log=on_log,
         )
         state, engine_tags = grpo.state, grpo.engine_tags
@@ -515,7 +532,9 @@ def run(
             after, samples_after = heldout_reward(model, tokenizer, heldout_problems, cfg)
             sampled = {"before": sampled_before}
             if cfg.heldout_samples:
-                sampled["after"] = heldout_sampled_accuracy(model, tokenizer, heldout_problems, cfg)
+                sampled["after"] = heldout_sampled_accuracy(
+                    model, tokenizer, heldout_problems, cfg, seed=sampled_seed
+                )
         exported = export_model(model, tokenizer, recipe, output_uri=output_uri, store=store, work=work)
         plots = {
             "reward_curve": join_uri(output_uri, "plots", "reward_curve.png"),
@@ -580,7 +599,7 @@ def grpo_phase(
     tokenizer: Any,
     kept: list[Problem],
     ref_model: torch.nn.Module | None,
-    cfg: RLConfig,
+    recipe: Recipe,
     engine: str,
     *,
     store: ArtifactStore,
@@ -588,23 +607,27 @@ def grpo_phase(
     work: Path,
     on_log: LogFn | None,
 ) -> GRPOPhase:
-    """GRPO on the ``kept`` prompts (:func:`make_grpo_loss`), resumed from the newest checkpoint under
-    ``checkpoints_uri``; rollouts by ``engine`` (``generate``, or ``vllm``: an engine started here and closed
-    when training ends)."""
+    """GRPO on the ``kept`` prompts (:func:`make_grpo_loss`, ``recipe.rl``), resumed from the newest checkpoint
+    under ``checkpoints_uri``; rollouts by ``engine`` (``generate``, or ``vllm``: an engine started here and
+    closed when training ends). Streams: ``rl.batches`` (prompt order), ``rl.train`` (the rollouts' global torch
+    RNG), ``rl.vllm`` (the vLLM engine's own seed)."""
+    cfg = recipe.rl
     fetch_latest_checkpoint(store, checkpoints_uri, work / "checkpoints")
     index_P1 = torch.arange(len(kept))[:, None]
     rollouts = None
     engine_tags = {"rollout_engine": GENERATE_TAG}
     if engine == "vllm":
         longest = max(len(encode_prompt(tokenizer, q, r)) for q, _, r in kept) + cfg.max_new_tokens
-        rollouts = VLLMRollouts(model, tokenizer, max_model_len=-(-longest // 32) * 32, seed=cfg.seed)
+        max_model_len = -(-longest // 32) * 32
+        rollouts = VLLMRollouts(model, tokenizer, max_model_len=max_model_len, seed=seed_for(recipe, "rl.vllm"))
         engine_tags = {"rollout_engine": "vllm", "rollout_engine_version": rollouts.version}
     try:
         state = train(
             model,
             make_grpo_loss(kept, tokenizer, cfg, ref_model, rollouts),
-            epoch_batches(index_P1, cfg.batch_size, seed=cfg.seed),
+            epoch_batches(index_P1, cfg.batch_size, seed=seed_for(recipe, "rl.batches")),
             cfg,
+            seed=seed_for(recipe, "rl.train"),
             checkpoint_dir=work / "checkpoints",
             desc="rl",
             on_log=_history_names(on_log, ""),
@@ -651,11 +674,13 @@ def preference_phase(
         return loss, stats
 
     fetch_latest_checkpoint(store, checkpoints_uri, work / "checkpoints-preference")
+    pair_index_P1 = torch.arange(ids_2PT.shape[0] // 2)[:, None]
     return train(
         model,
         pref_loss,
-        epoch_batches(torch.arange(ids_2PT.shape[0] // 2)[:, None], pcfg.batch_size, seed=pcfg.seed),
+        epoch_batches(pair_index_P1, pcfg.batch_size, seed=seed_for(recipe, "rl.preference.batches")),
         pcfg,
+        seed=seed_for(recipe, "rl.preference.train"),
         checkpoint_dir=work / "checkpoints-preference",
         desc="rl/preference",
         on_log=_history_names(on_log, "preference_"),

@@ -4,7 +4,8 @@ Llama-Nemotron §3-4 (arXiv 2505.00949): system prompt ``detailed thinking on|of
 in each batch, token-level CE, cosine LR with linear warmup. Shape legend: ``B`` rows, ``T`` tokens.
 
 Written under ``output_uri``: ``checkpoints/step-N/`` (resumable), ``model/`` (the export),
-``plots/loss_curve.png``, ``samples/toggle_{before,after}.json`` (held-out generations on/off).
+``data/`` (the split rl and eval read: :mod:`~nemoforge.data.sft_split`), ``plots/loss_curve.png``,
+``samples/toggle_{before,after}.json`` (held-out generations on/off).
 """
 
 from __future__ import annotations
@@ -18,15 +19,10 @@ import torch
 from nemoforge.artifacts import ArtifactStore, join_uri
 from nemoforge.config import Recipe
 from nemoforge.data.packing import token_digest
-from nemoforge.data.reasoning import (
-    encode_chat,
-    from_signed_ids,
-    pack_chats,
-    sft_samples,
-    to_signed_ids,
-)
+from nemoforge.data.reasoning import encode_chat, from_signed_ids, pack_chats, to_signed_ids
+from nemoforge.data.sft_split import load_sft_split, write_sft_split
 from nemoforge.models.generate import pad_id
-from nemoforge.runtime import compute_device
+from nemoforge.runtime import compute_device, seed_for
 from nemoforge.stages.chat import toggle_compliance
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stages.training import (
@@ -89,8 +85,9 @@ def run(
 
     Returns:
         metrics ``loss_heldout_{before,after}`` (assistant-token CE), ``toggle_on/off/toggle_{before,after}``,
-        ``loss_final``, ``train_steps``, ``train_tokens``, ``params``; history; outputs ``model``,
-        ``checkpoints``, ``samples``; datasets ``sft-train``/``sft-heldout``.
+        ``loss_final``, ``train_steps``, ``train_tokens``, ``params``; history; outputs ``model``, ``data``
+        (the split, with its digest: what rl and eval read), ``checkpoints``, ``samples``; datasets
+        ``sft-train``/``sft-heldout``.
 
     Raises:
         InputNotFoundError: the model or the SFT data does not exist.
@@ -106,8 +103,11 @@ def run(
     model = load_causal_lm(model_dir, dtype=torch.float32).to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, config=model.config)
 
-    train_samples, heldout_samples, source = sft_samples(recipe, store)
-    pack = {"seq_len_tokens": cfg.seq_len_tokens, "pad_token_id": pad_id(tokenizer), "seed": cfg.seed}
+    train_samples, split = load_sft_split(recipe, store)
+    heldout_samples, source = split.heldout, split.source.name
+    pack = {
+        "seq_len_tokens": cfg.seq_len_tokens, "pad_token_id": pad_id(tokenizer), "seed": seed_for(recipe, "sft.pack"),
+    }
     train_ids_NT, train_mask_NT = pack_chats(
         [encode_chat(tokenizer, s, cfg.seq_len_tokens) for s in train_samples], **pack
     )
@@ -130,8 +130,11 @@ def run(
         state = train(
             model,
             sft_loss,
-            epoch_batches(to_signed_ids(train_ids_NT, train_mask_NT), cfg.batch_size, seed=cfg.seed),
+            epoch_batches(
+                to_signed_ids(train_ids_NT, train_mask_NT), cfg.batch_size, seed=seed_for(recipe, "sft.batches")
+            ),
             cfg,
+            seed=seed_for(recipe, "sft.train"),
             checkpoint_dir=work / "checkpoints",
             desc="sft",
             on_log=on_log,
@@ -148,6 +151,8 @@ def run(
         for name, replies in (("toggle_before", replies_before), ("toggle_after", replies_after)):
             (work / f"{name}.json").write_text(json.dumps(replies, indent=1) + "\n")
             store.put(work / f"{name}.json", join_uri(samples_uri, f"{name}.json"))
+    data_uri = join_uri(output_uri, "data")
+    data_digest = write_sft_split(split, store, data_uri)
 
     num_params = sum(p.numel() for p in model.parameters())
     metrics = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
@@ -160,8 +165,8 @@ def run(
     return StageResult(
         metrics=metrics,
         history=state.history,
-        outputs={"model": exported.uri, "checkpoints": checkpoints_uri, "samples": samples_uri},
-        digests={"model": exported.digest},
+        outputs={"model": exported.uri, "data": data_uri, "checkpoints": checkpoints_uri, "samples": samples_uri},
+        digests={"model": exported.digest, "data": data_digest},
         plots={"loss_curve": plot_uri},
         datasets=[
             DatasetRef("sft-train", source, token_digest(train_ids_NT, train_mask_NT), len(train_samples), "training"),
