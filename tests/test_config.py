@@ -85,7 +85,7 @@ def test_ffn_width_must_be_multiple_of_256():
 
 def test_warmup_must_be_below_steps():
     with pytest.raises(RecipeError, match=r"distill: warmup_steps=20 must be below steps=20"):
-        load_recipe("smollm2-135m-demo", ["distill.warmup_steps=20"])
+        load_recipe("smollm2-135m-demo", ["distill.steps=20", "distill.warmup_steps=20"])
 
 
 def test_hf_dir_parent_needs_a_path():
