@@ -27,6 +27,7 @@ from nemoforge.data.reasoning import (
     split_by_prompt,
     to_signed_ids,
     toggle_compliant,
+    with_slips,
 )
 from nemoforge.errors import NemoforgeError
 
@@ -141,6 +142,31 @@ def test_terse_traces_are_one_correct_expression_and_leave_the_problems_unchange
         lhs, rhs = expression.rstrip(".").split(" = ")
         assert re.fullmatch(r"\d+( [-+] \d+){3}", lhs) and eval(lhs) == int(rhs) == int(answer)
         assert start_line.split()[3] == lhs.split()[0]
+
+
+def test_slipped_traces_carry_on_from_the_wrong_count_and_keep_the_true_answer():
+    plain = arithmetic_samples(800, seed=3, num_steps=3, max_operand=20)
+    slipped = arithmetic_samples(800, seed=3, num_steps=3, max_operand=20, slip_rate=0.15)
+    assert [(s.prompt, s.reasoning, s.answer) for s in slipped] == [(s.prompt, s.reasoning, s.answer) for s in plain]
+    assert [s.response for s in slipped if s.reasoning == "off"] == [s.response for s in plain if s.reasoning == "off"]
+    lines = wrong = ends_wrong = 0
+    for sample in (s for s in slipped if s.reasoning == "on"):
+        steps = re.findall(r"^(-?\d+(?: [-+] \d+)+) = (-?\d+)\.$", sample.response, re.M)  # a slip can go below 0
+        count = None
+        for lhs, result in steps:  # each line starts from the count the previous one stated
+            assert count is None or int(lhs.split()[0]) == count
+            lines, wrong, count = lines + 1, wrong + (eval(lhs) != int(result)), int(result)
+        assert sample.response.endswith(f"The answer is {count}.")
+        ends_wrong += str(count) != sample.answer
+    assert lines == 3 * 400 and 0.12 < wrong / lines < 0.18  # slip_rate 0.15 per line
+    assert 0.30 < ends_wrong / 400 < 0.45  # 1 - 0.85**3 = 0.39 (a later slip can cancel an earlier one)
+
+
+def test_with_slips_refuses_a_trace_without_an_operation():
+    import random
+
+    with pytest.raises(ValueError, match="no 'a \\+ b = c.' line"):
+        with_slips("Ann starts with 3 apples.", random.Random(0), 0.5)
 
 
 def test_toggle_rule():

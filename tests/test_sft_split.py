@@ -38,9 +38,9 @@ def test_digest_follows_what_sft_reads_and_nothing_else(tmp_path: Path):
     """The digest is what rl's and eval's keys see of sft's data: a change of data.arithmetic reaches them."""
     _, base = _written(tmp_path, [], "a")
     assert _written(tmp_path, [], "b")[1] == base  # deterministic
-    for change in ("data.arithmetic.max_operand=9", "sft.num_samples=60", "seed=1"):
+    for change in ("data.arithmetic.max_operand=9", "data.arithmetic.slip_rate=0.1", "sft.num_samples=60", "seed=1"):
         assert _written(tmp_path, [change], change)[1] != base, change
-    for change in ("rl.num_prompts=8", "eval.num_problems=3", "sft.steps=5", "data.math_eval_uri=m.jsonl"):
+    for change in ("rl.num_prompts=8", "eval.num_problems=3", "sft.steps=50", "data.math_eval_uri=m.jsonl"):
         assert _written(tmp_path, [change], change)[1] == base, change
 
 

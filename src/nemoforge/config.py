@@ -100,6 +100,12 @@ class ArithmeticTask(_Section):
         0.0, ge=0, le=1,
         description="Share of the 'on' sft traces written as one expression instead of one operation per line.",
     )
+    slip_rate: float = Field(
+        0.0, ge=0, lt=1,
+        description="Chance that an 'on' sft trace line's result is off by 1-3 (an imperfect teacher: the trace "
+        "carries on from the wrong count and ends on it). rl and eval grade against the true count, so GRPO has "
+        "the teacher's slips to unlearn.",
+    )
 
 
 class DataConfig(_Section):

@@ -317,17 +317,67 @@ def arithmetic_problems(
 
 
 def arithmetic_samples(
-    num_samples: int, *, seed: int, num_steps: int, max_operand: int, terse_fraction: float = 0.0
+    num_samples: int,
+    *,
+    seed: int,
+    num_steps: int,
+    max_operand: int,
+    terse_fraction: float = 0.0,
+    slip_rate: float = 0.0,
 ) -> list[ChatSample]:
-    """Paired on/off samples of generated arithmetic problems (``num_samples`` rounded up to even)."""
+    """Paired on/off samples of generated arithmetic problems (``num_samples`` rounded up to even).
+
+    With ``slip_rate`` each "on" trace line's result is off by 1-3 with that probability, drawn from a third
+    seeded generator (:func:`with_slips`): the trace carries on from the wrong count and its final sentence states
+    where it ended, as an imperfect teacher's would; every sample's ``answer`` (what rl and eval grade against)
+    stays the true count, and the "off" replies state it.
+    """
     samples: list[ChatSample] = []
     problems = arithmetic_problems(
         (num_samples + 1) // 2, seed=seed, num_steps=num_steps, max_operand=max_operand,
         terse_fraction=terse_fraction,
     )
+    slip_rng = random.Random(f"slip-{seed}")
     for question, thinking, answer in problems:
-        samples += paired_math_samples(question, thinking, answer)
+        if slip_rate == 0:
+            samples += paired_math_samples(question, thinking, answer)
+            continue
+        traced, stated = with_slips(thinking, slip_rng, slip_rate)
+        samples += [
+            ChatSample(question, format_response(answer_sentence(stated), "on", traced), "on", answer),
+            ChatSample(question, format_response(answer_sentence(answer), "off"), "off", answer),
+        ]
     return samples
+
+
+_TRACE_LINE = re.compile(r"^(?P<expr>\d+(?: [+-] \d+)+) = (?P<result>\d+)\.$")
+
+
+def with_slips(thinking: str, rng: random.Random, rate: float) -> tuple[str, str]:
+    """An :func:`arithmetic_problem` trace with slips: ``(thinking, the count it ends on)``.
+
+    Each ``a ± b = c.`` line (or the terse chain's one line) is worked from the count the trace carries, and its
+    result is off by 1-3 (never below 0) with probability ``rate``; later lines start from the slipped count.
+    """
+    lines, count = [], None
+    for line in thinking.split("\n"):
+        match = _TRACE_LINE.match(line)
+        if match is None:
+            lines.append(line)
+            continue
+        terms = match["expr"].split(" ")
+        if count is not None:
+            terms[0] = str(count)
+        value = int(terms[0])
+        for op, n in zip(terms[1::2], terms[2::2], strict=True):
+            value = value + int(n) if op == "+" else value - int(n)
+        if rng.random() < rate:
+            value = max(0, value + rng.choice([-3, -2, -1, 1, 2, 3]))
+        count = value
+        lines.append(f"{' '.join(terms)} = {value}.")
+    if count is None:
+        raise ValueError(f"no 'a + b = c.' line in the trace: {thinking!r}")
+    return "\n".join(lines), str(count)
 
 
 def load_chat_samples(
@@ -339,15 +389,17 @@ def load_chat_samples(
     num_steps: int,
     max_operand: int,
     terse_fraction: float = 0.0,
+    slip_rate: float = 0.0,
 ) -> list[ChatSample]:
     """The SFT samples: read from ``uri`` (a local path or a store URI), or generated when ``uri`` is None.
 
-    ``num_steps``, ``max_operand`` and ``terse_fraction`` (the recipe's ``data.arithmetic``) set the generated
-    problems' difficulty and trace style.
+    ``num_steps``, ``max_operand``, ``terse_fraction`` and ``slip_rate`` (the recipe's ``data.arithmetic``) set the
+    generated problems' difficulty and trace style.
     """
     if uri is None:
         return arithmetic_samples(
-            num_samples, seed=seed, num_steps=num_steps, max_operand=max_operand, terse_fraction=terse_fraction
+            num_samples, seed=seed, num_steps=num_steps, max_operand=max_operand, terse_fraction=terse_fraction,
+            slip_rate=slip_rate,
         )
     path = store.fetch(uri) if store is not None and "://" in uri else Path(uri)
     return read_chat_samples(Path(path), limit=num_samples)

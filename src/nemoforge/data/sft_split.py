@@ -94,6 +94,7 @@ def load_sft_split(recipe: Recipe, store: ArtifactStore | None) -> tuple[list[Ch
     name = data.sft_uri or (
         f"generated://arithmetic?seed={seed}&n={cfg.num_samples}"
         f"&steps={task.num_steps}&max_operand={task.max_operand}&terse_fraction={task.terse_fraction}"
+        + (f"&slip_rate={task.slip_rate}" if task.slip_rate else "")
     )
     source = ChatSource(name, data.sft_uri, task.model_dump(), cfg.num_samples)
     samples = source.samples(cfg.num_samples, seed=seed, store=store)
