@@ -191,7 +191,8 @@ def test_ffn_fusion_step_fuses_the_chosen_child_and_records_it(
 
     monkeypatch.setattr(run_module, "search", forced)
     monkeypatch.setattr(run_module, "distill_layer", lambda *a, **k: pytest.fail("BLD ran again"))
-    fused = run_stage(workdir, tiny_llama_dir, recipe(ffn_fusion={"enabled": True, "kl_budget": 100.0}), out)
+    rcp = recipe(ffn_fusion={"enabled": True, "kl_budget": 100.0})
+    fused = run_stage(workdir, tiny_llama_dir, rcp, out)
     m, report = fused.metrics, json.loads((workdir / out / "ffn_fusion.json").read_text())
     child = load_causal_lm(workdir / out / "model")
     if case == "nothing to fuse":
@@ -218,3 +219,22 @@ def test_ffn_fusion_step_fuses_the_chosen_child_and_records_it(
     print(
         f"\nnas + ffn_fusion (tiny): KL to parent unfused {m['kl_div_heldout_unfused']:.4f}, fused {kl:.4f}"
     )
+
+    # lineage: the stage's MLflow run records the fusion (layers and widths in a tag and the report, KL before and
+    # after as metrics, the budget as a param)
+    from mlflow import MlflowClient
+
+    from nemoforge import lineage
+
+    tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    with lineage.Lineage(tracking_uri, "fusion").stage_run("run-1", "nas", rcp, input_uris={}) as tracker:
+        tracker.log_result(fused)
+    client = MlflowClient(tracking_uri)
+    logged = client.get_run(tracker.run_id).data
+    assert logged.tags["ffn_fusion"] == "layers 1-3 -> 1 (ffn 768+768+768 = 2304)"
+    assert logged.tags["nemoforge.output.ffn_fusion"].endswith("ffn_fusion.json")
+    assert logged.params["nas.ffn_fusion.kl_budget"] == "100.0"
+    for name in ("kl_div_heldout_unfused", "kl_div_heldout", "ffn_fusion_kl_div_vs_unfused", "ffn_fusion_layers_removed"):
+        assert logged.metrics[name] == pytest.approx(m[name])
+    copy = client.download_artifacts(tracker.run_id, "reports/ffn_fusion.json", str(workdir / "downloaded"))
+    assert json.loads(Path(copy).read_text()) == report

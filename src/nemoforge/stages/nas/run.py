@@ -169,6 +169,8 @@ def run(
     store.write_json(outputs["block_library"], _block_library_json(library, bld, scores, costs, model))
     store.write_json(outputs["solutions"], _solutions_json(library, solutions, front, parent, budget_ms))
     result = StageResult(outputs=outputs, digests=digests, plots=plots)
+    if "ffn_fusion" in outputs:  # copied into the stage's MLflow run: the runs, their layers, widths and KL
+        result.reports["ffn_fusion"] = outputs["ffn_fusion"]
     timings["time_export_s"] = time.perf_counter() - t
     timings["wall_time_s"] = time.perf_counter() - started
 
