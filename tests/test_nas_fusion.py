@@ -185,6 +185,9 @@ def test_ffn_fusion_config_is_off_by_default_and_validated() -> None:
     assert load_recipe("smollm2-135m-demo", ["nas.ffn_fusion.kl_budget=0"]).nas.ffn_fusion.kl_budget == 0
     with pytest.raises(RecipeError, match=r"nas\.ffn_fusion\.kl_budget: .*greater than or equal to 0"):
         load_recipe("smollm2-135m-demo", ["nas.ffn_fusion.kl_budget=-0.1"])
+    assert recipe.nas.ffn_fusion.in_search is False
+    with pytest.raises(RecipeError, match=r"nas\.ffn_fusion: in_search needs nas\.ffn_fusion\.enabled=true"):
+        load_recipe("smollm2-135m-demo", ["nas.ffn_fusion.in_search=true"])
 
 
 def test_cost_model_predicts_the_fused_child() -> None:
@@ -215,4 +218,10 @@ def test_cost_model_predicts_the_fused_child() -> None:
     assert unfused.prefill_ms == pytest.approx(1 + 5 + 2 + 3 + 3)
     config.block_configs[1:] = blocks([(None, 1024)])
     config.num_hidden_layers = 2
-    assert costs.predicted_config(config).prefill_ms == pytest.approx(1 + 5 + 2 + 5)  # one intercept saved
+    fused = costs.predicted_config(config)
+    assert fused.prefill_ms == pytest.approx(1 + 5 + 2 + 5)  # one intercept saved
+    # what a fusion-aware MIP credits per merged FFN (nas.ffn_fusion.in_search): the line's intercept, exactly the
+    # cost model's saving here (the measured widths lie on the line)
+    saving = costs.fusion_saving()
+    assert saving.prefill_ms == pytest.approx(1.0) and saving.decode_ms == pytest.approx(0.1)
+    assert unfused.request_ms(10) - fused.request_ms(10) == pytest.approx(saving.request_ms(10))

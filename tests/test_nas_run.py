@@ -238,3 +238,33 @@ def test_ffn_fusion_step_fuses_the_chosen_child_and_records_it(
         assert logged.metrics[name] == pytest.approx(m[name])
     copy = client.download_artifacts(tracker.run_id, "reports/ffn_fusion.json", str(workdir / "downloaded"))
     assert json.loads(Path(copy).read_text()) == report
+
+
+def test_fusion_in_search_credits_the_cost_models_saving(
+    workdir: Path, tiny_llama_dir: Path, result, monkeypatch
+) -> None:
+    """With ``nas.ffn_fusion.in_search`` the MIP's latency of a child is its unfused sum less the cost table's
+    intercept per FFN that fusion merges; the fusion step then fuses those runs (the KL budget fits them all)."""
+    import shutil
+
+    from nemoforge.stages.nas.cost import CostTable
+
+    shutil.copytree(workdir / "out", workdir / "out-in-search")
+    monkeypatch.setattr(run_module, "distill_layer", lambda *a, **k: pytest.fail("BLD ran again"))
+    rcp = recipe(ffn_fusion={"enabled": True, "kl_budget": 100.0, "in_search": True})
+    m = run_stage(workdir, tiny_llama_dir, rcp, "out-in-search").metrics
+    out = workdir / "out-in-search"
+    costs = CostTable.from_json(json.loads((out / "costs.json").read_text()))
+    saving_ms = costs.fusion_saving().request_ms(costs.decode_tokens)
+    assert m["mip_fusion_saving_ms"] == pytest.approx(saving_ms)
+    best = json.loads((out / "solutions.json").read_text())["solutions"][0]
+    library = json.loads((out / "block_library.json").read_text())["layers"]
+    unfused_ms = costs.fixed.request_ms(costs.decode_tokens) + sum(
+        library[str(i)][name]["stats"]["latency_ms"]["request"] for i, name in enumerate(best["layers"])
+    )
+    assert best["num_ffn_merges"] == m["mip_num_ffn_merges"]
+    assert best["latency_ms"] == pytest.approx(unfused_ms - saving_ms * best["num_ffn_merges"])
+    assert m["child_latency_ms"] == pytest.approx(best["latency_ms"]) and m["child_latency_ms"] <= m["latency_budget_ms"]
+    report = json.loads((out / "ffn_fusion.json").read_text())
+    assert sum(len(r["ffn_layers"]) - 1 for r in report["runs"] if r["fused"]) == best["num_ffn_merges"]
+    print(f"\nin_search: {best['summary']}, {best['num_ffn_merges']} merges x {saving_ms:.3f} ms")
