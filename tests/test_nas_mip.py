@@ -46,10 +46,10 @@ def brute_force(latency_max_ms, memory_max_bytes=None, exclude=(), d=1):
     return best
 
 
-def run_search(ratio, memory_gib=None, num_solutions=1, d=1):
+def run_search(ratio, memory_gib=None, num_solutions=1, d=1, library=LIBRARY, saving_ms=0.0):
     return search(
-        LIBRARY,
-        parent_choice=PARENT,
+        library,
+        parent_choice=(0,) * len(library),
         fixed_latency_ms=FIXED_MS,
         fixed_memory_bytes=0.0,
         latency_budget_ratio=ratio,
@@ -57,6 +57,7 @@ def run_search(ratio, memory_gib=None, num_solutions=1, d=1):
         num_solutions=num_solutions,
         min_diversity_layers=d,
         time_limit_s=10.0,
+        fusion_saving_ms=saving_ms,
     )
 
 
@@ -161,19 +162,8 @@ FUSION_LIBRARY = [[P, A], [P, F, A, E], [P, F, A, E], [P, F, A, E]]
 SAVING_MS = 2.0
 
 
-def fusion_search(ratio: float, saving_ms: float, num_solutions: int = 1):
-    return search(
-        FUSION_LIBRARY,
-        parent_choice=(0, 0, 0, 0),
-        fixed_latency_ms=FIXED_MS,
-        fixed_memory_bytes=0.0,
-        latency_budget_ratio=ratio,
-        memory_budget_gib=None,
-        num_solutions=num_solutions,
-        min_diversity_layers=1,
-        time_limit_s=10.0,
-        fusion_saving_ms=saving_ms,
-    )
+def fusion_search(ratio: float, saving_ms: float):
+    return run_search(ratio, library=FUSION_LIBRARY, saving_ms=saving_ms)
 
 
 def test_ffn_merges_count_k_minus_one_per_attention_free_run() -> None:
