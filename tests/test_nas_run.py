@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,21 @@ def test_fusion_in_search_credits_the_cost_models_saving(
     report = json.loads((out / "ffn_fusion.json").read_text())
     assert sum(len(r["ffn_layers"]) - 1 for r in report["runs"] if r["fused"]) == best["num_ffn_merges"]
     print(f"\nin_search: {best['summary']}, {best['num_ffn_merges']} merges x {saving_ms:.3f} ms")
+
+
+def test_fusion_in_search_warns_when_the_kl_budget_leaves_a_counted_run_unfused(
+    workdir: Path, tiny_llama_dir: Path, result, monkeypatch, caplog
+) -> None:
+    """A search that counted runs as fused, then a fusion KL budget (0) that fuses none: the exported child is
+    slower than the budget the search met, and the stage says which runs and which field."""
+    from nemoforge.stages.nas.cost import CostTable, Latency
+
+    # a saving so large that a budget of 5% of the parent is met only by children with a merge
+    monkeypatch.setattr(CostTable, "fusion_saving", lambda self: Latency(1e3, 0.0))
+    rcp = recipe(latency_budget_ratio=0.05, ffn_fusion={"enabled": True, "kl_budget": 0.0, "in_search": True})
+    with caplog.at_level("WARNING", logger="nemoforge.stages.nas.run"):
+        m = run_stage(workdir, tiny_llama_dir, rcp, "out-in-search-0").metrics
+    assert m["mip_num_ffn_merges"] >= 1 and m["ffn_fusion_num_runs_fused"] == 0
+    assert m["child_latency_ms"] < 0 < m["latency_budget_ms"] < m["child_latency_ms_fused"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert re.search(r"over the [\d.]+ ms budget .* nas\.ffn_fusion\.kl_budget left runs \d-\d unfused", warning)

@@ -155,7 +155,8 @@ def run(
         )
         child_kl, child_lm_loss = fusion_metrics["kl_div_heldout"], fusion_metrics["lm_loss_heldout"]
         outputs["ffn_fusion"] = phase.uri("ffn_fusion.json")
-        store.write_json(outputs["ffn_fusion"], fusion_metrics.pop("report"))
+        fusion_report = fusion_metrics.pop("report")
+        store.write_json(outputs["ffn_fusion"], fusion_report)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = export_checkpoint(child, tokenizer, Path(tmp) / "model")
         digests = {"model": digest_path(model_dir)}
@@ -213,12 +214,14 @@ def run(
             mip_fusion_saving_ms=budget.fixed["fusion_saving_ms"],
             mip_num_ffn_merges=float(solutions[0].num_ffn_merges),
         )
-        if fused_ms > budget_ms * (1 + 1e-6):
+        left = [f"{r['start']}-{r['stop'] - 1}" for r in fusion_report["runs"] if not r["fused"]]
+        if left and fused_ms > budget_ms * (1 + 1e-6):
             log.warning(
                 "nas: the fused child is predicted at %.2f ms, over the %.2f ms budget the search met by counting "
-                "every run fused: nas.ffn_fusion.kl_budget left runs unfused (ffn_fusion.json); raise it",
+                "every run fused: nas.ffn_fusion.kl_budget left runs %s unfused (ffn_fusion.json); raise it",
                 fused_ms,
                 budget_ms,
+                ", ".join(left),
             )
     log.info(
         "nas: child %s, predicted latency %.1f of %.1f ms (x%.2f), held-out KL %.4f",
