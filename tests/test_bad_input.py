@@ -62,6 +62,13 @@ ROWS = [
      lambda t, _: [DEMO, "--set", "distill.stepz=3"],
      f"invalid recipe {DEMO}: distill.stepz: unknown key; remove it or fix its spelling "
      "(see `nemoforge run --help` for sections)", 10),
+    ("fusion-kl-budget-below-zero",
+     lambda t, _: [DEMO, "--set", "nas.ffn_fusion.kl_budget=-0.1"],
+     f"invalid recipe {DEMO}: nas.ffn_fusion.kl_budget: Input should be greater than or equal to 0", 10),
+    ("fusion-in-search-without-fusion",
+     lambda t, _: [DEMO, "--set", "nas.ffn_fusion.in_search=true"],
+     f"invalid recipe {DEMO}: nas.ffn_fusion: in_search needs nas.ffn_fusion.enabled=true: the search would "
+     "count a saving no fusion makes", 10),
     ("impossible-memory-budget",
      lambda t, tiny: [DEMO, *_tiny_parent(tiny), "--set", "nas.memory_budget_gib=0.0001"],
      "nas.memory_budget_gib=0.0001 is below what any child needs", 10),
@@ -133,3 +140,30 @@ def test_serve_refuses_a_reasoning_parser_the_model_cannot_start(tiny_llama_dir:
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith("nemoforge: error: serve.reasoning_parser='deepseek_r1' cannot start for this model")
     assert not (tmp_path / "serve").exists()  # refused before vLLM was started
+
+
+def test_serve_refuses_a_checkpoint_whose_ffn_widths_disagree(tiny_llama_dir: Path, tmp_path: Path, capsys):
+    """A nemotron-nas block giving both ``ffn_mult`` and a disagreeing ``intermediate_size``: one line naming the
+    config file and the layer, before vLLM starts (issue 14, bad input)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from nemoforge.models.convert import load_causal_lm
+    from nemoforge.models.export import export_checkpoint
+
+    out = export_checkpoint(
+        load_causal_lm(tiny_llama_dir), AutoTokenizer.from_pretrained(tiny_llama_dir), tmp_path / "child"
+    )
+    config = json.loads((out / "config.json").read_text())
+    config["block_configs"][1]["ffn"]["intermediate_size"] = 512  # ffn_mult 18.0 gives 768 at hidden 64
+    (out / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()  # the export's progress bars
+    rc = main(["serve", str(out), "--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0] == (
+        f"nemoforge: error: {out / 'config.json'}: DeciLMConfig: layer 1 ffn gives ffn_mult=18.0 (intermediate size "
+        "768 at hidden size 64) and intermediate_size=512, which disagree: give one of them"
+    )
+    assert not (tmp_path / "w" / "serve").exists()  # refused before vLLM was started

@@ -146,3 +146,53 @@ def test_distill_lowers_kl_and_resumes_after_a_crash(
     from nemoforge.artifacts import digest_path
 
     assert result.digests["model"] == digest_path(result.outputs["model"])
+
+
+def test_distill_pairs_an_ffn_fused_child_with_the_parent_layer_ending_each_run(
+    tiny_llama_dir: Path, shared_dir: Path, tmp_path: Path
+):
+    """FFN Fusion removes layers; the child's config records the parent layers each layer carries
+    (``parent_layers``), and distill pairs a fused block with the parent's output after its run's last layer, so
+    a fused child distills (the KL falls) instead of failing on the layer count."""
+    from transformers import AutoTokenizer
+
+    from nemoforge.artifacts import open_store
+    from nemoforge.models.block_configs import block_config, parent_layers
+    from nemoforge.models.convert import child_from_parent, load_causal_lm
+    from nemoforge.models.export import export_checkpoint
+    from nemoforge.stages.distill import run
+    from nemoforge.stages.nas.fusion import attention_free_runs, fuse_runs
+
+    store = open_store(str(tmp_path / "store"))
+    corpus_uri = put_corpus(store, shared_dir, tiny_llama_dir, tmp_path)
+    parent_uri = put_parent(store, tiny_llama_dir, tmp_path)
+    parent = load_causal_lm(parent_uri)
+    blocks = [block_config(2, 768, 64), block_config(None, 768, 64), block_config(None, 256, 64), block_config(2, 768, 64)]
+    fused = fuse_runs(child_from_parent(parent, blocks), attention_free_runs(child_from_parent(parent, blocks).config))
+    assert parent_layers(fused.config) == [[0], [1, 2], [3]]
+    export_checkpoint(fused, AutoTokenizer.from_pretrained(parent_uri), tmp_path / "fused")
+    model_uri = store.put(tmp_path / "fused", store.join("nas", "model"))
+    r = recipe(distill={"steps": 6, "batch_size": 4, "lr": 4e-4, "warmup_steps": 1, "checkpoint_every_steps": 6})
+
+    result = run(
+        r, parent_uri=parent_uri, model_uri=model_uri, corpus_uri=corpus_uri, output_uri=store.join("d"), store=store
+    )
+    m = result.metrics
+    assert m["kl_div_heldout_after"] < m["kl_div_heldout_before"], m
+    exported = load_causal_lm(result.outputs["model"])
+    assert exported.config.num_hidden_layers == 3 and parent_layers(exported.config) == [[0], [1, 2], [3]]
+    print(f"\ndistill of a fused child: KL {m['kl_div_heldout_before']:.4f} -> {m['kl_div_heldout_after']:.4f}")
+
+    # a map that does not end at the parent's last layer is refused, naming both counts
+    broken = load_causal_lm(model_uri)
+    broken.config.parent_layers = [[0], [1], [2]]
+    export_checkpoint(broken, AutoTokenizer.from_pretrained(parent_uri), tmp_path / "broken")
+    with pytest.raises(ValueError, match=r"3 layers carry parent layers 0\.\.2, the parent has 4"):
+        run(
+            r,
+            parent_uri=parent_uri,
+            model_uri=store.put(tmp_path / "broken", store.join("broken")),
+            corpus_uri=corpus_uri,
+            output_uri=store.join("d2"),
+            store=store,
+        )

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nemoforge.config import load_recipe
 from nemoforge.errors import RecipeError
-from nemoforge.models.block_configs import block_config
+from nemoforge.models.block_configs import block_config, parent_layers
 from nemoforge.models.convert import load_causal_lm
 from nemoforge.models.export import export_checkpoint
 from nemoforge.models.hf.configuration_decilm import DeciLMConfig
@@ -113,6 +113,11 @@ def test_fused_model_equals_the_parallel_form(child, heldout_ids) -> None:
     assert ffns[3] == {"no_op": False, "replace_with_linear": False, "ffn_mult": 12.0}
     assert fused.config.block_configs[1].attention.no_op and fused.config.block_configs[3].attention.no_op
     assert torch.equal(fused.model.layers[1].post_attention_layernorm.weight, torch.ones(64))
+    # the parent layers each layer carries (distill pairs hidden states by them); fusing run by run composes
+    assert parent_layers(fused.config) == [[0], [1, 2, 3, 4], [5], [6, 7], [8], [9]]
+    first = fuse_runs(child, attention_free_runs(child.config)[:1])
+    assert parent_layers(first.config) == [[0], [1, 2, 3, 4], [5], [6], [7], [8], [9]]
+    assert parent_layers(fuse_runs(first, attention_free_runs(first.config)).config) == parent_layers(fused.config)
     expected = parallel_reference(child, [(1, 5), (6, 8)], heldout_ids)
     torch.testing.assert_close(fused(heldout_ids).logits, expected, rtol=0, atol=1e-5)
     # and the fused model is not the sequential original (fusion is an approximation of it)
@@ -140,6 +145,19 @@ def test_ffn_fusion_scores_selects_within_budget_and_reports(child, heldout_ids)
     assert same is child and none["status"] == "no run fits the budget" and none["num_layers_after"] == 10
 
 
+def test_parent_layers_default_to_one_each_and_a_bad_map_is_refused() -> None:
+    config = DeciLMConfig(
+        hidden_size=64, num_attention_heads=4, num_hidden_layers=3, block_configs=blocks([(2, 256)] * 3)
+    )
+    assert parent_layers(config) == [[0], [1], [2]]
+    config.parent_layers = [[0, 1], [2], [3]]
+    assert parent_layers(config) == [[0, 1], [2], [3]]
+    for bad in ([[0], [1]], [[0], [2], [3]], [[0], [], [1]]):
+        config.parent_layers = bad
+        with pytest.raises(ValueError, match="parent_layers=.* must give each of the 3 layers"):
+            parent_layers(config)
+
+
 def test_child_without_attention_free_run_passes_through(tokenizer, heldout_ids) -> None:
     model = random_model([(2, 256), (None, 256), (2, 256), (None, None), (None, 256)], len(tokenizer))
     same, report = ffn_fusion(model, heldout_ids, kl_budget=1.0)
@@ -152,10 +170,12 @@ def test_fused_export_reloads_to_the_same_logits(child, tokenizer, heldout_ids, 
     out = export_checkpoint(fused, tokenizer, tmp_path / "fused")
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 6 and config["block_configs"][1]["ffn"]["intermediate_size"] == 864
+    assert config["parent_layers"] == [[0], [1, 2, 3, 4], [5], [6, 7], [8], [9]]
     logits = fused(heldout_ids).logits
     assert torch.equal(load_causal_lm(out)(heldout_ids).logits, logits)
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     assert not hasattr(remote.config.block_configs[1].ffn, "ffn_mult")  # vLLM then reads intermediate_size
+    assert parent_layers(remote.config) == config["parent_layers"]  # a plain attribute of the remote config too
     assert torch.equal(remote(heldout_ids).logits, logits)
 
 
@@ -165,6 +185,9 @@ def test_ffn_fusion_config_is_off_by_default_and_validated() -> None:
     assert load_recipe("smollm2-135m-demo", ["nas.ffn_fusion.kl_budget=0"]).nas.ffn_fusion.kl_budget == 0
     with pytest.raises(RecipeError, match=r"nas\.ffn_fusion\.kl_budget: .*greater than or equal to 0"):
         load_recipe("smollm2-135m-demo", ["nas.ffn_fusion.kl_budget=-0.1"])
+    assert recipe.nas.ffn_fusion.in_search is False
+    with pytest.raises(RecipeError, match=r"nas\.ffn_fusion: in_search needs nas\.ffn_fusion\.enabled=true"):
+        load_recipe("smollm2-135m-demo", ["nas.ffn_fusion.in_search=true"])
 
 
 def test_cost_model_predicts_the_fused_child() -> None:
@@ -195,4 +218,10 @@ def test_cost_model_predicts_the_fused_child() -> None:
     assert unfused.prefill_ms == pytest.approx(1 + 5 + 2 + 3 + 3)
     config.block_configs[1:] = blocks([(None, 1024)])
     config.num_hidden_layers = 2
-    assert costs.predicted_config(config).prefill_ms == pytest.approx(1 + 5 + 2 + 5)  # one intercept saved
+    fused = costs.predicted_config(config)
+    assert fused.prefill_ms == pytest.approx(1 + 5 + 2 + 5)  # one intercept saved
+    # what a fusion-aware MIP credits per merged FFN (nas.ffn_fusion.in_search): the line's intercept, exactly the
+    # cost model's saving here (the measured widths lie on the line)
+    saving = costs.fusion_saving()
+    assert saving.prefill_ms == pytest.approx(1.0) and saving.decode_ms == pytest.approx(0.1)
+    assert unfused.request_ms(10) - fused.request_ms(10) == pytest.approx(saving.request_ms(10))

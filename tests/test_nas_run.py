@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -191,7 +192,8 @@ def test_ffn_fusion_step_fuses_the_chosen_child_and_records_it(
 
     monkeypatch.setattr(run_module, "search", forced)
     monkeypatch.setattr(run_module, "distill_layer", lambda *a, **k: pytest.fail("BLD ran again"))
-    fused = run_stage(workdir, tiny_llama_dir, recipe(ffn_fusion={"enabled": True, "kl_budget": 100.0}), out)
+    rcp = recipe(ffn_fusion={"enabled": True, "kl_budget": 100.0})
+    fused = run_stage(workdir, tiny_llama_dir, rcp, out)
     m, report = fused.metrics, json.loads((workdir / out / "ffn_fusion.json").read_text())
     child = load_causal_lm(workdir / out / "model")
     if case == "nothing to fuse":
@@ -218,3 +220,70 @@ def test_ffn_fusion_step_fuses_the_chosen_child_and_records_it(
     print(
         f"\nnas + ffn_fusion (tiny): KL to parent unfused {m['kl_div_heldout_unfused']:.4f}, fused {kl:.4f}"
     )
+
+    # lineage: the stage's MLflow run records the fusion (layers and widths in a tag and the report, KL before and
+    # after as metrics, the budget as a param)
+    from mlflow import MlflowClient
+
+    from nemoforge import lineage
+
+    tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    with lineage.Lineage(tracking_uri, "fusion").stage_run("run-1", "nas", rcp, input_uris={}) as tracker:
+        tracker.log_result(fused)
+    client = MlflowClient(tracking_uri)
+    logged = client.get_run(tracker.run_id).data
+    assert logged.tags["ffn_fusion"] == "layers 1-3 -> 1 (ffn 768+768+768 = 2304)"
+    assert logged.tags["nemoforge.output.ffn_fusion"].endswith("ffn_fusion.json")
+    assert logged.params["nas.ffn_fusion.kl_budget"] == "100.0"
+    for name in ("kl_div_heldout_unfused", "kl_div_heldout", "ffn_fusion_kl_div_vs_unfused", "ffn_fusion_layers_removed"):
+        assert logged.metrics[name] == pytest.approx(m[name])
+    copy = client.download_artifacts(tracker.run_id, "reports/ffn_fusion.json", str(workdir / "downloaded"))
+    assert json.loads(Path(copy).read_text()) == report
+
+
+def test_fusion_in_search_credits_the_cost_models_saving(
+    workdir: Path, tiny_llama_dir: Path, result, monkeypatch
+) -> None:
+    """With ``nas.ffn_fusion.in_search`` the MIP's latency of a child is its unfused sum less the cost table's
+    intercept per FFN that fusion merges; the fusion step then fuses those runs (the KL budget fits them all)."""
+    import shutil
+
+    from nemoforge.stages.nas.cost import CostTable
+
+    shutil.copytree(workdir / "out", workdir / "out-in-search")
+    monkeypatch.setattr(run_module, "distill_layer", lambda *a, **k: pytest.fail("BLD ran again"))
+    rcp = recipe(ffn_fusion={"enabled": True, "kl_budget": 100.0, "in_search": True})
+    m = run_stage(workdir, tiny_llama_dir, rcp, "out-in-search").metrics
+    out = workdir / "out-in-search"
+    costs = CostTable.from_json(json.loads((out / "costs.json").read_text()))
+    saving_ms = costs.fusion_saving().request_ms(costs.decode_tokens)
+    assert m["mip_fusion_saving_ms"] == pytest.approx(saving_ms)
+    best = json.loads((out / "solutions.json").read_text())["solutions"][0]
+    library = json.loads((out / "block_library.json").read_text())["layers"]
+    unfused_ms = costs.fixed.request_ms(costs.decode_tokens) + sum(
+        library[str(i)][name]["stats"]["latency_ms"]["request"] for i, name in enumerate(best["layers"])
+    )
+    assert best["num_ffn_merges"] == m["mip_num_ffn_merges"]
+    assert best["latency_ms"] == pytest.approx(unfused_ms - saving_ms * best["num_ffn_merges"])
+    assert m["child_latency_ms"] == pytest.approx(best["latency_ms"]) and m["child_latency_ms"] <= m["latency_budget_ms"]
+    report = json.loads((out / "ffn_fusion.json").read_text())
+    assert sum(len(r["ffn_layers"]) - 1 for r in report["runs"] if r["fused"]) == best["num_ffn_merges"]
+    print(f"\nin_search: {best['summary']}, {best['num_ffn_merges']} merges x {saving_ms:.3f} ms")
+
+
+def test_fusion_in_search_warns_when_the_kl_budget_leaves_a_counted_run_unfused(
+    workdir: Path, tiny_llama_dir: Path, result, monkeypatch, caplog
+) -> None:
+    """A search that counted runs as fused, then a fusion KL budget (0) that fuses none: the exported child is
+    slower than the budget the search met, and the stage says which runs and which field."""
+    from nemoforge.stages.nas.cost import CostTable, Latency
+
+    # a saving so large that a budget of 5% of the parent is met only by children with a merge
+    monkeypatch.setattr(CostTable, "fusion_saving", lambda self: Latency(1e3, 0.0))
+    rcp = recipe(latency_budget_ratio=0.05, ffn_fusion={"enabled": True, "kl_budget": 0.0, "in_search": True})
+    with caplog.at_level("WARNING", logger="nemoforge.stages.nas.run"):
+        m = run_stage(workdir, tiny_llama_dir, rcp, "out-in-search-0").metrics
+    assert m["mip_num_ffn_merges"] >= 1 and m["ffn_fusion_num_runs_fused"] == 0
+    assert m["child_latency_ms"] < 0 < m["latency_budget_ms"] < m["child_latency_ms_fused"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert re.search(r"over the [\d.]+ ms budget .* nas\.ffn_fusion\.kl_budget left runs \d-\d unfused", warning)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from nemoforge.artifacts import relative_uri
 from nemoforge.config import load_recipe
 from nemoforge.runner.execute import CORPUS_FIELDS, corpus_key
-from nemoforge.runner.index import result_from_json, result_to_json, step_key
+from nemoforge.runner.index import result_from_json, result_to_json, step_key, stored_uris
 from nemoforge.stages.result import DatasetRef, StageResult
 
 
@@ -40,10 +41,14 @@ def test_result_round_trips_through_json():
         outputs={"model": "/m"},
         digests={"model": "abc"},
         plots={"loss": "/m/loss.png"},
+        reports={"ffn_fusion": "/w/artifacts/run-1/nas/ffn_fusion.json"},
         datasets=[DatasetRef("corpus-train", "/c.txt", "ff", 10)],
         tags={"block_configs": "attn 3/4"},
     )
     assert result_from_json(result_to_json(result)) == result
+    # every URI of a result is stored relative to a local artifact root (a moved workdir resolves it again)
+    stored = stored_uris(result_to_json(result), lambda uri: relative_uri(uri, "/w/artifacts"))
+    assert stored["reports"] == {"ffn_fusion": "run-1/nas/ffn_fusion.json"}
 
 
 def test_the_stage_table_holds_every_stage_once_in_pipeline_order():

@@ -190,6 +190,21 @@ class FFNFusionConfig(_Section):
         description="Most summed replace-and-score KL(child || fused) in nats per token that the fused runs may "
         "cost on held-out text; runs are taken cheapest first while the sum fits.",
     )
+    in_search: bool = Field(
+        False,
+        description="Let the MIP count the latency fusion saves: each FFN merged into an earlier FFN of its "
+        "attention-free run saves the cost model's per-layer FFN overhead (the intercept of its latency-vs-width "
+        "line), so the latency budget holds for the fused child. Needs enabled; fusion's own KL is still only "
+        "measured after the search.",
+    )
+
+    @model_validator(mode="after")
+    def _check_in_search(self) -> FFNFusionConfig:
+        if self.in_search and not self.enabled:
+            raise ValueError(
+                "in_search needs nas.ffn_fusion.enabled=true: the search would count a saving no fusion makes"
+            )
+        return self
 
 
 class NASConfig(_Section):

@@ -488,12 +488,12 @@ class StageTracker:
         Metrics go in at step 0 and ``history`` as step metrics (points already logged with the same
         step and value, e.g. live via :meth:`log_metrics` or by an earlier attempt, are not repeated);
         each dataset through ``log_input`` with its digest and source URI; plots as artifacts under
-        ``plots/``; outputs and digests as tags; ``outputs["model"]`` as an external LoggedModel that
+        ``plots/`` and reports under ``reports/``; outputs and digests as tags; ``outputs["model"]`` as an external LoggedModel that
         the final metrics are attached to. Output URIs are recorded relative to a local artifact root.
 
         Raises:
-            InputNotFoundError: a plot file does not exist.
-            StorageError: an ``s3://`` plot cannot be downloaded.
+            InputNotFoundError: a plot or report file does not exist.
+            StorageError: an ``s3://`` plot or report cannot be downloaded.
         """
         outputs = {k: relative_uri(v, self._artifact_root) for k, v in result.outputs.items()}
         tags = {f"{TAG_OUTPUT}{k}": v for k, v in outputs.items()}
@@ -521,7 +521,8 @@ class StageTracker:
 
         if result.datasets:
             self._client.log_inputs(self.run_id, datasets=[_dataset_input(ref) for ref in result.datasets])
-        self._log_plots(result.plots)
+        self._log_files(result.plots, "plots", ".png")
+        self._log_files(result.reports, "reports", ".json")
 
     def _log_output_model(self, model_uri: str, digest: str | None) -> str:
         """Record the output model (its URI as stored) as an external LoggedModel of this run (once per URI); its id."""
@@ -543,17 +544,18 @@ class StageTracker:
         self._client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
         return model.model_id
 
-    def _log_plots(self, plots: Mapping[str, str]) -> None:
-        if not plots:
+    def _log_files(self, files: Mapping[str, str], artifact_path: str, suffix: str) -> None:
+        """Copy each file URI into the run as ``<artifact_path>/<name><its suffix, else suffix>``."""
+        if not files:
             return
         with tempfile.TemporaryDirectory() as tmp:
-            for name, uri in plots.items():
-                local = self._local_copy(uri)
-                shutil.copyfile(local, Path(tmp) / f"{name}{local.suffix or '.png'}")
-            self._client.log_artifacts(self.run_id, tmp, artifact_path="plots")
+            for name, uri in files.items():
+                local = self._local_copy(uri, f"{artifact_path} {name}")
+                shutil.copyfile(local, Path(tmp) / f"{name}{local.suffix or suffix}")
+            self._client.log_artifacts(self.run_id, tmp, artifact_path=artifact_path)
 
-    def _local_copy(self, uri: str) -> Path:
-        """A local path of a plot URI (``s3://`` through the recipe's store settings)."""
+    def _local_copy(self, uri: str, what: str) -> Path:
+        """A local path of a plot or report URI (``s3://`` through the recipe's store settings)."""
         from nemoforge.artifacts import store_for
 
         if uri.startswith("s3://"):
@@ -561,7 +563,7 @@ class StageTracker:
         else:
             path = Path(uri.removeprefix("file://")).expanduser()
         if not path.is_file():
-            raise InputNotFoundError(f"plot {uri} is not a file: give a PNG file URI")
+            raise InputNotFoundError(f"{what}: {uri} is not a file")
         return path
 
 

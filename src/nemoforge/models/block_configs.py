@@ -111,6 +111,30 @@ def count_params(config: DeciLMConfig) -> int:
     return total
 
 
+def parent_layers(config: DeciLMConfig) -> list[list[int]]:
+    """Per layer, the parent layers whose computation it carries, in the parent's numbering.
+
+    A Puzzle child keeps the parent's layer count, one layer each: ``[[0], [1], ...]``. FFN Fusion
+    (``stages/nas/fusion.py``) replaces a run of layers by one block and records the map in the config as
+    ``parent_layers`` (a plain top-level key of config.json; transformers and vLLM keep it as an attribute and
+    ignore it), e.g. ``[[0], [1, 2, 3], [4]]``. The output of layer ``j`` then stands for the output of parent
+    layer ``parent_layers[j][-1]``: what distillation pairs hidden states by.
+
+    Raises:
+        ValueError: the recorded map does not cover layers ``0 .. n - 1`` in order, one entry per layer.
+    """
+    recorded = getattr(config, "parent_layers", None)
+    if recorded is None:
+        return [[i] for i in range(config.num_hidden_layers)]
+    flat = [j for layers in recorded for j in layers]
+    if len(recorded) != config.num_hidden_layers or not all(recorded) or flat != list(range(len(flat))):
+        raise ValueError(
+            f"config parent_layers={recorded} must give each of the {config.num_hidden_layers} layers a non-empty "
+            "run of parent layers, the runs in order and covering 0 .. n - 1"
+        )
+    return [list(layers) for layers in recorded]
+
+
 def kv_cache_bytes_per_token(config: DeciLMConfig, kv_bytes: int = 2) -> int:
     """KV-cache bytes one token costs across all layers: ``sum over attention layers of 2 * K * Dh * kv_bytes``.
 

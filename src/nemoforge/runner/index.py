@@ -47,8 +47,8 @@ def result_from_json(data: dict[str, Any]) -> StageResult:
 def stored_uris(record: dict[str, Any], convert: Callable[[str], str]) -> dict[str, Any]:
     """A copy of an index record (or of a result's JSON) with ``convert`` applied to each store URI it holds.
 
-    Those are: a step reference's ``uri``, a stage's ``output_uri``, and its result's ``outputs``, ``plots`` and
-    dataset ``source_uri`` (nothing else in a record is a URI: digests, metrics, tags).
+    Those are: a step reference's ``uri``, a stage's ``output_uri``, and its result's ``outputs``, ``plots``,
+    ``reports`` and dataset ``source_uri`` (nothing else in a record is a URI: digests, metrics, tags).
 
     Args:
         record: an index record (``ref``, ``output_uri``, ``result``) or a result's JSON (:func:`result_to_json`).
@@ -62,7 +62,7 @@ def stored_uris(record: dict[str, Any], convert: Callable[[str], str]) -> dict[s
         record["output_uri"] = convert(record["output_uri"])
     if "result" in record:
         record["result"] = stored_uris(record["result"], convert)
-    for name in ("outputs", "plots"):
+    for name in ("outputs", "plots", "reports"):
         if name in record:
             record[name] = {k: convert(v) for k, v in record[name].items()}
     if "datasets" in record:

@@ -9,6 +9,7 @@ context manager, whatever happens inside it (tests check this).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -80,6 +81,25 @@ def check_port_free(port: int, host: str = "127.0.0.1") -> None:
             raise ServeError(
                 f"port {port} on {host} is in use ({err.strerror}): pass another --port"
             ) from None
+
+
+def check_block_configs(model_dir: Path) -> None:
+    """Parse a nemotron-nas checkpoint's config.json with the configuration class vLLM will run (the shipped
+    ``configuration_decilm.py``), so that a bad block config is one line naming the layer before vLLM starts
+    (e.g. a block whose ``ffn_mult`` and ``intermediate_size`` disagree). Other model types pass.
+
+    Raises:
+        ServeError: the config is refused, with the config file's path and the layer.
+    """
+    config = model_dir / "config.json"
+    if json.loads(config.read_text()).get("model_type") != "nemotron-nas":
+        return
+    from nemoforge.models.hf.configuration_decilm import DeciLMConfig
+
+    try:
+        DeciLMConfig.from_pretrained(model_dir)
+    except ValueError as err:
+        raise ServeError(f"{config}: {err}") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -155,11 +175,12 @@ class VLLMServer:
         Raises:
             ServeError: the port is in use, or vLLM is not installed.
             NemoforgeError: the checkpoint's Python files are not the ones this nemoforge ships (vLLM would run
-                them: ``--trust-remote-code``).
+                them: ``--trust-remote-code``), or its block configs are invalid (:func:`check_block_configs`).
         """
         if not (self.model_dir / "config.json").is_file():
             raise ServeError(f"{self.model_dir} is not a checkpoint directory (no config.json)")
         verify_remote_code(self.model_dir)
+        check_block_configs(self.model_dir)
         check_port_free(self.port, self.host)
         vllm_version()  # a clear error when vLLM is missing, before a long start
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

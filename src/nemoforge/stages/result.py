@@ -34,6 +34,7 @@ class StageResult:
         outputs: output URIs by name; ``"model"`` is the checkpoint handed to the next stage.
         digests: sha256 of each output by the same name.
         plots: PNG URIs by name (loss curve, Pareto front).
+        reports: URIs of small JSON outputs by name (the nas stage's ``ffn_fusion.json``), copied into the run.
         datasets: inputs read, with digests.
         tags: small string facts (``block_configs`` summary, device).
     """
@@ -43,5 +44,6 @@ class StageResult:
     outputs: dict[str, str] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
     plots: dict[str, str] = field(default_factory=dict)
+    reports: dict[str, str] = field(default_factory=dict)
     datasets: list[DatasetRef] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)

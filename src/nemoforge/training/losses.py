@@ -34,8 +34,9 @@ def hidden_cosine_loss(
     """``sum_l mean_tokens (1 - cos(h_child^l, h_parent^l))`` over paired hidden states ``hidden_BTD``.
 
     Raises:
-        ValueError: the two sequences differ in length (the child must keep the parent's layer count;
-            Puzzle children replace blocks by no-ops instead of removing layers).
+        ValueError: the two sequences differ in length (the caller pairs them: Puzzle children replace blocks
+            by no-ops and keep the parent's layer count; the distill stage pairs an FFN-fused block with the
+            parent's last layer of its run).
     """
     if len(child_hidden) != len(parent_hidden):
         raise ValueError(

@@ -14,6 +14,7 @@ import torch
 
 from nemoforge.artifacts import ArtifactStore
 from nemoforge.config import Recipe
+from nemoforge.models.block_configs import parent_layers
 from nemoforge.runtime import compute_device, recipe_dtype
 from nemoforge.stages.result import StageResult
 from nemoforge.stages.training import load_teacher, run_training_stage
@@ -50,7 +51,8 @@ def run(
 
     Raises:
         InputNotFoundError: an input URI does not exist.
-        ValueError: the child's layer count differs from the parent's.
+        ValueError: the child's layers do not map onto the parent's (a Puzzle child keeps the parent's layer
+            count; an FFN-fused one records the parent layers of each of its layers as ``parent_layers``).
     """
     cfg = recipe.distill
     parent = load_teacher(store.fetch(parent_uri), dtype=recipe_dtype(recipe), device=compute_device())
@@ -59,12 +61,21 @@ def run(
         with torch.no_grad():
             parent_out = parent(input_ids_BT, output_hidden_states=True, use_cache=False)
         child_out = child(input_ids_BT, output_hidden_states=True, use_cache=False)
-        # hidden_states[0] is the embedding output; [1:] are the L layer outputs (Puzzle sums over layers)
+        # hidden_states[0] is the embedding output; [1:] are the L layer outputs (Puzzle sums over layers). A child
+        # layer is paired with the parent layer whose output it stands for: the same index in a Puzzle child, the
+        # last layer of its run in an FFN-fused one (block_configs.parent_layers).
+        ends = [layers[-1] for layers in parent_layers(child.config)]
+        if ends[-1] != parent.config.num_hidden_layers - 1:
+            raise ValueError(
+                f"the child's {len(ends)} layers carry parent layers 0..{ends[-1]}, the parent has "
+                f"{parent.config.num_hidden_layers}: layer counts differ"
+            )
+        paired = [parent_out.hidden_states[1 + j] for j in ends]
         return gkd_loss(
             child_out.logits,
             parent_out.logits,
             child_out.hidden_states[1:],
-            parent_out.hidden_states[1:],
+            paired,
             cosine_weight=cfg.cosine_weight,
             kl_weight=cfg.kl_weight,
             temperature=cfg.temperature,

@@ -135,34 +135,50 @@ class CostTable:
             total = total + self.latency(variant)
         return total
 
-    def ffn_latency(self, width: int) -> Latency:
-        """Latency of an FFN sub-block of ``width`` channels: measured when the table has the width, else the
-        least-squares line ``a + b * width`` through the measured widths (prefill and decode fitted apart).
+    def ffn_line(self) -> tuple[Latency, Latency]:
+        """The least-squares line ``a + b * width`` through the measured FFN widths, prefill and decode fitted
+        apart: ``(a, b)``, ``b`` in ms per channel.
 
-        Widths outside the library come from FFN Fusion (a run's summed width). The intercept ``a`` is the
-        per-layer cost independent of width (norm, residual, kernel launches): what fusing layers saves.
+        The intercept ``a`` is the per-layer cost independent of width (norm, residual, kernel launches): what
+        FFN Fusion saves per FFN it merges into another (:meth:`fusion_saving`).
 
         Raises:
             ValueError: the table has fewer than two widths to fit a line through.
         """
-        if width in self.ffn:
-            return self.ffn[width]
         if len(self.ffn) < 2:
-            raise ValueError(
-                f"FFN width {width} was not measured and {len(self.ffn)} width(s) cannot fit a line"
-            )
+            raise ValueError(f"{len(self.ffn)} measured FFN width(s) cannot fit a line")
         widths = list(self.ffn)
         mean_w = sum(widths) / len(widths)
         var_w = sum((w - mean_w) ** 2 for w in widths)
 
-        def fit(values: list[float]) -> float:
+        def fit(values: list[float]) -> tuple[float, float]:
             mean_v = sum(values) / len(values)
             slope = sum((w - mean_w) * (v - mean_v) for w, v in zip(widths, values, strict=True)) / var_w
-            return mean_v + slope * (width - mean_w)
+            return mean_v - slope * mean_w, slope
 
-        return Latency(
-            fit([self.ffn[w].prefill_ms for w in widths]), fit([self.ffn[w].decode_ms for w in widths])
-        )
+        a_prefill, b_prefill = fit([self.ffn[w].prefill_ms for w in widths])
+        a_decode, b_decode = fit([self.ffn[w].decode_ms for w in widths])
+        return Latency(a_prefill, a_decode), Latency(b_prefill, b_decode)
+
+    def ffn_latency(self, width: int) -> Latency:
+        """Latency of an FFN sub-block of ``width`` channels: measured when the table has the width, else on
+        :meth:`ffn_line` (widths outside the library come from FFN Fusion: a run's summed width).
+
+        Raises:
+            ValueError: the width was not measured and the table cannot fit a line.
+        """
+        if width in self.ffn:
+            return self.ffn[width]
+        a, b = self.ffn_line()
+        return Latency(a.prefill_ms + b.prefill_ms * width, a.decode_ms + b.decode_ms * width)
+
+    def fusion_saving(self) -> Latency:
+        """What the cost model predicts FFN Fusion saves per FFN merged into another of its run: the intercept of
+        :meth:`ffn_line`. Fusing k FFNs of widths ``w_i`` into one of width ``W = sum w_i`` is predicted at
+        ``a + b * W`` (W not measured) against ``sum_i latency(w_i)``, a saving of ``(k - 1) * a`` up to the
+        line's residuals at the ``w_i``; exact when the measured widths lie on the line. Negative when the
+        timings put the line below the origin (then the model predicts fusion costs time)."""
+        return self.ffn_line()[0]
 
     def predicted_config(self, config: DeciLMConfig) -> Latency:
         """Predicted latency of any model of the library's parent: fixed + per layer its attention (the parent's,

@@ -11,7 +11,8 @@ layer (one ``rms_norm_eps``), so each per-channel weight ``w_i`` folds exactly i
 up projections (``W @ (w * n) = (W * w) @ n``); gate/up rows and down columns are concatenated. The fused block is a
 standard nemotron-nas block: no-op attention, an RMSNorm of weight 1 and that FFN, its width written as ``ffn_mult``
 where one reaches it, else as ``intermediate_size`` (``block_configs.ffn_config``). Layers of a fused run (the
-empty ones inside it included: they are identities) are gone from ``block_configs``.
+empty ones inside it included: they are identities) are gone from ``block_configs``; the config's
+``parent_layers`` says which parent layers each remaining layer carries (``[[0], [1, 2, 3], [4]]``).
 
 Fusion is exact with respect to the parallel form; it changes the network with respect to the sequential original.
 That change is scored as Puzzle scores blocks (replace-and-score KL on held-out text, ``stages/nas/scoring.py``):
@@ -30,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nemoforge.models.block_configs import ffn_config
+from nemoforge.models.block_configs import ffn_config, parent_layers
 from nemoforge.models.hf.configuration_decilm import AttentionConfig, BlockConfig, DeciLMConfig
 from nemoforge.models.hf.modeling_decilm import DeciLMDecoderLayer, DeciLMForCausalLM, DeciLMMLP
 from nemoforge.stages.nas.scoring import ParentPass, parent_pass, score_layer
@@ -127,6 +128,9 @@ def fuse_mlps(layers: Sequence[DeciLMDecoderLayer], config: DeciLMConfig) -> Dec
 def fuse_runs(model: DeciLMForCausalLM, runs: Sequence[FusionRun]) -> DeciLMForCausalLM:
     """A new model with each run replaced by one fused block (``fused_layer`` is set on each run).
 
+    Its config records ``parent_layers`` (``block_configs.parent_layers``): per layer, the parent layers it carries,
+    so that distillation can pair a fused block's output with the parent's output after the run's last layer.
+
     Raises:
         ValueError: runs overlap, or a run holds a layer with attention.
     """
@@ -153,8 +157,18 @@ def fuse_runs(model: DeciLMForCausalLM, runs: Sequence[FusionRun]) -> DeciLMForC
         )
         sources.append(run)
         i = run.stop
+    carried = parent_layers(config)  # composes with an earlier fusion
     config_dict = config.to_dict()
-    config_dict.update(block_configs=[b.to_dict() for b in blocks], num_hidden_layers=len(blocks))
+    config_dict.update(
+        block_configs=[b.to_dict() for b in blocks],
+        num_hidden_layers=len(blocks),
+        parent_layers=[
+            carried[source]
+            if isinstance(source, int)
+            else [j for i in range(source.start, source.stop) for j in carried[i]]
+            for source in sources
+        ],
+    )
     new_config = DeciLMConfig.from_dict(config_dict)
     fused = DeciLMForCausalLM(new_config).to(device=model.device, dtype=model.dtype)
     fused.model.embed_tokens.load_state_dict(model.model.embed_tokens.state_dict())

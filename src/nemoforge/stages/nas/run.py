@@ -5,7 +5,9 @@
     BLD      (§3)          each narrow FFN trained on the parent's activations (decoupled, normalized MSE)
     scoring  (§4.2)        replace-1-block KL(parent || model) and LM loss on held-out sequences
     cost     (§4.1)        latency per sub-block shape measured on the pod's GPU (else CPU); parameter, KV bytes
-    MIP      (§4.2, App.B) one variant per layer under the latency/memory budget; N diverse solutions; a sweep
+    MIP      (§4.2, App.B) one variant per layer under the latency/memory budget; N diverse solutions; a sweep;
+                           with ``nas.ffn_fusion.in_search`` the latency counts what fusing the child's
+                           attention-free runs saves (``mip.py``)
     child                  solution 1 built from parent attention + BLD-trained FFNs, exported as nemotron-nas
     fusion   (FFN Fusion,  optional, ``nas.ffn_fusion``: runs of attention-free layers of the child fused into one
              LN-Ultra §2)  wide FFN each within a KL budget (``fusion.py``); the fused child is the one exported
@@ -153,7 +155,8 @@ def run(
         )
         child_kl, child_lm_loss = fusion_metrics["kl_div_heldout"], fusion_metrics["lm_loss_heldout"]
         outputs["ffn_fusion"] = phase.uri("ffn_fusion.json")
-        store.write_json(outputs["ffn_fusion"], fusion_metrics.pop("report"))
+        fusion_report = fusion_metrics.pop("report")
+        store.write_json(outputs["ffn_fusion"], fusion_report)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = export_checkpoint(child, tokenizer, Path(tmp) / "model")
         digests = {"model": digest_path(model_dir)}
@@ -169,6 +172,8 @@ def run(
     store.write_json(outputs["block_library"], _block_library_json(library, bld, scores, costs, model))
     store.write_json(outputs["solutions"], _solutions_json(library, solutions, front, parent, budget_ms))
     result = StageResult(outputs=outputs, digests=digests, plots=plots)
+    if "ffn_fusion" in outputs:  # copied into the stage's MLflow run: the runs, their layers, widths and KL
+        result.reports["ffn_fusion"] = outputs["ffn_fusion"]
     timings["time_export_s"] = time.perf_counter() - t
     timings["wall_time_s"] = time.perf_counter() - started
 
@@ -194,14 +199,30 @@ def run(
     )
     if fusion_metrics:
         result.tags["ffn_fusion"] = fusion_metrics["summary"]
-        # the cost model's prediction for the exported (fused) child; child_latency_ms stays the MIP's (unfused)
+        # the cost model's prediction for the exported (fused) child; child_latency_ms stays the MIP's (unfused, or
+        # with nas.ffn_fusion.in_search the MIP's own figure for the child with every run fused)
         fused_latency = costs.predicted_config(child.config)
+        fused_ms = fused_latency.request_ms(costs.decode_tokens)
         result.metrics.update(
-            child_latency_ms_fused=fused_latency.request_ms(costs.decode_tokens),
+            child_latency_ms_fused=fused_ms,
             child_prefill_ms_fused=fused_latency.prefill_ms,
             child_decode_ms_fused=fused_latency.decode_ms,
-            speedup_fused=parent.latency_ms / fused_latency.request_ms(costs.decode_tokens),
+            speedup_fused=parent.latency_ms / fused_ms,
         )
+    if nas.ffn_fusion.in_search:
+        result.metrics.update(
+            mip_fusion_saving_ms=budget.fixed["fusion_saving_ms"],
+            mip_num_ffn_merges=float(solutions[0].num_ffn_merges),
+        )
+        left = [f"{r['start']}-{r['stop'] - 1}" for r in fusion_report["runs"] if not r["fused"]]
+        if left and fused_ms > budget_ms * (1 + 1e-6):
+            log.warning(
+                "nas: the fused child is predicted at %.2f ms, over the %.2f ms budget the search met by counting "
+                "every run fused: nas.ffn_fusion.kl_budget left runs %s unfused (ffn_fusion.json); raise it",
+                fused_ms,
+                budget_ms,
+                ", ".join(left),
+            )
     log.info(
         "nas: child %s, predicted latency %.1f of %.1f ms (x%.2f), held-out KL %.4f",
         result.tags["block_configs"],
@@ -261,9 +282,10 @@ def _load_inputs(
 
 @dataclass(frozen=True)
 class Budget:
-    """The MIP's constraints: the parent's choice per layer, the cost outside the blocks (``fixed_latency_ms``,
-    ``fixed_memory_bytes``), the recipe's budgets (``latency_budget_ratio``, ``memory_budget_gib``) and the
-    latency budget they give in ms."""
+    """The MIP's constraints: the parent's choice per layer, the cost terms outside the per-variant costs
+    (``fixed_latency_ms``, ``fixed_memory_bytes``, and ``fusion_saving_ms``: the latency saved per FFN merged by FFN
+    Fusion when ``nas.ffn_fusion.in_search``, else 0), the recipe's budgets (``latency_budget_ratio``,
+    ``memory_budget_gib``) and the latency budget they give in ms."""
 
     parent_choice: list[int]
     fixed: dict[str, float]
@@ -278,9 +300,11 @@ def _budget(library: BlockLibrary, costs: CostTable, nas: NASConfig) -> Budget:
         RecipeError: a budget no child meets (names the field and the smallest feasible value).
     """
     parent_choice = [row.index(library.parent) for row in library.variants]
+    in_search = nas.ffn_fusion.in_search
     fixed = {
         "fixed_latency_ms": costs.fixed.request_ms(costs.decode_tokens),
         "fixed_memory_bytes": costs.fixed_param_bytes,
+        "fusion_saving_ms": costs.fusion_saving().request_ms(costs.decode_tokens) if in_search else 0.0,
     }
     budgets = {"latency_budget_ratio": nas.latency_budget_ratio, "memory_budget_gib": nas.memory_budget_gib}
     budget_ms, _ = check_budgets(_options(library, costs), parent_choice=parent_choice, **budgets, **fixed)
@@ -324,7 +348,7 @@ def _mip_phase(
         time_limit_s=nas.mip_time_limit_s,
         **budget.fixed,
     )
-    parent = evaluate(options, budget.parent_choice, **budget.fixed)
+    parent = evaluate(options, budget.parent_choice, **budget.fixed)  # all attention: nothing to fuse
     chosen = [library.variants[i][j] for i, j in enumerate(solutions[0].choice)]
     return Search(solutions, front, parent, chosen)
 
@@ -339,6 +363,8 @@ def _options(
                 kl_div=scores[i][v]["kl_div"] if scores else 0.0,
                 latency_ms=costs.latency(v).request_ms(costs.decode_tokens),
                 memory_bytes=costs.param_bytes(v) + costs.kv_cache_bytes(v),
+                attention_no_op=v.attention_no_op,
+                ffn_no_op=not v.ffn_size,
             )
             for v in row
         ]
@@ -640,6 +666,7 @@ def _solution_json(library: BlockLibrary, solution: Solution, parent: Solution) 
         "speedup": parent.latency_ms / solution.latency_ms,
         "memory_bytes": solution.memory_bytes,
         "solve_time_s": solution.solve_time_s,
+        "num_ffn_merges": solution.num_ffn_merges,
         "layers": [library.name(v) for v in variants],
         "block_configs": [library.block_config(v).to_dict() for v in variants],
     }
