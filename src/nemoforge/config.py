@@ -92,6 +92,8 @@ class ArithmeticTask(_Section):
     ``terse_fraction`` of the sft traces write the whole chain as one expression: a strategy a small model
     gets wrong far more often, so sft leaves a policy that mixes a reliable and an unreliable way to reason,
     and the verifiable reward has a behaviour to select (rl's prompts and answers do not depend on it).
+    ``slip_rate`` makes the sft traces an imperfect teacher's (a line's result off by 1-3): the sft child then
+    samples its teacher's slips, which rl, graded on the true count, has to unlearn.
     """
 
     num_steps: int = Field(2, ge=1, le=8, description="Chained additions/subtractions per problem.")
