@@ -36,6 +36,17 @@ if TYPE_CHECKING:
 FILES = ("heldout.jsonl", "train_prompts.jsonl", "source.json")
 
 
+def generated_name(arithmetic: dict[str, Any], seed: int, num_samples: int | None = None) -> str:
+    """Lineage name of arithmetic generated at ``arithmetic`` (``data.arithmetic``'s fields) with ``seed``;
+    ``num_samples``: how many were generated, when the reader takes a fixed count."""
+    style = "".join(f"&{k}={arithmetic[k]}" for k in ("terse_fraction", "slip_rate") if arithmetic.get(k))
+    count = "" if num_samples is None else f"&n={num_samples}"
+    return (
+        f"generated://arithmetic?seed={seed}{count}&steps={arithmetic['num_steps']}"
+        f"&max_operand={arithmetic['max_operand']}{style}"
+    )
+
+
 @dataclass(frozen=True)
 class ChatSource:
     """Where sft's chats came from, so that rl can draw more of the same.
@@ -89,14 +100,10 @@ def load_sft_split(recipe: Recipe, store: ArtifactStore | None) -> tuple[list[Ch
         ``(train chats, split)``; :data:`~nemoforge.data.reasoning.SFT_HELDOUT_FRACTION` of the prompts held out.
     """
     data, cfg = recipe.data, recipe.sft
-    task = data.arithmetic
     seed = seed_for(recipe, "sft.data")
-    name = data.sft_uri or (
-        f"generated://arithmetic?seed={seed}&n={cfg.num_samples}"
-        f"&steps={task.num_steps}&max_operand={task.max_operand}&terse_fraction={task.terse_fraction}"
-        + (f"&slip_rate={task.slip_rate}" if task.slip_rate else "")
-    )
-    source = ChatSource(name, data.sft_uri, task.model_dump(), cfg.num_samples)
+    task = data.arithmetic.model_dump()
+    name = data.sft_uri or generated_name(task, seed, cfg.num_samples)
+    source = ChatSource(name, data.sft_uri, task, cfg.num_samples)
     samples = source.samples(cfg.num_samples, seed=seed, store=store)
     split_seed = seed_for(recipe, "sft.split")
     train, heldout = split_by_prompt(samples, heldout_fraction=SFT_HELDOUT_FRACTION, seed=split_seed)

@@ -56,7 +56,7 @@ from nemoforge.data.reasoning import (
     read_chat_samples,
     read_preference_pairs,
 )
-from nemoforge.data.sft_split import SFTSplit, read_sft_split
+from nemoforge.data.sft_split import SFTSplit, generated_name, read_sft_split
 from nemoforge.errors import NemoforgeError
 from nemoforge.models.generate import generate_ids, pad_id
 from nemoforge.rewards import combined_rewards
@@ -119,10 +119,7 @@ def rl_problems(
             f"rl needs at least rl.batch_size={cfg.batch_size} prompts with reference answers and one held-out "
             f"prompt; the data gave {len(train_problems)} and {len(heldout)}"
         )
-    task = split.source.arithmetic
-    source = split.source.sft_uri or (
-        f"generated://arithmetic?seed={seed}&steps={task['num_steps']}&max_operand={task['max_operand']}"
-    )
+    source = split.source.sft_uri or generated_name(split.source.arithmetic, seed)
     return _with_modes(train_problems, cfg.train_modes), _with_modes(heldout[: cfg.num_heldout_prompts]), source
 
 
