@@ -137,9 +137,10 @@ def claims(fig: dict[str, Any], recipe: dict[str, Any]) -> list[dict[str, Any]]:
         before = fig[f"{kind}_{trained}before"]
         rows.append((f"the rl task is calibrated: the model entering rl solves 10-60% of it on the modes rl trains "
                      f"({', '.join(modes)}; {how}, held-out)", 0.1 <= before <= 0.6, before))
-    if "rl_sampled_accuracy_gain" in fig:  # the headline: sampled pass@1 at the rollout temperature, as GRPO trains
-        rows.append(("rl raises held-out sampled pass@1 at the rollout temperature (gain's 95% CI > 0)",
-                     _above(fig, "rl_sampled_accuracy_gain", 0.0), fig.get("rl_sampled_accuracy_gain_ci")))
+    sampled_gain = f"rl_sampled_accuracy_{trained}gain"
+    if sampled_gain in fig:  # the headline: sampled pass@1 at the rollout temperature, as GRPO trains, on its modes
+        rows.append((f"rl raises held-out sampled pass@1 at the rollout temperature on the modes rl trains "
+                     f"({sampled_gain}: 95% CI > 0)", _above(fig, sampled_gain, 0.0), fig.get(f"{sampled_gain}_ci")))
     if "speedup_b64" in fig and kind is not None:  # the GPU proof's bar (issue 11 section 4): >= 10 points
         gain = f"{kind}_{trained}gain"
         rows.append((f"rl raises held-out accuracy by >= 10 points on the modes rl trains ({gain}: 95% CI > 0 "

@@ -233,7 +233,8 @@ def test_rl_train_modes_set_the_training_prompts_mode_and_the_heldout_keeps_both
     overrides = ["rl.num_prompts=8", "rl.num_heldout_prompts=6", "rl.batch_size=2", "sft.num_samples=40"]
     train, heldout, _ = problems(load_recipe("smollm2-135m-demo", [*overrides, "rl.train_modes=[on]"]))
     assert [r for _, _, r in train] == ["on"] * 8
-    assert [r for _, _, r in heldout] == ["on", "off"] * 3
+    assert [r for _, _, r in heldout] == ["on", "off"] * 6  # each of the 6 held-out problems in both modes
+    assert [q for q, _, _ in heldout[::2]] == [q for q, _, _ in heldout[1::2]]
     both, _, _ = problems(load_recipe("smollm2-135m-demo", [*overrides, "rl.train_modes=[on, off]"]))
     assert [r for _, _, r in both] == ["on", "off"] * 4 and [q for q, _, _ in both] == [q for q, _, _ in train]
     with pytest.raises(RecipeError, match="rl.train_modes: List should have at least 1 item"):

@@ -86,6 +86,7 @@ def test_rl_problems_are_disjoint_from_sft_data_and_each_other(tmp_path: Path):
     assert (train, heldout, source) == rl_problems(recipe, split, store)
     train_q, heldout_q = {q for q, _, _ in train}, {q for q, _, _ in heldout}
     assert len(train_q) == 48 and len(heldout_q) == 48 and not train_q & heldout_q
+    assert len(heldout) == 96 and {q for q, _, r in heldout if r == "on"} == {q for q, _, r in heldout if r == "off"}
     assert not (train_q | heldout_q) & {s.prompt for s in sft_train + split.heldout}
     assert [r for _, _, r in heldout[:4]] == ["on", "off", "on", "off"]
     assert "steps=1&max_operand=4" in source

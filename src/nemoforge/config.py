@@ -387,12 +387,14 @@ class RLConfig(TrainConfig):
     )
     train_modes: list[ReasoningMode] = Field(
         ["on", "off"], min_length=1,
-        description="Reasoning modes of the training prompts, alternated over the pool (held-out prompts always "
-        "alternate both, and the gains are reported per mode). LN §5 rewards thinking in the 'on' mode; "
+        description="Reasoning modes of the training prompts, alternated over the pool (each held-out problem is "
+        "asked in both modes, and the gains are reported per mode). LN §5 rewards thinking in the 'on' mode; "
         "['on'] keeps rollouts that guess an answer without thinking from shaping the policy.",
     )
     num_prompts: int = Field(64, ge=1, description="Training prompts in the pool (before pass-rate filtering).")
-    num_heldout_prompts: int = Field(8, ge=1, description="Held-out prompts scored before and after (mean reward).")
+    num_heldout_prompts: int = Field(
+        8, ge=1, description="Held-out problems scored before and after, each asked in both reasoning modes."
+    )
     heldout_samples: int = Field(
         0, ge=0,
         description="Samples per held-out prompt at the rollout temperature for sampled pass@1 before and after "

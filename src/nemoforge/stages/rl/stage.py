@@ -79,7 +79,7 @@ Problem = tuple[str, str, Reasoning]
 """``(question, reference answer, reasoning mode)``."""
 
 
-def _with_modes(problems: Sequence[tuple[str, str]], modes: Sequence[Reasoning] = ("on", "off")) -> list[Problem]:
+def _with_modes(problems: Sequence[tuple[str, str]], modes: Sequence[Reasoning]) -> list[Problem]:
     return [(q, a, modes[i % len(modes)]) for i, (q, a) in enumerate(problems)]
 
 
@@ -92,8 +92,9 @@ def rl_problems(
     arithmetic generated from rl's own stream, ``rl.prompts``, at sft's ``data.arithmetic`` difficulty), with every
     prompt sft saw (its training and held-out split, which eval grades) left out; held-out prompts come from
     ``data.math_eval_uri`` when set, else from the pool after the training prompts. Training and held-out
-    prompts never share a question. Training prompts take the ``rl.train_modes`` in turn; held-out prompts
-    alternate "on" and "off".
+    prompts never share a question. Training prompts take the ``rl.train_modes`` in turn; each held-out problem
+    is asked in both modes ("on", then "off"), so every mode's held-out gain rests on all
+    ``rl.num_heldout_prompts`` problems.
 
     Args:
         recipe: the resolved recipe (``rl`` section, ``data.math_eval_uri``, ``seed``: stream ``rl.prompts``).
@@ -120,7 +121,8 @@ def rl_problems(
             f"prompt; the data gave {len(train_problems)} and {len(heldout)}"
         )
     source = split.source.sft_uri or generated_name(split.source.arithmetic, seed)
-    return _with_modes(train_problems, cfg.train_modes), _with_modes(heldout[: cfg.num_heldout_prompts]), source
+    heldout_both = [(q, a, mode) for q, a in heldout[: cfg.num_heldout_prompts] for mode in ("on", "off")]
+    return _with_modes(train_problems, cfg.train_modes), heldout_both, source
 
 
 def score(
