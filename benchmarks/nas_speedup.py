@@ -216,7 +216,8 @@ def decode_throughput(
     return out
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """Python, torch, CUDA, transformers and scipy versions and the checkout's commit, for a results JSON."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
@@ -233,12 +234,9 @@ def _versions() -> dict[str, str]:
     }
 
 
-def run_batch(
-    parent: DeciLMForCausalLM, library: BlockLibrary, setup: Setup, batch: int, budgets: list[float]
-) -> dict:
-    """Cost table, MIP children and measured throughput at one batch size; the figures for the JSON."""
-    device = parent.device
-    costs = measure_costs(
+def cost_table(parent: DeciLMForCausalLM, library: BlockLibrary, setup: Setup, batch: int) -> CostTable:
+    """The cost model's table (``measure_costs``, module docstring step 3) at one batch size."""
+    return measure_costs(
         parent,
         library,
         CostConfig(
@@ -248,6 +246,59 @@ def run_batch(
             repeats=setup.cost_repeats,
         ),
     )
+
+
+def cost_summary(costs: CostTable) -> dict:
+    """A cost table's profile and decode-step figures (ms) for a results JSON."""
+    return {
+        "measurement": costs.measurement,
+        "fixed_decode_ms": costs.fixed.decode_ms,
+        "attention_decode_ms_per_layer": costs.attention.decode_ms,
+        "ffn_decode_ms_per_layer": {str(w): lat.decode_ms for w, lat in costs.ffn.items()},
+    }
+
+
+def random_prompt(model: DeciLMForCausalLM, setup: Setup, batch: int) -> torch.Tensor:
+    """``batch`` rows of ``setup.prompt_tokens`` uniform random token ids on the model's device (seeded by batch)."""
+    generator = torch.Generator(model.device).manual_seed(batch)
+    return torch.randint(
+        model.config.vocab_size, (batch, setup.prompt_tokens), generator=generator, device=model.device
+    )
+
+
+def report_header(benchmark: str, setup: Setup, parent: DeciLMForCausalLM, library: BlockLibrary) -> dict:
+    """The part of a results JSON common to the benchmarks on this parent: command, date, device, versions,
+    parent and library shapes, decode engine and throughput method, prompt and new tokens."""
+    return {
+        "benchmark": benchmark,
+        "command": " ".join(["python", *sys.argv]),
+        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": device_name(parent.device),
+        "versions": versions(),
+        "parent": {
+            **setup.llama,
+            "params": count_params(parent.config),
+            "dtype": str(setup.dtype).removeprefix("torch."),
+        },
+        "library": {
+            "attention": ["parent", "no_op (not layer 0)"],
+            "ffn_intermediate_sizes": [library.parent_ffn_size, *library.ffn_sizes, 0],
+        },
+        "engine": "nemoforge.models.generate.generate: static KV cache, decode step replayed as a CUDA graph "
+        "(on CUDA), greedy, no EOS",
+        "throughput_method": f"decode tokens/s = batch x {setup.new_tokens - SHORT_NEW_TOKENS} / median over "
+        f"rounds of [t(generate {setup.new_tokens} new) - t(generate {SHORT_NEW_TOKENS} new)]",
+        "prompt_tokens": setup.prompt_tokens,
+        "new_tokens": setup.new_tokens,
+    }
+
+
+def run_batch(
+    parent: DeciLMForCausalLM, library: BlockLibrary, setup: Setup, batch: int, budgets: list[float]
+) -> dict:
+    """Cost table, MIP children and measured throughput at one batch size; the figures for the JSON."""
+    device = parent.device
+    costs = cost_table(parent, library, setup, batch)
     parent_variants = [library.parent] * library.num_layers
     predicted_parent_ms = costs.predicted(parent_variants).decode_ms
     chosen = solve_children(library, costs, budgets)
@@ -255,11 +306,7 @@ def run_batch(
     with torch.device(device):
         for ratio, variants in chosen.items():
             models[f"child@{ratio}"] = child_from_parent(parent, [library.block_config(v) for v in variants])
-    generator = torch.Generator(device).manual_seed(batch)
-    prompt_BT = torch.randint(
-        parent.config.vocab_size, (batch, setup.prompt_tokens), generator=generator, device=device
-    )
-    measured = decode_throughput(models, prompt_BT, setup.new_tokens, setup.repeats)
+    measured = decode_throughput(models, random_prompt(parent, setup, batch), setup.new_tokens, setup.repeats)
 
     rows = {}
     for name, model in models.items():
@@ -282,14 +329,11 @@ def run_batch(
         torch.cuda.empty_cache()
     return {
         "cost": {
-            "measurement": costs.measurement,
+            **cost_summary(costs),
             "parent_decode_step_ms": {
                 "predicted": predicted_parent_ms,
                 "measured_by_cost_model": costs.parent_measured.decode_ms,
             },
-            "fixed_decode_ms": costs.fixed.decode_ms,
-            "attention_decode_ms_per_layer": costs.attention.decode_ms,
-            "ffn_decode_ms_per_layer": {str(w): lat.decode_ms for w, lat in costs.ffn.items()},
         },
         "models": rows,
     }
@@ -315,27 +359,8 @@ def main() -> None:
     parent = build_parent(setup)
     library = build_library(parent.config, NASConfig(ffn_intermediate_sizes=setup.ffn_sizes))
     report = {
-        "benchmark": "nas_speedup",
-        "command": " ".join(["python", *sys.argv]),
-        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device": device_name(parent.device),
-        "versions": _versions(),
-        "parent": {
-            **setup.llama,
-            "params": count_params(parent.config),
-            "dtype": str(setup.dtype).removeprefix("torch."),
-        },
-        "library": {
-            "attention": ["parent", "no_op (not layer 0)"],
-            "ffn_intermediate_sizes": [library.parent_ffn_size, *library.ffn_sizes, 0],
-        },
+        **report_header("nas_speedup", setup, parent, library),
         "quality_proxy": QUALITY_PROXY,
-        "engine": "nemoforge.models.generate.generate: static KV cache, decode step replayed as a CUDA graph "
-        "(on CUDA), greedy, no EOS",
-        "throughput_method": f"decode tokens/s = batch x {setup.new_tokens - SHORT_NEW_TOKENS} / median over "
-        f"rounds of [t(generate {setup.new_tokens} new) - t(generate {SHORT_NEW_TOKENS} new)]",
-        "prompt_tokens": setup.prompt_tokens,
-        "new_tokens": setup.new_tokens,
         "budgets": args.budgets,
         "batches": {},
         "complete": False,
