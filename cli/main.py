@@ -36,8 +36,10 @@ _RECIPE_HELP = (
 )
 
 
-def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help=_RECIPE_HELP.format(names=", ".join(builtin_recipes())))
+def _add_recipe_args(parser: argparse.ArgumentParser, optional: bool = False) -> None:
+    parser.add_argument(
+        "recipe", nargs="?" if optional else None, help=_RECIPE_HELP.format(names=", ".join(builtin_recipes()))
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -96,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(comp)
     comp.add_argument("-o", "--output", type=Path, required=True, help="output YAML path")
+
+    show = sub.add_parser(
+        "show",
+        help="print a recipe as it runs (its base: chain merged, --set applied, defaults filled); no recipe: list them",
+        description="Print the resolved recipe as YAML: what every stage reads and logs as recipe.json. A recipe "
+        "file states only its differences from its base: (built-in recipes extend _llama-cluster, ...); this is "
+        "the whole of it. Without a recipe, list the built-in recipes with their descriptions.",
+    )
+    _add_recipe_args(show, optional=True)
 
     submit = sub.add_parser(
         "submit",
@@ -305,6 +316,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
             "(pinned images: components/images/images.yaml) or a resources.base_image built with nemoforge",
             file=sys.stderr,
         )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    if args.recipe is None:
+        for name in builtin_recipes():
+            print(f"{name}: {load_recipe(name).description}")
+        return 0
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, width=120), end="")
     return 0
 
 
@@ -575,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "run": cmd_run,
         "compile": cmd_compile,
+        "show": cmd_show,
         "submit": cmd_submit,
         "schedule": cmd_schedule,
         "status": cmd_status,

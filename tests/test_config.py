@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 from pydantic import BaseModel
 
-from nemoforge.config import Recipe, apply_overrides, builtin_recipes, load_recipe, parse_recipe
+from nemoforge.config import (
+    Recipe,
+    apply_overrides,
+    builtin_recipes,
+    load_recipe,
+    merge_recipe_dicts,
+    parse_recipe,
+)
 from nemoforge.errors import RecipeError
 from nemoforge.preflight import check_budget, min_memory_bytes
 
@@ -185,3 +193,103 @@ def test_rl_has_no_fields_it_would_ignore():
         with pytest.raises(RecipeError, match=key.split("=")[0].split(".")[-1]):
             load_recipe("smollm2-135m-demo", [key])
     load_recipe("smollm2-135m-demo", ["sft.heldout_sequences=4", "cpt.peak_flops_per_s=1e12"])
+
+
+# ------------------------------------------------------------------------------ base: (a recipe extends another)
+def test_merge_recipe_dicts_merges_mappings_and_replaces_lists_and_scalars():
+    base = {"nas": {"ffn_intermediate_sizes": [1024, 512], "bld": {"steps": 16, "lr": 1e-3}}, "dtype": "float32"}
+    child = {"nas": {"ffn_intermediate_sizes": [768], "bld": {"steps": 4}}, "data": {"corpus_uri": None}}
+    merged = merge_recipe_dicts(base, child)
+    assert merged == {
+        "nas": {"ffn_intermediate_sizes": [768], "bld": {"steps": 4, "lr": 1e-3}},
+        "dtype": "float32",
+        "data": {"corpus_uri": None},
+    }
+    assert base["nas"]["bld"] == {"steps": 16, "lr": 1e-3}  # the inputs stay as they were
+
+
+def test_builtin_bases_are_not_listed_or_runnable():
+    assert not [name for name in builtin_recipes() if name.startswith("_")]
+    with pytest.raises(RecipeError, match=r"_llama-cluster is a base that recipes extend .*not a recipe to run"):
+        load_recipe("_llama-cluster")
+
+
+def test_cluster_recipes_share_their_base():
+    small, large = load_recipe("llama-3.1-8b"), load_recipe("llama-3.3-70b-super")
+    assert small.rl.preference == large.rl.preference and small.data.sft_uri == large.data.sft_uri
+    assert small.resources.sft.node_selector == large.resources.nas.node_selector == {
+        "nvidia.com/gpu.product": "NVIDIA-H200"
+    }
+    assert small.resources.nas.gpu_count == 1 and large.resources.nas.gpu_count == 8  # each child's own hardware
+
+
+def test_user_recipe_extends_a_builtin_by_name(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "base: smollm2-135m-demo\nname: mine\ndistill: {steps: 7}\nnas: {ffn_intermediate_sizes: [512]}\n"
+    )
+    recipe = load_recipe(str(path), ["cpt.steps=5"])  # --set applies to the merged recipe
+    expected = load_recipe(
+        "smollm2-135m-demo", ["name=mine", "distill.steps=7", "nas.ffn_intermediate_sizes=[512]", "cpt.steps=5"]
+    )
+    assert recipe.model_dump() == expected.model_dump()
+    assert recipe.distill.lr == 2.0e-4 and recipe.nas.ffn_intermediate_sizes == [512]  # base's lr; list replaced
+
+
+def test_user_recipe_base_path_is_relative_to_the_file(tmp_path, monkeypatch):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "team.yaml").write_text("base: smollm2-135m-demo\nname: team\nsft: {steps: 10}\n")
+    (tmp_path / "recipes" / "trial.yaml").write_text("base: team.yaml\nname: trial\nsft: {lr: 5.0e-5}\n")
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("recipes/trial.yaml")
+    assert (recipe.name, recipe.sft.steps, recipe.sft.lr, recipe.sft.batch_size) == ("trial", 10, 5.0e-5, 8)
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"a.yaml": "base: a.yaml\nname: a\n"}, r"recipe .*a\.yaml: base: makes a cycle \(.*a\.yaml -> .*a\.yaml\); "
+         r"remove base: from one of them"),
+        ({"a.yaml": "base: b.yaml\nname: a\n", "b.yaml": "base: a.yaml\n"},
+         r"base: makes a cycle \(.*a\.yaml -> .*b\.yaml -> .*a\.yaml\); remove base: from one of them"),
+        ({"a.yaml": "base: smollm2-135m-cpu\nname: a\n"},
+         r"base: no built-in recipe named 'smollm2-135m-cpu' \(built-in: llama-3.1-8b, .*\); set base: to a built-in "
+         r"recipe name or a \.yaml path relative to the recipe"),
+        ({"a.yaml": "base: ../team.yaml\nname: a\n"}, r"base: \.\./team\.yaml does not exist \(looked for .*team\.yaml\); "
+         r"set base: to"),
+        ({"a.yaml": "base: [smollm2-135m-demo]\nname: a\n"},
+         r"base: expected a recipe name or a \.yaml path \(got \['smollm2-135m-demo'\]\); set base: to"),
+    ],
+    ids=["self", "two-cycle", "unknown-name", "missing-file", "not-a-string"],
+)
+def test_bad_base_is_a_one_line_error_naming_the_fix(tmp_path, files: dict[str, str], message: str):
+    (tmp_path / "sub").mkdir()
+    for name, text in files.items():
+        (tmp_path / "sub" / name).write_text(text)
+    with pytest.raises(RecipeError, match=message) as err:
+        load_recipe(str(tmp_path / "sub" / "a.yaml"))
+    assert "\n" not in str(err.value)
+
+
+def test_yaml_aliases_do_not_share_a_set_override(tmp_path):
+    # an alias loads as the anchored dict itself: --set on one stage must not move the others
+    path = tmp_path / "gpu.yaml"
+    path.write_text(
+        "name: gpu\nresources:\n  nas: &gpu {cpu: '8', gpu_count: 1}\n  distill: *gpu\n"
+    )
+    recipe = load_recipe(str(path), ["resources.nas.cpu='4'"])
+    assert (recipe.resources.nas.cpu, recipe.resources.distill.cpu, recipe.resources.distill.gpu_count) == ("4", "8", 1)
+    gpu = load_recipe("smollm2-135m-gpu", ["resources.nas.gpu_count=2"]).resources
+    assert (gpu.nas.gpu_count, gpu.distill.gpu_count, gpu.eval.gpu_count) == (2, 1, 1)
+
+
+def test_show_prints_the_merged_recipe(capsys):
+    from nemoforge_cli.main import main
+
+    assert main(["show", "llama-3.3-70b-super", "--set", "rl.steps=300"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown == load_recipe("llama-3.3-70b-super", ["rl.steps=300"]).model_dump(mode="json")
+    assert "base" not in shown and shown["rl"]["preference"]["steps"] == 400  # from _llama-cluster
+    assert main(["show"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in listed] == builtin_recipes()

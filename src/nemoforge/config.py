@@ -3,7 +3,9 @@
 A recipe is YAML, parsed into :class:`Recipe` (pydantic v2, ``extra="forbid"``), so a typo, a wrong
 type or an impossible budget fails before any compute with the field path and the fix in one line
 (:func:`load_recipe` raises :class:`~nemoforge.errors.RecipeError`). Built-in recipes ship as package
-data under ``nemoforge/recipes/``; ``--set key.path=value`` overrides fields of any recipe.
+data under ``nemoforge/recipes/``; ``--set key.path=value`` overrides fields of any recipe. A recipe may
+extend another with a top-level ``base:`` (a built-in name, or a YAML path relative to the file): the two are
+deep-merged, the child's mappings overriding the base's key by key, its lists and scalars replacing the base's.
 """
 
 from __future__ import annotations
@@ -821,15 +823,34 @@ class Recipe(_Section):
 
 
 # --------------------------------------------------------------------------------------------- loading
+BASE_KEY = "base"
+"""Top-level recipe key naming the recipe it extends (not a field of :class:`Recipe`: resolved on loading)."""
+
+
 def builtin_recipes() -> list[str]:
-    """Names of the recipes shipped with the package."""
+    """Names of the recipes shipped with the package (bases named ``_*.yaml``, which only other recipes extend,
+    are left out)."""
     files = resources.files("nemoforge.recipes").iterdir()
-    return sorted(p.name.removesuffix(".yaml") for p in files if p.name.endswith(".yaml"))
+    return sorted(p.name.removesuffix(".yaml") for p in files if p.name.endswith(".yaml") and p.name[0] != "_")
+
+
+def _is_path(name_or_path: str) -> bool:
+    return Path(name_or_path).suffix in (".yaml", ".yml")
+
+
+def _unshared(tree: Any) -> Any:
+    """A copy of a loaded YAML tree in which no two places share one dict or list (a YAML alias loads as the
+    anchored object itself: merging or ``--set`` at one place would otherwise change every alias of it)."""
+    if isinstance(tree, dict):
+        return {key: _unshared(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_unshared(value) for value in tree]
+    return tree
 
 
 def _read_recipe_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
+    if _is_path(name_or_path):
+        path = Path(name_or_path)
         if not path.is_file():
             raise RecipeError(f"recipe file {name_or_path} does not exist")
         text = path.read_text()
@@ -851,7 +872,71 @@ def _read_recipe_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
         raise RecipeError(f"recipe {name_or_path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {name_or_path} must be a YAML mapping at the top level")
-    return data, name_or_path
+    return _unshared(data), name_or_path
+
+
+def merge_recipe_dicts(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``, as a new dict: mappings merge key by key (recursively); a list, a scalar or a
+    ``null`` in ``child`` replaces the base's value whole."""
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_recipe_dicts(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _base_ref(base: Any, origin: str) -> tuple[str, str]:
+    """Where ``base:`` of the recipe ``origin`` points: (what to read, its identity for cycle checks).
+
+    Raises:
+        RecipeError: ``base`` is not a string, or names neither a built-in recipe nor an existing file.
+    """
+    fix = "set base: to a built-in recipe name or a .yaml path relative to the recipe"
+    if not isinstance(base, str) or not base.strip():
+        raise RecipeError(f"recipe {origin}: base: expected a recipe name or a .yaml path (got {base!r}); {fix}")
+    if _is_path(base):
+        if not _is_path(origin):
+            raise RecipeError(f"built-in recipe {origin}: base: {base} must be a built-in recipe name; {fix}")
+        path = (Path(origin).parent / base).resolve()
+        if not path.is_file():
+            raise RecipeError(f"recipe {origin}: base: {base} does not exist (looked for {path}); {fix}")
+        return str(path), str(path)
+    if not (resources.files("nemoforge.recipes") / f"{base}.yaml").is_file():
+        raise RecipeError(
+            f"recipe {origin}: base: no built-in recipe named {base!r} (built-in: {', '.join(builtin_recipes())}); "
+            f"{fix}"
+        )
+    return base, f"built-in {base}"
+
+
+def _identity(name_or_path: str) -> str:
+    return str(Path(name_or_path).resolve()) if _is_path(name_or_path) else f"built-in {name_or_path}"
+
+
+def read_recipe(name_or_path: str) -> dict[str, Any]:
+    """The recipe dict of a built-in name or a YAML path, its ``base:`` chain merged in (base first, each child
+    over it); the result holds no ``base`` key.
+
+    Raises:
+        RecipeError: a recipe is missing or not a YAML mapping, a ``base`` is unknown, or the chain is a cycle.
+    """
+    chain = [_identity(name_or_path)]
+    data, origin = _read_recipe_yaml(name_or_path)
+    layers = [data]
+    while BASE_KEY in layers[-1]:
+        ref, identity = _base_ref(layers[-1].pop(BASE_KEY), origin)
+        if identity in chain:
+            cycle = " -> ".join([*chain, identity])
+            raise RecipeError(f"recipe {name_or_path}: base: makes a cycle ({cycle}); remove base: from one of them")
+        chain.append(identity)
+        data, origin = _read_recipe_yaml(ref)
+        layers.append(data)
+    merged: dict[str, Any] = {}
+    for layer in reversed(layers):
+        merged = merge_recipe_dicts(merged, layer)
+    return merged
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -913,10 +998,16 @@ def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
-    """Load a built-in recipe by name, or a YAML file by path, and apply ``--set`` overrides.
+    """Load a built-in recipe by name, or a YAML file by path, merge its ``base:`` chain
+    (:func:`read_recipe`), and apply ``--set`` overrides.
 
     Raises:
-        RecipeError: the recipe does not exist, is not YAML, or does not validate.
+        RecipeError: the recipe or a base does not exist, is not YAML, the bases form a cycle, or the merged
+            recipe does not validate.
     """
-    data, origin = _read_recipe_yaml(name_or_path)
-    return parse_recipe(apply_overrides(data, overrides or []), origin)
+    if not _is_path(name_or_path) and name_or_path.startswith("_"):
+        raise RecipeError(
+            f"{name_or_path} is a base that recipes extend (base: {name_or_path}), not a recipe to run; "
+            f"run one of {', '.join(builtin_recipes())} or a .yaml path"
+        )
+    return parse_recipe(apply_overrides(read_recipe(name_or_path), overrides or []), name_or_path)
