@@ -220,7 +220,8 @@ def test_cluster_recipes_share_their_base():
     assert small.resources.sft.node_selector == large.resources.nas.node_selector == {
         "nvidia.com/gpu.product": "NVIDIA-H200"
     }
-    assert small.resources.nas.gpu_count == 1 and large.resources.nas.gpu_count == 8  # each child's own hardware
+    assert (small.resources.sft.num_nodes, large.resources.sft.num_nodes) == (1, 2)  # each child's own hardware
+    assert small.resources.nas.gpu_count == large.resources.nas.gpu_count == 1  # all nas can use (issue 13 §1)
 
 
 def test_user_recipe_extends_a_builtin_by_name(tmp_path):
@@ -279,8 +280,8 @@ def test_yaml_aliases_do_not_share_a_set_override(tmp_path):
     )
     recipe = load_recipe(str(path), ["resources.nas.cpu='4'"])
     assert (recipe.resources.nas.cpu, recipe.resources.distill.cpu, recipe.resources.distill.gpu_count) == ("4", "8", 1)
-    gpu = load_recipe("smollm2-135m-gpu", ["resources.nas.gpu_count=2"]).resources
-    assert (gpu.nas.gpu_count, gpu.distill.gpu_count, gpu.eval.gpu_count) == (2, 1, 1)
+    gpu = load_recipe("smollm2-135m-gpu", ["resources.sft.gpu_count=2"]).resources
+    assert (gpu.sft.gpu_count, gpu.distill.gpu_count, gpu.eval.gpu_count) == (2, 1, 1)
 
 
 def test_show_prints_the_merged_recipe(capsys):
@@ -293,3 +294,36 @@ def test_show_prints_the_merged_recipe(capsys):
     assert main(["show"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in listed] == builtin_recipes()
+
+
+# --------------------------------------------------------------- the honest resource contract (issue 13 §1)
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("resources.rl.gpu_count=8", "resources.rl.gpu_count=8: rl runs on one GPU today; set 1"),
+        ("resources.eval.gpu_count=2", "resources.eval.gpu_count=2: eval runs on one GPU today; set 1"),
+        ("resources.nas.gpu_count=8", "resources.nas.gpu_count=8: nas runs on one GPU today; set 1"),
+        ("resources.rl.num_nodes=2", "resources.rl.num_nodes=2: rl runs in one pod; set 1"),
+        ("resources.eval.launch=trainjob", "resources.eval.launch=trainjob: eval runs in one pod; set auto"),
+        ("resources.serve.gpu_count=2", "resources.serve.gpu_count=2: vLLM shards the model over "
+         "serve.tensor_parallel_size=1 GPUs; set gpu_count=1 or raise serve.tensor_parallel_size"),
+    ],
+)
+def test_a_stage_given_gpus_it_cannot_use_fails_validation_naming_the_field(override: str, message: str):
+    with pytest.raises(RecipeError) as err:
+        load_recipe("llama-3.1-8b", [override])
+    assert str(err.value) == f"invalid recipe llama-3.1-8b: {message}"
+
+
+def test_training_stages_use_every_gpu_as_torchrun_ranks():
+    recipe = load_recipe("smollm2-135m-gpu", ["resources.sft.gpu_count=2", "resources.cpt.num_nodes=2"])
+    assert recipe.resources.sft.runs_as_trainjob and recipe.resources.cpt.runs_as_trainjob  # launch auto
+    assert not recipe.resources.distill.runs_as_trainjob  # one GPU: the stage runs in its task's pod
+    with pytest.raises(RecipeError, match=r"^invalid recipe smollm2-135m-gpu: resources.sft.gpu_count=2: launch 'task' "
+                                          r"runs sft as one process on one GPU; set resources.sft.launch=auto"):
+        load_recipe("smollm2-135m-gpu", ["resources.sft.gpu_count=2", "resources.sft.launch=task"])
+    with pytest.raises(RecipeError, match=r"sft.batch_size=8 does not split over 3 ranks"):
+        load_recipe("smollm2-135m-gpu", ["resources.sft.gpu_count=3", "sft.batch_size=8"])
+    for name in builtin_recipes():  # the built-in recipes are honest
+        resources = load_recipe(name).resources
+        assert all(getattr(resources, s).gpu_count <= 1 for s in ("corpus", "nas", "rl", "eval")), name

@@ -589,6 +589,13 @@ class DeepSpeedConfig(_Section):
     )
 
 
+DATA_PARALLEL_STAGES = ("distill", "cpt", "sft")
+"""Stages that train on several GPUs and nodes: torchrun ranks (DDP or DeepSpeed ZeRO), a TrainJob on a cluster."""
+ONE_GPU_STAGES = ("corpus", "nas", "rl", "eval")
+"""Steps that load their model onto one device in one process: at most one GPU, one pod (issue 13 widens rl and eval).
+serve may use ``serve.tensor_parallel_size`` GPUs (:meth:`Recipe._check_serve_gpus`)."""
+
+
 class StageResources(_Section):
     """Kubernetes resources of one stage's task (ignored with a warning under kfp.local)."""
 
@@ -606,8 +613,9 @@ class StageResources(_Section):
     )
     launch: Literal["auto", "task", "trainjob"] = Field(
         "auto",
-        description="task: the stage runs in its KFP task's pod; trainjob: the task launches a Kubeflow "
-        "Trainer TrainJob (torchrun, one process per GPU) and waits for it; auto: trainjob when num_nodes > 1.",
+        description="task: the stage runs in its KFP task's pod (one process); trainjob: the task launches a "
+        "Kubeflow Trainer TrainJob (torchrun, one process per GPU) and waits for it; auto: trainjob when the stage "
+        "has more than one GPU or node.",
     )
     shm_gib: int = Field(
         0, ge=0, description="Size of /dev/shm in GiB (memory-backed emptyDir; NCCL and DataLoader workers); 0: none."
@@ -627,7 +635,7 @@ class StageResources(_Section):
     @property
     def runs_as_trainjob(self) -> bool:
         """True when the task launches a TrainJob instead of running the stage in its own pod."""
-        return self.launch == "trainjob" or (self.launch == "auto" and self.num_nodes > 1)
+        return self.launch == "trainjob" or (self.launch == "auto" and (self.num_nodes > 1 or self.gpu_count > 1))
 
     def quantities(self) -> dict[str, str]:
         """Kubernetes resource quantities of one pod (its requests, and its limits): ``cpu``, ``memory`` and,
@@ -678,13 +686,23 @@ class ResourcesConfig(_Section):
 
     @model_validator(mode="after")
     def _check_trainjobs(self) -> ResourcesConfig:
-        for stage in ("corpus", "nas"):
-            if getattr(self, stage).runs_as_trainjob:
+        # the honest resource contract (issue 13 §1): a stage is given no GPU or node it cannot use
+        for stage in ONE_GPU_STAGES:
+            res = getattr(self, stage)
+            if res.num_nodes > 1:
+                raise ValueError(f"resources.{stage}.num_nodes={res.num_nodes}: {stage} runs in one pod; set 1")
+            if res.gpu_count > 1:
+                raise ValueError(f"resources.{stage}.gpu_count={res.gpu_count}: {stage} runs on one GPU today; set 1")
+            if res.launch == "trainjob":
+                raise ValueError(f"resources.{stage}.launch=trainjob: {stage} runs in one pod; set auto")
+        for stage in DATA_PARALLEL_STAGES:
+            res = getattr(self, stage)
+            if res.launch == "task" and res.gpu_count > 1:
                 raise ValueError(
-                    f"{stage} runs in one pod: set resources.{stage}.num_nodes=1 and resources.{stage}.launch=auto"
+                    f"resources.{stage}.gpu_count={res.gpu_count}: launch 'task' runs {stage} as one process on one "
+                    f"GPU; set resources.{stage}.launch=auto (a TrainJob, one process per GPU) or gpu_count=1"
                 )
-        for stage in ("distill", "cpt"):
-            if getattr(self, stage).runs_as_trainjob and not (getattr(self, stage).image_set or self.image_set):
+            if res.runs_as_trainjob and not (res.image_set or self.image_set):
                 raise ValueError(
                     f"{stage} runs as a TrainJob, whose workers need the pinned train image: "
                     f"set resources.image_set=train (base_image is for the local demo)"
@@ -764,7 +782,7 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _check_trainjob_batches(self) -> Recipe:
-        for stage in ("distill", "cpt"):
+        for stage in DATA_PARALLEL_STAGES:
             res = getattr(self.resources, stage)
             if res.runs_as_trainjob:
                 world_size = res.num_nodes * max(res.gpu_count, 1)
@@ -775,6 +793,20 @@ class Recipe(_Section):
                         f"{stage}.{err} (resources.{stage}: {res.num_nodes} nodes x {max(res.gpu_count, 1)} GPUs, "
                         f"deepspeed.gradient_accumulation_steps={res.deepspeed.gradient_accumulation_steps})"
                     ) from None
+        return self
+
+    @model_validator(mode="after")
+    def _check_serve_gpus(self) -> Recipe:
+        res = self.resources.serve
+        if res.num_nodes > 1 or res.launch == "trainjob":
+            raise ValueError(f"resources.serve.num_nodes={res.num_nodes}, launch={res.launch}: serve runs in one pod; "
+                             "set num_nodes=1 and launch=auto")
+        if res.gpu_count > self.serve.tensor_parallel_size:
+            raise ValueError(
+                f"resources.serve.gpu_count={res.gpu_count}: vLLM shards the model over serve.tensor_parallel_size="
+                f"{self.serve.tensor_parallel_size} GPUs; set gpu_count={self.serve.tensor_parallel_size} or raise "
+                "serve.tensor_parallel_size"
+            )
         return self
 
     @model_validator(mode="after")
@@ -978,6 +1010,8 @@ def _format_error(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{loc}: required field is missing; add it to the recipe"
     msg = err["msg"].removeprefix("Value error, ")
+    if msg.startswith(f"{loc}.") or (loc == "(recipe)" and msg.startswith("resources.")):
+        return msg  # the message names its own field: resources.rl.gpu_count=8: ...
     got = err.get("input")
     if kind.endswith("_type") or kind.endswith("_parsing"):
         return f"{loc}: {msg} (got {got!r}); fix the value's type"
