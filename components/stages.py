@@ -126,6 +126,16 @@ def cpt_trainjob(
     launch_task("cpt", recipe_json, run_name, image, {"model": input_model, "corpus": corpus}, {"model": model})
 
 
+def sft_trainjob(
+    recipe_json: str, run_name: str, image: str, input_model: Input[Model], model: Output[Model], data: Output[Dataset]
+):
+    """sft on several GPUs/nodes: a Kubeflow Trainer TrainJob (torchrun) that this task creates and waits for; hands
+    on its data split like the sft task."""
+    from nemoforge_components.adapter import launch_task
+
+    launch_task("sft", recipe_json, run_name, image, {"model": input_model}, {"model": model, "data": data})
+
+
 def finalize(recipe_json: str, run_name: str, status: dsl.PipelineTaskFinalStatus):
     """Exit handler: close the MLflow parent run as FINISHED or FAILED."""
     from nemoforge.config import Recipe
@@ -147,6 +157,7 @@ COMPONENT_FUNCS: dict[str, Callable] = {
     "serve": serve,
     "distill_trainjob": distill_trainjob,
     "cpt_trainjob": cpt_trainjob,
+    "sft_trainjob": sft_trainjob,
     "finalize": finalize,
 }
 

@@ -136,7 +136,14 @@ def _stage_tasks(ops: dict[str, Callable], recipe: Recipe, recipe_json: str, run
     # data.math_eval_uri)
     sft_data = {}
     if "sft" in stages:
-        task = _apply_resources(ops["sft"](recipe_json=recipe_json, run_name=run_name, input_model=model), cluster.sft, cluster)
+        if cluster.sft.runs_as_trainjob:
+            image = _image(cluster.sft, cluster)
+            task = ops["sft_trainjob"](recipe_json=recipe_json, run_name=run_name, image=image, input_model=model)
+            _apply_launcher(task, cluster.sft, cluster).set_display_name("sft")
+        else:
+            task = _apply_resources(
+                ops["sft"](recipe_json=recipe_json, run_name=run_name, input_model=model), cluster.sft, cluster
+            )
         model, sft_data = task.outputs["model"], {"sft_data": task.outputs["data"]}
     if "rl" in stages:
         task = ops["rl"](recipe_json=recipe_json, run_name=run_name, input_model=model, **sft_data)

@@ -14,7 +14,7 @@ from nemoforge_pipelines import compile_recipe
 COMPILED = Path(__file__).resolve().parents[1] / "pipelines" / "compiled"
 REFRESH = "bash pipelines/compiled/refresh.sh"
 LIGHT = {"check-inputs": ("1", "4Gi"), "parent": ("1", "4Gi"), "finalize": ("1", "4Gi"), "distill-trainjob": ("1", "2Gi"),
-         "cpt-trainjob": ("1", "2Gi")}
+         "cpt-trainjob": ("1", "2Gi"), "sft-trainjob": ("1", "2Gi")}
 
 
 def _normalized(text: str) -> str:
@@ -49,7 +49,7 @@ def expected_resources(recipe: Recipe, task: str) -> StageResources:
     if task in LIGHT:
         cpu, memory = LIGHT[task]
         stage = task.removesuffix("-trainjob")
-        retries = getattr(res, stage) if stage in ("distill", "cpt") else StageResources()
+        retries = getattr(res, stage) if task.endswith("-trainjob") else StageResources()
         return StageResources(cpu=cpu, memory=memory, retries=retries.retries, retry_backoff_s=retries.retry_backoff_s)
     return getattr(res, task)
 
@@ -100,7 +100,7 @@ def test_cluster_recipes_launch_training_as_trainjobs_and_pin_images():
     pinned = {s["image"] for s in load_images()["sets"].values()}
     for name in ("llama-3.1-8b", "llama-3.3-70b-super"):
         ir = next(yaml.safe_load_all((COMPILED / f"{name}.yaml").read_text()))
-        assert {"distill-trainjob", "cpt-trainjob", "nas"} <= set(tasks_of(ir)), name
+        assert {"distill-trainjob", "cpt-trainjob", "sft-trainjob", "nas", "rl", "eval"} <= set(tasks_of(ir)), name
         images = {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values()}
         assert images <= pinned, images - pinned
         recipe = load_recipe(name)

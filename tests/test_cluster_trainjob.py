@@ -104,6 +104,22 @@ def test_8b_single_node_trainjob_zero2(trainjob_validator):
     assert "ownerReferences" not in job["metadata"]
 
 
+@pytest.mark.parametrize(("name", "num_nodes", "zero_stage", "accumulation"),
+                         [("llama-3.1-8b", 1, 2, 32), ("llama-3.3-70b-super", 2, 3, 16)])
+def test_sft_trainjob_spans_the_recipes_gpus(trainjob_validator, name, num_nodes, zero_stage, accumulation):
+    recipe = load_recipe(name)
+    job = build_trainjob(recipe, "sft", "r1", {"model": INPUTS["model"]}, image="img:1", namespace="ns")
+    check_trainjob(job, trainjob_validator)
+    trainer = job["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (num_nodes, 8)
+    assert trainer["args"] == ["--stage", "sft", "--run-name", "r1"]
+    ds = json.loads({e["name"]: e["value"] for e in trainer["env"]}["NEMOFORGE_DEEPSPEED_CONFIG"])
+    # LN's global batch of 256 chats, one 16K-token row per GPU per micro-batch
+    assert (ds["train_batch_size"], ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"]) == (
+        256, accumulation, 1)
+    assert ds["zero_optimization"]["stage"] == zero_stage
+
+
 def test_the_schema_check_is_strict(trainjob_validator):
     recipe = load_recipe("llama-3.1-8b")
     job = build_trainjob(recipe, "cpt", "r1", {}, image="img:1", namespace="ns")

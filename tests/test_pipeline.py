@@ -68,7 +68,7 @@ def test_compile_carries_recipe_resources(tmp_path: Path):
     recipe = load_recipe(
         "smollm2-135m-demo",
         [
-            "resources.distill.gpu_count=2",
+            "resources.distill.gpu_count=1",  # more would make distill a TrainJob launcher
             "resources.distill.memory=64Gi",
             "resources.distill.node_selector={nvidia.com/gpu.product: NVIDIA-H200}",
             "resources.distill.tolerations=[{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]",
@@ -83,7 +83,7 @@ def test_compile_carries_recipe_resources(tmp_path: Path):
     assert all(not t.get("cachingOptions", {}).get("enableCache", False) for t in tasks.values())
     executors = ir["deploymentSpec"]["executors"]
     distill = executors[tasks["distill"]["componentRef"]["name"].replace("comp-", "exec-")]["container"]
-    assert distill["resources"]["accelerator"]["resourceCount"] == "2"
+    assert distill["resources"]["accelerator"]["resourceCount"] == "1"
     assert distill["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert distill["resources"]["memoryLimit"] == pytest.approx(64 * 2**30 / 1e9)
     assert distill["image"] == recipe.resources.base_image

@@ -10,20 +10,25 @@ import torch
 from nemoforge.config import Recipe
 
 
-def test_sft_loss_counts_only_masked_tokens(tiny_llama_dir: Path):
+def test_sft_loss_counts_only_masked_tokens_of_the_global_batch(tiny_llama_dir: Path):
     from nemoforge.data.reasoning import to_signed_ids
     from nemoforge.models.convert import load_causal_lm
-    from nemoforge.stages.sft.stage import sft_loss
+    from nemoforge.stages.sft.stage import GlobalTokenMean
     from nemoforge.training.losses import causal_lm_loss_BT
 
     model = load_causal_lm(tiny_llama_dir)
-    ids_BT = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    mask_BT = torch.tensor([[0, 0, 0, 1, 1, 0]], dtype=torch.bool)
-    loss, extra = sft_loss(model, to_signed_ids(ids_BT, mask_BT))
-    ce = causal_lm_loss_BT(model(ids_BT).logits, ids_BT)[0]
-    # targets 8 and 9 are predicted at positions 2 and 3
-    assert torch.allclose(loss, (ce[2] + ce[3]) / 2)
-    assert extra["assistant_tokens"] == 2
+    ids_BT = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    mask_BT = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    objective = GlobalTokenMean(lambda i: to_signed_ids(ids_BT, mask_BT))
+    signed_BT = objective.batches(0)
+    loss, extra = objective.loss(model, signed_BT)
+    ce = causal_lm_loss_BT(model(ids_BT).logits, ids_BT)
+    # targets 8 and 9 are predicted at positions 2 and 3 of row 0, 16 at position 4 of row 1: one mean over the 3
+    assert torch.allclose(loss, (ce[0, 2] + ce[0, 3] + ce[1, 4]) / 3)
+    assert extra["assistant_tokens"] == 3
+    # a rank's (or micro-batch's) share: the mean of the halves' losses is the whole batch's, not a mean of means
+    halves = [objective.loss(model, half)[0] for half in signed_BT.chunk(2)]
+    assert torch.allclose((halves[0] + halves[1]) / 2, loss)
 
 
 def test_sft_stage_trains_and_measures_toggle(tiny_llama_dir: Path, tmp_path: Path):

@@ -19,7 +19,7 @@ import json
 import re
 from typing import Any
 
-from nemoforge.config import Recipe, StageResources, TrainConfig
+from nemoforge.config import DATA_PARALLEL_STAGES, Recipe, StageResources, TrainConfig
 from nemoforge.errors import RecipeError
 from nemoforge.training.deepspeed_config import DEEPSPEED_CONFIG_ENV, deepspeed_config
 
@@ -31,7 +31,8 @@ PATCH_MANAGER = "nemoforge.io/launcher"
 NODE = "node"
 """Replicated job and container name of the trainer in the torch and DeepSpeed runtimes."""
 WORKER_COMMAND = ["torchrun", "--module", "nemoforge.cluster.worker"]
-TRAINING_STAGES = ("distill", "cpt")
+TRAINING_STAGES = DATA_PARALLEL_STAGES
+"""The stages a TrainJob runs: those that train on several GPUs and nodes (distill, cpt, sft)."""
 
 
 def trainjob_name(run_name: str, stage: str) -> str:
@@ -79,9 +80,9 @@ def build_trainjob(
 
     Args:
         recipe: the resolved recipe (``resources.<stage>`` sizes the pods, ``resources.trainer`` names the runtime).
-        stage: ``distill`` or ``cpt``.
+        stage: ``distill``, ``cpt`` or ``sft``.
         run_name: the pipeline run (MLflow parent run, artifact prefix).
-        inputs: upstream references by argument name (``parent``, ``model``, ``corpus``).
+        inputs: upstream references by argument name (``parent``, ``model``, ``corpus``; sft: ``model``).
         image: the stage's image reference (the same image as the launcher task).
         namespace: where the job is created (the launcher pod's namespace).
         owner: ``{"name", "uid"}`` of the launcher Pod: the job is garbage-collected with it.

@@ -6,6 +6,12 @@ in each batch, token-level CE, cosine LR with linear warmup. Shape legend: ``B``
 Written under ``output_uri``: ``checkpoints/step-N/`` (resumable), ``model/`` (the export),
 ``data/`` (the split rl and eval read: :mod:`~nemoforge.data.sft_split`), ``plots/loss_curve.png``,
 ``samples/toggle_{before,after}.json`` (held-out generations on/off).
+
+Data-parallel like distill and cpt: under torchrun (a TrainJob on a cluster) every rank loads the model and the
+same packed rows, measures the held-out loss and toggle before, and trains its rows of each global batch (DDP or
+DeepSpeed ZeRO, :func:`~nemoforge.training.loop.parallelize`); rank 0 alone measures after, exports and writes.
+The loss is normalized by the assistant tokens of the whole global batch (:class:`GlobalTokenMean`), so an
+update on ``N`` ranks equals the single-process update for any ``N`` and any micro-batching.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ from nemoforge.stages.training import (
     fetch_latest_checkpoint,
     plot_history,
 )
+from nemoforge.training.distributed import is_main_process
 from nemoforge.training.flops import training_flops_per_token
-from nemoforge.training.loop import LogFn, epoch_batches, train
+from nemoforge.training.loop import BatchFn, LogFn, epoch_batches, train
 from nemoforge.training.losses import causal_lm_loss_BT
 
 
@@ -45,11 +52,44 @@ def masked_ce_sum_count(
     return (ce_BT * target_BT).sum(), target_BT.sum()
 
 
-def sft_loss(model: torch.nn.Module, signed_BT: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean CE per assistant token of the batch (token-level averaging, LN §4); prompts and padding excluded."""
-    input_ids_BT, loss_mask_BT = from_signed_ids(signed_BT)
-    total, count = masked_ce_sum_count(model, input_ids_BT, loss_mask_BT)
-    return total / count.clamp(min=1), {"assistant_tokens": count.item()}
+def assistant_tokens(signed_BT: torch.Tensor) -> int:
+    """Target tokens :func:`masked_ce_sum_count` counts in ``signed_BT``: masked positions after the first."""
+    return int(from_signed_ids(signed_BT)[1][:, 1:].sum())
+
+
+class GlobalTokenMean:
+    """sft's batches and loss with token-level averaging over the GLOBAL batch, on any number of ranks.
+
+    The loop averages the loss of each micro-batch over the micro-batches and the ranks (DDP averages gradients,
+    DeepSpeed divides by its accumulation steps). A per-micro-batch mean over its own assistant tokens would
+    then weight a token by how many others share its micro-batch. Instead, a micro-batch of ``b`` rows of the
+    global batch of ``B`` rows with ``C`` assistant tokens returns ``sum_CE x (B / b) / C``: averaged over the
+    ``B / b`` micro-batches of all ranks this is ``sum over the global batch / C``, the single-process loss.
+    The global ``B`` and ``C`` come from :meth:`batches`, which the loop calls with the update's global batch
+    on every rank before that update's micro-batches.
+
+    Args:
+        batches: the global batch of each update (signed ids, :func:`~nemoforge.data.reasoning.to_signed_ids`).
+    """
+
+    def __init__(self, batches: BatchFn):
+        self._batches = batches
+        self._global: tuple[int, int] | None = None  # (B, C) of the current update
+
+    def batches(self, i: int) -> torch.Tensor:
+        """``batches(i)``, noting its rows and assistant tokens for :meth:`loss`."""
+        signed_BT = self._batches(i)
+        self._global = (signed_BT.shape[0], assistant_tokens(signed_BT))
+        return signed_BT
+
+    def loss(self, model: torch.nn.Module, signed_bT: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """This micro-batch's share of the global mean CE per assistant token (see the class); ``assistant_tokens``:
+        the global batch's."""
+        assert self._global is not None, "loss before batches: the loop takes the global batch first"
+        num_rows, num_tokens = self._global
+        input_ids_bT, loss_mask_bT = from_signed_ids(signed_bT)
+        total, _ = masked_ce_sum_count(model, input_ids_bT, loss_mask_bT)
+        return total * (num_rows / signed_bT.shape[0]) / max(num_tokens, 1), {"assistant_tokens": float(num_tokens)}
 
 
 @torch.no_grad()
@@ -87,7 +127,7 @@ def run(
         metrics ``loss_heldout_{before,after}`` (assistant-token CE), ``toggle_on/off/toggle_{before,after}``,
         ``loss_final``, ``train_steps``, ``train_tokens``, ``params``; history; outputs ``model``, ``data``
         (the split, with its digest: what rl and eval read), ``checkpoints``, ``samples``; datasets
-        ``sft-train``/``sft-heldout``.
+        ``sft-train``/``sft-heldout``. On a torchrun rank other than 0, only the history and the ``device`` tag.
 
     Raises:
         InputNotFoundError: the model or the SFT data does not exist.
@@ -122,17 +162,18 @@ def run(
         loss = heldout_assistant_loss(model, heldout_ids_NT, heldout_mask_NT, cfg.batch_size)
         return {"loss_heldout": loss, **toggle}, replies
 
-    before, replies_before = measure()
+    before, replies_before = measure()  # on every rank: the others would only wait for rank 0
     checkpoints_uri = join_uri(output_uri, "checkpoints")
+    objective = GlobalTokenMean(
+        epoch_batches(to_signed_ids(train_ids_NT, train_mask_NT), cfg.batch_size, seed=seed_for(recipe, "sft.batches"))
+    )
     with tempfile.TemporaryDirectory(prefix="nemoforge-sft-") as tmp:
         work = Path(tmp)
-        fetch_latest_checkpoint(store, checkpoints_uri, work / "checkpoints")
+        fetch_latest_checkpoint(store, checkpoints_uri, work / "checkpoints")  # every rank: each resumes its own copy
         state = train(
             model,
-            sft_loss,
-            epoch_batches(
-                to_signed_ids(train_ids_NT, train_mask_NT), cfg.batch_size, seed=seed_for(recipe, "sft.batches")
-            ),
+            objective.loss,
+            objective.batches,
             cfg,
             seed=seed_for(recipe, "sft.train"),
             checkpoint_dir=work / "checkpoints",
@@ -142,6 +183,8 @@ def run(
             flops_per_token=training_flops_per_token(model.config, train_ids_NT.shape[1]),
             peak_flops_per_s=cfg.peak_flops_per_s,
         )
+        if not is_main_process():  # under torchrun, rank 0 measures, exports and writes; the others only train
+            return StageResult(history=state.history, tags={"device": str(device)})
         after, replies_after = measure()
 
         exported = export_model(model, tokenizer, recipe, output_uri=output_uri, store=store, work=work)
