@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -26,8 +25,9 @@ from nemoforge.config import STAGES, Recipe, builtin_recipes, load_recipe
 from nemoforge.errors import NemoforgeError
 
 DEFAULT_WORKDIR = Path("nemoforge-work")
-EXECUTOR_LOG = "kfp-executor.log"
-"""Under the workdir: the KFP executor's records (each task's executor input) that `run --quiet` keeps off the console."""
+TASK_LOGS = "logs"
+"""Under the workdir: one directory per `nemoforge run` (named by its start time), one log file per task in it
+(``<task>.log``: every line the task wrote, the KFP executor's input included); `nemoforge status` names it."""
 
 _RECIPE_HELP = (
     "a built-in recipe name ({names}) or a path to a recipe YAML; sections: name, description, seed, dtype, "
@@ -87,7 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(run)
     run.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="embedded default's root (%(default)s)")
-    run.add_argument("--quiet", action="store_true", help=f"keep the KFP executor's records (each task's executor input JSON) off the console: they go to WORKDIR/{EXECUTOR_LOG}; the stages' progress, results and errors still show")
+    run.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars: each step's start, messages, results, errors and end only. Either way the console "
+        "leaves out the KFP executor's detail (each task's executor input, the recipe JSON, output metadata): every "
+        f"task's whole output is in WORKDIR/{TASK_LOGS}/<run start>/<task>.log, named by `nemoforge status`",
+    )
     run.add_argument("--force", action="store_true", help=_FORCE_HELP)
 
     comp = sub.add_parser(
@@ -175,10 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------- run
-def _local_environment(workdir: Path, debug: bool) -> None:
+def _local_environment(workdir: Path, debug: bool, quiet: bool) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("NEMOFORGE_CACHE", str(workdir / "cache"))
+    if quiet:
+        os.environ["NEMOFORGE_NO_PROGRESS"] = "1"
+    if quiet or not sys.stdout.isatty():  # transformers' "Loading weights" bars (and hf-hub's): noise in a file
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if debug:
         os.environ["NEMOFORGE_DEBUG"] = "1"
 
@@ -231,12 +241,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nemoforge import lineage
     from nemoforge.artifacts import cache_root
     from nemoforge.preflight import check_inputs, check_parent, check_workdir, resolve_recipe
-    from nemoforge.runner.retrain import OWNER_ENV
+    from nemoforge.runner.retrain import OWNER_ENV, TASK_LOGS_ENV
 
     workdir = args.workdir.expanduser().resolve()
     recipe = resolve_recipe(load_recipe(args.recipe, args.overrides), workdir)
     check_workdir(workdir)
-    _local_environment(workdir, args.debug)
+    _local_environment(workdir, args.debug, args.quiet)
     check_parent(recipe, cache_root() / "parent")
     check_inputs(recipe)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -244,7 +254,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kfp import local
 
     from nemoforge.signals import ProcessTreeStop, owner_id
-    from nemoforge_cli.quiet import executor_records_to
+    from nemoforge_cli.console import task_console
     from nemoforge_pipelines import build_pipeline
 
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
@@ -258,6 +268,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     error_file.unlink(missing_ok=True)
     os.environ["NEMOFORGE_ERROR_FILE"] = str(error_file)
     owner = os.environ[OWNER_ENV] = owner_id()
+    logs_name = os.environ[TASK_LOGS_ENV] = time.strftime("%Y%m%d-%H%M%S")
+    task_logs = workdir / TASK_LOGS / logs_name
     _end_abandoned_runs(recipe)
     moved_from = lineage.Lineage.for_recipe(recipe).moved_artifact_location()
     if moved_from is not None:
@@ -269,10 +281,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     started = time.time()
     pipeline = build_pipeline(recipe)
-    console = executor_records_to(workdir / EXECUTOR_LOG) if args.quiet else contextlib.nullcontext()
     stop = ProcessTreeStop()
     try:
-        with console, stop:
+        with task_console(task_logs, progress=not args.quiet), stop:
             pipeline(recipe_json=recipe.to_json(), force=args.force)
     except (RuntimeError, KeyboardInterrupt) as err:
         if stop.signal_name is not None:
@@ -282,7 +293,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"nemoforge: error: {_failure_reason(recipe, error_file, err)}", file=sys.stderr)
         print(
             f"nemoforge: earlier stages' outputs are kept; fix the problem and re-run `nemoforge run {args.recipe}` "
-            f"to resume (see `nemoforge status --workdir {args.workdir}`)",
+            f"to resume (task logs: {task_logs}; see `nemoforge status --workdir {args.workdir}`)",
             file=sys.stderr,
         )
         return 1
@@ -294,7 +305,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     print(f"\nnemoforge: {recipe.name} finished in {time.time() - started:.0f} s")
     registry = lineage.Registry.for_recipe(recipe)
-    _print_status(status_report(lineage.pipeline_summary(runs), registry.champions(), lineage.pipeline_status(runs)))
+    report = status_report(
+        lineage.pipeline_summary(runs), registry.champions(), lineage.pipeline_status(runs), workdir
+    )
+    _print_status(report)
     print(f"\nMLflow UI: mlflow ui --backend-store-uri {recipe.tracking.mlflow_uri}")
     return 0
 
@@ -418,33 +432,44 @@ def key_metrics(stage: str, metrics: dict[str, float]) -> list[tuple[str, float]
 
 _NO_PIPELINE_RUN = {
     "pipeline_run": None, "state": None, "outcome": None, "outcome_reason": None, "inputs": {}, "start_time": None,
-    "end_time": None,
+    "end_time": None, "task_logs": None,
 }
 """The head's fields (:func:`nemoforge.lineage.pipeline_summary`'s) when the experiment has no pipeline run."""
 
 
-def status_report(summary: dict | None, champions: list[tuple[str, int, dict[str, str]]], stages: list[dict]) -> dict:
+def status_report(
+    summary: dict | None, champions: list[tuple[str, int, dict[str, str]]], stages: list[dict], workdir: Path
+) -> dict:
     """What `status` shows, as `status --json` prints it: the head, then the rows under ``stages``.
 
     Args:
         summary: :func:`nemoforge.lineage.pipeline_summary` (None: no pipeline run yet).
         champions: :meth:`nemoforge.lineage.Registry.champions`.
         stages: :func:`nemoforge.lineage.pipeline_status` (the preparation steps, then the stages).
+        workdir: the workdir, whose ``logs/`` holds the task logs of `nemoforge run`.
 
     Returns:
         The pipeline run's ``pipeline_run``, ``state``, ``outcome`` (``retrain``, ``skipped`` or None),
-        ``outcome_reason``, ``inputs``, ``start_time`` and ``end_time`` (all None when there is no run);
+        ``outcome_reason``, ``inputs``, ``start_time``, ``end_time`` and ``task_logs`` (the directory of the run's
+        task logs, one ``<step>.log`` per step; None for a run that `nemoforge run` did not start) (all None when
+        there is no run);
         ``champions`` (``name``, ``version``, ``pipeline_run`` that registered it, ``model_uri``: the alias URI);
-        and ``stages``.
+        and ``stages`` (each with ``log``: its task log, when that file exists; else None).
     """
+    head = dict(summary if summary is not None else _NO_PIPELINE_RUN)
+    logs = workdir / TASK_LOGS / head["task_logs"] if head.get("task_logs") else None
+    head["task_logs"] = str(logs) if logs is not None else None
     return {
-        **(summary if summary is not None else _NO_PIPELINE_RUN),
+        **head,
         "champions": [
             {"name": name, "version": version, "pipeline_run": tags.get("nemoforge.pipeline_run"),
              "model_uri": f"models:/{name}@champion"}
             for name, version, tags in champions
         ],
-        "stages": stages,
+        "stages": [
+            {**s, "log": str(logs / f"{s['stage']}.log") if logs and (logs / f"{s['stage']}.log").is_file() else None}
+            for s in stages
+        ],
     }  # fmt: skip
 
 
@@ -466,6 +491,8 @@ def status_head(report: dict) -> list[str]:
         )
     if not report["champions"]:
         lines.append("champion: none yet")
+    if report["task_logs"]:
+        lines.append(f"task logs: {report['task_logs']}/<step>.log (each step's whole output)")
     return lines
 
 
@@ -496,6 +523,8 @@ def _print_step_table(pipeline_run: str, stages: list[dict]) -> None:
             state += f"\ngate {s['gate']}" + "".join(f"\n- {c}" for c in s.get("gate_failed", []))
         if s.get("error"):
             state += f"\n{s['error']}"
+            if s.get("log"):
+                state += f"\nlog: {s['log']}"
         wall = s.get("wall_time_s")
         table.add_row(s["stage"], state, f"{wall:.0f}" if wall is not None else "-", metrics, outputs)
     # the terminal's width ($COLUMNS first); 160 when the output is not a terminal (a file, a pipe)
@@ -516,6 +545,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         lineage.pipeline_summary(runs, args.run_name),
         lineage.Registry(tracking_uri, runs.artifact_root).champions(),
         lineage.pipeline_status(runs, args.run_name),  # in pipeline order
+        workdir,
     )
     if args.json:
         print(json.dumps(report, indent=2, default=str))
