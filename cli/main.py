@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -319,8 +320,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    compile_recipe(recipe, args.output)
+    try:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        compile_recipe(recipe, args.output)
+    except OSError as err:
+        if err.filename is None or not str(args.output.resolve()).startswith(str(Path(err.filename).resolve())):
+            raise
+        raise NemoforgeError(f"-o {args.output}: cannot write it ({err.strerror}: {err.filename}): give a writable path") from None
     print(f"wrote {args.output} (pipeline nemoforge-{recipe.name}: {', '.join(recipe.enabled_stages())})")
     for image, tasks in unpinned_images(args.output).items():
         print(
@@ -536,6 +542,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     workdir = args.workdir.expanduser().resolve()
+    if workdir.is_file():
+        raise NemoforgeError(f"--workdir {args.workdir}: {workdir} is a file, not a directory: give a run's workdir")
     tracking_uri = args.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     if not args.tracking_uri and not (workdir / "mlflow.db").is_file():
         raise NemoforgeError(f"no runs under {workdir}: run `nemoforge run RECIPE --workdir {args.workdir}` first")
@@ -594,13 +602,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(text, end="")
         return 0
     model_dir = store_for(recipe, model_uri).fetch(model_uri)
-    cfg = recipe.serve
-    if cfg.reasoning_parser:
-        from nemoforge.serving.engine import check_reasoning_parser
-
-        check_reasoning_parser(cfg.reasoning_parser, str(model_dir))
     log_path = args.workdir.expanduser().resolve() / "serve" / f"server-{int(time.time())}.log"
     server = VLLMServer.for_recipe(model_dir, recipe, log_path=log_path, port=args.port)
+    server.check()  # the model and the port first: the parser check takes ~7 s
+    if recipe.serve.reasoning_parser:
+        from nemoforge.serving.engine import check_reasoning_parser
+
+        check_reasoning_parser(recipe.serve.reasoning_parser, str(model_dir))
     # SIGTERM (Kubernetes, systemd) stops it as Ctrl-C does: vLLM runs in its own session, so only we can stop it.
     with interrupt_on_signals():
         try:
@@ -635,7 +643,14 @@ def main(argv: list[str] | None = None) -> int:
         "serve": cmd_serve,
     }
     try:
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # the reader went away (`nemoforge status --json | head`): stop without a word, as Unix tools do on SIGPIPE;
+        # stdout goes to /dev/null so that the interpreter's own flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except NemoforgeError as err:
         if args.debug:
             raise
