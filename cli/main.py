@@ -538,12 +538,12 @@ def _print_step_table(pipeline_run: str, stages: list[dict]) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    workdir = args.workdir.expanduser().resolve()
+    if workdir.is_file():  # before mlflow's import (seconds)
+        raise NemoforgeError(f"--workdir {args.workdir}: {workdir} is a file, not a directory: give a run's workdir")
     from nemoforge import lineage
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    workdir = args.workdir.expanduser().resolve()
-    if workdir.is_file():
-        raise NemoforgeError(f"--workdir {args.workdir}: {workdir} is a file, not a directory: give a run's workdir")
     tracking_uri = args.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     if not args.tracking_uri and not (workdir / "mlflow.db").is_file():
         raise NemoforgeError(f"no runs under {workdir}: run `nemoforge run RECIPE --workdir {args.workdir}` first")
