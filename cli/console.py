@@ -13,8 +13,8 @@ the stages' own ``logging`` records take the same prefix. Nothing outside that s
   without its executor prefix), not the executor's own records (the executor input, module paths), nor kfp.local's
   ``outputs:`` dump (each artifact's metadata) or blank lines;
 - a progress bar (tqdm's ``desc: 40%|####  | 4/10 [...]``; kfp.local reads the task's output line by line, so every
-  update arrives as a line) is redrawn in place on a terminal, and only its last state is written elsewhere (a file,
-  a pipe) and to the log;
+  update arrives as a line) is redrawn in place on a terminal; elsewhere (a file, a pipe) and in the log it is
+  written every :data:`BAR_EVERY_S` seconds and in its last state;
 - colour codes reach only a terminal.
 """
 
@@ -24,6 +24,7 @@ import contextlib
 import io
 import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -47,6 +48,8 @@ _STREAMED = " - INFO - Streamed logs:"
 _RULE = re.compile(r"^-{20,}$")
 _BAR = re.compile(r"^(?P<desc>[^|]*?)\s*\d{1,3}%\|")
 """A tqdm bar: its description, then the percentage and the bar's opening ``|``."""
+BAR_EVERY_S = 30.0
+"""Off a terminal and in the log: how often a running bar's state is written (its last state is always)."""
 
 
 def plain(text: str) -> str:
@@ -62,9 +65,10 @@ class TaskConsole(io.TextIOBase):
         log_dir: the task logs' directory (created on the first task).
         tty: ``console`` is a terminal: keep colours and redraw progress bars in place.
         progress: show progress bars on the console at all.
+        clock: seconds, for :data:`BAR_EVERY_S`.
     """
 
-    def __init__(self, console: TextIO, log_dir: Path, *, tty: bool, progress: bool = True):
+    def __init__(self, console: TextIO, log_dir: Path, *, tty: bool, progress: bool = True, clock=time.monotonic):
         self._console = console
         self._log_dir = log_dir
         self._tty = tty
@@ -75,6 +79,9 @@ class TaskConsole(io.TextIOBase):
         self._json_end: str | None = None  # inside the executor-input JSON: the line that ends it
         self._bar: tuple[str, str] | None = None  # the last progress bar line not yet written: (desc, line)
         self._bar_drawn = False  # a bar is on the terminal's current line, without a newline
+        self._clock = clock
+        self._bar_written_s = 0.0  # when the current bar's state was last written off the terminal
+        self._bar_written = ""  # that state's line
 
     def writable(self) -> bool:
         return True
@@ -124,6 +131,8 @@ class TaskConsole(io.TextIOBase):
         if self._bar is not None:
             _, line = self._bar
             self._bar = None
+            if line == self._bar_written:
+                return
             self._to_log(line)
             if self._progress and not self._tty:
                 self._console.write(plain(line) + "\n")
@@ -168,8 +177,15 @@ class TaskConsole(io.TextIOBase):
             self._to_console(line)
 
     def _progress_bar(self, desc: str, line: str) -> None:
-        if self._bar is not None and self._bar[0] != desc:
+        now = self._clock()
+        if self._bar is None or self._bar[0] != desc:
             self._end_bar()
+            self._bar_written_s = now
+        elif now - self._bar_written_s >= BAR_EVERY_S:  # a long bar: its state now, off the terminal and in the log
+            self._bar_written_s, self._bar_written = now, line
+            self._to_log(line)
+            if self._progress and not self._tty:
+                self._console.write(plain(line) + "\n")
         self._bar = (desc, line)
         if self._progress and self._tty:
             self._console.write("\r\x1b[K" + line)

@@ -74,3 +74,24 @@ def test_terminal_keeps_colour_and_redraws_bars_in_place(tmp_path: Path):
     assert "\x1b[96m'cpt'\x1b[0m" in out
     assert "\r\x1b[K    cpt:  33%|" in out and "\r\x1b[K    cpt: 100%|##########| 3/3 [00:03<00:00, 1.0step/s]\n" in out
     assert "outputFile" not in out and "Streamed logs" not in out
+
+
+def test_a_long_bar_is_written_every_bar_every_s_off_the_terminal(tmp_path: Path):
+    from nemoforge_cli.console import BAR_EVERY_S
+
+    now = [0.0]
+    console = io.StringIO()
+    stream = TaskConsole(console, tmp_path, tty=False, clock=lambda: now[0])
+    stream.write("10:00:00.000 - INFO - Executing task 'cpt'\n")
+    for step in range(5):  # one update every BAR_EVERY_S / 2 seconds
+        stream.write(f"    cpt:  {step * 20}%|##   | {step}/5 [00:0{step}<00:05]\n")
+        now[0] += BAR_EVERY_S / 2
+    stream.write("    cpt: 100%|#####| 5/5 [00:05<00:00]\n    done\n")
+    stream.finish()
+    assert console.getvalue().splitlines() == [
+        "10:00:00.000 - INFO - Executing task 'cpt'",
+        "    cpt:  40%|##   | 2/5 [00:02<00:05]",
+        "    cpt:  80%|##   | 4/5 [00:04<00:05]",
+        "    cpt: 100%|#####| 5/5 [00:05<00:00]",
+        "    done",
+    ]
