@@ -15,6 +15,7 @@ the stages' own ``logging`` records take the same prefix. Nothing outside that s
 - a progress bar (tqdm's ``desc: 40%|####  | 4/10 [...]``; kfp.local reads the task's output line by line, so every
   update arrives as a line) is redrawn in place on a terminal; elsewhere (a file, a pipe) and in the log it is
   written every :data:`BAR_EVERY_S` seconds and in its last state;
+- the task logs are line-buffered: ``tail -f`` follows a running task;
 - colour codes reach only a terminal.
 """
 
@@ -148,7 +149,7 @@ class TaskConsole(io.TextIOBase):
         if (start := _TASK_START.search(text)) is not None:
             self._close_log()
             self._log_dir.mkdir(parents=True, exist_ok=True)
-            self._log = open(self._log_dir / f"{start['task']}.log", "a", encoding="utf-8")  # noqa: SIM115
+            self._log = open(self._log_dir / f"{start['task']}.log", "a", encoding="utf-8", buffering=1)  # noqa: SIM115
             self._in_outputs = False
             self._to_log(line)
             self._to_console(line)
