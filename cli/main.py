@@ -24,6 +24,7 @@ from pathlib import Path
 
 from nemoforge.config import STAGES, Recipe, builtin_recipes, load_recipe
 from nemoforge.errors import NemoforgeError
+from nemoforge.stages.result import format_metrics, key_metrics
 
 DEFAULT_WORKDIR = Path("nemoforge-work")
 TASK_LOGS = "logs"
@@ -413,27 +414,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- status
-KEY_METRICS = {
-    "nas": ("speedup", "kl_div_heldout", "kl_div_predicted"),
-    "distill": ("kl_div_heldout_drop", "kl_div_heldout_after", "loss_heldout_after"),
-    "cpt": ("loss_heldout_drop", "loss_heldout_after"),
-    "sft": ("toggle_on_after", "toggle_off_after", "loss_heldout_after"),
-    "rl": ("accuracy_heldout_sampled_gain", "accuracy_heldout_gain", "reward_heldout_gain", "reward_heldout_after"),
-    "eval": ("toggle_on", "toggle_off", "math_pass1_on", "math_pass1_off", "speedup"),
-    "corpus": ("num_train_sequences", "num_heldout_sequences"),
-}
-"""Per stage, the metrics `status` lists first (what the stage is for; eval: the promotion gate's), before the
-rest in name order."""
 _NUM_STATUS_METRICS = 8
-
-
-def key_metrics(stage: str, metrics: dict[str, float]) -> list[tuple[str, float]]:
-    """The first :data:`_NUM_STATUS_METRICS` of a stage's metrics for `status`: :data:`KEY_METRICS` in their order,
-    then the others by name; 95% interval bounds (``*_ci_low``/``*_ci_high``) left out."""
-    shown = {k: v for k, v in metrics.items() if not k.endswith(("_ci_low", "_ci_high"))}
-    first = [k for k in KEY_METRICS.get(stage, ()) if k in shown]
-    rest = sorted(k for k in shown if k not in first)
-    return [(k, shown[k]) for k in first + rest][:_NUM_STATUS_METRICS]
+"""How many of a step's metrics a `status` row shows (:func:`nemoforge.stages.result.key_metrics`)."""
 
 
 _NO_PIPELINE_RUN = {
@@ -522,7 +504,7 @@ def _print_step_table(pipeline_run: str, stages: list[dict]) -> None:
     for column in ("step", "state", "wall s", "key metrics", "outputs"):
         table.add_column(column, overflow="fold")
     for s in stages:
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in key_metrics(s["stage"], s.get("metrics", {})))
+        metrics = format_metrics(key_metrics(s["stage"], s.get("metrics", {}), _NUM_STATUS_METRICS))
         outputs = "\n".join(f"{k}: {v}" for k, v in s.get("outputs", {}).items())
         state = s["state"] + (" (reused)" if s.get("reused") else "")
         if s.get("gate"):

@@ -85,16 +85,19 @@ def test_status_names_every_failed_gate_criterion(tmp_path: Path, capsys):
 
 def test_status_lists_the_gate_metrics_first_and_fits_the_terminal(tmp_path: Path, capsys, monkeypatch):
     from nemoforge import lineage
-    from nemoforge_cli.main import key_metrics, main
+    from nemoforge.stages.result import key_metrics
+    from nemoforge_cli.main import main
 
     metrics = {"decode_tokens_per_s": 9.0, "ifeval_prompt_strict": 0.3, "kl_to_parent": 0.1, "lm_loss": 2.0,
                "lm_top1": 0.4, "math_pass1_off": 0.2, "math_pass1_on": 0.25, "parent_lm_top1": 0.45,
                "speedup": 1.4, "speedup_ci_low": 1.3, "toggle_off": 0.95, "toggle_on": 0.9}
-    assert [k for k, _ in key_metrics("eval", metrics)] == [
+    assert [k for k, _ in key_metrics("eval", metrics, 8)] == [
         "toggle_on", "toggle_off", "math_pass1_on", "math_pass1_off", "speedup",
         "decode_tokens_per_s", "ifeval_prompt_strict", "kl_to_parent",
     ]
-    assert [k for k, _ in key_metrics("cpt", {"b": 1.0, "a": 2.0})] == ["a", "b"]
+    assert [k for k, _ in key_metrics("cpt", {"b": 1.0, "a": 2.0}, 8)] == ["a", "b"]
+    assert [k for k, _ in key_metrics("eval", metrics, 4, key_only=True)] == [  # the line eval prints as it ends
+        "toggle_on", "toggle_off", "math_pass1_on", "math_pass1_off"]
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     recipe = Recipe(name="test", tracking={"mlflow_uri": uri})
