@@ -12,11 +12,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -24,10 +24,12 @@ from pathlib import Path
 
 from nemoforge.config import STAGES, Recipe, builtin_recipes, load_recipe
 from nemoforge.errors import NemoforgeError
+from nemoforge.stages.result import format_metrics, key_metrics
 
 DEFAULT_WORKDIR = Path("nemoforge-work")
-EXECUTOR_LOG = "kfp-executor.log"
-"""Under the workdir: the KFP executor's records (each task's executor input) that `run --quiet` keeps off the console."""
+TASK_LOGS = "logs"
+"""Under the workdir: one directory per `nemoforge run` (named by its start time), one log file per task in it
+(``<task>.log``: every line the task wrote, the KFP executor's input included); `nemoforge status` names it."""
 
 _RECIPE_HELP = (
     "a built-in recipe name ({names}) or a path to a recipe YAML; sections: name, description, seed, dtype, "
@@ -87,7 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(run)
     run.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="embedded default's root (%(default)s)")
-    run.add_argument("--quiet", action="store_true", help=f"keep the KFP executor's records (each task's executor input JSON) off the console: they go to WORKDIR/{EXECUTOR_LOG}; the stages' progress, results and errors still show")
+    run.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars: each step's start, messages, results, errors and end only. Either way the console "
+        "leaves out the KFP executor's detail (each task's executor input, the recipe JSON, output metadata): every "
+        f"task's whole output is in WORKDIR/{TASK_LOGS}/<run start>/<task>.log, named by `nemoforge status`",
+    )
     run.add_argument("--force", action="store_true", help=_FORCE_HELP)
 
     comp = sub.add_parser(
@@ -175,10 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------- run
-def _local_environment(workdir: Path, debug: bool) -> None:
+def _local_environment(workdir: Path, debug: bool, quiet: bool) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("NEMOFORGE_CACHE", str(workdir / "cache"))
+    if quiet:
+        os.environ["NEMOFORGE_NO_PROGRESS"] = "1"
+    if quiet or not sys.stdout.isatty():  # transformers' "Loading weights" bars (and hf-hub's): noise in a file
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if debug:
         os.environ["NEMOFORGE_DEBUG"] = "1"
 
@@ -231,12 +243,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nemoforge import lineage
     from nemoforge.artifacts import cache_root
     from nemoforge.preflight import check_inputs, check_parent, check_workdir, resolve_recipe
-    from nemoforge.runner.retrain import OWNER_ENV
+    from nemoforge.runner.retrain import OWNER_ENV, TASK_LOGS_ENV
 
     workdir = args.workdir.expanduser().resolve()
     recipe = resolve_recipe(load_recipe(args.recipe, args.overrides), workdir)
     check_workdir(workdir)
-    _local_environment(workdir, args.debug)
+    _local_environment(workdir, args.debug, args.quiet)
     check_parent(recipe, cache_root() / "parent")
     check_inputs(recipe)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -244,7 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kfp import local
 
     from nemoforge.signals import ProcessTreeStop, owner_id
-    from nemoforge_cli.quiet import executor_records_to
+    from nemoforge_cli.console import task_console
     from nemoforge_pipelines import build_pipeline
 
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
@@ -258,6 +270,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     error_file.unlink(missing_ok=True)
     os.environ["NEMOFORGE_ERROR_FILE"] = str(error_file)
     owner = os.environ[OWNER_ENV] = owner_id()
+    logs_name = os.environ[TASK_LOGS_ENV] = time.strftime("%Y%m%d-%H%M%S")
+    task_logs = workdir / TASK_LOGS / logs_name
     _end_abandoned_runs(recipe)
     moved_from = lineage.Lineage.for_recipe(recipe).moved_artifact_location()
     if moved_from is not None:
@@ -269,10 +283,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     started = time.time()
     pipeline = build_pipeline(recipe)
-    console = executor_records_to(workdir / EXECUTOR_LOG) if args.quiet else contextlib.nullcontext()
     stop = ProcessTreeStop()
     try:
-        with console, stop:
+        with task_console(task_logs, progress=not args.quiet), stop:
             pipeline(recipe_json=recipe.to_json(), force=args.force)
     except (RuntimeError, KeyboardInterrupt) as err:
         if stop.signal_name is not None:
@@ -282,7 +295,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"nemoforge: error: {_failure_reason(recipe, error_file, err)}", file=sys.stderr)
         print(
             f"nemoforge: earlier stages' outputs are kept; fix the problem and re-run `nemoforge run {args.recipe}` "
-            f"to resume (see `nemoforge status --workdir {args.workdir}`)",
+            f"to resume (task logs: {task_logs}; see `nemoforge status --workdir {args.workdir}`)",
             file=sys.stderr,
         )
         return 1
@@ -294,7 +307,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     print(f"\nnemoforge: {recipe.name} finished in {time.time() - started:.0f} s")
     registry = lineage.Registry.for_recipe(recipe)
-    _print_status(status_report(lineage.pipeline_summary(runs), registry.champions(), lineage.pipeline_status(runs)))
+    report = status_report(
+        lineage.pipeline_summary(runs), registry.champions(), lineage.pipeline_status(runs), workdir
+    )
+    _print_status(report)
     print(f"\nMLflow UI: mlflow ui --backend-store-uri {recipe.tracking.mlflow_uri}")
     return 0
 
@@ -305,8 +321,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    compile_recipe(recipe, args.output)
+    try:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        compile_recipe(recipe, args.output)
+    except OSError as err:
+        if err.filename is None or not str(args.output.resolve()).startswith(str(Path(err.filename).resolve())):
+            raise
+        raise NemoforgeError(f"-o {args.output}: cannot write it ({err.strerror}: {err.filename}): give a writable path") from None
     print(f"wrote {args.output} (pipeline nemoforge-{recipe.name}: {', '.join(recipe.enabled_stages())})")
     for image, tasks in unpinned_images(args.output).items():
         print(
@@ -393,58 +414,50 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- status
-KEY_METRICS = {
-    "nas": ("speedup", "kl_div_heldout", "kl_div_predicted"),
-    "distill": ("kl_div_heldout_drop", "kl_div_heldout_after", "loss_heldout_after"),
-    "cpt": ("loss_heldout_drop", "loss_heldout_after"),
-    "sft": ("toggle_on_after", "toggle_off_after", "loss_heldout_after"),
-    "rl": ("accuracy_heldout_sampled_gain", "accuracy_heldout_gain", "reward_heldout_gain", "reward_heldout_after"),
-    "eval": ("toggle_on", "toggle_off", "math_pass1_on", "math_pass1_off", "speedup"),
-    "corpus": ("num_train_sequences", "num_heldout_sequences"),
-}
-"""Per stage, the metrics `status` lists first (what the stage is for; eval: the promotion gate's), before the
-rest in name order."""
 _NUM_STATUS_METRICS = 8
-
-
-def key_metrics(stage: str, metrics: dict[str, float]) -> list[tuple[str, float]]:
-    """The first :data:`_NUM_STATUS_METRICS` of a stage's metrics for `status`: :data:`KEY_METRICS` in their order,
-    then the others by name; 95% interval bounds (``*_ci_low``/``*_ci_high``) left out."""
-    shown = {k: v for k, v in metrics.items() if not k.endswith(("_ci_low", "_ci_high"))}
-    first = [k for k in KEY_METRICS.get(stage, ()) if k in shown]
-    rest = sorted(k for k in shown if k not in first)
-    return [(k, shown[k]) for k in first + rest][:_NUM_STATUS_METRICS]
+"""How many of a step's metrics a `status` row shows (:func:`nemoforge.stages.result.key_metrics`)."""
 
 
 _NO_PIPELINE_RUN = {
     "pipeline_run": None, "state": None, "outcome": None, "outcome_reason": None, "inputs": {}, "start_time": None,
-    "end_time": None,
+    "end_time": None, "task_logs": None,
 }
 """The head's fields (:func:`nemoforge.lineage.pipeline_summary`'s) when the experiment has no pipeline run."""
 
 
-def status_report(summary: dict | None, champions: list[tuple[str, int, dict[str, str]]], stages: list[dict]) -> dict:
+def status_report(
+    summary: dict | None, champions: list[tuple[str, int, dict[str, str]]], stages: list[dict], workdir: Path
+) -> dict:
     """What `status` shows, as `status --json` prints it: the head, then the rows under ``stages``.
 
     Args:
         summary: :func:`nemoforge.lineage.pipeline_summary` (None: no pipeline run yet).
         champions: :meth:`nemoforge.lineage.Registry.champions`.
         stages: :func:`nemoforge.lineage.pipeline_status` (the preparation steps, then the stages).
+        workdir: the workdir, whose ``logs/`` holds the task logs of `nemoforge run`.
 
     Returns:
         The pipeline run's ``pipeline_run``, ``state``, ``outcome`` (``retrain``, ``skipped`` or None),
-        ``outcome_reason``, ``inputs``, ``start_time`` and ``end_time`` (all None when there is no run);
+        ``outcome_reason``, ``inputs``, ``start_time``, ``end_time`` and ``task_logs`` (the directory of the run's
+        task logs, one ``<step>.log`` per step; None for a run that `nemoforge run` did not start) (all None when
+        there is no run);
         ``champions`` (``name``, ``version``, ``pipeline_run`` that registered it, ``model_uri``: the alias URI);
-        and ``stages``.
+        and ``stages`` (each with ``log``: its task log, when that file exists; else None).
     """
+    head = dict(summary if summary is not None else _NO_PIPELINE_RUN)
+    logs = workdir / TASK_LOGS / head["task_logs"] if head.get("task_logs") else None
+    head["task_logs"] = str(logs) if logs is not None else None
     return {
-        **(summary if summary is not None else _NO_PIPELINE_RUN),
+        **head,
         "champions": [
             {"name": name, "version": version, "pipeline_run": tags.get("nemoforge.pipeline_run"),
              "model_uri": f"models:/{name}@champion"}
             for name, version, tags in champions
         ],
-        "stages": stages,
+        "stages": [
+            {**s, "log": str(logs / f"{s['stage']}.log") if logs and (logs / f"{s['stage']}.log").is_file() else None}
+            for s in stages
+        ],
     }  # fmt: skip
 
 
@@ -466,6 +479,8 @@ def status_head(report: dict) -> list[str]:
         )
     if not report["champions"]:
         lines.append("champion: none yet")
+    if report["task_logs"]:
+        lines.append(f"task logs: {report['task_logs']}/<step>.log (each step's whole output)")
     return lines
 
 
@@ -489,13 +504,15 @@ def _print_step_table(pipeline_run: str, stages: list[dict]) -> None:
     for column in ("step", "state", "wall s", "key metrics", "outputs"):
         table.add_column(column, overflow="fold")
     for s in stages:
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in key_metrics(s["stage"], s.get("metrics", {})))
+        metrics = format_metrics(key_metrics(s["stage"], s.get("metrics", {}), _NUM_STATUS_METRICS))
         outputs = "\n".join(f"{k}: {v}" for k, v in s.get("outputs", {}).items())
         state = s["state"] + (" (reused)" if s.get("reused") else "")
         if s.get("gate"):
             state += f"\ngate {s['gate']}" + "".join(f"\n- {c}" for c in s.get("gate_failed", []))
         if s.get("error"):
             state += f"\n{s['error']}"
+            if s.get("log"):
+                state += f"\nlog: {s['log']}"
         wall = s.get("wall_time_s")
         table.add_row(s["stage"], state, f"{wall:.0f}" if wall is not None else "-", metrics, outputs)
     # the terminal's width ($COLUMNS first); 160 when the output is not a terminal (a file, a pipe)
@@ -503,10 +520,12 @@ def _print_step_table(pipeline_run: str, stages: list[dict]) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    workdir = args.workdir.expanduser().resolve()
+    if workdir.is_file():  # before mlflow's import (seconds)
+        raise NemoforgeError(f"--workdir {args.workdir}: {workdir} is a file, not a directory: give a run's workdir")
     from nemoforge import lineage
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    workdir = args.workdir.expanduser().resolve()
     tracking_uri = args.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     if not args.tracking_uri and not (workdir / "mlflow.db").is_file():
         raise NemoforgeError(f"no runs under {workdir}: run `nemoforge run RECIPE --workdir {args.workdir}` first")
@@ -516,6 +535,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         lineage.pipeline_summary(runs, args.run_name),
         lineage.Registry(tracking_uri, runs.artifact_root).champions(),
         lineage.pipeline_status(runs, args.run_name),  # in pipeline order
+        workdir,
     )
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -564,13 +584,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(text, end="")
         return 0
     model_dir = store_for(recipe, model_uri).fetch(model_uri)
-    cfg = recipe.serve
-    if cfg.reasoning_parser:
-        from nemoforge.serving.engine import check_reasoning_parser
-
-        check_reasoning_parser(cfg.reasoning_parser, str(model_dir))
     log_path = args.workdir.expanduser().resolve() / "serve" / f"server-{int(time.time())}.log"
     server = VLLMServer.for_recipe(model_dir, recipe, log_path=log_path, port=args.port)
+    server.check()  # the model and the port first: the parser check takes ~7 s
+    if recipe.serve.reasoning_parser:
+        from nemoforge.serving.engine import check_reasoning_parser
+
+        check_reasoning_parser(recipe.serve.reasoning_parser, str(model_dir))
     # SIGTERM (Kubernetes, systemd) stops it as Ctrl-C does: vLLM runs in its own session, so only we can stop it.
     with interrupt_on_signals():
         try:
@@ -605,7 +625,14 @@ def main(argv: list[str] | None = None) -> int:
         "serve": cmd_serve,
     }
     try:
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # the reader went away (`nemoforge status --json | head`): stop without a word, as Unix tools do on SIGPIPE;
+        # stdout goes to /dev/null so that the interpreter's own flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except NemoforgeError as err:
         if args.debug:
             raise

@@ -26,6 +26,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _this_checkout() -> dict[str, str]:
+    """The environment for a `python -m nemoforge_cli` subprocess that imports what this test imports."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
 def _tiny_parent(tiny: Path) -> list[str]:
     return ["--set", "model.parent.source=hf-dir", "--set", f"model.parent.path={tiny}"]
 
@@ -40,6 +45,9 @@ ROWS = [
     ("corpus-jsonl-without-text-field",
      lambda t, _: [DEMO, "--set", f"data.corpus_uri={t / 'rows.jsonl'}"],
      "{t}/rows.jsonl:1 has no field 'text' (it has ['body']): set data.text_field", 10),
+    ("corpus-jsonl-text-not-a-string",
+     lambda t, _: [DEMO, "--set", f"data.corpus_uri={t / 'numbers.jsonl'}"],
+     "{t}/numbers.jsonl:2 field 'text' is int 1, not a string: give each row's text as a JSON string", 10),
     ("corpus-empty",
      lambda t, _: [DEMO, "--set", f"data.corpus_uri={t / 'empty.txt'}"],
      "data.corpus_uri {t}/empty.txt holds no text: give a non-empty .txt/.jsonl corpus", 10),
@@ -85,6 +93,7 @@ ROWS = [
 def test_bad_input_is_one_line(argv_of, first_line, max_s, tmp_path: Path, tiny_llama_dir: Path, capsys, monkeypatch):
     (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
     (tmp_path / "rows.jsonl").write_text('{"body": "no text field here"}\n')
+    (tmp_path / "numbers.jsonl").write_text('{"text": "a row of text"}\n{"text": 1}\n')
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "broken.yaml").write_text("name: x\nmodel: [\n")
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
@@ -167,3 +176,73 @@ def test_serve_refuses_a_checkpoint_whose_ffn_widths_disagree(tiny_llama_dir: Pa
         "768 at hidden size 64) and intermediate_size=512, which disagree: give one of them"
     )
     assert not (tmp_path / "w" / "serve").exists()  # refused before vLLM was started
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_compile_to_a_path_it_cannot_write(tmp_path: Path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(["compile", DEMO, "-o", str(tmp_path / "afile" / "p.yaml")]) == 2
+    assert _one_line(capsys) == (
+        f"nemoforge: error: -o {tmp_path}/afile/p.yaml: cannot write it (File exists: {tmp_path}/afile): "
+        "give a writable path"
+    )
+
+
+def test_compile_into_a_read_only_directory(tmp_path: Path):
+    """As root, chmod does not stop writes: the directory is bind-mounted read-only (as the workdir test does)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    cmd = [sys.executable, "-m", "nemoforge_cli", "compile", DEMO, "-o", str(ro / "p.yaml")]
+    if os.geteuid() == 0:
+        if shutil.which("unshare") is None:
+            pytest.skip("running as root without unshare: no way to make a directory read-only")
+        cmd = ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(ro), *cmd]
+    else:
+        ro.chmod(0o555)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_this_checkout(), timeout=120)
+    ro.chmod(0o755)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert err[0].startswith(f"nemoforge: error: -o {ro}/p.yaml: cannot write it (") and "give a writable path" in err[0]
+
+
+def test_serve_port_out_of_range(tiny_llama_dir: Path, tmp_path: Path, capsys):
+    assert main(["serve", str(tiny_llama_dir), "--workdir", str(tmp_path), "--port", "99999"]) == 2
+    assert _one_line(capsys) == "nemoforge: error: port 99999 is not a TCP port: pass --port 1-65535"
+
+
+def test_serve_a_directory_without_a_model(tmp_path: Path, capsys):
+    """Named as such, not as a tokenizer error from the reasoning-parser check."""
+    (tmp_path / "empty").mkdir()
+    assert main(["serve", str(tmp_path / "empty"), "--workdir", str(tmp_path / "w")]) == 2
+    assert _one_line(capsys) == (
+        f"nemoforge: error: {tmp_path}/empty holds no model (no config.json): give a checkpoint directory (a "
+        "stage's model output), a store URI or models:/NAME@ALIAS"
+    )
+
+
+def test_status_workdir_is_a_file(tmp_path: Path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(["status", "--workdir", str(tmp_path / "afile")]) == 2
+    assert _one_line(capsys) == (
+        f"nemoforge: error: --workdir {tmp_path}/afile: {tmp_path}/afile is a file, not a directory: give a run's "
+        "workdir"
+    )
+
+
+def test_status_into_a_closed_pipe_exits_quietly(tmp_path: Path):
+    """`nemoforge status --json | head -1`: no BrokenPipeError traceback; exit 141 (128 + SIGPIPE) as Unix tools."""
+    from mlflow import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("nemoforge")  # an empty registry
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line, as head is after its lines
+    cmd = [sys.executable, "-m", "nemoforge_cli", "status", "--workdir", str(tmp_path), "--json"]
+    proc = subprocess.run(cmd, stdout=write_end, stderr=subprocess.PIPE, text=True, env=_this_checkout(), timeout=120)
+    os.close(write_end)
+    assert proc.stderr == "" and proc.returncode == 141

@@ -85,16 +85,19 @@ def test_status_names_every_failed_gate_criterion(tmp_path: Path, capsys):
 
 def test_status_lists_the_gate_metrics_first_and_fits_the_terminal(tmp_path: Path, capsys, monkeypatch):
     from nemoforge import lineage
-    from nemoforge_cli.main import key_metrics, main
+    from nemoforge.stages.result import key_metrics
+    from nemoforge_cli.main import main
 
     metrics = {"decode_tokens_per_s": 9.0, "ifeval_prompt_strict": 0.3, "kl_to_parent": 0.1, "lm_loss": 2.0,
                "lm_top1": 0.4, "math_pass1_off": 0.2, "math_pass1_on": 0.25, "parent_lm_top1": 0.45,
                "speedup": 1.4, "speedup_ci_low": 1.3, "toggle_off": 0.95, "toggle_on": 0.9}
-    assert [k for k, _ in key_metrics("eval", metrics)] == [
+    assert [k for k, _ in key_metrics("eval", metrics, 8)] == [
         "toggle_on", "toggle_off", "math_pass1_on", "math_pass1_off", "speedup",
         "decode_tokens_per_s", "ifeval_prompt_strict", "kl_to_parent",
     ]
-    assert [k for k, _ in key_metrics("cpt", {"b": 1.0, "a": 2.0})] == ["a", "b"]
+    assert [k for k, _ in key_metrics("cpt", {"b": 1.0, "a": 2.0}, 8)] == ["a", "b"]
+    assert [k for k, _ in key_metrics("eval", metrics, 4, key_only=True)] == [  # the line eval prints as it ends
+        "toggle_on", "toggle_off", "math_pass1_on", "math_pass1_off"]
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     recipe = Recipe(name="test", tracking={"mlflow_uri": uri})
@@ -165,6 +168,7 @@ def test_status_heads_with_the_runs_outcome_inputs_and_champion_also_after_a_ski
 def test_status_json_heads_with_what_the_text_says_above_the_table(tiny_llama_dir: Path, tmp_path: Path, capsys):
     """Issue 15 §5: `status --json` is one object: the pipeline run's state, outcome and its reason, inputs and
     champions (the text's head), and the step rows under "stages"; also after a skip and with no run at all."""
+    from nemoforge import lineage
     from nemoforge_cli.main import main
 
     def status(*args: str) -> tuple[str, dict]:
@@ -175,11 +179,16 @@ def test_status_json_heads_with_what_the_text_says_above_the_table(tiny_llama_di
         return text, json.loads(capsys.readouterr().out)
 
     recipe, runs = _finished_run_with_champion(tmp_path, tiny_llama_dir)
+    runs.set_pipeline_tags("run-1", {lineage.TAG_TASK_LOGS: "20261207-100000"})  # as `nemoforge run` tags it
+    logs = tmp_path / "logs" / "20261207-100000"
+    logs.mkdir(parents=True)
+    (logs / "eval.log").write_text("[KFP Executor ...]: Got executor_input:\n")
     name = recipe.model.name
     champions = [{"name": name, "version": 1, "pipeline_run": "run-1", "model_uri": f"models:/{name}@champion"}]
     text, report = status()
     assert list(report) == ["pipeline_run", "state", "outcome", "outcome_reason", "inputs", "start_time", "end_time",
-                            "champions", "stages"]
+                            "task_logs", "champions", "stages"]
+    assert report["task_logs"] == str(logs) and f"task logs: {logs}/<step>.log (each step's whole output)\n" in text
     assert (report["pipeline_run"], report["state"], report["outcome"], report["outcome_reason"]) == (
         "run-1", "FINISHED", "retrain", "no champion yet")
     assert report["inputs"] == {"corpus": "c" * 64} and report["champions"] == champions
@@ -191,6 +200,7 @@ def test_status_json_heads_with_what_the_text_says_above_the_table(tiny_llama_di
     )
     [row] = report["stages"]
     assert row["stage"] == "eval" and row["gate"] == "passed" and row["metrics"]["toggle_on"] == 1.0
+    assert row["log"] == str(logs / "eval.log")
 
     reason = _skipped_run(runs, recipe)
     text, report = status()
@@ -204,4 +214,4 @@ def test_status_json_heads_with_what_the_text_says_above_the_table(tiny_llama_di
     text, report = status("--experiment", "no-runs-yet")
     assert text == "no pipeline run found\n"
     assert report == {"pipeline_run": None, "state": None, "outcome": None, "outcome_reason": None, "inputs": {},
-                      "start_time": None, "end_time": None, "champions": champions, "stages": []}
+                      "start_time": None, "end_time": None, "task_logs": None, "champions": champions, "stages": []}

@@ -141,4 +141,20 @@ def test_preparation_steps_are_runs_of_the_pipeline_run_and_rows_of_status(
     assert [row.split("│")[1].strip() for row in rows] == ["check-inputs", "parent", "corpus"]
     assert "FINISHED (reused)" in rows[1] and "FINISHED (reused)" in rows[2] and "num_train_sequences=" in rows[2]
     assert main(["status", "--workdir", str(workdir), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["stages"] == json.loads(json.dumps(second, default=str))
+    rows = json.loads(capsys.readouterr().out)["stages"]  # each with its task log: none, outside `nemoforge run`
+    assert rows == json.loads(json.dumps([{**s, "log": None} for s in second], default=str))
+
+
+def test_a_step_ends_with_one_line_of_its_key_metrics(capsys):
+    """Issue 15 §4: the console shows each stage's key metrics as it ends (the task log holds the rest)."""
+    from nemoforge.runner.execute import print_key_metrics
+
+    metrics = {"a_metric": 0.0, "math_pass1_off": 0.2, "math_pass1_on": 0.25, "speedup": 1.4, "toggle_off": 0.95,
+               "toggle_on": 1.0}
+    print_key_metrics("eval", metrics, reused=False)
+    print_key_metrics("corpus", {"num_heldout_sequences": 205.0, "num_train_sequences": 1843.0}, reused=True)
+    print_key_metrics("parent", {"wall_time_s": 2.6}, reused=False)  # no key metrics: no line
+    assert capsys.readouterr().out.splitlines() == [
+        "nemoforge: eval: toggle_on=1, toggle_off=0.95, math_pass1_on=0.25, math_pass1_off=0.2",
+        "nemoforge: corpus (reused): num_train_sequences=1843, num_heldout_sequences=205",
+    ]

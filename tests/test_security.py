@@ -141,8 +141,9 @@ def test_run_leaves_no_secret_in_lineage_logs_or_store(
     args.remove("--quiet")  # the task logs are under test
     assert main(args) == 0
     out, err = capfd.readouterr()
-    assert "Streamed logs" in out + err and "cpt" in out + err
-    found = leaked(out + err, "task logs")
+    assert "cpt" in out + err
+    found = leaked(out + err, "console")
+    assert "Streamed logs" in (next((workdir / "logs").iterdir()) / "cpt.log").read_text()  # below: every file
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("nemoforge").experiment_id])

@@ -287,7 +287,13 @@ def _decoded_documents(path: Path, text_field: str) -> Iterator[str]:
                 raise NemoforgeError(
                     f"{path}:{line_no} has no field {text_field!r} (it has {keys}): set data.text_field"
                 )
-            text = str(record[text_field]).strip()
+            value = record[text_field]
+            if not isinstance(value, str):  # str(1) would pass as a document of one token: fail here, not later
+                raise NemoforgeError(
+                    f"{path}:{line_no} field {text_field!r} is {type(value).__name__} {json.dumps(value)[:40]}, "
+                    "not a string: give each row's text as a JSON string"
+                )
+            text = value.strip()
             if text:
                 yield text
 

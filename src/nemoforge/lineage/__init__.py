@@ -8,7 +8,13 @@
 - :mod:`~nemoforge.lineage.client`: the client, and the tags that find runs.
 """
 
-from nemoforge.lineage.client import MAX_DATASET_DIGEST_CHARS, TAG_INPUT_DIGEST, TAG_OUTCOME, TAG_OWNER
+from nemoforge.lineage.client import (
+    MAX_DATASET_DIGEST_CHARS,
+    TAG_INPUT_DIGEST,
+    TAG_OUTCOME,
+    TAG_OWNER,
+    TAG_TASK_LOGS,
+)
 from nemoforge.lineage.registry import Registry
 from nemoforge.lineage.runs import Lineage, StageTracker
 from nemoforge.lineage.status import pipeline_status, pipeline_summary
@@ -18,6 +24,7 @@ __all__ = [
     "TAG_INPUT_DIGEST",
     "TAG_OUTCOME",
     "TAG_OWNER",
+    "TAG_TASK_LOGS",
     "Lineage",
     "Registry",
     "StageTracker",

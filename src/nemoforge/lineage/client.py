@@ -34,6 +34,8 @@ TAG_OUTCOME = "nemoforge.outcome"
 """On parent runs: ``retrain`` or ``skipped`` (inputs unchanged since the champion), with ``nemoforge.outcome_reason``."""
 TAG_OWNER = "nemoforge.owner"
 """On parent runs of ``nemoforge run``: the command's process (:func:`nemoforge.signals.owner_id`)."""
+TAG_TASK_LOGS = "nemoforge.task_logs"
+"""On parent runs of ``nemoforge run``: the directory of its task logs, under ``<workdir>/logs/``."""
 
 MAX_DATASET_DIGEST_CHARS = 36
 """MLflow stores at most 36 characters of a dataset digest; the full sha256 goes in an input tag."""

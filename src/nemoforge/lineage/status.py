@@ -17,6 +17,7 @@ from nemoforge.lineage.client import (
     TAG_OUTPUT,
     TAG_PIPELINE_RUN,
     TAG_STAGE,
+    TAG_TASK_LOGS,
     TERMINAL,
     now_ms,
 )
@@ -73,7 +74,8 @@ def pipeline_summary(lineage: Lineage, pipeline_run: str | None = None) -> dict[
         ``pipeline_run``, ``state`` (the parent run's: ``RUNNING``, ``FINISHED``, ``FAILED``, ``KILLED``),
         ``outcome`` (the first task's decision, ``retrain`` or ``skipped``; None before it decided),
         ``outcome_reason`` (e.g. ``inputs unchanged since champion NAME v1 (pipeline run ...)``), ``inputs``
-        (each input's digest by name: ``parent``, ``corpus``, ``recipe``, ...), ``start_time``, ``end_time``.
+        (each input's digest by name: ``parent``, ``corpus``, ``recipe``, ...), ``start_time``, ``end_time``,
+        ``task_logs`` (under ``nemoforge run``: its task-log directory's name under ``<workdir>/logs/``; else None).
 
     Raises:
         InputNotFoundError: ``pipeline_run`` names no run in the experiment.
@@ -91,6 +93,7 @@ def pipeline_summary(lineage: Lineage, pipeline_run: str | None = None) -> dict[
         "inputs": {k.removeprefix(TAG_INPUT_DIGEST): v for k, v in sorted(tags.items()) if k.startswith(TAG_INPUT_DIGEST)},
         "start_time": _iso(parent.info.start_time),
         "end_time": _iso(parent.info.end_time if ended else None),
+        "task_logs": tags.get(TAG_TASK_LOGS),
     }
 
 

@@ -26,7 +26,7 @@ from nemoforge.runner.index import (
     stored_uris,
 )
 from nemoforge.runner.stage_table import stage_entry, stage_key
-from nemoforge.stages.result import StageResult
+from nemoforge.stages.result import StageResult, format_metrics, key_metrics
 
 
 # ------------------------------------------------------------------------------------ preparation
@@ -73,7 +73,20 @@ def _preparation_step(
                 tags={"nemoforge.reused": "true"} if reused else {},
             )
         )
+    print_key_metrics(step, metrics, reused)
     return ref
+
+
+NUM_ENDING_METRICS = 4
+"""How many key metrics the line a step prints as it ends holds."""
+
+
+def print_key_metrics(step: str, metrics: dict[str, float], reused: bool) -> None:
+    """The line a step prints as it ends: its key metrics (:data:`nemoforge.stages.result.KEY_METRICS`), and
+    whether an earlier run's result was reused; nothing for a step without key metrics (the parent)."""
+    shown = key_metrics(step, metrics, NUM_ENDING_METRICS, key_only=True)
+    if shown:
+        print(f"nemoforge: {step}{' (reused)' if reused else ''}: {format_metrics(shown)}", flush=True)
 
 
 def prepare_parent_step(recipe: Recipe, run_name: str) -> Ref:
@@ -172,8 +185,9 @@ def execute_stage(
     index = StepIndex(store, stage, key)
     entry = index.read()
     input_uris = {f"{name}_uri": ref["uri"] for name, ref in inputs.items()}
+    reused = bool(entry and entry.get("state") == "done")
     with Lineage.for_recipe(recipe).stage_run(run_name, stage, recipe, input_uris=input_uris) as tracker:
-        if entry and entry.get("state") == "done":
+        if reused:
             result = result_from_json(entry["result"])
             reused_from = relative_uri(entry["output_uri"], store.root_uri)
             tracker.set_tags({"nemoforge.reused": "true", "nemoforge.reused_from": reused_from})
@@ -193,6 +207,7 @@ def execute_stage(
             store.write_json(f"{output_uri.rstrip('/')}/result.json", stored)
             index.write(state="done", output_uri=output_uri, result=result_to_json(result))
         tracker.log_result(result)
+    print_key_metrics(stage, result.metrics, reused)
     return result, model_ref(result)
 
 

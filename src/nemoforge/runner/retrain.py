@@ -96,6 +96,8 @@ def retrain_decision(recipe: Recipe, digests: dict[str, str], force: bool) -> tu
 
 OWNER_ENV = "NEMOFORGE_OWNER"
 """Set by ``nemoforge run`` for its tasks: the command's :func:`nemoforge.signals.owner_id`."""
+TASK_LOGS_ENV = "NEMOFORGE_TASK_LOGS"
+"""Set by ``nemoforge run`` for its tasks: the name of its task-log directory under ``<workdir>/logs/``."""
 
 
 def check_inputs_step(recipe: Recipe, run_name: str, force: bool) -> str:
@@ -104,7 +106,8 @@ def check_inputs_step(recipe: Recipe, run_name: str, force: bool) -> str:
     Opens the MLflow parent run and, inside it, the step's own run ``check-inputs`` (its wall time and, when an
     input cannot be read, its error: a row of ``nemoforge status``); tags the parent run with
     ``nemoforge.input_digest.<input>``, ``nemoforge.outcome`` (``retrain`` or ``skipped``),
-    ``nemoforge.outcome_reason`` and, under ``nemoforge run``, ``nemoforge.owner`` (``$NEMOFORGE_OWNER``); prints
+    ``nemoforge.outcome_reason`` and, under ``nemoforge run``, ``nemoforge.owner`` (``$NEMOFORGE_OWNER``) and
+    ``nemoforge.task_logs`` (``$NEMOFORGE_TASK_LOGS``); prints
     the decision as one line.
 
     Returns:
@@ -114,8 +117,10 @@ def check_inputs_step(recipe: Recipe, run_name: str, force: bool) -> str:
 
     runs = lineage.Lineage.for_recipe(recipe)
     with runs.stage_run(run_name, "check-inputs", recipe):  # opens the parent run first
-        if OWNER_ENV in os.environ:  # first, so that a run that fails here is still known as this command's
-            runs.set_pipeline_tags(run_name, {lineage.TAG_OWNER: os.environ[OWNER_ENV]})
+        command = {tag: os.environ[env] for tag, env in ((lineage.TAG_OWNER, OWNER_ENV), (lineage.TAG_TASK_LOGS, TASK_LOGS_ENV))
+                   if env in os.environ}  # fmt: skip
+        if command:  # first, so that a run that fails here is still known as this command's
+            runs.set_pipeline_tags(run_name, command)
         digests = input_digests(recipe)
         run, reason = retrain_decision(recipe, digests, force)
         tags = {f"{lineage.TAG_INPUT_DIGEST}{k}": v for k, v in digests.items()}

@@ -73,7 +73,9 @@ def server_command(
 
 
 def check_port_free(port: int, host: str = "127.0.0.1") -> None:
-    """Raises ServeError when something already listens on ``host:port``."""
+    """Raises ServeError when ``port`` is not a TCP port (1-65535) or something already listens on ``host:port``."""
+    if not 1 <= port <= 65535:
+        raise ServeError(f"port {port} is not a TCP port: pass --port 1-65535")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((host, port))
@@ -169,20 +171,32 @@ class VLLMServer:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> VLLMServer:
-        """Start the server in its own process group (returns at once; see :meth:`wait_ready`).
+    def check(self) -> None:
+        """The checks :meth:`start` makes before it starts anything, each a one-line error (vLLM's import last).
 
         Raises:
-            ServeError: the port is in use, or vLLM is not installed.
+            ServeError: the directory holds no model (no config.json), the port is not a TCP port or is in use, or
+                vLLM is not installed.
             NemoforgeError: the checkpoint's Python files are not the ones this nemoforge ships (vLLM would run
                 them: ``--trust-remote-code``), or its block configs are invalid (:func:`check_block_configs`).
         """
         if not (self.model_dir / "config.json").is_file():
-            raise ServeError(f"{self.model_dir} is not a checkpoint directory (no config.json)")
+            raise ServeError(
+                f"{self.model_dir} holds no model (no config.json): give a checkpoint directory (a stage's model "
+                "output), a store URI or models:/NAME@ALIAS"
+            )
         verify_remote_code(self.model_dir)
         check_block_configs(self.model_dir)
         check_port_free(self.port, self.host)
         vllm_version()  # a clear error when vLLM is missing, before a long start
+
+    def start(self) -> VLLMServer:
+        """Start the server in its own process group (returns at once; see :meth:`wait_ready`).
+
+        Raises:
+            ServeError, NemoforgeError: a check of :meth:`check` failed.
+        """
+        self.check()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
