@@ -485,7 +485,11 @@ def status_head(report: dict) -> list[str]:
 
 
 def _print_status(report: dict) -> None:
-    print("\n".join(status_head(report)))
+    import textwrap
+
+    width = shutil.get_terminal_size().columns  # long lines wrap at spaces, a path stays whole
+    for line in status_head(report):
+        print(textwrap.fill(line, width, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False))
     if report["pipeline_run"] is None:
         return
     stages = report["stages"]
