@@ -1,7 +1,8 @@
 """FFN Fusion's decode speedup on a GPU, measured next to the cost model's prediction, in one run (issue 14).
 
     python benchmarks/ffn_fusion_gpu.py            # ~1.2B Llama-3.2-1B-shaped parent, bf16, on CUDA (~2 min, H100)
-    python benchmarks/ffn_fusion_gpu.py --smoke    # tiny shapes on the CPU (~1 min): the same path, numbers meaningless
+    python benchmarks/ffn_fusion_gpu.py --smoke    # tiny shapes on the CPU (~1 min): the same path but a fixed
+                                                   # child (layers 1-2 and 4-5 attention-free), numbers meaningless
 
 Needs torch, transformers, scipy (or highspy) and pydantic (nemoforge.config) with ``src`` on PYTHONPATH; the lent
 GPU image lacks pydantic: carry the wheels of pydantic, pydantic-core, annotated-types, typing-inspection,
@@ -63,13 +64,13 @@ from nemoforge.models.convert import child_from_parent
 from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM
 from nemoforge.stages.nas.cost import CostTable
 from nemoforge.stages.nas.fusion import FusionRun, attention_free_runs, fuse_runs
-from nemoforge.stages.nas.library import build_library
+from nemoforge.stages.nas.library import Variant, build_library
 
 GOAL_RELATIVE_ERROR = 0.15  # issue 14: the prediction within 15%
 CHOICE_BATCH = 1  # the child is the MIP's at this batch's cost table
 # 256 prompt tokens: the fused FFN's unchunked prefill at batch 128 fits (module docstring, step 1).
 FULL_FUSION = replace(FULL, prompt_tokens=256, repeats=5)
-# Six layers, so that the 0.5x child keeps an attention-free run of two or more FFNs to fuse.
+# Six layers: the smoke's fixed child has two attention-free runs of two FFNs to fuse.
 SMOKE_FUSION = replace(SMOKE, llama={**SMOKE.llama, "num_hidden_layers": 6})
 
 
@@ -179,7 +180,12 @@ def main() -> None:
     parent = build_parent(setup)
     library = build_library(parent.config, NASConfig(ffn_intermediate_sizes=setup.ffn_sizes))
     costs = {CHOICE_BATCH: cost_table(parent, library, setup, CHOICE_BATCH)}
-    variants = solve_children(library, costs[CHOICE_BATCH], [args.budget])[args.budget]
+    if args.smoke:  # CPU timings are too noisy for the MIP to leave a run to fuse every time: a fixed child
+        variants = [Variant(False, max(setup.ffn_sizes))] + [
+            Variant(i % 3 != 0, min(setup.ffn_sizes)) for i in range(1, library.num_layers)
+        ]
+    else:
+        variants = solve_children(library, costs[CHOICE_BATCH], [args.budget])[args.budget]
     with torch.device(parent.device):
         child = child_from_parent(parent, [library.block_config(v) for v in variants])
     fused, runs = fused_child(child)
@@ -188,8 +194,8 @@ def main() -> None:
         **report_header("ffn_fusion_gpu", setup, parent, library),
         "quality_proxy": QUALITY_PROXY,
         "child": {
-            "latency_budget_ratio": args.budget,
-            "chosen_at_batch": CHOICE_BATCH,
+            "latency_budget_ratio": None if args.smoke else args.budget,
+            "chosen_at_batch": None if args.smoke else CHOICE_BATCH,
             **model_summary(child),
         },
         "fusion": {
@@ -229,10 +235,15 @@ def main() -> None:
 def print_table(report: dict) -> None:
     """Per batch: unfused and fused tokens/s, measured and predicted speedup, relative error; then the goals."""
     fusion = ", ".join(f"layers {r['layers']} -> ffn {r['fused_width']}" for r in report["fusion"]["runs"])
+    child = report["child"]
+    chosen = (
+        f"@{child['latency_budget_ratio']}x (MIP at batch {child['chosen_at_batch']})"
+        if child["chosen_at_batch"]
+        else "fixed (smoke)"
+    )
     print(
         f"\n{report['device']}; torch {report['versions']['torch']}\n"
-        f"child @{report['child']['latency_budget_ratio']}x (MIP at batch {report['child']['chosen_at_batch']}): "
-        f"{report['child']['block_configs']}\n"
+        f"child {chosen}: {child['block_configs']}\n"
         f"fused: {fusion}; {report['child']['num_layers']} -> {report['fused']['num_layers']} layers"
     )
     print(
