@@ -485,11 +485,7 @@ def status_head(report: dict) -> list[str]:
 
 
 def _print_status(report: dict) -> None:
-    import textwrap
-
-    width = shutil.get_terminal_size().columns  # long lines wrap at spaces, a path stays whole
-    for line in status_head(report):
-        print(textwrap.fill(line, width, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False))
+    print("\n".join(status_head(report)))
     if report["pipeline_run"] is None:
         return
     stages = report["stages"]

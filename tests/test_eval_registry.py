@@ -215,17 +215,3 @@ def test_status_json_heads_with_what_the_text_says_above_the_table(tiny_llama_di
     assert text == "no pipeline run found\n"
     assert report == {"pipeline_run": None, "state": None, "outcome": None, "outcome_reason": None, "inputs": {},
                       "start_time": None, "end_time": None, "task_logs": None, "champions": champions, "stages": []}
-
-
-def test_status_head_wraps_to_the_terminal(capsys, monkeypatch):
-    from nemoforge_cli.main import _print_status
-
-    inputs = {name: "0123456789abcdef" for name in ("corpus", "ifeval", "math_eval", "parent", "preference", "recipe", "sft")}
-    report = {"pipeline_run": "nemoforge-smollm2-135m-demo-2026-12-07-20-01-43-154661", "state": "FINISHED",
-              "outcome": "gate failed", "outcome_reason": "retention lm_top1=0.88 >= 0.9", "inputs": inputs,
-              "champions": [], "task_logs": None, "stages": []}
-    monkeypatch.setenv("COLUMNS", "60")
-    _print_status(report)
-    lines = capsys.readouterr().out.splitlines()
-    assert max(len(line) for line in lines if " " in line.strip()) <= 60  # a lone path may not fit: kept whole
-    assert "sft 0123456789ab" in " ".join(line.strip() for line in lines)
