@@ -122,6 +122,7 @@ def test_a_copied_workdir_serves_and_reuses_its_own_files_once_the_original_is_g
     assert again["uri"] == str(model_dir)
 
     # `nemoforge status` shows the copy's files
+    capsys.readouterr()  # the re-run's console line ("eval (reused): ...") is not status's output
     assert main(["status", "--workdir", str(copy), "--run", "run-1", "--json"]) == 0
     (evaluated,) = [row for row in json.loads(capsys.readouterr().out)["stages"] if row["stage"] == "eval"]
     assert evaluated["outputs"]["model"] == str(model_dir)
