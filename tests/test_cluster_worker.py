@@ -14,14 +14,19 @@ from test_distill import put_child, put_corpus
 from nemoforge.config import Recipe
 
 
-def _worker(recipe: Recipe, inputs: dict, run_name: str) -> subprocess.CompletedProcess:
-    env = os.environ | {
+def worker_env(recipe: Recipe, inputs: dict) -> dict[str, str]:
+    """The environment a TrainJob pod gives ``nemoforge.cluster.worker`` (DDP on gloo, one thread per rank)."""
+    return os.environ | {
         "NEMOFORGE_RECIPE_JSON": recipe.to_json(),
         "NEMOFORGE_INPUTS_JSON": json.dumps(inputs),
         "NEMOFORGE_NO_PROGRESS": "1",
         "NEMOFORGE_DISTRIBUTED_ENGINE": "ddp",
         "OMP_NUM_THREADS": "1",
     }
+
+
+def _worker(recipe: Recipe, inputs: dict, run_name: str) -> subprocess.CompletedProcess:
+    env = worker_env(recipe, inputs)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "nemoforge.cluster.worker", "--stage", "cpt", "--run-name", run_name]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -8,8 +8,6 @@ assistant tokens, so the 2-rank run equals the 1-rank one only if the loss is th
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from test_cluster_worker import worker_env
 
 from nemoforge.config import Recipe
 
@@ -25,13 +24,7 @@ pytestmark = pytest.mark.slow  # four worker processes (~1 min on 2 cores)
 
 
 def _worker(recipe: Recipe, inputs: dict, run_name: str, *, nproc: int) -> None:
-    env = os.environ | {
-        "NEMOFORGE_RECIPE_JSON": recipe.to_json(),
-        "NEMOFORGE_INPUTS_JSON": json.dumps(inputs),
-        "NEMOFORGE_NO_PROGRESS": "1",
-        "NEMOFORGE_DISTRIBUTED_ENGINE": "ddp",
-        "OMP_NUM_THREADS": "1",
-    }
+    env = worker_env(recipe, inputs)
     env.pop("WORLD_SIZE", None)
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     cmd = [sys.executable, *launcher, "-m", "nemoforge.cluster.worker", "--stage", "sft", "--run-name", run_name]
