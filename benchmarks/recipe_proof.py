@@ -11,7 +11,7 @@ wheel download is not counted) and times it; both modes then read the stages' ML
 
 - distill lowers the held-out KL to the parent (paired per held-out row: the drop's 95% CI above 0);
 - the child decodes faster than the parent at batch 1 (eval's round-robin timing; on the GPU also batch 64, from
-  scripts/gpu_check.py models), by the recipe's ``eval.gate.min_speedup``;
+  scripts/gpu_check.py models or, for a run whose models are gone, arch), by the recipe's ``eval.gate.min_speedup``;
 - after sft and rl the child follows the reasoning toggle in each mode (eval, held-out prompts) at least
   ``eval.gate.min_toggle_on/off``;
 - rl raises the held-out reward and accuracy (paired per held-out prompt: the gain's 95% CI above 0); with
@@ -52,9 +52,17 @@ def _figure(metrics: dict[str, float], name: str, key: str | None = None) -> dic
 
 
 def figures(
-    rows: list[dict[str, Any]], recipe: dict[str, Any], models: dict | None = None, gsm8k: dict | None = None
+    rows: list[dict[str, Any]],
+    recipe: dict[str, Any],
+    models: dict | None = None,
+    gsm8k: dict | None = None,
+    arch: dict | None = None,
 ) -> dict[str, Any]:
-    """The named figures and the claims, from ``nemoforge status --json`` rows (+ the GPU checks' JSON)."""
+    """The named figures and the claims, from ``nemoforge status --json`` rows (+ the GPU checks' JSON).
+
+    ``arch`` (``scripts/gpu_check.py arch``: the run's chosen child and the parent in their shapes, random weights)
+    gives the decode speedup at a batch where ``models`` does not.
+    """
     stages = {r["stage"]: r for r in rows}
     m = {name: r.get("metrics", {}) for name, r in stages.items()}
     ev, rl, distill = m.get("eval", {}), m.get("rl", {}), m.get("distill", {})
@@ -91,6 +99,15 @@ def figures(
                 # eval's round-robin figure, with its interval, stays speedup_b1; the check's goes beside it
                 out[f"speedup_b{b}" if f"speedup_b{b}" not in out else f"speedup_b{b}_gpu_check"] = child["speedup"]
                 out[f"decode_tokens_per_s_b{b}"] = child["tokens_per_s"]
+                parent[f"decode_tokens_per_s_b{b}"] = row["parent"]["tokens_per_s"]
+    if arch:
+        out["arch_block_configs"] = arch["block_configs"]
+        for b in (1, 64):
+            row = arch.get(f"decode_b{b}")
+            if row and f"decode_tokens_per_s_b{b}" not in out:
+                name = f"speedup_b{b}" if f"speedup_b{b}" not in out else f"speedup_b{b}_gpu_check"
+                out[name] = row["child"]["speedup"]
+                out[f"decode_tokens_per_s_b{b}"] = row["child"]["tokens_per_s"]
                 parent[f"decode_tokens_per_s_b{b}"] = row["parent"]["tokens_per_s"]
     if gsm8k:
         for who, row in gsm8k["models"].items():
@@ -227,14 +244,15 @@ def main() -> None:
         rows = stage_rows(json.loads((d / "status.json").read_text()))
         models = json.loads((d / "models.json").read_text()) if (d / "models.json").is_file() else None
         gsm8k = json.loads((d / "gsm8k.json").read_text()) if (d / "gsm8k.json").is_file() else None
+        arch = json.loads((d / "arch.json").read_text()) if (d / "arch.json").is_file() else None
         env_txt = d / "env.txt"
         lines = env_txt.read_text().splitlines() if env_txt.is_file() else []
         report["device"] = "; ".join(line for line in lines if line.startswith(("gpu:", "cpu:", "versions:")))
     else:
-        rows, models, gsm8k = stage_status(args.workdir), None, None
+        rows, models, gsm8k, arch = stage_status(args.workdir), None, None, None
     if not rows:
         sys.exit(f"no pipeline run found in {args.workdir}")
-    report |= figures(rows, recipe.model_dump(mode="json"), models, gsm8k)
+    report |= figures(rows, recipe.model_dump(mode="json"), models, gsm8k, arch)
     _print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")

@@ -1,6 +1,7 @@
 """GPU-side checks around a `nemoforge run smollm2-135m-gpu` (the device runner scripts/gpu_run.sh calls them).
 
     python scripts/gpu_check.py sweep  --out sweep.json                 # no weights needed
+    python scripts/gpu_check.py arch   --solutions S --out arch.json     # no weights needed
     python scripts/gpu_check.py models --workdir W --out models.json    # after a run
     python scripts/gpu_check.py gsm8k  --workdir W --out gsm8k.json --gsm8k test_500.jsonl
     python scripts/gpu_check.py mlflow --workdir W --out mlflow.json    # dump the run's MLflow records
@@ -10,6 +11,8 @@ sweep: a random-init SmolLM2-135M-shaped parent (30 layers, hidden 576, FFN 1536
     latency budget, the MIP child at each batch (quality proxy: parameters removed, as benchmarks/nas_speedup.py)
     and its predicted decode-step speedup at BOTH batches, so one can see whether a child searched at one batch
     also meets the claim at the other; then the measured decode speedup of those children (generate, CUDA graphs).
+arch: the decode tokens/s at each --batches of a run's chosen child (--solutions, nas's solutions.json, solution 0)
+    and of the parent, both random-init in that shape (bf16), measured as in models.
 models: the run's parent, nas child, distill and cpt outputs (and sft/rl): decode tokens/s at batch 1 and 64
     (bf16, static KV cache + CUDA graphs, difference method t(N new) - t(2 new), models round-robin, median of
     repeats) with the speedup over the parent, and next-token top-1 accuracy / loss on the corpus held-out
@@ -95,24 +98,54 @@ def heldout_top1(model, ids_NT: torch.Tensor, batch: int = 16) -> dict[str, floa
     return {"top1": correct / total, "loss": ce / total, "tokens": total}
 
 
-# ------------------------------------------------------------------------------------------------ sweep
-def cmd_sweep(args) -> dict:
+def _random_parent(device: str):
+    """A random-init SmolLM2-135M-shaped all-parent DeciLM in bf16 (speed depends on shapes, not on weights)."""
     from transformers import LlamaConfig
 
-    from nemoforge.config import CostConfig, NASConfig
-    from nemoforge.models.block_configs import summarize
-    from nemoforge.models.convert import child_from_parent, decilm_config_from_llama
+    from nemoforge.models.convert import decilm_config_from_llama
     from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM
-    from nemoforge.stages.nas.cost import device_name, measure_costs
-    from nemoforge.stages.nas.library import build_library
-    from nemoforge.stages.nas.mip import Option, search
 
     cfg = decilm_config_from_llama(LlamaConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True))
     torch.manual_seed(0)
+    with torch.device(device):
+        return DeciLMForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+# ------------------------------------------------------------------------------------------------- arch
+def cmd_arch(args) -> dict:
+    """The decode speedup, at each batch, of a run's chosen child (nas solutions.json, solution 0) over the parent."""
+    from nemoforge.models.block_configs import summarize
+    from nemoforge.models.convert import child_from_parent
+    from nemoforge.models.hf.configuration_decilm import BlockConfig
+
+    solution = json.loads(args.solutions.read_text())["solutions"][0]
+    block_configs = [BlockConfig.from_dict(b) for b in solution["block_configs"]]
+    parent = _random_parent(args.device)
     with torch.device(args.device):
-        parent = DeciLMForCausalLM(cfg).to(torch.bfloat16).eval()
+        models = {"parent": parent, "child": child_from_parent(parent, block_configs)}
+    report = {"solutions": str(args.solutions), "block_configs": summarize(block_configs, parent.config.hidden_size),
+              "predicted_speedup_searched_batch": solution["speedup"], "prompt": args.prompt, "new": args.new}
+    for b in args.batches:
+        prompt = torch.randint(parent.config.vocab_size, (b, args.prompt), device=args.device)
+        report[f"decode_b{b}"] = decode_speed(models, prompt, args.new, args.repeats)
+        row = report[f"decode_b{b}"]["child"]
+        print(f"b{b}: child x{row['speedup']:.3f} ({row['tokens_per_s']:.0f} tok/s, {report['block_configs']})", flush=True)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+def cmd_sweep(args) -> dict:
+    from nemoforge.config import CostConfig, NASConfig
+    from nemoforge.models.block_configs import summarize
+    from nemoforge.models.convert import child_from_parent
+    from nemoforge.stages.nas.cost import device_name, measure_costs
+    from nemoforge.stages.nas.library import build_library
+    from nemoforge.stages.nas.mip import Option, search
+
+    parent = _random_parent(args.device)
+    cfg = parent.config
     library = build_library(parent.config, NASConfig(ffn_intermediate_sizes=args.ffn))
     costs = {}
     for b in args.batches:
@@ -196,13 +229,16 @@ def _stage_models(workdir: Path) -> dict[str, Path]:
     """The run's parent and each finished stage's exported model, by stage name."""
     from nemoforge import lineage
 
-    stages = {s["stage"]: s for s in lineage.pipeline_status(lineage.Lineage(f"sqlite:///{workdir / 'mlflow.db'}", "nemoforge"))}
+    runs = lineage.Lineage(f"sqlite:///{workdir / 'mlflow.db'}", "nemoforge", str(workdir / "artifacts"))
+    stages = {s["stage"]: s for s in lineage.pipeline_status(runs)}
     paths = {"parent": sorted((workdir / "artifacts" / "models").glob("parent-*"))[-1]}
     for st in ("nas", "distill", "cpt", "sft", "rl"):
         if st in stages and "model" in stages[st].get("outputs", {}):
             p = Path(stages[st]["outputs"]["model"])
             if (p / "config.json").is_file():
                 paths[st] = p
+    if len(paths) == 1:
+        raise SystemExit(f"no stage model found under {workdir / 'artifacts'}: the run's stage outputs do not resolve there")
     return paths
 
 
@@ -338,7 +374,7 @@ def cmd_mlflow(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["sweep", "models", "gsm8k", "rl", "mlflow"])
+    p.add_argument("mode", choices=["sweep", "arch", "models", "gsm8k", "rl", "mlflow"])
     p.add_argument("--workdir", type=Path, default=Path("nemoforge-work/gpu"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
@@ -348,6 +384,7 @@ def main() -> None:
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--solutions", type=Path, help="arch: a nas run's solutions.json")
     p.add_argument("--gsm8k", type=Path, help="GSM8K test JSONL (question, answer ending in '#### N')")
     p.add_argument("--gsm8k-tokens", type=int, default=384, help="max new tokens per GSM8K reply")
     p.add_argument("--gsm8k-batch", type=int, default=128)
@@ -357,7 +394,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     t = time.perf_counter()
-    modes = {"sweep": cmd_sweep, "models": cmd_models, "gsm8k": cmd_gsm8k, "rl": cmd_rl, "mlflow": cmd_mlflow}
+    modes = {"sweep": cmd_sweep, "arch": cmd_arch, "models": cmd_models, "gsm8k": cmd_gsm8k, "rl": cmd_rl, "mlflow": cmd_mlflow}
     report = modes[args.mode](args)
     report["wall_s"] = time.perf_counter() - t
     report["torch"] = torch.__version__
