@@ -241,7 +241,7 @@ def _stopped(recipe: Recipe, args: argparse.Namespace, signal_name: str, owner: 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from nemoforge import lineage
-    from nemoforge.artifacts import cache_root
+    from nemoforge.artifacts.cache import cache_root
     from nemoforge.preflight import check_inputs, check_parent, check_workdir, resolve_recipe
     from nemoforge.runner.retrain import OWNER_ENV, TASK_LOGS_ENV
 

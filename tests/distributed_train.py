@@ -63,7 +63,7 @@ def main() -> int:
 
 
 def run(args: argparse.Namespace, ctx) -> int:
-    from nemoforge.artifacts import LocalStore
+    from nemoforge.artifacts.local import LocalStore
     from nemoforge.config import TrainConfig
     from nemoforge.stages.training import fetch_latest_checkpoint
     from nemoforge.training import distributed

@@ -14,15 +14,12 @@ from pathlib import Path
 import pytest
 from conftest import moto_s3
 
-from nemoforge.artifacts import (
-    ArtifactStore,
-    LocalStore,
-    S3Store,
-    digest_path,
-    open_store,
-    relative_uri,
-    resolve_uri,
-)
+from nemoforge.artifacts import open_store
+from nemoforge.artifacts.digests import digest_path
+from nemoforge.artifacts.local import LocalStore
+from nemoforge.artifacts.s3 import S3Store
+from nemoforge.artifacts.store import ArtifactStore
+from nemoforge.artifacts.uris import relative_uri, resolve_uri
 from nemoforge.config import Recipe
 from nemoforge.errors import InputNotFoundError, StorageError
 

@@ -143,7 +143,7 @@ def test_distill_lowers_kl_and_resumes_after_a_crash(
         exported.model.layers[1].mlp.down_proj.weight, before.model.layers[1].mlp.down_proj.weight
     )
     assert Path(result.plots["loss_curve"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from nemoforge.artifacts import digest_path
+    from nemoforge.artifacts.digests import digest_path
 
     assert result.digests["model"] == digest_path(result.outputs["model"])
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nemoforge.artifacts import relative_uri
+from nemoforge.artifacts.uris import relative_uri
 from nemoforge.config import load_recipe
 from nemoforge.runner.execute import CORPUS_FIELDS, corpus_key
 from nemoforge.runner.index import result_from_json, result_to_json, step_key, stored_uris

@@ -32,7 +32,8 @@ def test_sft_loss_counts_only_masked_tokens_of_the_global_batch(tiny_llama_dir: 
 
 
 def test_sft_stage_trains_and_measures_toggle(tiny_llama_dir: Path, tmp_path: Path):
-    from nemoforge.artifacts import digest_path, open_store
+    from nemoforge.artifacts import open_store
+    from nemoforge.artifacts.digests import digest_path
     from nemoforge.data.sft_split import read_sft_split
     from nemoforge.models.convert import load_causal_lm
     from nemoforge.stages.sft import run

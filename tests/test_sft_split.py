@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nemoforge.artifacts import digest_path, open_store
+from nemoforge.artifacts import open_store
+from nemoforge.artifacts.digests import digest_path
 from nemoforge.config import load_recipe
 from nemoforge.data.sft_split import load_sft_split, read_sft_split, write_sft_split
 

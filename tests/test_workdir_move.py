@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
-from nemoforge.artifacts import ArtifactStore, join_uri, store_for
+from nemoforge.artifacts import store_for
+from nemoforge.artifacts.store import ArtifactStore
+from nemoforge.artifacts.uris import join_uri
 from nemoforge.config import Recipe
 from nemoforge.preflight import resolve_recipe
 from nemoforge.runner.stage_table import StageEntry

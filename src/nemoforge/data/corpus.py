@@ -10,7 +10,7 @@ Sources (``DataConfig.corpus_uri``):
 
 - a local ``.txt`` file (documents are separated by blank lines), a ``.jsonl`` file (one record per line,
   text in ``data.text_field``), or a directory holding such files (read recursively, in sorted order);
-- ``s3://bucket/key`` of any of the above, fetched through the :class:`~nemoforge.artifacts.ArtifactStore`;
+- ``s3://bucket/key`` of any of the above, fetched through the :class:`~nemoforge.artifacts.store.ArtifactStore`;
 - ``hf://NAME`` (optionally ``hf://NAME?config=C&split=S``, default split ``train``): a Hugging Face
   dataset streamed with the ``datasets`` library; needs the network;
 - ``None``: a *teacher corpus* sampled from the parent on a fixed list of chat prompts (Puzzle §4.3 trains
@@ -37,7 +37,7 @@ from nemoforge.errors import InputNotFoundError, NemoforgeError
 from nemoforge.runtime import compute_device, no_progress
 
 if TYPE_CHECKING:
-    from nemoforge.artifacts import ArtifactStore
+    from nemoforge.artifacts.store import ArtifactStore
 
 CORPUS_FILES = ("train.pt", "heldout.pt", "corpus.json")
 TEXT_SUFFIXES = (".txt", ".jsonl")

@@ -13,7 +13,7 @@ Written under ``<sft output>/data/`` (:func:`write_sft_split`), JSON lines:
 - ``train_prompts.jsonl``: the distinct prompts of the training chats, one ``{"prompt": ...}`` per line, in order;
 - ``source.json``: where the chats came from (:class:`ChatSource`).
 
-The artifact's digest (:func:`~nemoforge.artifacts.digest_path` of the directory) is the step reference's.
+The artifact's digest (:func:`~nemoforge.artifacts.digests.digest_path` of the directory) is the step reference's.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nemoforge.artifacts import ArtifactStore, digest_path
+from nemoforge.artifacts.digests import digest_path
+from nemoforge.artifacts.store import ArtifactStore
 from nemoforge.data.reasoning import SFT_HELDOUT_FRACTION, ChatSample, load_chat_samples, split_by_prompt
 from nemoforge.errors import NemoforgeError
 from nemoforge.runtime import seed_for

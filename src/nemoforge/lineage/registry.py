@@ -1,9 +1,9 @@
 """The MLflow model registry: versions of a model, their aliases, and where their weights are.
 
 A version's source (and its tag ``nemoforge.model_uri``) is the model's store URI, relative to the artifact root when
-that root is a local directory (:func:`~nemoforge.artifacts.relative_uri`): reading it resolves it against the root in
-use (:func:`~nemoforge.artifacts.resolve_uri`), so a copied workdir serves its own files. Versions registered
-before with absolute paths read as they were.
+that root is a local directory (:func:`~nemoforge.artifacts.uris.relative_uri`): reading it resolves it against the
+root in use (:func:`~nemoforge.artifacts.uris.resolve_uri`), so a copied workdir serves its own files. Versions
+registered before with absolute paths read as they were.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from nemoforge.artifacts import relative_uri, resolve_uri
+from nemoforge.artifacts.uris import relative_uri, resolve_uri
 from nemoforge.config import Recipe
 from nemoforge.errors import InputNotFoundError
 from nemoforge.lineage.client import TAG_MODEL_URI, TAG_SHA256, find_logged_model, open_client

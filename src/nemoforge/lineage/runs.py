@@ -15,8 +15,8 @@ records the resolved recipe (``recipe.json``), its settings as params (its own r
 digests (tags ``nemoforge.output.<name>``, ``nemoforge.digest.<name>``), and its output model as an
 external MLflow 3 LoggedModel: the weights stay in the artifact store; MLflow holds the URI and digest,
 and the registry's model versions point at that URI (:mod:`nemoforge.lineage.registry`). Store URIs in params,
-tags and LoggedModels are relative to a local artifact root (:func:`~nemoforge.artifacts.relative_uri`), so a moved or
-copied workdir keeps its lineage; MLflow's own artifact locations (``mlruns/``, where ``recipe.json`` and plots go)
+tags and LoggedModels are relative to a local artifact root (:func:`~nemoforge.artifacts.uris.relative_uri`), so a
+moved or copied workdir keeps its lineage; MLflow's own artifact locations (``mlruns/``, where ``recipe.json`` and plots go)
 stay absolute, as MLflow makes them.
 """
 
@@ -50,7 +50,7 @@ from mlflow.entities import (
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL, MLFLOW_PARENT_RUN_ID
 
-from nemoforge.artifacts import relative_uri
+from nemoforge.artifacts.uris import relative_uri
 from nemoforge.config import Recipe
 from nemoforge.errors import InputNotFoundError, NemoforgeError, RecipeError
 from nemoforge.lineage.client import (
@@ -423,8 +423,8 @@ class Lineage:
         client.set_terminated(run_id, "FINISHED")
 
     def _log_input_models(self, experiment_id: str, run_id: str, input_uris: Mapping[str, str]) -> None:
-        """Link input URIs (as stored: :func:`~nemoforge.artifacts.relative_uri`) that are an earlier stage's output
-        model as model inputs of this run."""
+        """Link input URIs (as stored: :func:`~nemoforge.artifacts.uris.relative_uri`) that are an earlier stage's
+        output model as model inputs of this run."""
         already = {m.model_id for m in self.client.get_run(run_id).inputs.model_inputs}
         models = []
         for uri in input_uris.values():

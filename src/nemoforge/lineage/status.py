@@ -7,7 +7,7 @@ from typing import Any
 
 from mlflow.entities import Run
 
-from nemoforge.artifacts import resolve_uri
+from nemoforge.artifacts.uris import resolve_uri
 from nemoforge.config import PREPARATION_STEPS, STAGES
 from nemoforge.lineage.client import (
     TAG_ATTEMPT_START_MS,

@@ -13,7 +13,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from nemoforge.artifacts import cache_root, digest_path, relative_uri, store_for
+from nemoforge.artifacts import store_for
+from nemoforge.artifacts.cache import cache_root
+from nemoforge.artifacts.digests import digest_path
+from nemoforge.artifacts.uris import relative_uri
 from nemoforge.config import Recipe
 from nemoforge.errors import NemoforgeError
 from nemoforge.runner.index import (

@@ -16,7 +16,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from nemoforge.artifacts import ArtifactStore, relative_uri, resolve_uri
+from nemoforge.artifacts.store import ArtifactStore
+from nemoforge.artifacts.uris import relative_uri, resolve_uri
 from nemoforge.stages.result import DatasetRef, StageResult
 
 Ref = dict[str, Any]
@@ -52,8 +53,8 @@ def stored_uris(record: dict[str, Any], convert: Callable[[str], str]) -> dict[s
 
     Args:
         record: an index record (``ref``, ``output_uri``, ``result``) or a result's JSON (:func:`result_to_json`).
-        convert: :func:`~nemoforge.artifacts.relative_uri` on the way in, :func:`~nemoforge.artifacts.resolve_uri`
-            on the way out, bound to the store's root.
+        convert: :func:`~nemoforge.artifacts.uris.relative_uri` on the way in,
+            :func:`~nemoforge.artifacts.uris.resolve_uri` on the way out, bound to the store's root.
     """
     record = dict(record)
     if "ref" in record:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nemoforge.artifacts import relative_uri, store_for
+from nemoforge.artifacts import store_for
+from nemoforge.artifacts.uris import relative_uri
 from nemoforge.config import Recipe
 from nemoforge.runner.index import Ref, model_ref
 from nemoforge.stages.result import StageResult

@@ -11,7 +11,8 @@ import hashlib
 import json
 import os
 
-from nemoforge.artifacts import ArtifactStore, store_for
+from nemoforge.artifacts import store_for
+from nemoforge.artifacts.store import ArtifactStore
 from nemoforge.config import Recipe
 
 

@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from nemoforge.artifacts import ArtifactStore, digest_path, join_uri
+from nemoforge.artifacts.digests import digest_path
+from nemoforge.artifacts.store import ArtifactStore
+from nemoforge.artifacts.uris import join_uri
 from nemoforge.config import CorpusTrainConfig, Recipe
 from nemoforge.data.corpus import CorpusSplits, load_corpus
 from nemoforge.data.packing import token_digest

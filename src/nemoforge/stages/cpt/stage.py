@@ -9,7 +9,7 @@ import functools
 
 import torch
 
-from nemoforge.artifacts import ArtifactStore
+from nemoforge.artifacts.store import ArtifactStore
 from nemoforge.config import Recipe
 from nemoforge.stages.result import StageResult
 from nemoforge.stages.training import run_training_stage

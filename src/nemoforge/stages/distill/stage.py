@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from nemoforge.artifacts import ArtifactStore
+from nemoforge.artifacts.store import ArtifactStore
 from nemoforge.config import Recipe
 from nemoforge.models.block_configs import parent_layers
 from nemoforge.runtime import compute_device, recipe_dtype

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nemoforge.artifacts import ArtifactStore
+from nemoforge.artifacts.store import ArtifactStore
 from nemoforge.config import GateConfig
 from nemoforge.stats import ratio
 

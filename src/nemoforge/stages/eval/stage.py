@@ -38,7 +38,9 @@ from typing import Any
 
 import torch
 
-from nemoforge.artifacts import ArtifactStore, digest_path, join_uri
+from nemoforge.artifacts.digests import digest_path
+from nemoforge.artifacts.store import ArtifactStore
+from nemoforge.artifacts.uris import join_uri
 from nemoforge.config import EvalConfig, Recipe
 from nemoforge.data.corpus import load_corpus
 from nemoforge.data.packing import token_digest

@@ -37,7 +37,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from nemoforge.artifacts import ArtifactStore, digest_path, join_uri, relative_uri
+from nemoforge.artifacts.digests import digest_path
+from nemoforge.artifacts.store import ArtifactStore
+from nemoforge.artifacts.uris import join_uri, relative_uri
 from nemoforge.config import NASConfig, Recipe
 from nemoforge.data.corpus import CorpusSplits, load_corpus
 from nemoforge.models.block_configs import count_params, kv_cache_bytes_per_token, summarize

@@ -45,7 +45,8 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from nemoforge.artifacts import ArtifactStore, join_uri
+from nemoforge.artifacts.store import ArtifactStore
+from nemoforge.artifacts.uris import join_uri
 from nemoforge.config import Recipe, RLConfig
 from nemoforge.data.reasoning import (
     ChatSample,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from nemoforge.artifacts import ArtifactStore, digest_path
+from nemoforge.artifacts.digests import digest_path
+from nemoforge.artifacts.store import ArtifactStore
 from nemoforge.config import Recipe
 from nemoforge.serving.client import chat
 from nemoforge.serving.engine import vllm_version

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from nemoforge.artifacts import ArtifactStore, join_uri
+from nemoforge.artifacts.store import ArtifactStore
+from nemoforge.artifacts.uris import join_uri
 from nemoforge.config import Recipe
 from nemoforge.data.packing import token_digest
 from nemoforge.data.reasoning import encode_chat, from_signed_ids, pack_chats, to_signed_ids
