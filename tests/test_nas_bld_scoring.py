@@ -12,8 +12,8 @@ from nemoforge.config import NASConfig
 from nemoforge.models.convert import load_causal_lm
 from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM
 from nemoforge.stages.nas.bld import distill_layer, normalized_mse, parent_activations
+from nemoforge.stages.nas.child import build_child
 from nemoforge.stages.nas.library import Variant, build_library
-from nemoforge.stages.nas.run import build_child
 from nemoforge.stages.nas.scoring import parent_pass, score_layer, variant_layer_output
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from pathlib import Path
@@ -17,10 +16,11 @@ from nemoforge.data.packing import token_digest
 from nemoforge.errors import RecipeError
 from nemoforge.models.convert import load_causal_lm
 from nemoforge.models.hf.configuration_decilm import BlockConfig
+from nemoforge.stages.nas import inputs as inputs_module
+from nemoforge.stages.nas import measure as measure_module
 from nemoforge.stages.nas import run
+from nemoforge.stages.nas import search as search_module
 from nemoforge.stages.nas.scoring import parent_pass, score_layer
-
-run_module = importlib.import_module("nemoforge.stages.nas.run")  # the module, not the function it exports
 
 NAS = {
     "ffn_intermediate_sizes": [512, 256],
@@ -139,14 +139,14 @@ def test_rerun_resumes_from_saved_phases(workdir: Path, tiny_llama_dir: Path, re
         raise AssertionError("a finished phase ran again")
 
     for name in ("distill_layer", "score_layer", "measure_costs"):
-        monkeypatch.setattr(run_module, name, fail)
+        monkeypatch.setattr(measure_module, name, fail)
     again = run_stage(workdir, tiny_llama_dir, recipe())
     assert again.metrics["child_latency_ms"] == result.metrics["child_latency_ms"]
     assert again.metrics["kl_div_heldout"] == pytest.approx(result.metrics["kl_div_heldout"], abs=1e-6)
     # A half-finished scoring phase resumes at the first missing layer.
     (workdir / "out" / "scores" / "layer-003.json").unlink()
     calls = []
-    monkeypatch.setattr(run_module, "score_layer", lambda *a, **k: calls.append(a[2]) or score_layer(*a, **k))
+    monkeypatch.setattr(measure_module, "score_layer", lambda *a, **k: calls.append(a[2]) or score_layer(*a, **k))
     run_stage(workdir, tiny_llama_dir, recipe())
     assert calls == [3]
 
@@ -155,7 +155,7 @@ def test_infeasible_budget_fails_before_bld(workdir: Path, tiny_llama_dir: Path,
     def fail(*args, **kwargs):
         raise AssertionError("BLD started despite an infeasible budget")
 
-    monkeypatch.setattr(run_module, "distill_layer", fail)
+    monkeypatch.setattr(measure_module, "distill_layer", fail)
     with pytest.raises(
         RecipeError, match=r"nas\.latency_budget_ratio=0\.01 is infeasible.*smallest feasible ratio"
     ):
@@ -176,9 +176,9 @@ def test_ffn_fusion_step_fuses_the_chosen_child_and_records_it(
     out = f"out-{case.replace(' ', '-')}"
     shutil.copytree(workdir / "out", workdir / out)
     libraries = []
-    build_library, search = run_module.build_library, run_module.search
+    build_library, search = inputs_module.build_library, search_module.search
     monkeypatch.setattr(
-        run_module, "build_library", lambda *a: libraries.append(build_library(*a)) or libraries[-1]
+        inputs_module, "build_library", lambda *a: libraries.append(build_library(*a)) or libraries[-1]
     )
 
     def forced(*args, **kwargs):
@@ -190,8 +190,8 @@ def test_ffn_fusion_step_fuses_the_chosen_child_and_records_it(
         ]
         return [dataclasses.replace(solutions[0], choice=tuple(choice)), *solutions[1:]]
 
-    monkeypatch.setattr(run_module, "search", forced)
-    monkeypatch.setattr(run_module, "distill_layer", lambda *a, **k: pytest.fail("BLD ran again"))
+    monkeypatch.setattr(search_module, "search", forced)
+    monkeypatch.setattr(measure_module, "distill_layer", lambda *a, **k: pytest.fail("BLD ran again"))
     rcp = recipe(ffn_fusion={"enabled": True, "kl_budget": 100.0})
     fused = run_stage(workdir, tiny_llama_dir, rcp, out)
     m, report = fused.metrics, json.loads((workdir / out / "ffn_fusion.json").read_text())
@@ -251,7 +251,7 @@ def test_fusion_in_search_credits_the_cost_models_saving(
     from nemoforge.stages.nas.cost import CostTable
 
     shutil.copytree(workdir / "out", workdir / "out-in-search")
-    monkeypatch.setattr(run_module, "distill_layer", lambda *a, **k: pytest.fail("BLD ran again"))
+    monkeypatch.setattr(measure_module, "distill_layer", lambda *a, **k: pytest.fail("BLD ran again"))
     rcp = recipe(ffn_fusion={"enabled": True, "kl_budget": 100.0, "in_search": True})
     m = run_stage(workdir, tiny_llama_dir, rcp, "out-in-search").metrics
     out = workdir / "out-in-search"
