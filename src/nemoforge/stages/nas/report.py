@@ -6,6 +6,7 @@ from nemoforge.config import Recipe
 from nemoforge.models.block_configs import count_params, kv_cache_bytes_per_token, summarize
 from nemoforge.models.hf.modeling_decilm import DeciLMForCausalLM
 from nemoforge.stages.nas.bld import BLDResult
+from nemoforge.stages.nas.child import Child
 from nemoforge.stages.nas.cost import CostTable
 from nemoforge.stages.nas.library import BlockLibrary, Variant
 from nemoforge.stages.nas.mip import Solution
@@ -16,18 +17,16 @@ from nemoforge.stages.nas.search import Search
 def child_metrics(
     recipe: Recipe,
     model: DeciLMForCausalLM,
-    child: DeciLMForCausalLM,
+    child: Child,
     library: BlockLibrary,
     costs: CostTable,
     found: Search,
     bld: list[dict[int, BLDResult]],
     heldout: ParentPass,
-    child_kl: float,
-    child_lm_loss: float,
     budget_ms: float,
 ) -> dict[str, float]:
-    """The stage's metrics but its timings: parent and child latency (predicted and measured), speedup, params,
-    KV bytes per token, the child's held-out KL and LM loss, MIP and BLD figures."""
+    """The stage's metrics but its timings and fusion's: parent and child latency (predicted and measured), speedup,
+    params, KV bytes per token, the exported child's held-out KL and LM loss, MIP and BLD figures."""
     solutions, parent = found.solutions, found.parent
     child_latency = costs.predicted(found.chosen)
     parent_latency = costs.predicted([library.parent] * library.num_layers)
@@ -45,12 +44,12 @@ def child_metrics(
         "latency_budget_ms": budget_ms,
         "speedup": parent.latency_ms / solutions[0].latency_ms,
         "params_parent": float(count_params(model.config)),
-        "params_child": float(count_params(child.config)),
+        "params_child": float(count_params(child.model.config)),
         "kv_bytes_per_token_parent": float(kv_cache_bytes_per_token(model.config, kv_bytes)),
-        "kv_bytes_per_token_child": float(kv_cache_bytes_per_token(child.config, kv_bytes)),
-        "kl_div_heldout": child_kl,
+        "kv_bytes_per_token_child": float(kv_cache_bytes_per_token(child.model.config, kv_bytes)),
+        "kl_div_heldout": child.kl_div_heldout,
         "kl_div_predicted": solutions[0].kl_div,
-        "lm_loss_heldout": child_lm_loss,
+        "lm_loss_heldout": child.lm_loss_heldout,
         "lm_loss_heldout_parent": heldout.lm_loss,
         "mip_solve_time_s": sum(s.solve_time_s for s in solutions),
         "num_solutions": float(len(solutions)),

@@ -111,19 +111,7 @@ def run(
     timings["wall_time_s"] = time.perf_counter() - started
 
     result.metrics.update(
-        child_metrics(
-            recipe,
-            model,
-            child.model,
-            library,
-            costs,
-            found,
-            bld,
-            heldout,
-            child.kl_div_heldout,
-            child.lm_loss_heldout,
-            budget.latency_budget_ms,
-        )
+        child_metrics(recipe, model, child, library, costs, found, bld, heldout, budget.latency_budget_ms)
     )
     result.metrics.update(child.fusion_metrics)
     result.metrics.update(timings)
