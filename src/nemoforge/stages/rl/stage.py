@@ -651,7 +651,14 @@ def preference_phase(
     device: torch.device,
 ) -> TrainState:
     """DPO on ``data.preference_uri``'s pairs (``rl.preference``), against the policy after GRPO as the reference
-    (copied into ``ref_model``), resumed from the newest checkpoint under ``checkpoints_uri``."""
+    (copied into ``ref_model``), resumed from the newest checkpoint under ``checkpoints_uri``.
+
+    Data-parallel under torchrun as sft is (:func:`~nemoforge.training.loop.train`): every rank scores the
+    reference once on all pairs, and trains on its ``B / N`` pairs of each global batch of ``B``. Each loss term
+    (DPO, and RPO's NLL per response token) is a mean over pairs, never over tokens of several pairs, so the mean
+    over equal shares that the engine's gradient averaging takes is the global batch's mean: ``N`` ranks give
+    the single-process update.
+    """
     pcfg = recipe.rl.preference
     pairs = read_preference_pairs(Path(store.fetch(recipe.data.preference_uri)), limit=pcfg.num_pairs)
     ids_2PT, mask_2PT = preference_rows(tokenizer, pairs, pcfg.max_len_tokens)
