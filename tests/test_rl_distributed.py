@@ -50,3 +50,19 @@ def test_two_rank_preference_pass_equals_one_rank(tiny_llama_dir: Path, shared_d
         assert [v for _, v in got_hist[name]] == pytest.approx([v for _, v in ref_hist[name]], abs=TOL), name
     assert (tmp_path / "two" / "rank-1").is_dir()  # two ranks trained; rank 0 alone uploaded checkpoints
     assert sorted(p.name for p in (tmp_path / "two" / "store" / "checkpoints").iterdir()) == ["step-2", "step-3"]
+
+
+def test_two_rank_grpo_step_on_fixed_rollouts_equals_one_rank(tiny_llama_dir: Path, tmp_path: Path):
+    """Completions of 1-6 tokens: the ranks' token counts differ, so only a global token mean matches 1 rank."""
+    args = ("--phase", "grpo", "--model", str(tiny_llama_dir))
+    ref_w, ref_hist = _ranks(1, tmp_path / "one", *args)
+    got_w, got_hist = _ranks(2, tmp_path / "two", *args)
+    assert _max_diff(got_w, ref_w) < TOL
+    init = load_file(str(tiny_llama_dir / "model.safetensors"))
+    # training moved them (2 updates at lr 1e-3; a larger lr lets AdamW blow rounding up on gradients near its eps)
+    assert _max_diff({k: ref_w[k] for k in init}, init) > 50 * TOL
+    for name in ("loss", "kl", "clip_fraction", "frac_reward_zero_std", "completion_tokens"):
+        assert [v for _, v in got_hist[name]] == pytest.approx([v for _, v in ref_hist[name]], abs=TOL), name
+    assert ref_hist["frac_reward_zero_std"][0][1] < 1  # some group gives a policy-gradient signal
+    assert (tmp_path / "two" / "rank-1").is_dir()
+
