@@ -74,6 +74,11 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def rank() -> int:
+    """This process's global rank (0 in a single process)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if dist.is_initialized():
@@ -121,6 +126,15 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     buf = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(buf)
     return dict(zip(values, (buf / dist.get_world_size()).tolist(), strict=True))
+
+
+def mean_over_job(value: float) -> float:
+    """``value`` averaged over the ranks of the joined job (one all-reduce, identical on every rank); ``value``
+    itself when no process group is joined. A collective: every rank calls it at the same point."""
+    if not dist.is_initialized():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return mean_over_ranks({"value": value}, device)["value"]
 
 
 def engine_kind() -> str:

@@ -77,6 +77,7 @@ def clipped_policy_loss(
     epsilon_high: float | None = None,
     ref_logp_NT: torch.Tensor | None = None,
     beta: float = 0.0,
+    num_tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO's clipped surrogate with an optional k3 KL to the reference (DeepSeekMath eq. 3-4, arXiv 2402.03300).
 
@@ -98,11 +99,15 @@ def clipped_policy_loss(
         epsilon: low clip range; ``epsilon_high`` the high one (default ``epsilon``).
         ref_logp_NT: reference log-probs, needed when ``beta > 0``.
         beta: KL weight.
+        num_tokens: what the token sums are divided by (the loss, ``kl`` and ``clip_fraction``); None: this
+            batch's completion tokens. A rank's share of a data-parallel batch passes the global batch's count
+            over the ranks, so that the ranks' mean is the global token mean. 0 counts as 1 (no token: loss 0).
 
     Returns:
         ``(loss, {"clip_fraction", "kl"})``.
     """
     mask = mask_NT.to(logp_NT.dtype)
+    count = mask.sum().clamp(min=1) if num_tokens is None else mask.new_tensor(num_tokens or 1.0)
     ratio_NT = torch.exp(logp_NT - old_logp_NT)
     adv_N1 = advantages_N[:, None].to(logp_NT.dtype)
     high = epsilon if epsilon_high is None else epsilon_high
@@ -115,8 +120,7 @@ def clipped_policy_loss(
         delta_NT = ref_logp_NT - logp_NT
         kl_NT = torch.exp(delta_NT) - delta_NT - 1
         per_token_NT = per_token_NT + beta * kl_NT
-        kl = (kl_NT * mask).sum() / mask.sum().clamp(min=1)
-    count = mask.sum().clamp(min=1)
+        kl = (kl_NT * mask).sum() / count
     loss = (per_token_NT * mask).sum() / count
     clip_fraction = (((ratio_NT - clipped_NT).abs() > 0).to(mask.dtype) * mask).sum() / count
     return loss, {"clip_fraction": clip_fraction.item(), "kl": kl.item()}

@@ -43,13 +43,20 @@ def vllm_importable() -> bool:
     return True
 
 
-def resolve_engine(choice: str) -> Engine:
-    """``rl.rollout_engine`` → the engine that runs: ``auto`` is ``vllm`` when importable, else ``generate``.
+def resolve_engine(choice: str, *, num_ranks: int = 1) -> Engine:
+    """``rl.rollout_engine`` → the engine that runs: ``auto`` is ``vllm`` when importable in a single process,
+    else ``generate`` (on ``num_ranks > 1`` torchrun ranks every rank samples with ``generate``: the colocated
+    engine starts its own one-rank process group).
 
     Raises:
-        NemoforgeError: ``vllm`` was asked for and cannot be imported.
+        NemoforgeError: ``vllm`` was asked for and cannot be imported, or under torchrun.
     """
-    if choice == "generate":
+    if choice == "vllm" and num_ranks > 1:
+        raise NemoforgeError(
+            f"rl.rollout_engine=vllm runs in one process, not on {num_ranks} torchrun ranks: "
+            "set rl.rollout_engine=generate (or auto)"
+        )
+    if choice == "generate" or num_ranks > 1:
         return "generate"
     if vllm_importable():
         return "vllm"

@@ -29,6 +29,12 @@ dtype: :func:`~nemoforge.stages.training.round_to_dtype`), as "before" scores sf
 pass-rate replies are generated with the rollouts' numerics (:func:`rollout_numerics`). Written under
 ``output_uri``: ``checkpoints/step-N/``, ``checkpoints-preference/step-N/``, ``model/``, ``plots/``, ``samples/heldout_{before,after}.json``.
 
+Data-parallel like sft under torchrun (a TrainJob worker, ``--stage rl``): every rank loads the model, measures
+the held-out "before" figures and filters the prompts, then trains on rank 0's kept prompts: each GRPO update
+gives every rank its ``B / N`` prompt groups (:func:`make_grpo_loss`: rollouts by ``generate`` on each rank, the
+loss a token mean over the global batch), each preference update its ``B / N`` pairs (:func:`preference_phase`).
+Rank 0 alone measures after, exports and writes.
+
 Shape legend: ``B`` prompts, ``G`` generations per prompt, ``N = B * G`` sequences, ``T`` tokens.
 """
 
@@ -74,6 +80,14 @@ from nemoforge.stages.training import (
     round_to_dtype,
 )
 from nemoforge.stats import paired_mean_difference
+from nemoforge.training.distributed import (
+    broadcast_from_main,
+    init_from_env,
+    is_main_process,
+    mean_over_job,
+    rank,
+    world_size,
+)
 from nemoforge.training.loop import LogFn, TrainState, epoch_batches, train, uses_bf16_autocast
 
 Problem = tuple[str, str, Reasoning]
@@ -332,10 +346,21 @@ def make_grpo_loss(
     ref_model: torch.nn.Module | None,
     rollouts: VLLMRollouts | None = None,
 ):
-    """The train loop's loss function for GRPO: ``loss_fn(model, prompt_index_B1) -> (loss, metrics)``.
+    """The train loop's loss function for GRPO: ``loss_fn(model, prompt_index_b1) -> (loss, metrics)``.
 
     ``rollouts``: a vLLM engine that samples the completions (given the policy's weights first); None:
     ``generate_ids``.
+
+    Data-parallel under torchrun (the loop gives each rank ``b = B / N`` of the ``B`` prompts of an update): a
+    rank samples the ``G`` completions of each of its prompts, so a group is never split and its rewards and
+    advantages are the single-process ones for the same completions. The policy-gradient loss is the token mean
+    over the completion tokens of the whole global batch: a rank divides its token sums by the mean count over
+    the ranks (:func:`~nemoforge.training.distributed.mean_over_job`, a collective), so the engine's average of
+    the ranks' gradients is the single-process gradient on the same rollouts. This holds per micro-batch; with
+    several micro-batches per rank (DeepSpeed ``gradient_accumulation_steps`` > 1) the update averages their
+    global token means. Each rank samples with its own generator, seeded from one draw of the shared RNG plus its
+    rank (the ranks' RNGs stay in step and resume together); a single process samples from the global RNG. The
+    logged reward means and ``completion_tokens`` are the ranks' means of their own (equal-sized) shares.
     """
     prompt_ids = [encode_prompt(tokenizer, q, r) for q, _, r in problems]
 
@@ -352,9 +377,13 @@ def make_grpo_loss(
                 seed=int(torch.randint(0, 2**31 - 1, ()).item()),
             )
         else:
+            generator = None
+            if world_size() > 1:
+                seed = int(torch.randint(0, 2**31 - 1, ()).item()) + rank()
+                generator = torch.Generator(device).manual_seed(seed)
             c_ids = generate_ids(
                 model, tokenizer, p_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                top_p=cfg.top_p, batch_size=len(p_ids),
+                top_p=cfg.top_p, batch_size=len(p_ids), generator=generator,
             )
         completions = [tokenizer.decode(c, skip_special_tokens=True) for c in c_ids]
         rewards, parts = score(cfg.reward_weights, completions, chosen)
@@ -370,6 +399,7 @@ def make_grpo_loss(
         loss, stats = clipped_policy_loss(
             logp_NC, logp_NC.detach(), advantages_N, comp_NC, epsilon=cfg.epsilon,
             epsilon_high=cfg.epsilon_high, ref_logp_NT=ref_logp_NC, beta=cfg.beta,
+            num_tokens=mean_over_job(float(comp_NC.sum())),
         )
         metrics = {**reward_metrics(rewards, parts, total_name="reward_mean"), **stats}
         metrics["frac_reward_zero_std"] = zero_std_P.float().mean().item()
@@ -481,6 +511,7 @@ def run(
     from nemoforge.models.convert import load_causal_lm
 
     cfg = recipe.rl
+    init_from_env()  # under torchrun: first, so that "cuda" is this rank's GPU
     device = compute_device()
     model_dir = store.fetch(model_uri)
     model = load_causal_lm(model_dir, dtype=torch.float32).to(device)
@@ -499,12 +530,13 @@ def run(
             if cfg.heldout_samples else []
         )
         kept, pass_rate = filter_by_pass_rate(model, tokenizer, train_problems, cfg)
+    kept = broadcast_from_main(kept)  # every rank trains on rank 0's prompts, whatever its sampling numerics
 
     checkpoints_uri = join_uri(output_uri, "checkpoints")
     pref_checkpoints_uri = join_uri(output_uri, "checkpoints-preference")
     history: dict[str, list[tuple[int, float]]] = {}
     metrics: dict[str, float] = {}
-    engine = resolve_engine(cfg.rollout_engine)
+    engine = resolve_engine(cfg.rollout_engine, num_ranks=world_size())
     with tempfile.TemporaryDirectory(prefix="nemoforge-rl-") as tmp:
         work = Path(tmp)
         grpo = grpo_phase(
@@ -525,6 +557,8 @@ def run(
             metrics["preference_loss_final"] = pstate.history["loss"][-1][1]
             metrics["preference_reward_accuracy_final"] = pstate.history["reward_accuracy"][-1][1]
             metrics["preference_steps"] = float(pstate.step)
+        if not is_main_process():  # under torchrun, rank 0 measures, exports and writes; the others only train
+            return StageResult(history=history, tags={"device": str(device)})
 
         # held-out "after" scores the weights that are exported (recipe dtype), as "before" scored sft's export
         round_to_dtype(model, recipe_dtype(recipe))
@@ -652,7 +686,14 @@ def preference_phase(
     device: torch.device,
 ) -> TrainState:
     """DPO on ``data.preference_uri``'s pairs (``rl.preference``), against the policy after GRPO as the reference
-    (copied into ``ref_model``), resumed from the newest checkpoint under ``checkpoints_uri``."""
+    (copied into ``ref_model``), resumed from the newest checkpoint under ``checkpoints_uri``.
+
+    Data-parallel under torchrun as sft is (:func:`~nemoforge.training.loop.train`): every rank scores the
+    reference once on all pairs, and trains on its ``B / N`` pairs of each global batch of ``B``. Each loss term
+    (DPO, and RPO's NLL per response token) is a mean over pairs, never over tokens of several pairs, so the mean
+    over equal shares that the engine's gradient averaging takes is the global batch's mean: ``N`` ranks give
+    the single-process update.
+    """
     pcfg = recipe.rl.preference
     pairs = read_preference_pairs(Path(store.fetch(recipe.data.preference_uri)), limit=pcfg.num_pairs)
     ids_2PT, mask_2PT = preference_rows(tokenizer, pairs, pcfg.max_len_tokens)
