@@ -918,12 +918,12 @@ class Recipe(_Section):
         if plan is not None and plan.num_gpus == 0:
             raise ValueError(
                 f"resources.eval.gpu_count={res.gpu_count}: eval does not fit even on the largest tensor-parallel "
-                f"size ({plan.describe().split(': ', 1)[1]}); lower eval.batch_size or eval.max_new_tokens"
+                f"size ({plan.breakdown()}); lower eval.batch_size or eval.max_new_tokens"
             )
         if plan is not None and res.gpu_count < plan.num_gpus:
             raise ValueError(
                 f"resources.eval.gpu_count={res.gpu_count} is below the {plan.num_gpus} GPUs eval needs "
-                f"({plan.describe().split(': ', 1)[1]}, {where}); set resources.eval.gpu_count={plan.num_gpus}"
+                f"({plan.breakdown()}, {where}); set resources.eval.gpu_count={plan.num_gpus}"
             )
 
     @model_validator(mode="after")

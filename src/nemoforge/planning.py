@@ -82,16 +82,19 @@ class EvalPlan:
     def total_bytes(self) -> int:
         return self.weight_bytes + self.kv_cache_bytes + self.logits_bytes
 
-    def describe(self) -> str:
-        """One line: ``4 GPUs: 70.55B params x 2 B = 141.1 GB + KV cache 107.4 GB + logits 33.6 GB = ...``."""
+    def breakdown(self) -> str:
+        """``70.55B params = 141.1 GB weights + 107.4 GB KV cache + 33.6 GB logits = 282.1 GB over 90% of ...``."""
         gb = 1e9
         return (
-            f"{self.num_gpus} GPU{'s' * (self.num_gpus != 1)}: {self.num_params / 1e9:.2f}B params = "
-            f"{self.weight_bytes / gb:.1f} GB weights "
-            f"+ {self.kv_cache_bytes / gb:.1f} GB KV cache + {self.logits_bytes / gb:.1f} GB logits = "
+            f"{self.num_params / 1e9:.2f}B params = {self.weight_bytes / gb:.1f} GB weights + "
+            f"{self.kv_cache_bytes / gb:.1f} GB KV cache + {self.logits_bytes / gb:.1f} GB logits = "
             f"{self.total_bytes / gb:.1f} GB over {GPU_MEMORY_UTILIZATION:.0%} of {self.gpu_memory_bytes / gb:.1f} GB "
             "per GPU"
         )
+
+    def describe(self) -> str:
+        """One line: ``4 GPUs: 70.55B params = ...`` (:meth:`breakdown`)."""
+        return f"{self.num_gpus} GPU{'s' * (self.num_gpus != 1)}: {self.breakdown()}"
 
 
 def plan_eval(recipe: Recipe, arch: ParentArchitecture, gpu_memory_bytes: int) -> EvalPlan:
