@@ -349,6 +349,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     recipe = load_recipe(args.recipe, args.overrides)
     print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, width=120), end="")
+    arch = recipe.model.parent.architecture
+    plan = recipe.eval_plan(arch) if arch else None
+    if plan:  # a YAML comment: the output stays the recipe
+        print(f"# eval plan (nemoforge.planning.plan_eval): {plan.describe()}")
     return 0
 
 

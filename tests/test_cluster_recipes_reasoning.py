@@ -46,8 +46,8 @@ def test_8b_follows_ln_nano_and_70b_ln_super():
     assert (sup.sft.lr, sup.sft.warmup_steps, sup.sft.min_lr_ratio) == (5e-6, 0, 1.0)
     # LN's rollout shape for the 70B: 72 prompts x 16 responses
     assert sup.rl.batch_size * sup.rl.num_generations == 72 * 16
-    # eval runs on one GPU today (validation refuses more); issue 13 §4 shards the 70B's (~141 GB bf16 parent)
-    assert (nano.resources.eval.gpu_count, sup.resources.eval.gpu_count) == (1, 1)
+    # eval gets the GPUs its plan needs: the 70B shards its ~141 GB bf16 parent over 4 (issue 13 §4)
+    assert (nano.resources.eval.gpu_count, sup.resources.eval.gpu_count) == (1, 4)  # nemoforge.planning.plan_eval
     assert (nano.resources.sft.num_nodes, sup.resources.sft.num_nodes) == (1, 2)
 
 

