@@ -47,7 +47,7 @@ def preference(args: argparse.Namespace, rank: int) -> tuple[dict, dict]:
     """The preference pass on 4 pairs per update (3 updates over 10 pairs: one batch crosses an epoch)."""
     from transformers import AutoTokenizer
 
-    from nemoforge.artifacts import LocalStore
+    from nemoforge.artifacts.local import LocalStore
     from nemoforge.config import Recipe
     from nemoforge.models.convert import load_causal_lm
     from nemoforge.stages.rl.stage import preference_phase
