@@ -34,8 +34,10 @@ def test_reasoning_stages_follow_the_paper(name: str):
     for stage in ("sft", "rl", "eval"):
         res = getattr(r.resources, stage)
         assert res.gpu_count >= 1 and res.node_selector == {"nvidia.com/gpu.product": "NVIDIA-H200"}, stage
-    # sft trains on the whole node (torchrun ranks); rl runs on one GPU until issue 13 widens it
-    assert (r.resources.sft.gpu_count, r.resources.sft.runs_as_trainjob, r.resources.rl.gpu_count) == (8, True, 1)
+    # sft and rl train on whole nodes (torchrun ranks, a TrainJob); rollouts by our decoder on every rank
+    for stage in ("sft", "rl"):
+        assert (getattr(r.resources, stage).gpu_count, getattr(r.resources, stage).runs_as_trainjob) == (8, True), stage
+    assert r.rl.rollout_engine != "vllm"  # vLLM runs in one process, not on torchrun ranks
     assert r.resources.rl.image_set == "rl" and r.rl.preference.enabled
 
 
@@ -44,11 +46,15 @@ def test_8b_follows_ln_nano_and_70b_ln_super():
     # Nano stage 1: LR 1e-4 with ~10% warmup, cosine; Super: fixed LR 5e-6 (no warmup, no decay)
     assert nano.sft.lr == 1e-4 and nano.sft.warmup_steps == nano.sft.steps // 10 and nano.sft.min_lr_ratio < 1
     assert (sup.sft.lr, sup.sft.warmup_steps, sup.sft.min_lr_ratio) == (5e-6, 0, 1.0)
-    # LN's rollout shape for the 70B: 72 prompts x 16 responses
-    assert sup.rl.batch_size * sup.rl.num_generations == 72 * 16
+    # LN's rollout shape for the 70B is 72 prompts x 16 responses; 72 does not split over 2 x 8 ranks, so 64 x 16
+    assert (sup.rl.batch_size, sup.rl.num_generations) == (64, 16)
     # eval gets the GPUs its plan needs: the 70B shards its ~141 GB bf16 parent over 4 (issue 13 §4)
     assert (nano.resources.eval.gpu_count, sup.resources.eval.gpu_count) == (1, 4)  # nemoforge.planning.plan_eval
     assert (nano.resources.sft.num_nodes, sup.resources.sft.num_nodes) == (1, 2)
+    # GRPO: the 8B on one 8-GPU node under ZeRO-2 (each rank decodes with the whole policy), the 70B on 2 x 8 under
+    # ZeRO-3 (issue 13 §3: the policy update is sharded)
+    assert (nano.resources.rl.num_nodes, nano.resources.rl.deepspeed.zero_stage) == (1, 2)
+    assert (sup.resources.rl.num_nodes, sup.resources.rl.deepspeed.zero_stage) == (2, 3)
 
 
 def test_ifeval_fields_validate():

@@ -300,9 +300,12 @@ def test_show_prints_the_merged_recipe(capsys):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("resources.rl.gpu_count=8", "resources.rl.gpu_count=8: rl runs on one GPU today; set 1"),
         ("resources.nas.gpu_count=8", "resources.nas.gpu_count=8: nas runs on one GPU today; set 1"),
-        ("resources.rl.num_nodes=2", "resources.rl.num_nodes=2: rl runs in one pod; set 1"),
+        ("resources.nas.num_nodes=2", "resources.nas.num_nodes=2: nas runs in one pod; set 1"),
+        ("resources.rl.launch=task", "resources.rl.gpu_count=8: launch 'task' runs rl as one process on one GPU; "
+         "set resources.rl.launch=auto (a TrainJob, one process per GPU) or gpu_count=1"),
+        ("rl.rollout_engine=vllm", "rl.rollout_engine=vllm runs in one process, not on the 8 torchrun ranks of "
+         "resources.rl: set rl.rollout_engine=generate (or auto, which picks generate there)"),
         ("resources.eval.launch=trainjob", "resources.eval.launch=trainjob: eval runs in one pod; set auto"),
         ("resources.serve.gpu_count=2", "resources.serve.gpu_count=2: vLLM shards the model over "
          "serve.tensor_parallel_size=1 GPUs; set gpu_count=1 or raise serve.tensor_parallel_size"),
@@ -325,4 +328,25 @@ def test_training_stages_use_every_gpu_as_torchrun_ranks():
         load_recipe("smollm2-135m-gpu", ["resources.sft.gpu_count=3", "sft.batch_size=8"])
     for name in builtin_recipes():  # the built-in recipes are honest
         resources = load_recipe(name).resources
-        assert all(getattr(resources, s).gpu_count <= 1 for s in ("corpus", "nas", "rl")), name  # eval: planned
+        assert all(getattr(resources, s).gpu_count <= 1 for s in ("corpus", "nas")), name  # eval: planned
+
+
+def test_rl_uses_every_gpu_as_torchrun_ranks():
+    """GRPO is data-parallel like sft (issue 13 §3): several GPUs or nodes make it a TrainJob, whose ranks must split
+    the GRPO prompts and the preference pairs, and roll out with our decoder (vLLM runs in one process)."""
+    recipe = load_recipe("smollm2-135m-gpu", ["resources.rl.gpu_count=2"])
+    assert recipe.resources.rl.runs_as_trainjob  # launch auto
+    recipe = load_recipe("smollm2-135m-gpu", ["resources.rl.num_nodes=2"])
+    assert recipe.resources.rl.runs_as_trainjob
+    assert not load_recipe("smollm2-135m-gpu").resources.rl.runs_as_trainjob  # one GPU: its task's pod
+    with pytest.raises(RecipeError, match=r"^invalid recipe smollm2-135m-gpu: rl.batch_size=16 does not split over 3 "
+                                          r"ranks .*\(resources.rl: 1 nodes x 3 GPUs"):
+        load_recipe("smollm2-135m-gpu", ["resources.rl.gpu_count=3"])
+    with pytest.raises(RecipeError, match=r"^invalid recipe llama-3.1-8b: rl.preference.batch_size=500 does not split "
+                                          r"over 8 ranks x 8 accumulation steps"):
+        load_recipe("llama-3.1-8b", ["rl.preference.batch_size=500"])
+    load_recipe("llama-3.1-8b", ["rl.preference.batch_size=500", "rl.preference.enabled=false"])  # no pass: no split
+    with pytest.raises(RecipeError, match=r"rl runs as a TrainJob, whose workers need the pinned train image"):
+        load_recipe("smollm2-135m-demo", ["resources.rl.gpu_count=2"])
+    # one rank: the colocated vLLM engine is allowed (launch trainjob on one GPU, or the task's pod)
+    load_recipe("llama-3.1-8b", ["rl.rollout_engine=vllm", "resources.rl.gpu_count=1"])

@@ -613,10 +613,10 @@ class DeepSpeedConfig(_Section):
     )
 
 
-DATA_PARALLEL_STAGES = ("distill", "cpt", "sft")
+DATA_PARALLEL_STAGES = ("distill", "cpt", "sft", "rl")
 """Stages that train on several GPUs and nodes: torchrun ranks (DDP or DeepSpeed ZeRO), a TrainJob on a cluster."""
-ONE_GPU_STAGES = ("corpus", "nas", "rl")
-"""Steps that load their model onto one device in one process: at most one GPU, one pod (issue 13 widens rl).
+ONE_GPU_STAGES = ("corpus", "nas")
+"""Steps that load their model onto one device in one process: at most one GPU, one pod.
 serve may use ``serve.tensor_parallel_size`` GPUs (:meth:`Recipe._check_serve_gpus`); eval runs in one pod and
 shards each model over its GPUs, its tensor-parallel size (:meth:`Recipe._check_tensor_parallel`)."""
 ONE_POD_STAGES = (*ONE_GPU_STAGES, "eval")
@@ -854,13 +854,23 @@ class Recipe(_Section):
             res = getattr(self.resources, stage)
             if res.runs_as_trainjob:
                 world_size = res.num_nodes * max(res.gpu_count, 1)
-                try:
-                    split_batch(getattr(self, stage).batch_size, world_size, res.deepspeed.gradient_accumulation_steps)
-                except ValueError as err:
+                # rl's preference pass trains on the same ranks with the same accumulation
+                sections = {stage: getattr(self, stage)}
+                if stage == "rl" and self.rl.preference.enabled:
+                    sections["rl.preference"] = self.rl.preference
+                for field, section in sections.items():
+                    try:
+                        split_batch(section.batch_size, world_size, res.deepspeed.gradient_accumulation_steps)
+                    except ValueError as err:
+                        raise ValueError(
+                            f"{field}.{err} (resources.{stage}: {res.num_nodes} nodes x {max(res.gpu_count, 1)} GPUs, "
+                            f"deepspeed.gradient_accumulation_steps={res.deepspeed.gradient_accumulation_steps})"
+                        ) from None
+                if stage == "rl" and world_size > 1 and self.rl.rollout_engine == "vllm":
                     raise ValueError(
-                        f"{stage}.{err} (resources.{stage}: {res.num_nodes} nodes x {max(res.gpu_count, 1)} GPUs, "
-                        f"deepspeed.gradient_accumulation_steps={res.deepspeed.gradient_accumulation_steps})"
-                    ) from None
+                        f"rl.rollout_engine=vllm runs in one process, not on the {world_size} torchrun ranks of "
+                        "resources.rl: set rl.rollout_engine=generate (or auto, which picks generate there)"
+                    )
         return self
 
     @model_validator(mode="after")

@@ -8,7 +8,7 @@ selector, tolerations, image pull secrets, service account and ``/dev/shm`` thro
 ``podTemplateOverrides`` is never written). Environment of every worker:
 
     NEMOFORGE_RECIPE_JSON       the resolved recipe
-    NEMOFORGE_INPUTS_JSON       upstream references {"parent"|"model"|"corpus": {"uri", "digest", ...}}
+    NEMOFORGE_INPUTS_JSON       upstream references {"parent"|"model"|"corpus"|"data": {"uri", "digest", ...}}
     NEMOFORGE_DEEPSPEED_CONFIG  the DeepSpeed config (JSON text) for the training layer
 """
 
@@ -32,7 +32,7 @@ NODE = "node"
 """Replicated job and container name of the trainer in the torch and DeepSpeed runtimes."""
 WORKER_COMMAND = ["torchrun", "--module", "nemoforge.cluster.worker"]
 TRAINING_STAGES = DATA_PARALLEL_STAGES
-"""The stages a TrainJob runs: those that train on several GPUs and nodes (distill, cpt, sft)."""
+"""The stages a TrainJob runs: those that train on several GPUs and nodes (distill, cpt, sft, rl)."""
 
 
 def trainjob_name(run_name: str, stage: str) -> str:
@@ -80,9 +80,10 @@ def build_trainjob(
 
     Args:
         recipe: the resolved recipe (``resources.<stage>`` sizes the pods, ``resources.trainer`` names the runtime).
-        stage: ``distill``, ``cpt`` or ``sft``.
+        stage: ``distill``, ``cpt``, ``sft`` or ``rl``.
         run_name: the pipeline run (MLflow parent run, artifact prefix).
-        inputs: upstream references by argument name (``parent``, ``model``, ``corpus``; sft: ``model``).
+        inputs: upstream references by argument name (``parent``, ``model``, ``corpus``; sft: ``model``; rl:
+            ``model`` and ``data``, sft's model and data split).
         image: the stage's image reference (the same image as the launcher task).
         namespace: where the job is created (the launcher pod's namespace).
         owner: ``{"name", "uid"}`` of the launcher Pod: the job is garbage-collected with it.

@@ -23,14 +23,10 @@ import sys
 
 from nemoforge.cluster.trainjob import TRAINING_STAGES
 
-WORKER_STAGES = (*TRAINING_STAGES, "rl")
-"""The stages a worker runs: the TrainJob stages, and rl (data-parallel under torchrun; the recipes do not launch it
-as a TrainJob yet)."""
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nemoforge.cluster.worker")
-    parser.add_argument("--stage", required=True, choices=WORKER_STAGES)
+    parser.add_argument("--stage", required=True, choices=TRAINING_STAGES)
     parser.add_argument("--run-name", required=True, help="the pipeline run (MLflow parent run, artifact prefix)")
     args = parser.parse_args(argv)
 
