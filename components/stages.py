@@ -136,6 +136,16 @@ def sft_trainjob(
     launch_task("sft", recipe_json, run_name, image, {"model": input_model}, {"model": model, "data": data})
 
 
+def rl_trainjob(
+    recipe_json: str, run_name: str, image: str, input_model: Input[Model], sft_data: Input[Dataset], model: Output[Model]
+):
+    """rl on several GPUs/nodes: a Kubeflow Trainer TrainJob (torchrun) that this task creates and waits for; reads
+    sft's model and data split like the rl task."""
+    from nemoforge_components.adapter import launch_task
+
+    launch_task("rl", recipe_json, run_name, image, {"model": input_model, "data": sft_data}, {"model": model})
+
+
 def finalize(recipe_json: str, run_name: str, status: dsl.PipelineTaskFinalStatus):
     """Exit handler: close the MLflow parent run as FINISHED or FAILED."""
     from nemoforge.config import Recipe
@@ -158,6 +168,7 @@ COMPONENT_FUNCS: dict[str, Callable] = {
     "distill_trainjob": distill_trainjob,
     "cpt_trainjob": cpt_trainjob,
     "sft_trainjob": sft_trainjob,
+    "rl_trainjob": rl_trainjob,
     "finalize": finalize,
 }
 

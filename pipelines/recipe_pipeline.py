@@ -146,8 +146,16 @@ def _stage_tasks(ops: dict[str, Callable], recipe: Recipe, recipe_json: str, run
             )
         model, sft_data = task.outputs["model"], {"sft_data": task.outputs["data"]}
     if "rl" in stages:
-        task = ops["rl"](recipe_json=recipe_json, run_name=run_name, input_model=model, **sft_data)
-        model = _apply_resources(task, cluster.rl, cluster).outputs["model"]
+        if cluster.rl.runs_as_trainjob:
+            image = _image(cluster.rl, cluster)
+            task = ops["rl_trainjob"](recipe_json=recipe_json, run_name=run_name, image=image, input_model=model,
+                                      **sft_data)
+            _apply_launcher(task, cluster.rl, cluster).set_display_name("rl")
+        else:
+            task = _apply_resources(
+                ops["rl"](recipe_json=recipe_json, run_name=run_name, input_model=model, **sft_data), cluster.rl, cluster
+            )
+        model = task.outputs["model"]
     if "eval" in stages:
         task = ops["eval"](
             recipe_json=recipe_json, run_name=run_name, input_model=model, parent_model=parent_model, corpus=corpus,

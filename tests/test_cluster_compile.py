@@ -14,7 +14,7 @@ from nemoforge_pipelines import compile_recipe
 COMPILED = Path(__file__).resolve().parents[1] / "pipelines" / "compiled"
 REFRESH = "bash pipelines/compiled/refresh.sh"
 LIGHT = {"check-inputs": ("1", "4Gi"), "parent": ("1", "4Gi"), "finalize": ("1", "4Gi"), "distill-trainjob": ("1", "2Gi"),
-         "cpt-trainjob": ("1", "2Gi"), "sft-trainjob": ("1", "2Gi")}
+         "cpt-trainjob": ("1", "2Gi"), "sft-trainjob": ("1", "2Gi"), "rl-trainjob": ("1", "2Gi")}
 
 
 def _normalized(text: str) -> str:
@@ -49,8 +49,10 @@ def expected_resources(recipe: Recipe, task: str) -> StageResources:
     if task in LIGHT:
         cpu, memory = LIGHT[task]
         stage = task.removesuffix("-trainjob")
-        retries = getattr(res, stage) if task.endswith("-trainjob") else StageResources()
-        return StageResources(cpu=cpu, memory=memory, retries=retries.retries, retry_backoff_s=retries.retry_backoff_s)
+        stage_res = getattr(res, stage) if task.endswith("-trainjob") else StageResources()
+        # a launcher runs in its stage's image (rl's: vLLM beside the policy), small, retried as its stage
+        return StageResources(cpu=cpu, memory=memory, image_set=stage_res.image_set, retries=stage_res.retries,
+                              retry_backoff_s=stage_res.retry_backoff_s)
     return getattr(res, task)
 
 
@@ -100,7 +102,13 @@ def test_cluster_recipes_launch_training_as_trainjobs_and_pin_images():
     pinned = {s["image"] for s in load_images()["sets"].values()}
     for name in ("llama-3.1-8b", "llama-3.3-70b-super"):
         ir = next(yaml.safe_load_all((COMPILED / f"{name}.yaml").read_text()))
-        assert {"distill-trainjob", "cpt-trainjob", "sft-trainjob", "nas", "rl", "eval"} <= set(tasks_of(ir)), name
+        tasks = tasks_of(ir)
+        assert {"distill-trainjob", "cpt-trainjob", "sft-trainjob", "rl-trainjob", "nas", "eval"} <= set(tasks), name
+        # rl's launcher reads sft's model and data split, as the rl task does
+        rl_inputs = tasks["rl-trainjob"]["inputs"]["artifacts"]
+        assert {k: v["taskOutputArtifact"] for k, v in rl_inputs.items()} == {
+            "input_model": {"outputArtifactKey": "model", "producerTask": "sft-trainjob"},
+            "sft_data": {"outputArtifactKey": "data", "producerTask": "sft-trainjob"}}, name
         images = {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values()}
         assert images <= pinned, images - pinned
         recipe = load_recipe(name)
