@@ -218,29 +218,33 @@ def test_refused_job_is_a_one_line_error(kube, job):
     assert fake.mismatches == []
 
 
-def test_launch_stage_end_to_end_reads_the_workers_result(kube, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(("stage", "inputs"), [
+    ("cpt", {"model": {"uri": "m", "digest": "d1"}, "corpus": {"uri": "c", "digest": "d2"}}),
+    ("rl", {"model": {"uri": "m", "digest": "d1"}, "data": {"uri": "s", "digest": "d3"}}),  # sft's model and data
+])
+def test_launch_stage_end_to_end_reads_the_workers_result(kube, tmp_path, monkeypatch, capsys, stage, inputs):
     """The launcher task's body: env config, the job from the recipe, then the model ref from the index."""
     fake, api = kube
     recipe = load_recipe("llama-3.1-8b", [f"storage.artifact_root={tmp_path / 'store'}", "resources.trainer.poll_s=0.01"])
-    inputs = {"model": {"uri": "m", "digest": "d1"}, "corpus": {"uri": "c", "digest": "d2"}}
-    expected = build_trainjob(recipe, "cpt", "run-7", inputs, image="img:2", namespace=NS,
+    expected = build_trainjob(recipe, stage, "run-7", inputs, image="img:2", namespace=NS,
                               owner={"name": "launch-pod", "uid": "uid-7"})
+    assert expected["spec"]["trainer"]["args"][:2] == ["--stage", stage]
     name = expected["metadata"]["name"]
     fake.script = [
         ("POST", COLLECTION, expected, 201, expected),
         ("GET", f"{COLLECTION}/{name}", None, 200, with_status(expected, COMPLETE)),
     ]
     # what the workers leave behind (nemoforge.runner.execute.execute_stage on rank 0)
-    result = StageResult(outputs={"model": "s3://b/run-7/cpt/model"}, digests={"model": "e" * 64},
+    result = StageResult(outputs={"model": f"s3://b/run-7/{stage}/model"}, digests={"model": "e" * 64},
                          tags={"params": "6.0e9", "device": "cuda"})
-    StepIndex(store_for(recipe), "cpt", stage_key(recipe, "cpt", inputs)).write(
-        state="done", output_uri="s3://b/run-7/cpt", result=result_to_json(result))
+    StepIndex(store_for(recipe), stage, stage_key(recipe, stage, inputs)).write(
+        state="done", output_uri=f"s3://b/run-7/{stage}", result=result_to_json(result))
     monkeypatch.setenv("NEMOFORGE_KUBE_API", api.server)
     monkeypatch.setenv("NEMOFORGE_KUBE_TOKEN", TOKEN)
     monkeypatch.setenv("NEMOFORGE_NAMESPACE", NS)
     monkeypatch.setenv("NEMOFORGE_POD_NAME", "launch-pod")
     monkeypatch.setenv("NEMOFORGE_POD_UID", "uid-7")
-    refs = launch_stage("cpt", recipe, "run-7", inputs, "img:2")
+    refs = launch_stage(stage, recipe, "run-7", inputs, "img:2")
     assert fake.mismatches == [] and fake.script == []
-    assert refs == {"model": {"uri": "s3://b/run-7/cpt/model", "digest": "e" * 64, "params": "6.0e9"}}
+    assert refs == {"model": {"uri": f"s3://b/run-7/{stage}/model", "digest": "e" * 64, "params": "6.0e9"}}
     assert TOKEN not in capsys.readouterr().out

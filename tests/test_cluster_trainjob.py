@@ -120,6 +120,39 @@ def test_sft_trainjob_spans_the_recipes_gpus(trainjob_validator, name, num_nodes
     assert ds["zero_optimization"]["stage"] == zero_stage
 
 
+@pytest.mark.parametrize(("name", "num_nodes", "zero_stage", "accumulation"),
+                         [("llama-3.1-8b", 1, 2, 8), ("llama-3.3-70b-super", 2, 3, 4)])
+def test_rl_trainjob_spans_the_recipes_gpus(trainjob_validator, name, num_nodes, zero_stage, accumulation):
+    """GRPO across GPUs (issue 13 §3): the worker runs ``--stage rl`` on every GPU with sft's model and data split."""
+    recipe = load_recipe(name)
+    inputs = {"model": INPUTS["model"], "data": {"uri": "s3://b/run/sft/data", "digest": "s" * 64}}
+    job = build_trainjob(recipe, "rl", "r1", inputs, image="ghcr.io/nemoforge/rl:0.1.0", namespace="ns")
+    check_trainjob(job, trainjob_validator)
+    assert job["metadata"]["labels"]["nemoforge.io/stage"] == "rl"
+    trainer = job["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (num_nodes, 8)
+    assert trainer["resourcesPerNode"] == {
+        "requests": {"cpu": "160", "memory": "1800Gi", "nvidia.com/gpu": "8"},
+        "limits": {"cpu": "160", "memory": "1800Gi", "nvidia.com/gpu": "8"},
+    }
+    assert trainer["image"] == "ghcr.io/nemoforge/rl:0.1.0"
+    assert trainer["command"] == ["torchrun", "--module", "nemoforge.cluster.worker"]
+    assert trainer["args"] == ["--stage", "rl", "--run-name", "r1"]
+    env = {e["name"]: e["value"] for e in trainer["env"]}
+    assert json.loads(env["NEMOFORGE_INPUTS_JSON"]) == inputs
+    assert json.loads(env["NEMOFORGE_RECIPE_JSON"])["rl"]["rollout_engine"] == "generate"  # vLLM: one process only
+    ds = json.loads(env["NEMOFORGE_DEEPSPEED_CONFIG"])
+    # 64 prompts (x 16 responses) per GRPO step: one prompt group per rank per micro-batch
+    assert (ds["train_batch_size"], ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"]) == (
+        64, accumulation, 1)
+    assert ds["zero_optimization"]["stage"] == zero_stage
+    assert ds == deepspeed_config(recipe.rl, recipe.resources.rl)
+    (patch,) = job["spec"]["runtimePatches"]
+    pod = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"} and pod["serviceAccountName"] == "nemoforge"
+    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}}]
+
+
 def test_the_schema_check_is_strict(trainjob_validator):
     recipe = load_recipe("llama-3.1-8b")
     job = build_trainjob(recipe, "cpt", "r1", {}, image="img:1", namespace="ns")
@@ -146,6 +179,8 @@ def test_batch_that_does_not_split_names_the_fix():
 def test_nas_never_runs_as_trainjob():
     with pytest.raises(RecipeError, match="nas runs in one pod"):
         load_recipe("llama-3.1-8b", ["resources.nas.num_nodes=2"])
+    with pytest.raises(RecipeError, match="only distill, cpt, sft, rl run as TrainJobs, not nas"):
+        build_trainjob(load_recipe("llama-3.1-8b"), "nas", "r1", {}, image="img:1", namespace="ns")
     with pytest.raises(RecipeError, match="set resources.image_set=train"):
         load_recipe("smollm2-135m-demo", ["resources.distill.num_nodes=2"])
 

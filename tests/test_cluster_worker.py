@@ -78,3 +78,13 @@ def test_two_rank_worker_trains_once_and_only_rank_0_records(tiny_llama_dir: Pat
     assert not (tmp_path / "store" / "run-2").exists()
     runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'cpt'")
     assert sorted(r.data.tags.get("nemoforge.reused", "false") for r in runs) == ["false", "true"]
+
+
+def test_worker_runs_every_trainjob_stage_and_no_other():
+    from nemoforge.cluster.trainjob import TRAINING_STAGES
+    from nemoforge.cluster.worker import main
+
+    assert TRAINING_STAGES == ("distill", "cpt", "sft", "rl")  # rl: GRPO (+ DPO) across GPUs, issue 13 §3
+    with pytest.raises(SystemExit) as err:
+        main(["--stage", "nas", "--run-name", "r1"])
+    assert err.value.code == 2  # argparse: not a choice
