@@ -105,13 +105,13 @@ def worker(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory(prefix="nemoforge-scaling-") as tmp:
         state = train(child, loss_fn, batches, cfg, seed=0, checkpoint_dir=Path(tmp), desc=f"scaling N={num_ranks}")
-    timed = [v for step, v in state.history["tokens_per_s"] if step > args.warmup]
+    timed_tokens_per_s = timed(state.history, "tokens_per_s", args.warmup)
     if ctx is None or ctx.is_main:
         record = {
             "nproc": num_ranks,
             "engine": (distributed.engine_kind() if ctx else "single-process"),
-            "tokens_per_s": statistics.median(timed),
-            "tokens_per_s_all_steps": timed,
+            "tokens_per_s": statistics.median(timed_tokens_per_s),
+            "tokens_per_s_all_steps": timed_tokens_per_s,
             "global_batch_rows": global_batch,
             "child_params": sum(p.numel() for p in child.parameters()),
             "loss_first": state.history["loss"][0][1],
@@ -122,20 +122,67 @@ def worker(args: argparse.Namespace) -> None:
     distributed.shutdown()
 
 
-def driver(args: argparse.Namespace) -> None:
-    """Run the workers for each N and write the report with tokens/s and weak-scaling efficiency."""
-    out_path = RESULTS / ("scaling-smoke.json" if args.smoke else "scaling.json")
-    env = os.environ | NO_MULTICAST | {"NEMOFORGE_NO_PROGRESS": "1"}
-    if args.engine:
-        env["NEMOFORGE_DISTRIBUTED_ENGINE"] = args.engine
-    if args.smoke:
-        env.setdefault("OMP_NUM_THREADS", "1")
-    report: dict = {
-        "command": shlex.join([sys.executable, *sys.argv]),
+def environment(command: list[str]) -> dict:
+    """The report's header: command, start time, host, device and versions (torch, transformers, deepspeed)."""
+    import transformers
+
+    try:
+        import deepspeed
+
+        deepspeed_version = deepspeed.__version__
+    except ImportError:
+        deepspeed_version = None
+    return {
+        "command": shlex.join(command),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.node(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "deepspeed": deepspeed_version,
+    }
+
+
+def worker_env(*, smoke: bool, engine: str | None = None) -> dict[str, str]:
+    """The workers' environment: NVLink multicast off, no progress bars, the engine forced when asked; on the
+    smoke's shared CPU one OpenMP thread per rank."""
+    env = os.environ | NO_MULTICAST | {"NEMOFORGE_NO_PROGRESS": "1"}
+    if engine:
+        env["NEMOFORGE_DISTRIBUTED_ENGINE"] = engine
+    if smoke:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_under_torchrun(script: str, nproc: int, worker_argv: list[str], env: dict[str, str], tmp: Path) -> dict:
+    """``python -m torch.distributed.run --standalone --nproc_per_node nproc script --worker --out R *worker_argv``;
+    ``{"nproc", "wall_s"}`` with rank 0's measurement (the JSON it wrote to ``R``), or with ``error`` (the
+    output's tail) when the job failed."""
+    result_path = tmp / f"n{nproc}.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        script, "--worker", "--out", str(result_path), *worker_argv,
+    ]  # fmt: skip
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    run = {"nproc": nproc, "wall_s": round(time.perf_counter() - started, 1)}
+    if proc.returncode != 0:
+        run["error"] = (proc.stderr or proc.stdout)[-8000:]
+        print(f"N={nproc}: failed (exit {proc.returncode})", file=sys.stderr)
+        return run
+    return run | json.loads(result_path.read_text())
+
+
+def timed(history: dict[str, list[tuple[int, float]]], name: str, warmup: int) -> list[float]:
+    """The values of metric ``name`` logged after the first ``warmup`` updates (the timed ones)."""
+    return [value for step, value in history[name] if step > warmup]
+
+
+def driver(args: argparse.Namespace) -> None:
+    """Run the workers for each N and write the report with tokens/s and weak-scaling efficiency."""
+    out_path = RESULTS / ("scaling-smoke.json" if args.smoke else "scaling.json")
+    env = worker_env(smoke=args.smoke, engine=args.engine)
+    report: dict = environment([sys.executable, *sys.argv]) | {
         "shape": SMOKE if args.smoke else FULL,
         "seq_tokens": args.seq,
         "micro_batch_rows_per_rank": args.micro_batch,
@@ -144,29 +191,14 @@ def driver(args: argparse.Namespace) -> None:
         "goal_efficiency": 0.85,
         "runs": [],
     }
-    try:
-        import deepspeed
-
-        report["deepspeed"] = deepspeed.__version__
-    except ImportError:
-        report["deepspeed"] = None
     with tempfile.TemporaryDirectory(prefix="nemoforge-scaling-") as tmp:
         for nproc in args.nproc:
-            result_path = Path(tmp) / f"n{nproc}.json"
-            cmd = [
-                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                __file__, "--worker", "--out", str(result_path), "--seq", str(args.seq),
-                "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                *(["--smoke"] if args.smoke else []),
+            worker_argv = [
+                "--seq", str(args.seq), "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
+                "--warmup", str(args.warmup), *(["--smoke"] if args.smoke else []),
             ]  # fmt: skip
-            started = time.perf_counter()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            run = {"nproc": nproc, "wall_s": round(time.perf_counter() - started, 1)}
-            if proc.returncode != 0:
-                run["error"] = (proc.stderr or proc.stdout)[-8000:]
-                print(f"N={nproc}: failed (exit {proc.returncode}); see {out_path}", file=sys.stderr)
-            else:
-                run |= json.loads(result_path.read_text())
+            run = run_under_torchrun(__file__, nproc, worker_argv, env, Path(tmp))
+            if "error" not in run:
                 print(f"N={nproc}: {run['tokens_per_s']:.0f} tokens/s ({run['engine']})")
             report["runs"].append(run)
             _efficiency(report)
