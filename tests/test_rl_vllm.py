@@ -28,7 +28,7 @@ def vllm_llama_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactor
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from nemoforge.stages.rl.rollout import vllm_importable
+    from nemoforge.engines import vllm_importable
 
     if not vllm_importable():
         pytest.skip("vLLM cannot be imported")
