@@ -183,3 +183,30 @@ def pytest_collection_modifyitems(session, config, items):
     flask (nemoforge.lineage, mlflow and the rl stage leave it out), so only the test session needs this order.
     """
     items.sort(key=lambda item: 0 if item.path.name == "test_rl_vllm.py" else 1)
+
+
+@pytest.fixture(scope="session")
+def vllm_llama_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random LlamaForCausalLM (hidden 64, 2 layers, 2 heads of 32 / 1 KV, FFN 256), the tiny Llama's tokenizer.
+
+    initializer_range 0.2 (not 0.02) keeps the greedy argmax clear of near-ties between the two engines.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from nemoforge.engines import vllm_importable
+
+    if not vllm_importable():
+        pytest.skip("vLLM cannot be imported")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, rope_theta=10000.0,
+        tie_word_embeddings=True, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("vllm-llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

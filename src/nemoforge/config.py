@@ -535,6 +535,12 @@ class EvalConfig(_Section):
     ifeval_max_new_tokens: int = Field(
         256, ge=8, description="Tokens generated per IFEval reply (some prompts ask for 300+ words)."
     )
+    engine: Literal["auto", "vllm", "generate"] = Field(
+        "auto",
+        description="What generates the replies: vllm (a vllm.LLM in the stage's process, tensor_parallel_size = "
+        "resources.eval.gpu_count), generate (nemoforge.models.generate, one device), or auto (vllm when importable "
+        "and a CUDA device is present, else generate).",
+    )
     gate: GateConfig = GateConfig()
 
 

@@ -31,7 +31,7 @@ import hashlib
 import json
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,15 +46,27 @@ from nemoforge.data.corpus import load_corpus
 from nemoforge.data.packing import token_digest
 from nemoforge.data.reasoning import (
     ChatSample,
+    Reasoning,
     answer_part,
     encode_chat,
+    encode_prompt,
     math_problems,
     read_chat_samples,
     toggle_compliant,
 )
 from nemoforge.data.sft_split import read_sft_split
+from nemoforge.engines import (
+    GENERATE_TAG,
+    INSTALL_HINT,
+    Engine,
+    VLLMEngine,
+    free_memory,
+    resolve_engine,
+    vllm_importable,
+)
 from nemoforge.errors import NemoforgeError
 from nemoforge.models.generate import left_pad, pad_id
+from nemoforge.planning import GPU_MEMORY_UTILIZATION
 from nemoforge.rewards import accuracy_reward
 from nemoforge.runtime import compute_device, recipe_dtype, seed_for
 from nemoforge.stages.chat import generate_chats
@@ -135,20 +147,75 @@ def eval_problems(
     return problems, chats, source, problem_set.num_unparseable
 
 
-@torch.no_grad()
-def kl_to_parent(model: torch.nn.Module, parent: torch.nn.Module, tokenizer: Any, chats: Sequence[ChatSample]) -> float:
-    """Mean per-token KL(p_parent || q_child) over the held-out reference chats (nats/token)."""
-    device = next(model.parameters()).device
+KL_BATCH = 8
+"""Reference chats per forward pass of the KL."""
+
+
+def _kl_batches(tokenizer: Any, chats: Sequence[ChatSample], device: torch.device):
     rows = [encode_chat(tokenizer, c, 512)[0] for c in chats]
-    total, count = 0.0, 0
-    for start in range(0, len(rows), 8):
-        ids_BT, mask_BT = (t.to(device) for t in left_pad(rows[start : start + 8], pad_id(tokenizer)))
+    for start in range(0, len(rows), KL_BATCH):
+        ids_BT, mask_BT = (t.to(device) for t in left_pad(rows[start : start + KL_BATCH], pad_id(tokenizer)))
         pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
-        kw = {"attention_mask": mask_BT, "position_ids": pos_BT, "use_cache": False}
-        kl_BT = kl_div_BT(parent(ids_BT, **kw).logits, model(ids_BT, **kw).logits)
+        yield ids_BT, mask_BT, {"attention_mask": mask_BT, "position_ids": pos_BT, "use_cache": False}
+
+
+@torch.no_grad()
+def save_parent_logprobs(parent: torch.nn.Module, tokenizer: Any, chats: Sequence[ChatSample], out_dir: Path) -> None:
+    """The parent's next-token log-probabilities on the reference chats, one fp32 file per batch in ``out_dir``:
+    the parent's half of :func:`kl_to_parent`, so that the child loads after the parent is gone."""
+    device = next(parent.parameters()).device
+    for i, (ids_BT, _, kw) in enumerate(_kl_batches(tokenizer, chats, device)):
+        torch.save(torch.log_softmax(parent(ids_BT, **kw).logits.float(), dim=-1).cpu(), out_dir / f"{i}.pt")
+
+
+@torch.no_grad()
+def kl_to_parent(model: torch.nn.Module, tokenizer: Any, chats: Sequence[ChatSample], parent_dir: Path) -> float:
+    """Mean per-token KL(p_parent || q_child) over the held-out reference chats (nats/token), against the parent's
+    log-probabilities saved by :func:`save_parent_logprobs`."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i, (ids_BT, mask_BT, kw) in enumerate(_kl_batches(tokenizer, chats, device)):
+        parent_logprobs_BTV = torch.load(parent_dir / f"{i}.pt").to(device)
+        kl_BT = kl_div_BT(parent_logprobs_BTV, model(ids_BT, **kw).logits)  # log_softmax of log-probs: themselves
         total += float((kl_BT * mask_BT).sum())
         count += int(mask_BT.sum())
     return total / max(count, 1)
+
+
+Reply = Callable[..., list[str]]
+"""``reply(prompts, reasoning, *, n, max_new_tokens, temperature, top_p, seed, desc)``: ``n`` reply texts per
+prompt (prompt-major) under the toggle system prompt; temperature 0 is greedy. Built by :func:`decoder_reply`
+or :func:`vllm_reply`."""
+
+
+def decoder_reply(model: torch.nn.Module, tokenizer: Any, batch_size: int) -> Reply:
+    """Replies by our KV-cached decoder (:func:`~nemoforge.stages.chat.generate_chats`); sampled calls draw from
+    a generator seeded with ``seed``, so every model measured with the same seed gets the same random numbers."""
+
+    def reply(prompts: Sequence[str], reasoning: Reasoning, *, n: int = 1, max_new_tokens: int,
+              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, desc: str | None = None) -> list[str]:
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+        return generate_chats(
+            model, tokenizer, [(p, reasoning) for p in prompts for _ in range(n)], max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, batch_size=batch_size, generator=generator, desc=desc,
+        )  # fmt: skip
+
+    return reply
+
+
+def vllm_reply(engine: VLLMEngine, tokenizer: Any) -> Reply:
+    """Replies by a vLLM engine: the same prompt ids and decoding of the new ids as :func:`decoder_reply`, greedy
+    at temperature 0; sampled calls pass ``seed`` to vLLM (its own RNG: not the decoder's random numbers)."""
+
+    def reply(prompts: Sequence[str], reasoning: Reasoning, *, n: int = 1, max_new_tokens: int,
+              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, desc: str | None = None) -> list[str]:
+        new_ids = engine.generate(
+            [encode_prompt(tokenizer, p, reasoning) for p in prompts], n=n, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p if temperature else 1.0, seed=seed if temperature else None,
+        )  # fmt: skip
+        return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
+
+    return reply
 
 
 def _graded(correct: float | None) -> float:
@@ -159,28 +226,25 @@ def _graded(correct: float | None) -> float:
 
 
 def evaluate_model(
-    model: torch.nn.Module, tokenizer: Any, problems: Sequence[tuple[str, str]], cfg: EvalConfig, *, seed: int
+    reply: Reply, problems: Sequence[tuple[str, str]], cfg: EvalConfig, *, seed: int
 ) -> tuple[dict[str, Tally], list[dict[str, Any]]]:
     """Math pass@1 on (sampled, k) and off (greedy) and toggle compliance of one model, per problem.
 
-    The on-mode samples are drawn from a generator seeded with ``seed``: every model evaluated with the same seed
-    (child, parent, champion) gets the same random numbers.
+    The on-mode samples are drawn with ``seed`` (:data:`Reply`): every model evaluated with the same seed (child,
+    parent, champion) gets the same random numbers.
 
     Returns:
         ``({"math_pass1_on", "math_pass1_off", "toggle_on", "toggle_off"}: Tally per problem, samples)``: on-mode
         tallies count ``k`` samples per problem, off-mode ones 1.
     """
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     k = cfg.num_samples
-    on_chats = [(q, "on") for q, _ in problems for _ in range(k)]
-    on_replies = generate_chats(
-        model, tokenizer, on_chats, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        top_p=cfg.top_p, batch_size=cfg.batch_size, generator=generator, desc="eval: math, reasoning on",
-    )
-    off_replies = generate_chats(
-        model, tokenizer, [(q, "off") for q, _ in problems], max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size, desc="eval: math, reasoning off",
-    )
+    questions = [q for q, _ in problems]
+    on_replies = reply(
+        questions, "on", n=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+        seed=seed, desc="eval: math, reasoning on",
+    )  # fmt: skip
+    off_replies = reply(questions, "off", max_new_tokens=cfg.max_new_tokens, desc="eval: math, reasoning off")
+    on_chats = [(q, "on") for q in questions for _ in range(k)]
     answers = [a for _, a in problems]
     on_correct = accuracy_reward(on_replies, answer=[a for a in answers for _ in range(k)])
     off_correct = accuracy_reward(off_replies, answer=answers)
@@ -226,11 +290,11 @@ def ifeval_prompts(recipe: Recipe, store: ArtifactStore) -> tuple[list[IFEvalPro
 
 
 def evaluate_ifeval(
-    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[IFEvalPrompt], cfg: EvalConfig, *, seed: int
+    reply: Reply, prompts: Sequence[IFEvalPrompt], cfg: EvalConfig, *, seed: int
 ) -> tuple[dict[str, Tally], list[dict[str, Any]]]:
     """IFEval strict accuracy of one model: a reply per prompt in ``cfg.ifeval_reasoning`` mode, then the checks.
 
-    Off: greedy. On: sampled at ``cfg.temperature`` / ``cfg.top_p`` from a generator seeded with ``seed``, and the
+    Off: greedy. On: sampled at ``cfg.temperature`` / ``cfg.top_p`` with ``seed`` (:data:`Reply`), and the
     answer part is checked (a reply cut off inside its think block has none and follows nothing).
 
     Returns:
@@ -239,12 +303,11 @@ def evaluate_ifeval(
         prompt with the response, the instruction ids and whether each was followed.
     """
     sampled = cfg.ifeval_reasoning == "on"
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    replies = generate_chats(
-        model, tokenizer, [(p.prompt, cfg.ifeval_reasoning) for p in prompts],
-        max_new_tokens=cfg.ifeval_max_new_tokens, temperature=cfg.temperature if sampled else 0.0,
-        top_p=cfg.top_p if sampled else 1.0, batch_size=cfg.batch_size, generator=generator, desc="eval: IFEval",
-    )
+    replies = reply(
+        [p.prompt for p in prompts], cfg.ifeval_reasoning, max_new_tokens=cfg.ifeval_max_new_tokens,
+        temperature=cfg.temperature if sampled else 0.0, top_p=cfg.top_p if sampled else 1.0, seed=seed,
+        desc="eval: IFEval",
+    )  # fmt: skip
     answers = [(answer_part(r) or "") if sampled else r for r in replies]
     followed = [follow_strict(p, a) for p, a in zip(prompts, answers, strict=True)]
     samples = [
@@ -270,32 +333,139 @@ def heldout_rows(corpus_uri: str, cfg: EvalConfig, store: ArtifactStore) -> tupl
     return corpus.heldout_ids_NT[: cfg.lm_num_sequences], corpus.source_uri
 
 
-def measure(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    problems: Sequence[tuple[str, str]],
-    if_prompts: Sequence[IFEvalPrompt],
-    heldout_NT: torch.Tensor | None,
-    recipe: Recipe,
-) -> Measurement:
-    """Everything but speed and KL for one model: math, toggle, IFEval (when prompts), held-out LM quality.
+@dataclass(frozen=True)
+class EvalSetup:
+    """What every model's evaluation shares: the data, the tokenizer and where generation runs.
 
-    ``recipe.eval`` sets it; sampling draws from the streams ``eval.math`` and ``eval.ifeval``, the same for every
-    model measured.
+    Attributes:
+        engine: ``vllm`` or ``generate`` (:func:`eval_engine`).
+        tensor_parallel_size: GPUs a vLLM engine shards the model over (1 on the CPU).
+        max_model_len: longest prompt + reply (tokens) a vLLM engine reserves for.
     """
-    cfg = recipe.eval
-    rates, samples = evaluate_model(model, tokenizer, problems, cfg, seed=seed_for(recipe, "eval.math"))
-    if if_prompts:
-        if_seed = seed_for(recipe, "eval.ifeval")
-        if_rates, if_samples = evaluate_ifeval(model, tokenizer, if_prompts, cfg, seed=if_seed)
-        rates |= if_rates
-        samples += if_samples
+
+    recipe: Recipe
+    tokenizer: Any
+    problems: Sequence[tuple[str, str]]
+    if_prompts: Sequence[IFEvalPrompt]
+    heldout_NT: torch.Tensor | None
+    engine: Engine
+    tensor_parallel_size: int
+    max_model_len: int
+    device: torch.device
+
+
+def eval_engine(recipe: Recipe) -> tuple[Engine, int]:
+    """``eval.engine`` resolved (``auto``: vLLM when importable and a CUDA device is present) and the tensor-parallel
+    size of a vLLM engine (``resources.eval.gpu_count`` on CUDA, 1 on the CPU).
+
+    Raises:
+        NemoforgeError: ``resources.eval.gpu_count`` > 1 but generation would run on our one-device decoder, which
+            cannot use the other GPUs (one line naming the fix); ``eval.engine=vllm`` and vLLM cannot be imported.
+    """
+    gpus = recipe.resources.eval.gpu_count
+    if gpus > 1:
+        why = (
+            "eval.engine=generate" if recipe.eval.engine == "generate"
+            else "vLLM cannot be imported" if not vllm_importable()
+            else "no CUDA device is visible" if not torch.cuda.is_available() else None
+        )  # fmt: skip
+        if why:
+            raise NemoforgeError(
+                f"resources.eval.gpu_count={gpus} but eval would generate with nemoforge's one-device decoder ({why}): "
+                f"{INSTALL_HINT} with eval.engine auto or vllm, or set resources.eval.gpu_count=1"
+            )
+    engine = resolve_engine(recipe.eval.engine, field="eval.engine", auto_needs_cuda=True)
+    return engine, max(gpus, 1) if torch.cuda.is_available() else 1
+
+
+def measure(
+    model_dir: str | Path, setup: EvalSetup, after: Callable[[torch.nn.Module], None] | None = None
+) -> Measurement:
+    """Everything but speed and KL for the model at ``model_dir``: math, toggle, IFEval (when prompts), held-out LM
+    quality; ``after(model)`` then runs on the loaded model (KL, timing) before it is freed.
+
+    The model's whole evaluation runs before this returns, and it leaves nothing of the model in memory: a vLLM
+    engine is shut down before the torch model loads (held-out scores, ``after``), and that is deleted with the
+    CUDA cache emptied. ``recipe.eval`` sets it; sampling draws from the streams ``eval.math`` and ``eval.ifeval``,
+    the same for every model measured.
+    """
+    from nemoforge.models import convert
+
+    recipe, cfg, tokenizer = setup.recipe, setup.recipe.eval, setup.tokenizer
+    model = None
+
+    def load() -> torch.nn.Module:
+        return convert.load_causal_lm(model_dir, dtype=recipe_dtype(recipe)).to(setup.device).eval()
+
+    def replies(reply: Reply) -> tuple[dict[str, Tally], list[dict[str, Any]]]:
+        rates, samples = evaluate_model(reply, setup.problems, cfg, seed=seed_for(recipe, "eval.math"))
+        if setup.if_prompts:
+            if_rates, if_samples = evaluate_ifeval(reply, setup.if_prompts, cfg, seed=seed_for(recipe, "eval.ifeval"))
+            rates |= if_rates
+            samples += if_samples
+        return rates, samples
+
+    if setup.engine == "vllm":
+        with VLLMEngine(
+            model_dir, eos_token_id=tokenizer.eos_token_id, dtype=recipe.dtype, max_model_len=setup.max_model_len,
+            seed=seed_for(recipe, "eval.vllm"), tensor_parallel_size=setup.tensor_parallel_size,
+        ) as engine:  # fmt: skip
+            rates, samples = replies(vllm_reply(engine, tokenizer))
+    else:
+        model = load()
+        rates, samples = replies(decoder_reply(model, tokenizer, cfg.batch_size))
     lm_loss = None
-    if heldout_NT is not None:
-        scores = next_token_scores(model, heldout_NT, batch_size=cfg.batch_size)
-        rates["lm_top1"] = Tally(scores.correct_N, scores.tokens_N)
-        lm_loss = Tally(scores.ce_sum_N, scores.tokens_N)
+    if setup.heldout_NT is not None or after is not None:
+        model = model or load()
+        if setup.heldout_NT is not None:
+            scores = next_token_scores(model, setup.heldout_NT, batch_size=cfg.batch_size)
+            rates["lm_top1"] = Tally(scores.correct_N, scores.tokens_N)
+            lm_loss = Tally(scores.ce_sum_N, scores.tokens_N)
+        if after is not None:
+            after(model)
+    del model
+    free_memory()
     return Measurement(rates, lm_loss, samples)
+
+
+def both_fit(model_dir: str | Path, parent_dir: str | Path, device: torch.device) -> bool:
+    """Whether child and parent fit on ``device`` at once, for the round-robin speed phase: always on the CPU;
+    on CUDA when their safetensors take at most :data:`~nemoforge.planning.GPU_MEMORY_UTILIZATION` of the GPU."""
+    if device.type != "cuda":
+        return True
+    weights = sum(f.stat().st_size for d in (model_dir, parent_dir) for f in Path(d).glob("*.safetensors"))
+    return weights <= GPU_MEMORY_UTILIZATION * torch.cuda.get_device_properties(device).total_memory
+
+
+def time_decode(
+    model_dir: str | Path, parent_dir: str | Path, setup: EvalSetup, *, fit: bool,
+    timed: dict[str, DecodeTiming],
+) -> dict[str, DecodeTiming]:
+    """Decode speed of child and parent (:mod:`~nemoforge.stages.eval.speed`).
+
+    Round-robin timing needs both models resident at once, so when they ``fit`` (the small recipes) both are
+    loaded for this phase only, after the quality phases; otherwise each was timed alone in its own phase
+    (``timed``, filled by :func:`measure`'s ``after``), and that is returned as is.
+    """
+    if not fit:
+        return timed
+    from nemoforge.models import convert
+
+    dtype = recipe_dtype(setup.recipe)
+    models = {label: convert.load_causal_lm(d, dtype=dtype).to(setup.device).eval()
+              for label, d in (("child", model_dir), ("parent", parent_dir))}  # fmt: skip
+    cfg = setup.recipe.eval
+    timing = time_decode_round_robin(models, setup.tokenizer, num_tokens=cfg.decode_tokens, repeats=cfg.decode_repeats)
+    del models
+    free_memory()
+    return timing
+
+
+def max_model_len(tokenizer: Any, problems: Sequence[tuple[str, str]], if_prompts: Sequence[IFEvalPrompt], cfg: EvalConfig) -> int:
+    """Longest prompt (either toggle mode) plus the longer of the two reply budgets, in tokens."""
+    prompts = [q for q, _ in problems] + [p.prompt for p in if_prompts]
+    longest = max(len(encode_prompt(tokenizer, p, r)) for p in prompts for r in ("on", "off"))
+    return longest + max(cfg.max_new_tokens, cfg.ifeval_max_new_tokens)
 
 
 def compare(child: Measurement, parent: Measurement, timing: dict[str, DecodeTiming], seed: int) -> dict[str, float]:
@@ -390,6 +560,17 @@ def eval_settings_digest(recipe: Recipe, problems_digest: str, heldout_digest: s
 
 
 
+def load_tokenizer(model_dir: str | Path) -> Any:
+    """The tokenizer at ``model_dir``; a nemotron-nas export's config read by our class (``AutoTokenizer`` would
+    otherwise ask interactively whether to run the export's Python files)."""
+    from transformers import AutoTokenizer
+
+    from nemoforge.models.hf.configuration_decilm import DeciLMConfig
+
+    is_nas = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") == "nemotron-nas"
+    return AutoTokenizer.from_pretrained(model_dir, config=DeciLMConfig.from_pretrained(model_dir) if is_nas else None)
+
+
 def run(
     recipe: Recipe,
     *,
@@ -433,30 +614,47 @@ def run(
         NemoforgeError: ``data.ifeval_uri`` is not IFEval JSONL or leaves no checkable prompt; the corpus
             does not match its digest; no math problems (:func:`eval_problems`).
     """
-    from transformers import AutoTokenizer
-
-    from nemoforge.models.convert import load_causal_lm
-
     cfg = recipe.eval
+    engine, tensor_parallel_size = eval_engine(recipe)  # before anything loads: refuses GPUs it cannot use
     device = compute_device()
-    dtype = recipe_dtype(recipe)
     model_dir, parent_dir = store.fetch(model_uri), store.fetch(parent_uri)
-    model = load_causal_lm(model_dir, dtype=dtype).to(device).eval()
-    parent = load_causal_lm(parent_dir, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, config=model.config)
+    tokenizer = load_tokenizer(model_dir)
     problems, chats, source, num_unparseable = eval_problems(recipe, store, data_uri)
     if_prompts, if_unchecked = ifeval_prompts(recipe, store)
     heldout_NT, heldout_source = heldout_rows(corpus_uri, cfg, store) if corpus_uri else (None, None)
+    setup = EvalSetup(
+        recipe, tokenizer, problems, if_prompts, heldout_NT, engine, tensor_parallel_size,
+        max_model_len(tokenizer, problems, if_prompts, cfg), device,
+    )  # fmt: skip
 
-    child = measure(model, tokenizer, problems, if_prompts, heldout_NT, recipe)
-    parent_measured = measure(parent, tokenizer, problems, if_prompts, heldout_NT, recipe)
-    kl = kl_to_parent(model, parent, tokenizer, chats)
-    timing = time_decode_round_robin(
-        {"child": model, "parent": parent}, tokenizer, num_tokens=cfg.decode_tokens, repeats=cfg.decode_repeats
-    )
-    del parent
+    # One model in memory at a time: the parent first (its log-probs on the reference chats saved for the KL),
+    # then the child. Speed is timed round-robin with both loaded afterwards when both fit, else alone per phase.
+    fit = both_fit(model_dir, parent_dir, device)
+    timed: dict[str, DecodeTiming] = {}
+    kl: dict[str, float] = {}
+
+    def after(label: str, then: Callable[[torch.nn.Module], None]) -> Callable[[torch.nn.Module], None]:
+        def run_after(m: torch.nn.Module) -> None:
+            then(m)
+            if not fit:
+                timed.update(time_decode_round_robin(
+                    {label: m}, tokenizer, num_tokens=cfg.decode_tokens, repeats=cfg.decode_repeats
+                ))  # fmt: skip
+
+        return run_after
+
+    with tempfile.TemporaryDirectory(prefix="nemoforge-eval-kl-") as kl_tmp:
+        parent_logprobs = Path(kl_tmp)
+        parent_measured = measure(
+            parent_dir, setup, after("parent", lambda m: save_parent_logprobs(m, tokenizer, chats, parent_logprobs))
+        )
+        child = measure(
+            model_dir, setup,
+            after("child", lambda m: kl.update(child=kl_to_parent(m, tokenizer, chats, parent_logprobs))),
+        )  # fmt: skip
+    timing = time_decode(model_dir, parent_dir, setup, fit=fit, timed=timed)
     figures = compare(child, parent_measured, timing, seed_for(recipe, "eval.bootstrap"))
-    figures |= {"kl_to_parent": kl, "parent_kl_to_parent": 0.0}
+    figures |= {"kl_to_parent": kl["child"], "parent_kl_to_parent": 0.0}
 
     problems_digest = hashlib.sha256(json.dumps(problems).encode()).hexdigest()
     heldout_digest = token_digest(heldout_NT) if heldout_NT is not None else None
@@ -465,8 +663,7 @@ def run(
     settings = eval_settings_digest(recipe, problems_digest, heldout_digest, if_digest)
 
     def measure_champion(uri: str) -> dict[str, float]:
-        champ = load_causal_lm(store.fetch(uri), dtype=dtype).to(device).eval()
-        return measure(champ, tokenizer, problems, if_prompts, heldout_NT, recipe).point()
+        return measure(store.fetch(uri), setup).point()
 
     baseline = champion_baseline(champion, settings, store, measure_champion)
     outcome = promotion_gate(figures, cfg.gate, baseline)
@@ -499,6 +696,9 @@ def run(
     datasets = [DatasetRef("eval-math", source, problems_digest, len(problems), "validation")]
     tags = {
         "device": str(device),
+        "eval_engine": GENERATE_TAG if engine == "generate" else "vllm",
+        "eval_tensor_parallel_size": str(tensor_parallel_size if engine == "vllm" else 1),
+        "decode_timing": "round_robin" if fit else "sequential",
         "gate": "passed" if outcome.passed else "failed",
         "gate_checks": "; ".join(outcome.checks),
         "gate_failed": "; ".join(outcome.failed) or "none",

@@ -64,6 +64,7 @@ from nemoforge.data.reasoning import (
     read_preference_pairs,
 )
 from nemoforge.data.sft_split import SFTSplit, generated_name, read_sft_split
+from nemoforge.engines import GENERATE_TAG, resolve_engine
 from nemoforge.errors import NemoforgeError
 from nemoforge.models.generate import generate_ids, pad_id
 from nemoforge.rewards import combined_rewards
@@ -71,7 +72,7 @@ from nemoforge.runtime import compute_device, recipe_dtype, seed_for
 from nemoforge.stages.chat import generate_chats
 from nemoforge.stages.result import DatasetRef, StageResult
 from nemoforge.stages.rl.losses import clipped_policy_loss, dpo_loss, group_advantages, token_logps
-from nemoforge.stages.rl.rollout import GENERATE_TAG, VLLMRollouts, resolve_engine
+from nemoforge.stages.rl.rollout import VLLMRollouts
 from nemoforge.stages.training import (
     checkpoint_uploader,
     export_model,
@@ -536,7 +537,7 @@ def run(
     pref_checkpoints_uri = join_uri(output_uri, "checkpoints-preference")
     history: dict[str, list[tuple[int, float]]] = {}
     metrics: dict[str, float] = {}
-    engine = resolve_engine(cfg.rollout_engine, num_ranks=world_size())
+    engine = resolve_engine(cfg.rollout_engine, field="rl.rollout_engine", num_ranks=world_size())
     with tempfile.TemporaryDirectory(prefix="nemoforge-rl-") as tmp:
         work = Path(tmp)
         grpo = grpo_phase(
