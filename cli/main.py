@@ -34,7 +34,7 @@ TASK_LOGS = "logs"
 _RECIPE_HELP = (
     "a built-in recipe name ({names}) or a path to a recipe YAML; sections: name, description, seed, dtype, "
     "model, data, nas, distill, cpt, sft, rl, eval, serve, resources, tracking, storage "
-    "(fields and units: src/nemoforge/config.py)"
+    "(fields and units: src/nemoforge/config/)"
 )
 
 
