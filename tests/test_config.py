@@ -6,14 +6,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from nemoforge.config import (
-    Recipe,
-    apply_overrides,
-    builtin_recipes,
-    load_recipe,
-    merge_recipe_dicts,
-    parse_recipe,
-)
+from nemoforge.config import Recipe, builtin_recipes, load_recipe
+from nemoforge.config.loading import apply_overrides, merge_recipe_dicts, parse_recipe
 from nemoforge.errors import RecipeError
 from nemoforge.preflight import check_budget, min_memory_bytes
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from nemoforge.config import ParentArchitecture, builtin_recipes, cpu_only_label, load_recipe
+from nemoforge.config import ParentArchitecture, builtin_recipes, load_recipe
+from nemoforge.config.resources import cpu_only_label
 from nemoforge.errors import RecipeError
 from nemoforge.planning import GPU_MEMORY_BYTES, num_params, plan_eval, tensor_parallel_sizes
 from nemoforge.preflight import check_architecture

@@ -21,7 +21,8 @@ from test_pipeline import _tiny_args
 from nemoforge import lineage
 from nemoforge.config import Recipe
 from nemoforge.signals import owner_alive, owner_id
-from nemoforge_cli.main import _end_abandoned_runs, main
+from nemoforge_cli.main import main
+from nemoforge_cli.run import _end_abandoned_runs
 
 LONG_CPT = ["nas.enabled=false", "distill.enabled=false", "cpt.steps=5000", "cpt.checkpoint_every_steps=5000"]
 """The parent, the corpus, then a cpt far too long to finish before the signal."""

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nemoforge.config import ParentArchitecture, Recipe
+    from nemoforge.config.inputs import ParentArchitecture
+    from nemoforge.config.recipe import Recipe
 
 GPU_MEMORY_BYTES = {
     "NVIDIA-H200": 143_771 * 2**20,  # nvidia-smi memory.total of an H200 SXM (141 GB on the data sheet)

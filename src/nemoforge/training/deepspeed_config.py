@@ -15,7 +15,8 @@ import json
 import os
 from typing import Any
 
-from nemoforge.config import StageResources, TrainConfig, split_batch
+from nemoforge.config import StageResources, TrainConfig
+from nemoforge.config.resources import split_batch
 from nemoforge.errors import RecipeError
 
 DEEPSPEED_CONFIG_ENV = "NEMOFORGE_DEEPSPEED_CONFIG"
@@ -23,7 +24,7 @@ DEEPSPEED_CONFIG_ENV = "NEMOFORGE_DEEPSPEED_CONFIG"
 
 
 def micro_batch_size(batch_size: int, world_size: int, accumulation: int) -> int:
-    """Sequences per rank per micro-batch (:func:`nemoforge.config.split_batch`, which recipes are validated with).
+    """Sequences per rank per micro-batch (:func:`nemoforge.config.resources.split_batch`, which recipes are validated with).
 
     Raises:
         RecipeError: the batch does not split into whole micro-batches (names a multiple that does).
