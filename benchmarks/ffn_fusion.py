@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -131,7 +132,10 @@ def main() -> None:
     )
 
     artifacts = args.workdir.resolve() / "artifacts"
-    parent_dir = sorted((artifacts / "models").glob("parent-*"))[-1]
+    parents = sorted((artifacts / "models").glob("parent-*"))
+    if not parents:
+        sys.exit(f"no demo run under {args.workdir}: run `nemoforge run smollm2-135m-demo --workdir {args.workdir}` first")
+    parent_dir = parents[-1]
     child_dir = sorted(artifacts.glob("*/nas/model"), key=lambda p: p.stat().st_mtime)[-1]
     corpus_dir = sorted((artifacts / "corpus").iterdir(), key=lambda p: p.stat().st_mtime)[-1]
     heldout_NT = load_corpus(corpus_dir).heldout_ids_NT[:, : args.seq_len]

@@ -188,6 +188,8 @@ def test_ffn_fusion_config_is_off_by_default_and_validated() -> None:
     assert recipe.nas.ffn_fusion.in_search is False
     with pytest.raises(RecipeError, match=r"nas\.ffn_fusion: in_search needs nas\.ffn_fusion\.enabled=true"):
         load_recipe("smollm2-135m-demo", ["nas.ffn_fusion.in_search=true"])
+    with pytest.raises(RecipeError, match=r"nas: ffn_fusion\.enabled=true needs nas\.enabled=true"):
+        load_recipe("smollm2-135m-demo", ["nas.enabled=false", "nas.ffn_fusion.enabled=true"])
 
 
 def test_cost_model_predicts_the_fused_child() -> None:

@@ -104,6 +104,10 @@ class NASConfig(_Section):
                 )
         if len(set(self.ffn_intermediate_sizes)) != len(self.ffn_intermediate_sizes):
             raise ValueError("ffn_intermediate_sizes has duplicates: list each width once")
+        if self.ffn_fusion.enabled and not self.enabled:
+            raise ValueError(
+                "ffn_fusion.enabled=true needs nas.enabled=true: fusion acts on the child the search picks"
+            )
         return self
 
 
