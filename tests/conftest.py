@@ -7,6 +7,8 @@ reaches PyPI; only ``slow`` tests use ``smollm2_dir``.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +57,17 @@ def vllm_processes(marker: str) -> list[str]:
         if marker in cmdline and state != "Z" and int(proc.name) != os.getpid():
             found.append(f"{proc.name} {cmdline[:120]}")
     return found
+
+
+def run_benchmark_smoke(script: str, out: Path) -> subprocess.CompletedProcess:
+    """``python benchmarks/<script> --smoke --out <out>`` on this source tree (stdout and stderr captured, 300 s)."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        timeout=300,
+    )
 
 
 def write_sft_data(recipe, store, uri: str) -> str:

@@ -8,26 +8,16 @@ over the fast tier's 20 s per test."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_benchmark_smoke
 
 
 @pytest.mark.slow
 def test_ffn_fusion_gpu_smoke_prints_the_table_and_writes_the_json(tmp_path: Path) -> None:
     out = tmp_path / "ffn_fusion_gpu.json"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "ffn_fusion_gpu.py"), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-        timeout=300,
-    )
+    done = run_benchmark_smoke("ffn_fusion_gpu.py", out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "unfused tok/s" in done.stdout and "largest |predicted / measured speedup - 1|" in done.stdout
     report = json.loads(out.read_text())

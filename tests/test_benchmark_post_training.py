@@ -7,26 +7,16 @@ Slow tier: ~50 s on 2 shared cores (two torchrun jobs, each training sft then GR
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_benchmark_smoke
 
 
 @pytest.mark.slow
 def test_post_training_throughput_smoke_writes_sft_and_grpo_figures_per_n(tmp_path: Path) -> None:
     out = tmp_path / "post_training_throughput-smoke.json"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "post_training_throughput.py"), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-        timeout=300,
-    )
+    done = run_benchmark_smoke("post_training_throughput.py", out)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["complete"] and report["device"] == "cpu"
